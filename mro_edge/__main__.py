@@ -1,0 +1,3 @@
+from mro_edge.cli import main
+
+raise SystemExit(main())

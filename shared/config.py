@@ -1,0 +1,104 @@
+"""One config loader: `config/edge.toml` (or $MRO_CONFIG), then `MRO_<SECTION>_<KEY>` overrides."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "edge.toml"
+
+
+class MqttConfig(msgspec.Struct, forbid_unknown_fields=True):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str = ""
+    password: str = ""
+    keepalive_s: int = 30
+
+    @property
+    def host(self) -> str:
+        return _split_url(self.url)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_url(self.url)[1]
+
+
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    max_message_bytes: int = 65536
+    max_depth: int = 16
+    clock_skew_s: int = 300
+    max_backdate_days: int = 30
+    max_raw_in_report: int = 65536
+
+
+class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
+    batch_max: int = 1000
+    batch_wait_ms: int = 2
+    outbox_batch: int = 250
+    redeliver_after_s: float = 15.0
+    max_in_flight: int = 20000
+    status_interval_s: float = 2.0
+    map_size_mb: int = 4096
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    station: str = "HGR1"
+    data_dir: str = "./var"
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    stage: StageConfig = msgspec.field(default_factory=StageConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.data_path / stage
+
+
+class ConfigError(Exception):
+    """A setting is missing, misspelt or of the wrong type; the message names it."""
+
+
+def _split_url(url: str) -> tuple[str, int]:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("mqtt", "tcp"):
+        raise ConfigError(f"MRO_MQTT_URL {url!r} must look like mqtt://HOST:PORT")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"MRO_MQTT_URL {url!r} must look like mqtt://HOST:PORT")
+    return host, int(port)
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
+    """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
+    sections = {"mqtt": MqttConfig, "limits": LimitsConfig, "stage": StageConfig}
+    for key in ("station", "data_dir"):
+        if (value := env.get(f"MRO_{key.upper()}")) is not None:
+            raw[key] = value
+    for section, struct in sections.items():
+        for key in struct.__struct_fields__:
+            if (value := env.get(f"MRO_{section.upper()}_{key.upper()}")) is not None:
+                raw.setdefault(section, {})[key] = value
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    path = Path(path or env.get("MRO_CONFIG") or DEFAULT_CONFIG)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    elif "MRO_CONFIG" in env:
+        raise ConfigError(f"config file {path} (MRO_CONFIG) does not exist")
+    _apply_env(raw, env)
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
+    _split_url(config.mqtt.url)
+    return config

@@ -1,0 +1,62 @@
+"""The one place that knows topic names (device contract v1, DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICE_KINDS = ("rfid_reader", "barcode_scanner", "torque_wrench", "tablet")
+
+
+@dataclass(frozen=True)
+class Topics:
+    station: str
+
+    @property
+    def root(self) -> str:
+        return f"mro/{self.station}"
+
+    # device side
+    def device_in(self, kind: str, device_id: str) -> str:
+        return f"{self.root}/in/{kind}/{device_id}"
+
+    @property
+    def device_in_all(self) -> str:
+        return f"{self.root}/in/+/+"
+
+    def receipt(self, device_id: str) -> str:
+        return f"{self.root}/receipt/{device_id}"
+
+    def parse_device_in(self, topic: str) -> tuple[str, str] | None:
+        """(device_kind, device_id) of an `in` topic, or None if the topic is not one."""
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[0] != "mro" or parts[1] != self.station or parts[2] != "in":
+            return None
+        return parts[3], parts[4]
+
+    # operations side
+    def status(self, service: str) -> str:
+        return f"{self.root}/status/{service}"
+
+    @property
+    def status_all(self) -> str:
+        return f"{self.root}/status/+"
+
+    def dlq(self, stage: str) -> str:
+        return f"{self.root}/dlq/{stage}"
+
+    @property
+    def alarm(self) -> str:
+        return f"{self.root}/alarm"
+
+    # internal stage traffic (services only)
+    def stage_input(self, stage: str) -> str:
+        return f"{self.root}/pipeline/{stage}"
+
+    def stage_receipt(self, stage: str) -> str:
+        """Where downstream stages tell `stage` which keys they now hold durably."""
+        return f"{self.root}/pipeline/receipt/{stage}"
+
+    @property
+    def outcomes(self) -> str:
+        """Final outcome notices (recorded seq / rejected) so ingest can answer re-sends."""
+        return f"{self.root}/pipeline/outcome"
