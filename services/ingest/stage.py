@@ -66,21 +66,28 @@ class Ingest(Stage):
             body = normalize(record)
             key = idempotency_key(body)
             event_id = body["event_id"]
+            data = {"body": body, "received_at": message.received_at,
+                    "device": {"kind": device_kind, "id": device_id}}
             prior = uow.seen(key)
             if prior is not None:
-                self._answer_resend(uow, device_id, event_id, key, _decode_seen(prior))
+                self._answer_resend(uow, data, key, _decode_seen(prior))
                 continue
             uow.remember(key, _encode_seen(Seen(event_id=event_id)))
-            uow.forward(key, {"body": body, "received_at": message.received_at,
-                              "device": {"kind": device_kind, "id": device_id}})
+            uow.forward(key, data)
             uow.device_receipt(device_id, DeviceReceipt("received", utc_now(), event_id, key))
             uow.transition(event_id, key, "RECEIVED", device_id=device_id)
 
-    def _answer_resend(self, uow: UnitOfWork, device_id: str, event_id: str, key: str, prior: Seen) -> None:
+    def _answer_resend(self, uow: UnitOfWork, data: dict, key: str, prior: Seen) -> None:
+        """A re-send is answered with the original's fate. If that fate is not known here yet (or
+        its notice was lost), the record is sent down again marked `resend`: the stages that
+        already hold it do not process it twice, they answer with its fate instead."""
+        event_id, device_id = data["body"]["event_id"], data["device"]["id"]
         if prior.status == "rejected":
             receipt = DeviceReceipt("rejected", utc_now(), event_id, key, errors=prior.errors)
         else:
             receipt = DeviceReceipt("duplicate", utc_now(), event_id, key, seq=prior.seq)
+            if prior.seq is None:
+                uow.forward(key, dict(data, resend=True))
         uow.device_receipt(device_id, receipt)
         uow.transition(event_id, key, "DUPLICATE", original_event_id=prior.event_id)
 

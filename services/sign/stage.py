@@ -11,7 +11,7 @@ from shared.crypto import SigningKey
 from shared.ledger import GENESIS_PREV, entry_bytes, sign_entry
 from shared.ledger_store import LEDGER_TABLE, decode_entry, encode_entry
 from shared.stage import Stage, UnitOfWork
-from shared.store import u64
+from shared.store import from_u64, u64
 from shared.wire import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
 
 
@@ -29,7 +29,10 @@ class Sign(Stage):
         seq, prev = (head.seq + 1, head.hash) if head else (0, GENESIS_PREV)
         recorded: list[Outcome] = []
         for item in items:
-            if uow.seen(item.key) is not None:
+            prior = uow.seen(item.key)
+            if prior is not None:
+                if item.data.get("resend"):
+                    self._answer_resend(item, from_u64(prior), uow, recorded)
                 continue
             body = item.data["body"]
             entry = entry_bytes(origin=self.origin, seq=seq, prev=prev, idem=item.key, kid=self.key.kid,
@@ -44,3 +47,10 @@ class Sign(Stage):
             seq, prev = seq + 1, signed.hash
         if recorded:
             uow.publish(uow.topics.outcomes, json_encode(Outcomes(recorded)))
+
+    def _answer_resend(self, item: Item, seq: int, uow: UnitOfWork, recorded: list[Outcome]) -> None:
+        """A device asked again about a record already in the ledger: tell it (and ingest) the seq."""
+        body = item.data["body"]
+        uow.device_receipt(item.data["device"]["id"],
+                           DeviceReceipt("duplicate", utc_now(), body["event_id"], item.key, seq=seq))
+        recorded.append(Outcome(item.key, "recorded", seq=seq))

@@ -117,11 +117,13 @@ class SimulatedDevice:
         self.client.publish(self.in_topic, payload, qos=1)
 
     def resend_unreceipted(self) -> int:
-        """The device side of the hop: anything without a receipt after the timeout goes again."""
+        """The device side of the hop: anything without a receipt after the timeout goes again,
+        and anything held but still without its final answer after four timeouts asks again."""
         now = time.monotonic()
         with self._lock:
             due = [(eid, s) for eid, s in self.sent.items()
-                   if not s.held and now - s.last_sent >= self.resend_after_s]
+                   if (not s.held and now - s.last_sent >= self.resend_after_s)
+                   or (s.final is None and now - s.last_sent >= 4 * self.resend_after_s)]
             for _, sent in due:
                 sent.last_sent = now
         for _, sent in due:

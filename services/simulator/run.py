@@ -18,6 +18,7 @@ from pathlib import Path
 from services.simulator.devices import SimulatedDevice
 from services.simulator.records import bad_cases, valid_record
 from shared.config import Config
+from shared.contract import ContractError, decode_record
 
 DEFAULT_FLEET = (("rfid_reader", "RFID-01"), ("torque_wrench", "TQW-07"), ("tablet", "TAB-12"),
                  ("barcode_scanner", "BCS-03"))
@@ -65,12 +66,12 @@ def provision_fleet(config: Config, fleet=DEFAULT_FLEET) -> dict[str, tuple[str,
             if device_id in dict((d, k) for k, d in fleet)}
 
 
-def _event_id_of(payload: bytes) -> str | None:
+def reported_event_id(payload: bytes, station: str, kind: str, device_id: str) -> str | None:
+    """The event_id the pipeline can read from a payload, i.e. the one its receipt will carry."""
     try:
-        value = json.loads(payload)
-        return value.get("event_id") if isinstance(value, dict) and isinstance(value.get("event_id"), str) else None
-    except (ValueError, UnicodeDecodeError):
-        return None
+        return decode_record(payload, station=station, device_kind=kind, device_id=device_id).event_id
+    except ContractError as exc:
+        return exc.event_id
 
 
 class Simulation:
@@ -100,7 +101,7 @@ class Simulation:
         report.sent += 1
         if roll < self.bad_share:
             case = self._bad_case(device)
-            event_id = _event_id_of(case.payload)
+            event_id = reported_event_id(case.payload, self.config.station, device.kind, device.device_id)
             device.send(event_id, case.payload, expect="rejected")
             report.bad += 1
             if event_id is None:

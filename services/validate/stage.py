@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import msgspec
+
 from shared.contract import check_rules, error_report, record_from_body
 from shared.stage import Stage, UnitOfWork
-from shared.wire import Item, Outcome, Outcomes, json_encode
+from shared.wire import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
+
+VALIDATED = b"validated"
 
 
 class Validate(Stage):
@@ -23,7 +27,10 @@ class Validate(Stage):
     def handle(self, items: list[Item], uow: UnitOfWork) -> None:
         rejected: list[Outcome] = []
         for item in items:
-            if uow.seen(item.key) is not None:
+            prior = uow.seen(item.key)
+            if prior is not None:
+                if item.data.get("resend"):
+                    self._answer_resend(item, prior, uow, rejected)
                 continue
             body, event_id = item.data["body"], item.data["body"].get("event_id")
             received_at = item.data["received_at"]
@@ -34,14 +41,26 @@ class Validate(Stage):
                 max_backdate_s=self.limits.max_backdate_days * 86400,
             )
             if errors:
-                uow.remember(item.key, b"rejected")
                 report = error_report(stage=self.name, errors=errors, received_at=received_at,
                                       event_id=event_id, idempotency_key=item.key)
+                uow.remember(item.key, json_encode(report["errors"]))
                 uow.reject(report, device_id=item.data["device"]["id"])
                 rejected.append(Outcome(item.key, "rejected", errors=report["errors"]))
                 continue
-            uow.remember(item.key, b"validated")
+            uow.remember(item.key, VALIDATED)
             uow.forward(item.key, item.data)
             uow.transition(event_id, item.key, "VALIDATED")
         if rejected:
             uow.publish(uow.topics.outcomes, json_encode(Outcomes(rejected)))
+
+    def _answer_resend(self, item: Item, prior: bytes, uow: UnitOfWork, rejected: list[Outcome]) -> None:
+        """A device asked again about a record it sent: pass the question on to sign if it was
+        valid, else repeat the rejection."""
+        if prior == VALIDATED:
+            uow.forward(item.key, item.data)
+            return
+        errors = msgspec.json.decode(prior)
+        event_id = item.data["body"]["event_id"]
+        uow.device_receipt(item.data["device"]["id"],
+                           DeviceReceipt("rejected", utc_now(), event_id, item.key, errors=errors))
+        rejected.append(Outcome(item.key, "rejected", errors=errors))

@@ -1,0 +1,106 @@
+"""Device contract v1 (DESIGN.md section 4): decoding, rules, stored bodies and error reports.
+
+The ingest stage calls `decode_record` (everything decidable from the message), then
+`normalize` and `idempotency_key`; the validate stage calls `record_from_body` on what ingest
+stored and `check_rules` (rules across fields and against the receive time). Any rejection is
+described by `FieldError`s and sent as an `error_report`.
+
+Rule ids (stable; they appear in receipts and DLQ reports):
+
+====================  ==========================  ============================================
+rule                  path                        meaning
+====================  ==========================  ============================================
+max_size              $                           message larger than `max_bytes`
+utf8                  $                           message is not UTF-8
+max_depth             $                           objects/arrays nested deeper than `max_depth`
+json                  $                           message is not JSON
+type                  the field ($ if top level)  wrong JSON type (a string for a quantity, a
+                                                  bool or 1.5 for a count, a non-object record)
+required              the missing field           required field absent
+unknown_field         the unknown field           field not in contract v1 at that place
+schema_version        $.schema                    `schema` is not "mro.record/1" (reported
+                                                  alone: the rest is judged by another schema)
+enum                  the field                   not one of the listed values (also `$.type`)
+pattern               the field                   identifier does not match its pattern
+format                the field                   event_id not a UUID, occurred_at not RFC 3339
+                                                  UTC with Z, a date not YYYY-MM-DD
+min_length            the field                   text shorter than allowed (empty description)
+max_length            the field                   text or list longer than allowed
+minimum               the field                   number below 0
+maximum               the field                   number above its bound (quantities 1e6,
+                                                  counts 2^53-1)
+precision             the field                   quantity with more than 20 decimals
+ata_chapter           $.ata                       not CC[-SS[-SS]] with CC a listed chapter
+registration          $.aircraft.registration     not a recognised registration format
+topic_mismatch        $.station, $.device.kind,   differs from the topic the record came on
+                      $.device.id
+torque_range          $.torque_max_nm             torque_min_nm > torque_max_nm
+torque_result         $.result                    OK/NOK disagrees with torque in [min, max]
+calibration_overdue   $.tool.calibration_due      due before the UTC day of occurred_at
+occurred_in_future    $.occurred_at               > clock_skew after the receive time
+occurred_too_old      $.occurred_at               > max_backdate before the receive time
+contract              the field                   the decoder refused the value for a reason
+                                                  none of the above names (a safety net that
+                                                  should never fire; its text is msgspec's)
+====================  ==========================  ============================================
+
+`decode_record` reports everything up to and including `topic_mismatch`; `check_rules` the
+last five.
+"""
+
+from shared.contract.body import idempotency_key, normalize, record_from_body
+from shared.contract.checks import check_rules
+from shared.contract.decode import decode_record
+from shared.contract.errors import ContractError, FieldError
+from shared.contract.report import error_report
+from shared.contract.types import (
+    RECORD_TYPES,
+    SCHEMA,
+    Aircraft,
+    Device,
+    Inspection,
+    MaintenanceAction,
+    Part,
+    PartInstallation,
+    PartReceipt,
+    PartRemoval,
+    Record,
+    RecordBase,
+    Technician,
+    Tool,
+    TorqueEvent,
+)
+
+RULES: tuple[str, ...] = (
+    "max_size", "utf8", "max_depth", "json", "type", "required", "unknown_field", "schema_version", "enum",
+    "pattern", "format", "min_length", "max_length", "minimum", "maximum", "precision", "ata_chapter",
+    "registration", "topic_mismatch", "torque_range", "torque_result", "calibration_overdue",
+    "occurred_in_future", "occurred_too_old", "contract",
+)
+
+__all__ = [
+    "RECORD_TYPES",
+    "RULES",
+    "SCHEMA",
+    "Aircraft",
+    "ContractError",
+    "Device",
+    "FieldError",
+    "Inspection",
+    "MaintenanceAction",
+    "Part",
+    "PartInstallation",
+    "PartReceipt",
+    "PartRemoval",
+    "Record",
+    "RecordBase",
+    "Technician",
+    "Tool",
+    "TorqueEvent",
+    "check_rules",
+    "decode_record",
+    "error_report",
+    "idempotency_key",
+    "normalize",
+    "record_from_body",
+]

@@ -1,0 +1,254 @@
+"""The ledger entry format: bytes, hash chain, signatures and the JSON Lines export (DESIGN.md section 6).
+
+An entry is the canonical JSON (RFC 8785) of ``{v, origin, seq, prev, idem, kid, recorded_at,
+type, body}``. ``prev`` is the SHA-256 of the previous entry's bytes, so the entries form a hash
+chain; each entry is signed with Ed25519 over SHA-256 of its bytes. The exact bytes are stored,
+exported and verified as they are: nothing here re-serializes an entry to check it, because a
+verifier that re-encodes would be checking its own encoder rather than the record.
+
+Pure functions only; storage (LMDB) lives elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from shared.canonical import canonical_json, sha256_hex
+from shared.crypto import SigningKey, key_id, verify_digest_signature
+
+LEDGER_VERSION = 1
+GENESIS_PREV = "0" * 64
+MAX_SEQ = 2**53 - 1
+
+_HEX64 = r"^[0-9a-f]{64}$"
+_KID = r"^[0-9a-f]{16}$"
+_SIG_HEX = r"^[0-9a-f]{128}$"
+_RECORDED_AT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+Hex64 = Annotated[str, msgspec.Meta(pattern=_HEX64)]
+Kid = Annotated[str, msgspec.Meta(pattern=_KID)]
+
+
+class LedgerEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The decoded content of one entry's bytes; every field is required."""
+
+    v: int
+    origin: Annotated[str, msgspec.Meta(min_length=1)]
+    seq: Seq
+    prev: Hex64
+    idem: Hex64
+    kid: Kid
+    recorded_at: Annotated[str, msgspec.Meta(pattern=_RECORDED_AT)]
+    type: Annotated[str, msgspec.Meta(min_length=1)]
+    body: dict[str, Any]
+
+
+class SignedEntry(msgspec.Struct, frozen=True):
+    """One stored ledger row: the exact entry bytes with their hash and signature.
+
+    ``seq``, ``idem`` and ``kid`` repeat what the entry bytes say so that an index or a
+    dedupe lookup needs no JSON decode; verification checks that the two agree.
+    """
+
+    seq: int
+    idem: str
+    entry: bytes
+    hash: str
+    signature: bytes
+    kid: str
+
+
+class LedgerVerifyError(Exception):
+    """The chain is broken at ``seq``; ``reason`` says how. Verification stops at the first break."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(f"seq {seq}: {reason}")
+        self.seq = seq
+        self.reason = reason
+
+
+class ExportLineError(ValueError):
+    """A JSON Lines export row is not well formed."""
+
+
+class _ExportRow(msgspec.Struct, forbid_unknown_fields=True):
+    seq: Seq
+    idempotency_key: Hex64
+    entry: str
+    hash: Hex64
+    signature: Annotated[str, msgspec.Meta(pattern=_SIG_HEX)]
+    kid: Kid
+
+
+_row_decoder = msgspec.json.Decoder(_ExportRow)
+_entry_decoder = msgspec.json.Decoder(LedgerEntry)
+_encoder = msgspec.json.Encoder()
+
+
+def entry_bytes(
+    *, origin: str, seq: int, prev: str, idem: str, kid: str, recorded_at: str, type: str, body: dict
+) -> bytes:
+    """The canonical bytes of a new entry; ValueError if a field is out of its declared form.
+
+    ``recorded_at`` is RFC 3339 UTC with ``Z`` and milliseconds (``shared.wire.utc_now()``).
+    """
+    fields = {
+        "v": LEDGER_VERSION,
+        "origin": origin,
+        "seq": seq,
+        "prev": prev,
+        "idem": idem,
+        "kid": kid,
+        "recorded_at": recorded_at,
+        "type": type,
+        "body": body,
+    }
+    try:
+        msgspec.convert(fields, LedgerEntry, strict=True)
+        datetime.strptime(recorded_at, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError as exc:
+        raise ValueError(f"invalid ledger entry: {exc}") from exc
+    return canonical_json(fields)
+
+
+def parse_entry(entry: bytes) -> LedgerEntry:
+    """Parse entry bytes (without re-encoding them); ValueError if they are not a well-formed entry."""
+    return _entry_decoder.decode(entry)
+
+
+def entry_hash(entry: bytes) -> str:
+    """Hex SHA-256 of the exact entry bytes: the value the next entry's ``prev`` must carry."""
+    return sha256_hex(entry)
+
+
+def sign_entry(key: SigningKey, entry: bytes, seq: int, idem: str) -> SignedEntry:
+    """Hash and sign ``entry``, refusing bytes whose own seq/idem/kid disagree with the row's.
+
+    The check costs one JSON decode and makes it impossible to store a row that
+    ``verify_chain`` would later reject for a mismatch.
+    """
+    parsed = parse_entry(entry)
+    if (parsed.seq, parsed.idem, parsed.kid) != (seq, idem, key.kid):
+        raise ValueError(
+            f"entry says seq={parsed.seq} idem={parsed.idem} kid={parsed.kid}, "
+            f"but the row is seq={seq} idem={idem} and the key is {key.kid}"
+        )
+    return SignedEntry(
+        seq=seq, idem=idem, entry=entry, hash=entry_hash(entry), signature=key.sign_digest(entry), kid=key.kid
+    )
+
+
+def _checked_keys(public_keys: Mapping[str, bytes]) -> dict[str, bytes]:
+    for kid, public in public_keys.items():
+        if key_id(public) != kid:
+            raise ValueError(f"the public key listed under kid {kid} has kid {key_id(public)}")
+    return dict(public_keys)
+
+
+def _verify_one(e: SignedEntry, seq: int, prev: str, keys: dict[str, bytes]) -> None:
+    if e.seq != seq:
+        raise LedgerVerifyError(
+            seq,
+            f"found seq {e.seq} where seq {seq} belongs (entry missing, duplicated, inserted or reordered)",
+        )
+    if e.hash != entry_hash(e.entry):
+        raise LedgerVerifyError(seq, "hash does not match SHA-256 of the entry bytes")
+    try:
+        parsed = parse_entry(e.entry)
+    except ValueError as exc:
+        raise LedgerVerifyError(seq, f"entry bytes are not a well-formed ledger entry: {exc}") from None
+    if parsed.v != LEDGER_VERSION:
+        raise LedgerVerifyError(
+            seq, f"entry has ledger version {parsed.v}, this verifier knows {LEDGER_VERSION}"
+        )
+    if parsed.seq != e.seq:
+        raise LedgerVerifyError(seq, f"entry bytes say seq {parsed.seq}")
+    if parsed.idem != e.idem:
+        raise LedgerVerifyError(seq, "entry bytes carry a different idempotency key than the row")
+    if parsed.kid != e.kid:
+        raise LedgerVerifyError(seq, f"entry bytes name key {parsed.kid} but the row names {e.kid}")
+    if parsed.prev != prev:
+        if seq == 0:
+            raise LedgerVerifyError(seq, "prev is not the genesis value")
+        raise LedgerVerifyError(seq, f"prev does not match hash of seq {seq - 1}")
+    public = keys.get(e.kid)
+    if public is None:
+        raise LedgerVerifyError(seq, f"signed with unknown key {e.kid}")
+    if not verify_digest_signature(public, e.entry, e.signature):
+        raise LedgerVerifyError(seq, f"signature is not valid for key {e.kid}")
+
+
+def verify_chain(
+    entries: Iterable[SignedEntry],
+    public_keys: Mapping[str, bytes],
+    *,
+    expect_first_seq: int = 0,
+    prev: str = GENESIS_PREV,
+    expect_count: int | None = None,
+) -> int:
+    """Verify a run of entries in order, streaming; return how many were verified.
+
+    ``expect_first_seq``/``prev`` let a verifier resume from a trusted point (e.g. a checkpoint)
+    instead of genesis. Checks per entry: seq continuity, hash == SHA-256(entry bytes), the
+    bytes decode to an entry whose seq/idem/kid agree with the row, ``prev`` links to the
+    previous entry's hash, and the signature verifies under the key named by ``kid``.
+    A chain cut short at its tail looks valid on its own; pass ``expect_count`` (e.g. from a
+    signed checkpoint) to catch that. Raises LedgerVerifyError at the first bad seq.
+    ``public_keys`` maps kid -> raw 32-byte key; a kid that is not the key's own is a ValueError.
+    """
+    keys = _checked_keys(public_keys)
+    seq = expect_first_seq
+    for e in entries:
+        if expect_count is not None and seq - expect_first_seq >= expect_count:
+            raise LedgerVerifyError(seq, f"entry beyond the expected {expect_count} entries")
+        _verify_one(e, seq, prev, keys)
+        prev = e.hash
+        seq += 1
+    count = seq - expect_first_seq
+    if expect_count is not None and count < expect_count:
+        raise LedgerVerifyError(
+            seq, f"missing: the chain ends after {count} of {expect_count} expected entries"
+        )
+    return count
+
+
+def export_line(e: SignedEntry) -> bytes:
+    """One JSON Lines row for auditors: the entry as a string (its exact bytes), signature as hex."""
+    row = _ExportRow(
+        seq=e.seq,
+        idempotency_key=e.idem,
+        entry=e.entry.decode("utf-8"),
+        hash=e.hash,
+        signature=e.signature.hex(),
+        kid=e.kid,
+    )
+    return _encoder.encode(row) + b"\n"
+
+
+def parse_export_line(line: bytes) -> SignedEntry:
+    """Inverse of ``export_line``; strict, so one row has exactly one valid spelling.
+
+    Strictness (lowercase hex, no stray whitespace, no unknown fields) means any edit of an
+    exported row either fails here or changes a value that ``verify_chain`` then rejects.
+    """
+    body = line[:-1] if line.endswith(b"\n") else line
+    if not (body.startswith(b"{") and body.endswith(b"}")):
+        raise ExportLineError("an export row is one JSON object on one line")
+    try:
+        row = _row_decoder.decode(body)
+        entry = row.entry.encode("utf-8")
+    except (msgspec.DecodeError, UnicodeError) as exc:
+        raise ExportLineError(f"malformed export row: {exc}") from None
+    return SignedEntry(
+        seq=row.seq,
+        idem=row.idempotency_key,
+        entry=entry,
+        hash=row.hash,
+        signature=bytes.fromhex(row.signature),
+        kid=row.kid,
+    )

@@ -1,0 +1,223 @@
+"""Real brokers for tests: the embedded amqtt broker and Mosquitto, each in its own process.
+
+Both read the same password and ACL files (shared.credentials.BrokerCredentials under
+`<data_dir>/broker/`). Mosquitto runs the production config/mosquitto/mosquitto.conf with only
+the listener port and the file paths rewritten, so the tests exercise what compose ships.
+A test can SIGTERM, kill -9 and restart a broker on the same port with the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.credentials import BrokerCredentials, reload_mosquitto
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO_CONF = REPO / "config" / "mosquitto" / "mosquitto.conf"
+KINDS = ("amqtt", "mosquitto")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mosquitto_binary() -> str:
+    """Path of `mosquitto`; raises (never skips) when it is not installed."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        raise RuntimeError("mosquitto is required in CI: add the Debian package `mosquitto` to the image")
+    raise RuntimeError("mosquitto is not installed; install it with `apt-get install mosquitto`")
+
+
+def render_mosquitto_conf(data_dir: Path, port: int) -> Path:
+    """config/mosquitto/mosquitto.conf with the port and the container paths rewritten.
+
+    password_file / acl_file point into `<data_dir>/broker/`, persistence into
+    `<data_dir>/mosquitto/`. When the tests run as root, `user root` is added: Mosquitto
+    started as root would otherwise switch to the `mosquitto` account, which cannot read the
+    0600 files; in compose the container already runs as the files' owner, so no switch happens.
+    """
+    broker_dir = data_dir / "broker"
+    persistence = data_dir / "mosquitto"
+    persistence.mkdir(parents=True, exist_ok=True)
+    rewrites = {
+        "listener": f"listener {port} 127.0.0.1",
+        "password_file": None,
+        "acl_file": None,
+        "persistence_location": f"persistence_location {persistence}/",
+    }
+    seen: set[str] = set()
+    lines = []
+    for line in MOSQUITTO_CONF.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key in rewrites and not line.startswith("#"):
+            if key in seen:
+                raise AssertionError(f"{MOSQUITTO_CONF}: {key} appears twice; the test rewrite expects one")
+            seen.add(key)
+            line = rewrites[key] or f"{key} {broker_dir / Path(value.strip()).name}"
+        lines.append(line)
+    missing = set(rewrites) - seen
+    if missing:
+        raise AssertionError(f"{MOSQUITTO_CONF} lacks {sorted(missing)}; tests/brokers.py rewrites them")
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf = data_dir / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 2.0) -> int:
+    """Return code of an MQTT 3.1.1 CONNECT (0 = accepted); raises OSError if nothing answers."""
+    def utf8(value: str) -> bytes:
+        data = value.encode()
+        return struct.pack("!H", len(data)) + data
+
+    flags = 0x02
+    payload = utf8(f"probe-{os.getpid()}-{time.monotonic_ns()}")
+    if username is not None:
+        flags |= 0x80
+        payload += utf8(username)
+    if password is not None:
+        flags |= 0x40
+        payload += utf8(password)
+    body = utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", 10) + payload
+    length, remaining = b"", len(body)
+    while True:
+        byte, remaining = remaining % 128, remaining // 128
+        length += bytes([byte | (0x80 if remaining else 0)])
+        if not remaining:
+            break
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"\x10" + length + body)
+        reply = b""
+        while len(reply) < 4:
+            chunk = sock.recv(4 - len(reply))
+            if not chunk:
+                raise ConnectionError("broker closed the connection without CONNACK")
+            reply += chunk
+        if reply[0] != 0x20:
+            raise ConnectionError(f"expected CONNACK, got {reply!r}")
+        if reply[3] == 0:
+            sock.sendall(b"\xe0\x00")  # DISCONNECT, so no will and no "connection lost" noise
+        return reply[3]
+
+
+class BrokerProc:
+    """One real broker process (`kind` "amqtt" or "mosquitto") on a fixed port and data dir."""
+
+    def __init__(self, kind: str, data_dir: Path, station: str = "HGR1", port: int | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"broker kind {kind!r} must be one of {KINDS}")
+        self.kind = kind
+        self.data_dir = Path(data_dir)
+        self.station = station
+        self.port = port or free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.credentials = BrokerCredentials(self.data_dir / "broker", station)
+        self.service_user = self.credentials.ensure_service_user()
+        self.log_path = self.data_dir / f"{kind}.log"
+        self.pid_file = self.data_dir / f"{kind}.pid"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ)
+        if self.kind == "mosquitto":
+            return [mosquitto_binary(), "-c", str(render_mosquitto_conf(self.data_dir, self.port))], env
+        env.update(MRO_MQTT_URL=self.url, MRO_DATA_DIR=str(self.data_dir), MRO_STATION=self.station)
+        return [sys.executable, "-m", "services.broker"], env
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.kind} broker on port {self.port} is already running")
+        command, env = self._command()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.pid_file.write_text(f"{self._proc.pid}\n")
+        self.wait_ready()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        """Until the broker accepts the services user (TCP connect and CONNACK 0)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | str = "no attempt"
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} broker exited early:\n{self.log_tail()}")
+            try:
+                code = mqtt_connack(self.port, *self.service_user)
+                if code == 0:
+                    return
+                last = f"CONNACK return code {code}"
+            except OSError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.kind} broker on port {self.port} not ready after {timeout}s ({last}):\n"
+                           f"{self.log_tail()}")
+
+    def reload(self) -> None:
+        """Make the broker pick up changed password/ACL files (amqtt notices by itself)."""
+        if self.kind == "mosquitto" and not reload_mosquitto(self.pid_file):
+            raise RuntimeError(f"could not SIGHUP mosquitto (pid file {self.pid_file})")
+
+    def stop(self) -> None:
+        """SIGTERM and wait (Mosquitto saves its database on the way out)."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no final save."""
+        self._end(signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Start again on the same port with the same files (after stop or kill, or stop first)."""
+        if self.running:
+            self.stop()
+        self.start()
+
+    def _end(self, signum: int) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signum)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+                raise RuntimeError(f"{self.kind} broker ignored signal {signum}:\n{self.log_tail()}") from None
+        self._proc = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def __repr__(self) -> str:
+        return f"BrokerProc({self.kind!r}, port={self.port}, data_dir={str(self.data_dir)!r})"
+
+
+def start_broker(kind: str, data_dir: Path, station: str = "HGR1") -> BrokerProc:
+    """A started broker of `kind` with a services user, on a free port, files in `data_dir`."""
+    broker = BrokerProc(kind, data_dir, station)
+    broker.start()
+    return broker

@@ -1,0 +1,368 @@
+"""Access control and session behaviour, identical on the embedded amqtt broker and on Mosquitto.
+
+Every test runs against both real brokers, which read the same password and ACL files written
+by shared.credentials. Where the brokers differ (persistence across a broker crash) the test
+pins down what each one actually does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from services.broker.service import PortInUseError, run_broker
+from shared.config import load_config
+from shared.credentials import SERVICE_USER, BrokerCredentials
+from shared.topics import Topics
+from tests.brokers import KINDS, BrokerProc, mqtt_connack, start_broker
+
+STATION = "HGR1"
+T = Topics(STATION)
+QUIET_S = 0.4
+_ids = itertools.count(1)
+
+
+class Client:
+    """A paho MQTT 3.1.1 client driven synchronously: connect, subscribe, publish, collect."""
+
+    def __init__(self, broker: BrokerProc, login: tuple[str, str] | None, *, client_id: str | None = None,
+                 clean_session: bool = True, will: tuple[str, bytes] | None = None) -> None:
+        self.client_id = client_id or f"t{next(_ids)}-{time.monotonic_ns()}"
+        self._c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                              clean_session=clean_session)
+        if login:
+            self._c.username_pw_set(*login)
+        if will:
+            self._c.will_set(will[0], will[1], qos=1)
+        self._cond = threading.Condition()
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.connack: mqtt.ReasonCode | None = None
+        self.session_present = False
+        self.disconnected = threading.Event()
+        self._subacks: dict[int, list[mqtt.ReasonCode]] = {}
+        self._c.on_connect = self._on_connect
+        self._c.on_message = self._on_message
+        self._c.on_subscribe = self._on_subscribe
+        self._c.on_disconnect = lambda *_: self.disconnected.set()
+        self._broker = broker
+
+    def _on_connect(self, _c, _u, flags, reason, _p) -> None:
+        with self._cond:
+            self.connack, self.session_present = reason, flags.session_present
+            self._cond.notify_all()
+
+    def _on_message(self, _c, _u, message: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    def _on_subscribe(self, _c, _u, mid, reasons, _p) -> None:
+        with self._cond:
+            self._subacks[mid] = reasons
+            self._cond.notify_all()
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def connect(self, timeout: float = 5) -> mqtt.ReasonCode:
+        self._c.connect("127.0.0.1", self._broker.port, keepalive=30)
+        self._c.loop_start()
+        if not self._wait(lambda: self.connack is not None, timeout):
+            raise TimeoutError(f"no CONNACK for {self.client_id}")
+        assert self.connack is not None
+        if self.connack.is_failure:
+            self._c.loop_stop()
+        return self.connack
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> mqtt.ReasonCode:
+        _, mid = self._c.subscribe(topic_filter, qos)
+        assert self._wait(lambda: mid in self._subacks, 5), f"no SUBACK for {topic_filter}"
+        return self._subacks[mid][0]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self._c.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
+
+    def wait_for(self, topic: str, payload: bytes, timeout: float = 5) -> mqtt.MQTTMessage:
+        def found() -> bool:
+            return any(m.topic == topic and m.payload == payload for m in self.messages)
+
+        assert self._wait(found, timeout), f"{self.client_id} never got {payload!r} on {topic}: {self.seen()}"
+        return next(m for m in self.messages if m.topic == topic and m.payload == payload)
+
+    def seen(self) -> list[tuple[str, bytes]]:
+        with self._cond:
+            return [(m.topic, m.payload) for m in self.messages]
+
+    def close(self) -> None:
+        """Clean DISCONNECT (no will)."""
+        self._c.disconnect()
+        self._c.loop_stop()
+
+    def drop(self) -> None:
+        """Vanish without DISCONNECT, as a crashed device does: the broker sends the will."""
+        self._c.loop_stop()
+        sock = self._c.socket()
+        if sock is not None:
+            sock.close()
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProc]:
+    proc = start_broker(request.param, tmp_path_factory.mktemp(request.param), STATION)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def make(broker: BrokerProc, login: tuple[str, str] | None, **kwargs: object) -> Client:
+        made.append(Client(broker, login, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def wait_login(broker: BrokerProc, login: tuple[str, str], accepted: bool = True, timeout: float = 5) -> None:
+    """Until the broker has (re)read its files: the login is accepted, or refused."""
+    deadline = time.monotonic() + timeout
+    while (mqtt_connack(broker.port, *login) == 0) != accepted:
+        assert time.monotonic() < deadline, f"{broker.kind} did not pick up the change for {login[0]}"
+        time.sleep(0.05)
+
+
+def new_device(broker: BrokerProc, kind: str = "torque_wrench") -> tuple[str, str]:
+    login = broker.credentials.add_device(f"dev{next(_ids)}", kind)
+    broker.reload()
+    wait_login(broker, login)
+    return login
+
+
+def services(broker: BrokerProc, clients: Callable[..., Client], topic_filter: str = "mro/#") -> Client:
+    client = clients(broker, broker.service_user)
+    assert client.connect() == 0
+    assert not client.subscribe(topic_filter).is_failure
+    return client
+
+
+def test_anonymous_and_wrong_passwords_are_refused(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    device, password = new_device(broker)
+    assert mqtt_connack(broker.port, None, None) != 0
+    assert mqtt_connack(broker.port, device, None) != 0
+    assert mqtt_connack(broker.port, device, password + "x") != 0
+    assert mqtt_connack(broker.port, SERVICE_USER, password) != 0
+    assert mqtt_connack(broker.port, "nobody", password) != 0
+    assert clients(broker, None).connect().is_failure
+    assert clients(broker, (device, "wrong")).connect().is_failure
+    assert clients(broker, (device, password)).connect() == 0
+
+
+def test_device_publishes_only_to_its_own_in_topic(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    sink = services(broker, clients)
+    login = new_device(broker, "torque_wrench")
+    other, _ = new_device(broker, "tablet")
+    device = clients(broker, login)
+    assert device.connect() == 0
+    me = login[0]
+    forbidden = [
+        T.device_in("torque_wrench", other),  # another device's topic
+        T.device_in("tablet", other),
+        T.device_in("tablet", me),  # its own id under another kind
+        T.device_in("torque_wrench", me) + "/extra",
+        T.receipt(me),
+        T.stage_input("validate"),
+        T.status("ingest"),
+        T.alarm,
+        f"mro/OTHER/in/torque_wrench/{me}",
+        "elsewhere",
+    ]
+    for topic in forbidden:
+        device.publish(topic, b"forged")
+    device.publish(T.device_in("torque_wrench", me), b"genuine")
+    sink.wait_for(T.device_in("torque_wrench", me), b"genuine")
+    time.sleep(QUIET_S)
+    assert [m for m in sink.seen() if m[1] == b"forged"] == []
+
+
+def test_device_reads_only_its_own_receipts(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    ops = services(broker, clients)
+    ops.publish(T.status("ingest"), b"retained status", retain=True)
+    me, other = new_device(broker), new_device(broker)
+    spy = clients(broker, me)
+    assert spy.connect() == 0
+    time.sleep(QUIET_S)
+    assert spy.seen() == [], "a client that subscribed to nothing must get nothing (not even retained)"
+    # Mosquitto 2.0 grants every SUBSCRIBE and filters each delivery by the read ACL; so do we.
+    for topic_filter in (T.receipt(other[0]), f"{T.root}/receipt/+", T.status_all, "#"):
+        assert not spy.subscribe(topic_filter).is_failure
+    ops.publish(T.receipt(other[0]), b"not yours")
+    ops.publish(T.stage_input("sign"), b"internal")
+    ops.publish(T.receipt(me[0]), b"yours")
+    spy.wait_for(T.receipt(me[0]), b"yours")
+    time.sleep(QUIET_S)
+    assert {topic for topic, _ in spy.seen()} == {T.receipt(me[0])}
+
+
+def test_services_user_can_do_everything(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    sink = services(broker, clients)
+    writer = clients(broker, broker.service_user)
+    assert writer.connect() == 0
+    topics = [T.device_in("tablet", "any"), T.receipt("any"), T.stage_input("validate"),
+              T.stage_receipt("ingest"), T.dlq("validate"), T.alarm, "mro/OTHER/pipeline/x"]
+    for topic in topics:
+        writer.publish(topic, b"svc")
+    writer.publish(T.status("sign"), b"up", retain=True)
+    for topic in topics:
+        sink.wait_for(topic, b"svc")
+    late = services(broker, clients, T.status_all)
+    assert late.wait_for(T.status("sign"), b"up").retain
+
+
+def test_will_cannot_bypass_the_acl(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    sink = services(broker, clients)
+    login = new_device(broker)
+    own = T.device_in("torque_wrench", login[0])
+    sneaky = clients(broker, login, will=(T.stage_input("sign"), b"forged will"))
+    assert sneaky.connect() == 0
+    sneaky.drop()
+    honest = clients(broker, login, will=(own, b"honest will"))
+    assert honest.connect() == 0
+    honest.drop()
+    sink.wait_for(own, b"honest will")
+    time.sleep(QUIET_S)
+    assert (T.stage_input("sign"), b"forged will") not in sink.seen()
+
+
+def test_devices_come_and_go_without_a_broker_restart(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    sink = services(broker, clients)
+    device_id = f"dev{next(_ids)}"
+    first = broker.credentials.add_device(device_id, "rfid_reader")
+    broker.reload()
+    wait_login(broker, first)
+    device = clients(broker, first)
+    assert device.connect() == 0
+    device.publish(T.device_in("rfid_reader", device_id), b"hello")
+    sink.wait_for(T.device_in("rfid_reader", device_id), b"hello")
+
+    rotated = broker.credentials.add_device(device_id, "rfid_reader")
+    assert rotated[1] != first[1]
+    broker.reload()
+    wait_login(broker, first, accepted=False)
+    assert device.disconnected.wait(5), "a client whose password was rotated must be disconnected"
+    wait_login(broker, rotated)
+
+    broker.credentials.remove_device(device_id)
+    broker.reload()
+    wait_login(broker, rotated, accepted=False)
+    assert device_id not in broker.credentials.devices()
+
+
+def offline_subscriber(broker: BrokerProc, clients: Callable[..., Client], client_id: str) -> Client:
+    subscriber = clients(broker, broker.service_user, client_id=client_id, clean_session=False)
+    assert subscriber.connect() == 0
+    assert not subscriber.subscribe(T.device_in_all).is_failure
+    subscriber.close()
+    return subscriber
+
+
+def test_persistent_session_gets_what_was_published_while_offline(
+    broker: BrokerProc, clients: Callable[..., Client]
+) -> None:
+    client_id = f"stage-{next(_ids)}"
+    offline_subscriber(broker, clients, client_id)
+    login = new_device(broker, "barcode_scanner")
+    device = clients(broker, login)
+    assert device.connect() == 0
+    topic = T.device_in("barcode_scanner", login[0])
+    payloads = [f"r{i}".encode() for i in range(5)]
+    for payload in payloads:
+        device.publish(topic, payload)
+    back = clients(broker, broker.service_user, client_id=client_id, clean_session=False)
+    assert back.connect() == 0
+    assert back.session_present
+    for payload in payloads:
+        assert back.wait_for(topic, payload).retain is False  # queued, not retained
+    assert [p for _, p in back.seen()] == payloads
+
+
+@pytest.fixture(params=KINDS)
+def own_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerProc]:
+    proc = start_broker(request.param, tmp_path, STATION)
+    yield proc
+    proc.kill()
+
+
+def test_persistent_session_after_broker_kill(own_broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    """Mosquitto restores sessions and queued messages from its last snapshot (taken at most
+    autosave_interval = 5 s after a change); amqtt keeps everything in memory and forgets it."""
+    broker = own_broker
+    client_id = "stage-ingest"
+    offline_subscriber(broker, clients, client_id)
+    login = new_device(broker)
+    device = clients(broker, login)
+    assert device.connect() == 0
+    topic = T.device_in("torque_wrench", login[0])
+    published_at = time.time_ns()
+    for payload in (b"a", b"b", b"c"):
+        device.publish(topic, payload)
+    device.close()
+    if broker.kind == "mosquitto":
+        snapshot = broker.data_dir / "mosquitto" / "mosquitto.db"
+        deadline = time.monotonic() + 10
+        while not (snapshot.exists() and snapshot.stat().st_mtime_ns >= published_at):
+            assert time.monotonic() < deadline, "mosquitto never saved its database"
+            time.sleep(0.1)
+    broker.kill()
+    broker.restart()
+    back = clients(broker, broker.service_user, client_id=client_id, clean_session=False)
+    assert back.connect() == 0
+    if broker.kind == "mosquitto":
+        assert back.session_present
+        for payload in (b"a", b"b", b"c"):
+            back.wait_for(topic, payload)
+    else:
+        assert not back.session_present
+        time.sleep(QUIET_S)
+        assert back.seen() == []
+
+
+def test_embedded_broker_names_the_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = load_config(env={"MRO_MQTT_URL": f"mqtt://127.0.0.1:{port}", "MRO_DATA_DIR": str(tmp_path)})
+        with pytest.raises(PortInUseError) as error:
+            run_broker(config)
+    message = str(error.value)
+    assert "is taken (probably Mosquitto)" in message
+    assert "MRO_MQTT_URL=mqtt://127.0.0.1:1884" in message and "--no-broker" in message
+
+
+def test_password_file_interoperates_with_mosquitto_passwd(tmp_path: Path) -> None:
+    """A user added by an operator with mosquitto_passwd logs in to amqtt and survives our rewrites."""
+    credentials = BrokerCredentials(tmp_path / "broker", STATION)
+    credentials.ensure_service_user()
+    tool = shutil.which("mosquitto_passwd")
+    assert tool, "mosquitto_passwd (Debian package mosquitto) is required"
+    subprocess.run([tool, "-b", str(credentials.passwd_path), "mcc-console", "s3cret pass"], check=True)
+    device, password = credentials.add_device("dev-interop", "tablet")
+    assert credentials.check("mcc-console", "s3cret pass")
+    assert not credentials.check("mcc-console", "s3cret")
+    assert credentials.check(device, password)
+    assert credentials.passwd_path.stat().st_mode & 0o777 == 0o600
+    assert credentials.acl_path.stat().st_mode & 0o777 == 0o600
+    assert credentials.broker_dir.stat().st_mode & 0o777 == 0o700
