@@ -125,7 +125,7 @@ class Acl:
         user: str | None = None
         device_line = re.compile(r"^mro/[^/]+/in/([^/]+)/([^/]+)$")
         for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.rstrip()
+            line = raw.strip()
             if not line or line.startswith("#"):
                 continue
             keyword, _, rest = line.partition(" ")
@@ -218,7 +218,7 @@ class BrokerCredentials:
             if password is None:
                 password = secrets.token_urlsafe(32)
                 self._write_atomic(self.secret_path, password + "\n")
-            users = self._read_passwd_entries()
+            users = dict(self._load_passwd())
             if not verify_password(password, users.get(SERVICE_USER, "")):
                 users[SERVICE_USER] = hash_password(password)
             self._write_acl(self._load_acl().devices)
@@ -236,7 +236,7 @@ class BrokerCredentials:
             devices[device_id] = kind
             # ACL before password: the device can never log in without its rule in place.
             self._write_acl(devices)
-            users = self._read_passwd_entries()
+            users = dict(self._load_passwd())
             users[device_id] = hash_password(password)
             self._write_passwd(users)
         return device_id, password
@@ -245,7 +245,7 @@ class BrokerCredentials:
         """Forget a device: its login and its ACL lines (unknown ids are ignored)."""
         self._check_device_id(device_id)
         with self._locked():
-            users = self._read_passwd_entries()
+            users = dict(self._load_passwd())
             if users.pop(device_id, None) is not None:
                 self._write_passwd(users)
             devices = dict(self._load_acl().devices)
@@ -309,13 +309,6 @@ class BrokerCredentials:
             return None
         return value or None
 
-    def _read_passwd_entries(self) -> dict[str, str]:
-        try:
-            text = self.passwd_path.read_text()
-        except FileNotFoundError:
-            return {}
-        return _parse_passwd(text)
-
     def _load_passwd(self) -> dict[str, str]:
         sig, users = self._passwd
         if sig is None or sig != _signature(self.passwd_path):
@@ -359,12 +352,11 @@ class BrokerCredentials:
                 return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
+        with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, 0o600)
-            os.write(fd, text.encode())
+            f.write(text.encode())
+            f.flush()
             os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, path)
         dir_fd = os.open(self.broker_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -12,6 +12,7 @@ A stage subclasses `Stage` and never touches paho or LMDB transactions directly.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -206,7 +207,7 @@ class StageRuntime:
 
     def _status_payload(self, state: str) -> bytes:
         processed, failed = self.counters() if state != "down" else (None, None)
-        status = {"service": self.stage.name, "state": state, "at": utc_now()}
+        status = {"service": self.stage.name, "state": state, "pid": os.getpid(), "at": utc_now()}
         if state != "down":
             depth = self.outbox.pending() if self.outbox else 0
             status.update(queue_depth=depth + self.link.inbox.qsize(), processed=processed, failed=failed)

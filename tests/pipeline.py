@@ -61,13 +61,28 @@ class Pipeline:
     def config(self) -> Config:
         return load_config(env=self.env)
 
-    def start(self, *names: str) -> None:
-        for name in names or STAGES:
+    def start(self, *names: str, wait: bool = True) -> None:
+        names = names or STAGES
+        for name in names:
             log = open(self.logs / f"{name}.log", "ab")
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "mro_edge", "service", name], env=self.env, stdout=log, stderr=log,
                 cwd=ROOT,
             )
+        if wait:
+            self.wait_up(*names)
+
+    def wait_up(self, *names: str, timeout_s: float = 30) -> None:
+        """Until each service has subscribed (it publishes `up` right after): on a fresh broker,
+        records published before a stage's first subscription have no session to wait in."""
+        from mro_edge.cli import read_statuses
+
+        def up() -> bool:
+            statuses = read_statuses(self.config, 0.3)
+            return all(statuses.get(n, {}).get("state") == "up" and statuses[n].get("pid") == self.procs[n].pid
+                       for n in names)
+
+        wait_until(up, timeout_s, 0.2, f"{', '.join(names)} to be up")
 
     def kill(self, name: str) -> None:
         """kill -9: no chance to ack, flush or say goodbye."""

@@ -1,7 +1,8 @@
 """The embedded MQTT broker (amqtt 0.12.1) with the same access control as Mosquitto.
 
-What amqtt 0.12.1 does, read from its source and checked by tests/integration/test_broker_acl.py
-(so the stage runtime never relies on the broker for durability, DESIGN.md section 1):
+What amqtt 0.12.1 does, read from its source and tried against a running broker (the access
+control and session items are pinned by tests/integration/test_broker_acl.py). The stage
+runtime must not rely on the broker for durability (DESIGN.md section 1):
 
 - Config: `Broker(config_dict)`; plugins are a dict `{"dotted.Class": {options}}` whose options
   fill the plugin's `Config` dataclass. Giving `plugins` replaces the defaults (anonymous auth,
@@ -17,13 +18,19 @@ What amqtt 0.12.1 does, read from its source and checked by tests/integration/te
 - QoS1 out: every delivery is its own task waiting for PUBACK; after 5 s (hard-coded) the
   message is dropped from the session, no redelivery. Messages in flight when the client
   disconnects are dropped too. There is no in-flight limit for live traffic.
-- QoS: a message goes out at the subscription's QoS, not min(publish, subscription).
+- QoS: a message goes out at the subscription's QoS, not min(publish, subscription), once
+  per matching subscription (a client with overlapping filters gets duplicates; Mosquitto
+  sends one copy).
 - Incoming QoS1 is PUBACKed as soon as it is queued in memory.
 - Retained messages: kept per topic in memory; stock amqtt also sends every retained message
   that matches ANY client's subscription to each connecting client, bypassing the ACL;
-  `AclBroker` sends only what matches the client's own subscriptions and its read ACL.
-- Will messages: sent on abnormal disconnect; will_retain honoured. Keep-alive is not
-  enforced (a silent, half-open client is only noticed when TCP gives up).
+  `AclBroker` sends only what matches the client's own subscriptions and its read ACL
+  (a persistent session gets them again at QoS0 on reconnect; Mosquitto only on SUBSCRIBE).
+- Will messages: sent on abnormal disconnect; will_retain honoured; the ACL is applied at
+  CONNECT (plugins.py). Keep-alive is not enforced: a silent, half-open client stays
+  "connected" until TCP gives up (Mosquitto drops it after 1.5 x keep-alive). A killed
+  process is noticed at once because its kernel closes the socket.
+- Publishing to a topic that starts with `$` disconnects the client (Mosquitto ignores it).
 - Max message size: none enforced (up to MQTT's 256 MB); the ingest stage enforces
   limits.max_message_bytes.
 - Throughput: plugin calls are tasks per message and per subscriber; amqtt logs a line at

@@ -40,7 +40,7 @@ _MODELS = (
 )
 
 _ATA = {
-    "torque_event": ("32-41-11", "32-42-27", "32-11-00", "71-11-00", "72-00-00", "61-10-00", "29-11-00",
+    "torque": ("32-41-11", "32-42-27", "32-11-00", "71-11-00", "72-00-00", "61-10-00", "29-11-00",
                      "36-11-00", "54-50-00", "57-40-00", "27-51-00"),
     "part": ("32-41-11", "32-42-27", "24-21-00", "36-11-12", "21-51-00", "34-11-15", "28-21-00", "49-10-00",
              "73-21-00", "31-30-00", "23-11-00", "30-31-00"),
@@ -126,7 +126,7 @@ def valid_record(rng: random.Random, *, station: str, device_kind: str, device_i
     if occurred_at.tzinfo is None:
         raise ValueError("occurred_at must be timezone-aware")
     model, family, (msn_low, msn_high) = rng.choice(_MODELS)
-    group = "torque_event" if record_type == "torque_event" else "part" if record_type in _PART_TYPES else "work"
+    group = "part" if record_type in _PART_TYPES else ("torque" if record_type == "torque_event" else "work")
     ata = rng.choice(_ATA[group])
     record: dict[str, Any] = {
         "schema": "mro.record/1",
@@ -155,115 +155,125 @@ def bad_cases(rng: random.Random, *, station: str, device_kind: str, device_id: 
     keep a wide margin (a day ahead, 31 days back) so they stay bad while a simulator holds
     them in a pool.
     """
-    cases: list[BadCase] = []
-
-    def fresh(record_type: str | None = None) -> dict:
-        occurred = received_at - timedelta(seconds=rng.uniform(1.0, 5.0))
+    def fresh(record_type: str | None = None, occurred: datetime | None = None) -> dict:
+        if occurred is None:
+            occurred = received_at - timedelta(seconds=rng.uniform(1.0, 5.0))
         return valid_record(rng, station=station, device_kind=device_kind, device_id=device_id,
                             record_type=record_type, occurred_at=occurred)
 
-    def add(name: str, record: Any, path: str, rule: str, stage: str = "ingest") -> None:
-        cases.append(BadCase(name, _dumps(record), path, rule, stage))
+    def at(name: str, rule: str, occurred: datetime) -> BadCase:
+        """A record whose work time breaks a time rule, its calibration date consistent with it."""
+        return BadCase(name, _dumps(fresh(occurred=occurred)), "$.occurred_at", rule, "validate")
 
-    def edit(name: str, path: str, rule: str, value: Any, *, record_type: str | None = None,
-             stage: str = "ingest") -> None:
-        """A fresh record with the field at `path` ($.a.b or $.a[0]) set to `value` (or removed)."""
+    def edited(name: str, path: str, rule: str, value: Any, record_type: str | None = None,
+               stage: str = "ingest") -> BadCase:
         record = fresh(record_type)
         _set(record, path, value)
-        add(name, record, path, rule, stage)
+        return BadCase(name, _dumps(record), path, rule, stage)
 
-    record = fresh()
-    cases.append(BadCase("not_json", _dumps(record)[:-1], "$", "json", "ingest"))
-    record = fresh()
-    record.pop("notes", None)
-    cases.append(BadCase("not_utf8", _dumps(record)[:-1] + b', "notes": "Stamp \xff\xfe"}', "$", "utf8", "ingest"))
-    cases.append(BadCase("oversize", _dumps(fresh())[:-1] + b" " * 65536 + b"}", "$", "max_size", "ingest"))
-    nested: list = []
-    for _ in range(20):
-        nested = [nested]
-    record = fresh()
-    record["notes"] = nested
-    add("too_deep", record, "$", "max_depth")
-    add("not_an_object", [fresh()], "$", "type")
-    edit("schema_version", "$.schema", "schema_version", "mro.record/2")
-    edit("unknown_record_type", "$.type", "enum", "engine_run")
-    edit("unknown_field", "$.surprise", "unknown_field", True)
-    edit("unknown_nested_field", "$.aircraft.colour", "unknown_field", "white")
-    edit("missing_technician", "$.technician", "required", _REMOVE)
-    edit("missing_event_id", "$.event_id", "required", _REMOVE)
-    edit("missing_torque", "$.torque_nm", "required", _REMOVE, record_type="torque_event")
-    edit("quantity_as_string", "$.torque_nm", "type", "24.5", record_type="torque_event")
-    edit("count_as_bool", "$.tightening_id", "type", True, record_type="torque_event")
-    edit("count_as_fraction", "$.aircraft_cycles", "type", 1234.5, record_type="maintenance_action")
-    edit("bool_as_string", "$.return_to_service", "type", "yes", record_type="maintenance_action")
-    edit("findings_not_a_list", "$.findings", "type", "none", record_type="inspection")
-    edit("event_id_format", "$.event_id", "format", "not-a-uuid")
-    edit("occurred_at_offset", "$.occurred_at", "format",
-         received_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"))
-    edit("occurred_at_date_only", "$.occurred_at", "format", received_at.astimezone(UTC).strftime("%Y-%m-%d"))
-    edit("calibration_due_format", "$.tool.calibration_due", "format", "2024-13-01", record_type="torque_event")
-    edit("work_order_pattern", "$.work_order_id", "pattern", "wo 17")
-    edit("aircraft_serial_pattern", "$.aircraft.serial_number", "pattern", "msn 5123")
-    edit("aircraft_type_pattern", "$.aircraft.type", "pattern", "a320 neo")
-    edit("part_number_pattern", "$.part.part_number", "pattern", "d23189000 7", record_type="part_installation")
-    edit("part_serial_pattern", "$.part.serial_number", "pattern", "sn-0042", record_type="part_removal")
-    edit("cage_pattern", "$.part.cage", "pattern", "IO123", record_type="part_receipt")
-    edit("cert_no_pattern", "$.technician.cert_no", "pattern", "AB")
-    edit("fastener_ref_pattern", "$.fastener_ref", "pattern", "nas 1352", record_type="torque_event")
-    edit("tool_serial_pattern", "$.tool.serial_number", "pattern", "", record_type="torque_event")
-    edit("cert_kind_enum", "$.technician.cert_kind", "enum", "FAA-X")
-    edit("action_enum", "$.action", "enum", "FIX", record_type="maintenance_action")
-    edit("inspection_type_enum", "$.inspection_type", "enum", "MONTHLY", record_type="inspection")
-    edit("condition_enum", "$.part.condition", "enum", "USED", record_type="part_installation")
-    edit("removal_reason_enum", "$.removal_reason", "enum", "BORED", record_type="part_removal")
-    edit("result_enum", "$.result", "enum", "MAYBE", record_type="torque_event")
-    edit("notes_too_long", "$.notes", "max_length", "n" * 2001)
-    edit("description_too_long", "$.description", "max_length", "d" * 2001, record_type="maintenance_action")
-    edit("description_empty", "$.description", "min_length", "", record_type="maintenance_action")
-    edit("data_reference_too_long", "$.data_reference", "max_length", "A320 AMM " + "1" * 112,
-         record_type="maintenance_action")
-    edit("too_many_findings", "$.findings", "max_length", ["Loose clamp."] * 51, record_type="inspection")
-    edit("finding_too_long", "$.findings[0]", "max_length", ["f" * 501], record_type="inspection")
-    edit("negative_torque", "$.torque_nm", "minimum", -1.5, record_type="torque_event")
-    edit("negative_cycles", "$.aircraft_cycles", "minimum", -1, record_type="maintenance_action")
-    edit("hours_too_large", "$.aircraft_hours", "maximum", 1e7, record_type="maintenance_action")
-    edit("quantity_too_precise", "$.angle_deg", "precision", 1e-30, record_type="torque_event")
-    edit("ata_chapter_unknown", "$.ata", "ata_chapter", "99-10")
-    edit("ata_chapter_malformed", "$.ata", "ata_chapter", "32-4")
-    edit("registration_leading_zero", "$.aircraft.registration", "registration", "N0123")
-    edit("registration_letter_o", "$.aircraft.registration", "registration", "N123O")
-    edit("registration_short_uk", "$.aircraft.registration", "registration", "G-ABC")
-    edit("station_mismatch", "$.station", "topic_mismatch", "OTHER" if station != "OTHER" else "ELSEWHERE")
-    other_kind = "tablet" if device_kind != "tablet" else "rfid_reader"
-    edit("device_kind_mismatch", "$.device.kind", "topic_mismatch", other_kind)
-    edit("device_id_mismatch", "$.device.id", "topic_mismatch",
-         "someone-else" if device_id != "someone-else" else "another-device")
-
-    edit("occurred_in_future", "$.occurred_at", "occurred_in_future", _rfc3339(received_at + timedelta(days=1)),
-         stage="validate")
-    edit("occurred_too_old", "$.occurred_at", "occurred_too_old", _rfc3339(received_at - timedelta(days=31)),
-         stage="validate")
+    unsent = fresh()
+    unsent.pop("notes", None)
+    utc = received_at.astimezone(UTC)
+    cases = [
+        BadCase("not_json", _dumps(fresh())[:-1], "$", "json", "ingest"),
+        BadCase("not_utf8", _dumps(unsent)[:-1] + b', "notes": "Stamp \xff\xfe"}', "$", "utf8", "ingest"),
+        BadCase("oversize", _dumps(fresh())[:-1] + b" " * 65536 + b"}", "$", "max_size", "ingest"),
+        BadCase("not_an_object", _dumps([fresh()]), "$", "type", "ingest"),
+        *(edited(*case) for case in _FIELD_CASES),
+        edited("occurred_at_offset", "$.occurred_at", "format", f"{utc:%Y-%m-%dT%H:%M:%S}+00:00"),
+        edited("occurred_at_date_only", "$.occurred_at", "format", f"{utc:%Y-%m-%d}"),
+        edited("station_mismatch", "$.station", "topic_mismatch", _other(station, "OTHER", "ELSEWHERE")),
+        edited("device_kind_mismatch", "$.device.kind", "topic_mismatch",
+               _other(device_kind, "tablet", "rfid_reader")),
+        edited("device_id_mismatch", "$.device.id", "topic_mismatch",
+               _other(device_id, "someone-else", "another")),
+        at("occurred_in_future", "occurred_in_future", utc + timedelta(days=1)),
+        at("occurred_too_old", "occurred_too_old", utc - timedelta(days=31)),
+    ]
     record = fresh("torque_event")
     record["torque_min_nm"] = record["torque_max_nm"] + 1
-    add("torque_min_above_max", record, "$.torque_max_nm", "torque_range", "validate")
+    cases.append(BadCase("torque_min_above_max", _dumps(record), "$.torque_max_nm", "torque_range",
+                         "validate"))
     record = fresh("torque_event")
     record["torque_nm"], record["result"] = record["torque_min_nm"], "NOK"
-    add("torque_inside_but_nok", record, "$.result", "torque_result", "validate")
+    cases.append(BadCase("torque_inside_but_nok", _dumps(record), "$.result", "torque_result", "validate"))
     record = fresh("torque_event")
     record["torque_nm"], record["result"] = round(record["torque_max_nm"] * 1.2, 1), "OK"
-    add("torque_outside_but_ok", record, "$.result", "torque_result", "validate")
+    cases.append(BadCase("torque_outside_but_ok", _dumps(record), "$.result", "torque_result", "validate"))
     record = fresh("torque_event")
     overdue = datetime.fromisoformat(record["occurred_at"]).date() - timedelta(days=1)
     record["tool"]["calibration_due"] = overdue.isoformat()
-    add("calibration_overdue", record, "$.tool.calibration_due", "calibration_overdue", "validate")
+    cases.append(BadCase("calibration_overdue", _dumps(record), "$.tool.calibration_due",
+                         "calibration_overdue", "validate"))
     return cases
 
 
+def _other(value: str, choice: str, fallback: str) -> str:
+    return choice if value != choice else fallback
+
+
 _REMOVE = object()
+_TOO_DEEP: list = []
+for _ in range(20):
+    _TOO_DEEP = [_TOO_DEEP]
+
+_ACTION, _INSPECTION, _TORQUE = "maintenance_action", "inspection", "torque_event"
+# name, JSONPath of the field, rule, the value put there (_REMOVE deletes it), record type (None: any)
+_FIELD_CASES: tuple[tuple[str, str, str, Any, str | None], ...] = (
+    ("too_deep", "$", "max_depth", {"notes": _TOO_DEEP}, None),
+    ("schema_version", "$.schema", "schema_version", "mro.record/2", None),
+    ("unknown_record_type", "$.type", "enum", "engine_run", None),
+    ("unknown_field", "$.surprise", "unknown_field", True, None),
+    ("unknown_nested_field", "$.aircraft.colour", "unknown_field", "white", None),
+    ("missing_technician", "$.technician", "required", _REMOVE, None),
+    ("missing_event_id", "$.event_id", "required", _REMOVE, None),
+    ("missing_torque", "$.torque_nm", "required", _REMOVE, _TORQUE),
+    ("quantity_as_string", "$.torque_nm", "type", "24.5", _TORQUE),
+    ("count_as_bool", "$.tightening_id", "type", True, _TORQUE),
+    ("count_as_fraction", "$.aircraft_cycles", "type", 1234.5, _ACTION),
+    ("bool_as_string", "$.return_to_service", "type", "yes", _ACTION),
+    ("findings_not_a_list", "$.findings", "type", "none", _INSPECTION),
+    ("event_id_format", "$.event_id", "format", "not-a-uuid", None),
+    ("calibration_due_format", "$.tool.calibration_due", "format", "2024-13-01", _TORQUE),
+    ("work_order_pattern", "$.work_order_id", "pattern", "wo 17", None),
+    ("aircraft_serial_pattern", "$.aircraft.serial_number", "pattern", "msn 5123", None),
+    ("aircraft_type_pattern", "$.aircraft.type", "pattern", "a320 neo", None),
+    ("part_number_pattern", "$.part.part_number", "pattern", "d23189000 7", "part_installation"),
+    ("part_serial_pattern", "$.part.serial_number", "pattern", "sn-0042", "part_removal"),
+    ("cage_pattern", "$.part.cage", "pattern", "IO123", "part_receipt"),
+    ("cert_no_pattern", "$.technician.cert_no", "pattern", "AB", None),
+    ("fastener_ref_pattern", "$.fastener_ref", "pattern", "nas 1352", _TORQUE),
+    ("tool_serial_pattern", "$.tool.serial_number", "pattern", "", _TORQUE),
+    ("cert_kind_enum", "$.technician.cert_kind", "enum", "FAA-X", None),
+    ("action_enum", "$.action", "enum", "FIX", _ACTION),
+    ("inspection_type_enum", "$.inspection_type", "enum", "MONTHLY", _INSPECTION),
+    ("condition_enum", "$.part.condition", "enum", "USED", "part_installation"),
+    ("removal_reason_enum", "$.removal_reason", "enum", "BORED", "part_removal"),
+    ("result_enum", "$.result", "enum", "MAYBE", _TORQUE),
+    ("notes_too_long", "$.notes", "max_length", "n" * 2001, None),
+    ("description_too_long", "$.description", "max_length", "d" * 2001, _ACTION),
+    ("description_empty", "$.description", "min_length", "", _ACTION),
+    ("data_reference_too_long", "$.data_reference", "max_length", "A320 AMM " + "1" * 112, _ACTION),
+    ("too_many_findings", "$.findings", "max_length", ["Loose clamp."] * 51, _INSPECTION),
+    ("finding_too_long", "$.findings[0]", "max_length", ["f" * 501], _INSPECTION),
+    ("negative_torque", "$.torque_nm", "minimum", -1.5, _TORQUE),
+    ("negative_cycles", "$.aircraft_cycles", "minimum", -1, _ACTION),
+    ("hours_too_large", "$.aircraft_hours", "maximum", 1e7, _ACTION),
+    ("quantity_too_precise", "$.angle_deg", "precision", 1e-30, _TORQUE),
+    ("ata_chapter_unknown", "$.ata", "ata_chapter", "99-10", None),
+    ("ata_chapter_malformed", "$.ata", "ata_chapter", "32-4", None),
+    ("registration_leading_zero", "$.aircraft.registration", "registration", "N0123", None),
+    ("registration_letter_o", "$.aircraft.registration", "registration", "N123O", None),
+    ("registration_short_uk", "$.aircraft.registration", "registration", "G-ABC", None),
+)
 
 
 def _set(record: dict, path: str, value: Any) -> None:
-    """Set (or with _REMOVE delete) the field at a simple JSONPath like $.part.cage or $.findings[0]."""
+    """Set (or with _REMOVE delete) the field at a simple JSONPath like $.part.cage or $.findings[0];
+    at "$" the value is a dict of top-level fields to set."""
+    if path == "$":
+        record.update(value)
+        return
     *parents, leaf = path.removeprefix("$.").split(".")
     target = record
     for name in parents:
@@ -331,18 +341,19 @@ def _technician(rng: random.Random) -> dict:
     return block
 
 
-def _maintenance_action(rng: random.Random, record: dict, family: str, ata: str, occurred_at: datetime) -> None:
+def _maintenance_action(rng: random.Random, record: dict, family: str, ata: str, occurred: datetime) -> None:
     action = rng.choices(tuple(_DESCRIPTIONS), (5, 3, 4, 2, 3, 3, 1, 1))[0]
     record["action"] = action
     record["description"] = _DESCRIPTIONS[action].format(ata=ata)
-    record["data_reference"] = f"{family} AMM {ata}-{rng.choice(('000', '200', '400'))}-{rng.randint(801, 899)}"
+    task = f"{rng.choice(('000', '200', '400'))}-{rng.randint(801, 899)}"
+    record["data_reference"] = f"{family} AMM {ata}-{task}"
     record["return_to_service"] = action != "DEFER" and rng.random() < 0.9
     if rng.random() < 0.7:
         record["aircraft_hours"] = round(rng.uniform(500.0, 90_000.0), 1)
         record["aircraft_cycles"] = rng.randint(300, 60_000)
 
 
-def _inspection(rng: random.Random, record: dict, family: str, ata: str, occurred_at: datetime) -> None:
+def _inspection(rng: random.Random, record: dict, family: str, ata: str, occurred: datetime) -> None:
     record["inspection_type"] = rng.choice(("DAILY", "WEEKLY", "A_CHECK", "C_CHECK", "RII", "ANNUAL", "100HR",
                                             "PROGRESSIVE", "PROGRAM"))
     record["findings"] = rng.sample(_FINDINGS, rng.choice((0, 0, 1, 2, 3)))
@@ -351,7 +362,7 @@ def _inspection(rng: random.Random, record: dict, family: str, ata: str, occurre
         record["inspector"] = _technician(rng)
 
 
-def _part_record(rng: random.Random, record: dict, family: str, ata: str, occurred_at: datetime) -> None:
+def _part_record(rng: random.Random, record: dict, family: str, ata: str, occurred: datetime) -> None:
     part_number, position = rng.choice(_PARTS)
     part: dict[str, Any] = {
         "cage": rng.choice(_CAGES),
@@ -361,7 +372,7 @@ def _part_record(rng: random.Random, record: dict, family: str, ata: str, occurr
         else rng.choice(("NEW", "SERVICEABLE", "OVERHAULED", "REPAIRED", "INSPECTED", "MODIFIED")),
     }
     if record["type"] != "part_removal" and rng.random() < 0.8:
-        part["release_certificate"] = (f"EASA-F1-{occurred_at.year}-{rng.randint(1, 99999):05d}"
+        part["release_certificate"] = (f"EASA-F1-{occurred.year}-{rng.randint(1, 99999):05d}"
                                        if rng.random() < 0.5 else f"8130-3-{rng.randint(1, 999999):06d}")
     if rng.random() < 0.6:
         part["tsn_hours"] = round(rng.uniform(0.0, 40_000.0), 1)
@@ -374,13 +385,13 @@ def _part_record(rng: random.Random, record: dict, family: str, ata: str, occurr
                                                (5, 4, 1, 1))[0]
 
 
-def _torque_event(rng: random.Random, record: dict, family: str, ata: str, occurred_at: datetime) -> None:
+def _torque_event(rng: random.Random, record: dict, family: str, ata: str, occurred: datetime) -> None:
     fastener, low, high = rng.choice(_TORQUE_SPECS)
     if rng.random() < 0.9:
         torque = min(max(round(rng.uniform(low, high), 1), low), high)
     else:
         torque = round(high * rng.uniform(1.03, 1.15), 1) if rng.random() < 0.5 else round(low * 0.9, 1)
-    due: date = occurred_at.astimezone(UTC).date() + timedelta(days=rng.randint(1, 330))
+    due: date = occurred.astimezone(UTC).date() + timedelta(days=rng.randint(1, 330))
     record["tool"] = {"serial_number": f"{rng.choice(_WRENCHES)}-{rng.randint(1, 99999):05d}",
                       "calibration_due": due.isoformat()}
     record["fastener_ref"] = fastener

@@ -25,16 +25,15 @@ def check_rules(record: Record, *, received_at: datetime, clock_skew_s: int = 30
         raise ValueError("received_at must be timezone-aware")
     errors = []
     occurred = record.occurred_at
+    received = timestamp_text(received_at.astimezone(UTC))
     if occurred - received_at > timedelta(seconds=clock_skew_s):
-        errors.append(FieldError(
-            "$.occurred_at", "occurred_in_future",
-            f"at most {clock_skew_s} s after the receive time {timestamp_text(received_at.astimezone(UTC))}",
-            timestamp_text(occurred)))
+        errors.append(FieldError("$.occurred_at", "occurred_in_future",
+                                 f"at most {clock_skew_s} s after the receive time {received}",
+                                 timestamp_text(occurred)))
     elif received_at - occurred > timedelta(seconds=max_backdate_s):
-        errors.append(FieldError(
-            "$.occurred_at", "occurred_too_old",
-            f"at most {max_backdate_s} s before the receive time {timestamp_text(received_at.astimezone(UTC))}",
-            timestamp_text(occurred)))
+        errors.append(FieldError("$.occurred_at", "occurred_too_old",
+                                 f"at most {max_backdate_s} s before the receive time {received}",
+                                 timestamp_text(occurred)))
     if isinstance(record, TorqueEvent):
         errors.extend(_torque_errors(record))
     return errors

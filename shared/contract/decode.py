@@ -33,9 +33,10 @@ def decode_record(payload: bytes, *, station: str, device_kind: str, device_id: 
     decoding, so an oversized message or a nesting bomb costs no more than a scan of its bytes.
     """
     if len(payload) > max_bytes:
-        raise ContractError([FieldError("$", "max_size", f"at most {max_bytes} bytes", f"{len(payload)} bytes")])
+        raise ContractError([FieldError("$", "max_size", f"at most {max_bytes} bytes",
+                                        f"{len(payload)} bytes")])
     if _depth_exceeds(payload, max_depth):
-        raise ContractError([FieldError("$", "max_depth", f"objects and arrays nested at most {max_depth} deep",
+        raise ContractError([FieldError("$", "max_depth", f"JSON nested at most {max_depth} levels deep",
                                         f"deeper than {max_depth}")])
     try:
         record = _typed.decode(payload)

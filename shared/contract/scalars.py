@@ -26,7 +26,8 @@ QUANTITY_MAX_FRACTION_DIGITS = 20
 _EXACT = decimal.Context(prec=decimal.MAX_PREC)
 _ZERO = Decimal(0)
 _STORED_QUANTITY = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?")
-_TIMESTAMP = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?Z")
+_TIMESTAMP = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+                        r"T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?Z")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 QUANTITY_EXPECTED = f"a JSON number from 0 to {QUANTITY_MAX}"

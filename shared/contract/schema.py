@@ -28,7 +28,7 @@ from shared.contract.scalars import (
 )
 from shared.contract.types import RECORD_CLASSES, SCHEMA, UUID_PATTERN, RecordBase
 
-MAX_ERRORS = 100
+MAX_ERRORS = 100  # enough to fix any honest record; bounds the work a hostile one can cause
 
 _MISSING = object()
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -116,8 +116,11 @@ def _field_names(cls: type) -> frozenset[str]:
     return frozenset(f.encode_name for f in mi.type_info(cls).fields)
 
 
-def _struct(obj: dict, struct: mi.StructType, path: str, errors: list[FieldError], known: frozenset[str]) -> None:
+def _struct(obj: dict, struct: mi.StructType, path: str, errors: list[FieldError],
+            known: frozenset[str]) -> None:
     for key, value in obj.items():
+        if len(errors) >= MAX_ERRORS:
+            return
         if key not in known:
             errors.append(FieldError(_child(path, key), "unknown_field", "no such field in contract v1 here",
                                      describe(value, free_text=True)))
@@ -131,6 +134,8 @@ def _struct(obj: dict, struct: mi.StructType, path: str, errors: list[FieldError
 
 
 def _value(value: Any, t: mi.Type, path: str, errors: list[FieldError], hints: _Hints) -> None:
+    if len(errors) >= MAX_ERRORS:
+        return
     if isinstance(t, mi.Metadata):
         extra = t.extra or {}
         hints = _Hints((t.extra_json_schema or {}).get("description"), extra.get("rule"),
@@ -143,7 +148,8 @@ def _value(value: Any, t: mi.Type, path: str, errors: list[FieldError], hints: _
         errors.append(FieldError(path, rule, expected, describe(value, free_text=hints.free_text)))
 
 
-def _problem(value: Any, t: mi.Type, path: str, errors: list[FieldError], hints: _Hints) -> tuple[str, str] | None:
+def _problem(value: Any, t: mi.Type, path: str, errors: list[FieldError],
+             hints: _Hints) -> tuple[str, str] | None:
     """(rule, expected) for a value that breaks its type, None if it is fine (or recursed into)."""
     kind = type(value)
     if isinstance(t, mi.StrType):
@@ -173,10 +179,10 @@ def _problem(value: Any, t: mi.Type, path: str, errors: list[FieldError], hints:
     if isinstance(t, mi.ListType):
         if kind is not list:
             return "type", _expected(t)
+        if t.max_length is not None and len(value) > t.max_length:
+            errors.append(FieldError(path, "max_length", f"at most {t.max_length} items", describe(value)))
         for index, item in enumerate(value):
             _value(item, t.item_type, f"{path}[{index}]", errors, _NO_HINTS)
-        if t.max_length is not None and len(value) > t.max_length:
-            return "max_length", f"at most {t.max_length} items"
         return None
     if isinstance(t, mi.StructType):
         if kind is not dict:

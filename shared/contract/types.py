@@ -55,11 +55,12 @@ _NATIONAL = (
 _ICAO_FALLBACK = r"(?!(?:N|G|F|D|C|B|VH|JA|HL|RA)-)(?:[A-Z]{1,2}|[0-9][A-Z]|[A-Z][0-9])-[A-Z0-9]{1,5}"
 REGISTRATION_PATTERN = rf"^(?:{_N_NUMBER}|{'|'.join(_NATIONAL)}|{_ICAO_FALLBACK})\Z"
 
-ATA_CHAPTERS = (
-    "05 06 07 08 09 10 11 12 18 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 41 42 "
-    "44 45 46 47 49 50 51 52 53 54 55 56 57 60 61 62 63 64 65 66 67 70 71 72 73 74 75 76 77 78 79 "
-    "80 81 82 83 84 85 91"
-).split()
+ATA_CHAPTERS: tuple[str, ...] = (
+    "05", "06", "07", "08", "09", "10", "11", "12", "18",
+    *(str(n) for n in range(20, 39)), "41", "42", "44", "45", "46", "47",
+    *(str(n) for n in range(49, 58)), *(str(n) for n in range(60, 68)), *(str(n) for n in range(70, 86)),
+    "91",
+)
 ATA_PATTERN = rf"^(?:{'|'.join(ATA_CHAPTERS)})(?:-[0-9]{{2}}(?:-[0-9]{{2}})?)?\Z"
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
@@ -68,8 +69,8 @@ _PART_IDENT_TEXT = "1-32 of A-Z 0-9 . / - (starting with a letter or digit)"
 
 FREE_TEXT = {"free_text": True}
 
-EventId = Annotated[str, Meta(pattern=UUID_PATTERN, description="a UUID like 0b6e4c1a-8d2f-4e5b-9c7a-1f2e3d4c5b6a",
-                              extra={"rule": "format"})]
+EventId = Annotated[str, Meta(pattern=UUID_PATTERN, extra={"rule": "format"},
+                              description="a UUID like 0b6e4c1a-8d2f-4e5b-9c7a-1f2e3d4c5b6a")]
 StationId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z",
                                 description="the station id of the topic (1-32 of A-Z a-z 0-9 _ -)")]
 DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z",
@@ -90,7 +91,8 @@ PartIdent = Annotated[str, Meta(pattern=_PART_IDENT, description=_PART_IDENT_TEX
 Cage = Annotated[str, Meta(pattern=r"^[A-HJ-NP-Z0-9]{5}\Z",
                            description="a 5-character CAGE code (A-Z without I and O, 0-9)")]
 ReleaseCertificate = Annotated[str, Meta(pattern=r"^[A-Z0-9][A-Z0-9./-]{0,39}\Z",
-                                         description="1-40 of A-Z 0-9 . / - (starting with a letter or digit)")]
+                                         description="1-40 of A-Z 0-9 . / - (starting with a letter or "
+                                                     "digit)")]
 CertNo = Annotated[str, Meta(pattern=r"^[A-Z0-9][A-Z0-9-]{3,19}\Z",
                              description="4-20 of A-Z 0-9 - (starting with a letter or digit)")]
 Signature = Annotated[str, Meta(min_length=1, max_length=1024, extra=FREE_TEXT)]
@@ -104,7 +106,8 @@ Count = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
 CertKind = Literal["FAA-A", "FAA-P", "FAA-AP", "FAA-IA", "FAA-REPAIRMAN",
                    "EASA-A", "EASA-B1", "EASA-B2", "EASA-B2L", "EASA-B3", "EASA-C"]
 Action = Literal["INSPECT", "REPAIR", "REPLACE", "ADJUST", "SERVICE", "TEST", "MODIFY", "DEFER"]
-InspectionType = Literal["ANNUAL", "100HR", "PROGRESSIVE", "PROGRAM", "DAILY", "WEEKLY", "A_CHECK", "C_CHECK", "RII"]
+InspectionType = Literal["ANNUAL", "100HR", "PROGRESSIVE", "PROGRAM", "DAILY", "WEEKLY", "A_CHECK", "C_CHECK",
+                         "RII"]
 Condition = Literal["NEW", "SERVICEABLE", "OVERHAULED", "REPAIRED", "INSPECTED", "MODIFIED", "UNSERVICEABLE",
                     "SCRAP"]
 RemovalReason = Literal["SCHEDULED", "UNSCHEDULED", "ROBBERY", "MODIFICATION"]

@@ -79,6 +79,8 @@ def test_mixed_traffic_every_record_once_every_bad_one_reported(pipeline):
     wait_until(lambda: len(pipeline.ledger()) >= len(expected_keys), 60, 0.5, "the ledger to catch up")
     assert_ledger_verifies(pipeline, expected_keys)
 
+    wait_until(lambda: len(pipeline.dlq("ingest") + pipeline.dlq("validate")) >= len(expected_bad), 30, 0.2,
+               "a DLQ report for every bad record")
     dlq = pipeline.dlq("ingest") + pipeline.dlq("validate")
     by_event = {}
     for report in dlq:
@@ -87,7 +89,7 @@ def test_mixed_traffic_every_record_once_every_bad_one_reported(pipeline):
         reports = by_event.get(event_id, [])
         if event_id is None:
             reports = [r for r in reports if any(e["rule"] == case.expected_rule for e in r["errors"])]
-        assert reports, f"no DLQ report for bad case {case.name}"
+        assert reports, f"no DLQ report for bad case {case.name} ({event_id}); DLQ has {sorted(by_event, key=str)[:50]}"
         errors = [e for r in reports for e in r["errors"]]
         assert any(e["path"] == case.expected_path and e["rule"] == case.expected_rule for e in errors), (
             f"{case.name}: expected {case.expected_path} {case.expected_rule}, got {errors}")
@@ -104,7 +106,8 @@ def test_mixed_traffic_every_record_once_every_bad_one_reported(pipeline):
                 assert "received" in statuses or "duplicate" in statuses, event_id
                 assert "recorded" in statuses or any(r.get("seq") is not None for r in sent.receipts), event_id
             else:
-                assert "duplicate" in statuses, event_id
+                # amqtt may reorder a client's messages, so the copy can overtake its original.
+                assert "duplicate" in statuses or "recorded" in statuses, event_id
 
 
 def expected_ledger_keys(pipeline, devices) -> set[str]:
@@ -144,7 +147,11 @@ def test_poison_is_isolated_and_good_records_keep_flowing(pipeline):
             if poisoned:
                 for payload in poison:
                     device.send(None, payload)
-        wait_until(lambda: all(device.sent[e].final for e in batch), 60, 0.05, "good records to be recorded")
+        def recorded() -> bool:
+            device.resend_unreceipted()
+            return all(device.sent[e].final for e in batch)
+
+        wait_until(recorded, 60, 0.05, "good records to be recorded")
         return time.monotonic() - start
 
     poisoned = False

@@ -107,7 +107,8 @@ def test_deep_nesting_is_refused_cleanly():
 
 
 def test_bool_and_null_and_tuple():
-    assert canonical_json({"t": True, "f": False, "n": None, "a": (1, "x")}) == b'{"a":[1,"x"],"f":false,"n":null,"t":true}'
+    value = {"t": True, "f": False, "n": None, "a": (1, "x")}
+    assert canonical_json(value) == b'{"a":[1,"x"],"f":false,"n":null,"t":true}'
 
 
 def test_sha256_hex():
@@ -158,8 +159,10 @@ _scalars = st.none() | st.booleans() | _ints | st.text()
 
 
 def _json(keys: st.SearchStrategy[str]) -> st.SearchStrategy:
-    return st.recursive(_scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(keys, inner, max_size=5),
-                        max_leaves=25)
+    def containers(inner):
+        return st.lists(inner, max_size=5) | st.dictionaries(keys, inner, max_size=5)
+
+    return st.recursive(_scalars, containers, max_leaves=25)
 
 
 profile_values = _json(st.text(st.characters(max_codepoint=0x7F), max_size=8))
@@ -204,4 +207,5 @@ def test_matches_reference_with_any_unicode_keys(value):
 
 def test_utf16_order_differs_from_code_point_order_where_rfc8785_says():
     # U+1F602 (surrogates D83D DE02) sorts before U+FB33 in UTF-16 units, after it in code points.
-    assert canonical_json({"\ufb33": 1, "\U0001f602": 2}, ascii_keys=False) == '{"\U0001f602":2,"\ufb33":1}'.encode()
+    encoded = canonical_json({"\ufb33": 1, "\U0001f602": 2}, ascii_keys=False)
+    assert encoded == '{"\U0001f602":2,"\ufb33":1}'.encode()

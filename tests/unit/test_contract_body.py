@@ -77,7 +77,8 @@ def test_normalize_keeps_the_input_field_names_and_types(data):
     for sent, stored in ((data, body), (data.get("part", {}), body.get("part", {}))):
         for name in QUANTITIES & sent.keys():
             assert type(stored[name]) is str and Decimal(stored[name]) == Decimal(repr(sent[name]))
-            assert "e" not in stored[name].lower() and not ("." in stored[name] and stored[name].endswith("0"))
+            text = stored[name]
+            assert "e" not in text.lower() and not ("." in text and text.endswith("0"))
         for name in COUNTS & sent.keys():
             assert type(stored[name]) is int and stored[name] == sent[name]
     canonical_json(body)
@@ -103,8 +104,8 @@ def test_extreme_values_still_canonicalize():
 
 
 @pytest.mark.parametrize("change", [
-    {"torque_nm": 24.5}, {"torque_nm": "24.50"}, {"torque_nm": "1E+2"}, {"occurred_at": "2024-05-20T14:30:00+00:00"},
-    {"surprise": 1}, {"tightening_id": "3"},
+    {"torque_nm": 24.5}, {"torque_nm": "24.50"}, {"torque_nm": "1E+2"},
+    {"occurred_at": "2024-05-20T14:30:00+00:00"}, {"surprise": 1}, {"tightening_id": "3"},
 ], ids=["number-not-string", "trailing-zero", "exponent", "offset", "unknown", "count-as-string"])
 def test_record_from_body_refuses_what_normalize_never_makes(change):
     body = normalize(decode(make(3, "torque_event"))) | change
@@ -203,7 +204,8 @@ def test_keys_do_not_collide_across_many_records(kind):
 
 # --- error report -----------------------------------------------------------------------------------
 
-ERRORS = [FieldError("$.ata", "ata_chapter", "a chapter", '"99"'), FieldError("$.technician", "required", "x", None)]
+ERRORS = [FieldError("$.ata", "ata_chapter", "a chapter", '"99"'),
+          FieldError("$.technician", "required", "x", None)]
 
 
 def test_error_report_shape():
@@ -232,7 +234,7 @@ def test_raw_is_capped():
 
 # --- no free text in reports --------------------------------------------------------------------------
 
-secrets = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz"), min_size=10, max_size=20).map(lambda s: "SECRET" + s)
+secrets = st.text(st.sampled_from("abcdefghij"), min_size=10, max_size=20).map("SECRET".__add__)
 
 
 def _breakages(secret: str) -> list:

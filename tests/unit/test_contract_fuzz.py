@@ -27,16 +27,21 @@ T0 = datetime(2024, 5, 20, 14, 30, tzinfo=UTC)
 _untyped = msgspec.json.Decoder(float_hook=Decimal)
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
-    | st.sampled_from(["mro.record/1", "torque_event", "OK", "32-41", "N123AB", "2024-05-20T14:30:00Z", "2024-05-20",
-                       "HGR1", "tab-01", "tablet", "FAA-AP", "NEW", "81205", ""]),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30)
+    | st.sampled_from(["mro.record/1", "torque_event", "OK", "32-41", "N123AB", "2024-05-20T14:30:00Z",
+                       "2024-05-20", "HGR1", "tab-01", "tablet", "FAA-AP", "NEW", "81205", ""]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-records = st.builds(
-    lambda seed, record_type: valid_record(random.Random(seed), station=STATION, device_kind=KIND, device_id=DEVICE,
-                                           record_type=record_type, occurred_at=T0),
-    st.integers(0, 2**32), st.sampled_from(RECORD_TYPES))
+
+
+def _record(seed: int, record_type: str) -> dict:
+    return valid_record(random.Random(seed), station=STATION, device_kind=KIND, device_id=DEVICE,
+                        record_type=record_type, occurred_at=T0)
+
+
+records = st.builds(_record, st.integers(0, 2**32), st.sampled_from(RECORD_TYPES))
 
 
 def outcome(payload: bytes):
