@@ -20,8 +20,9 @@ STAGE_CLASSES = {
     "ingest": "services.ingest.stage:Ingest",
     "validate": "services.validate.stage:Validate",
     "sign": "services.sign.stage:Sign",
+    "uplink": "services.uplink.stage:Uplink",
 }
-SERVICES = ("broker",) + tuple(STAGE_CLASSES)
+SERVICES = ("broker", "gateway", "heartbeat") + tuple(STAGE_CLASSES)
 
 
 class UserError(Exception):
@@ -38,6 +39,16 @@ def cmd_service(config: Config, args) -> int:
         from services.broker.service import run_broker
 
         run_broker(config)
+        return 0
+    if args.name == "heartbeat":
+        from services.heartbeat.service import run_heartbeat
+
+        run_heartbeat(config)
+        return 0
+    if args.name == "gateway":
+        from services.gateway.server import run_gateway
+
+        run_gateway(config)
         return 0
     from shared.stage import run_stage
 
@@ -223,6 +234,21 @@ def cmd_dlq(config: Config, args) -> int:
     return 0
 
 
+def cmd_resume(config: Config, args) -> int:
+    from shared.mqtt import BrokerUnavailable, MqttLink
+    from shared.topics import Topics
+
+    link = MqttLink(config, client_id=f"mro-resume-{time.monotonic_ns()}", persistent=False)
+    try:
+        link.start(wait_s=10)
+    except BrokerUnavailable as exc:
+        raise UserError(str(exc)) from None
+    link.client.publish(Topics(config.station).control(args.name), b'{"command":"resume"}', qos=1).wait_for_publish(5)
+    link.stop()
+    print(f"asked {args.name} to resume; watch `mro-edge status` for its state")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mro-edge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--wait", type=float, default=1.0, help="seconds to collect status messages")
     status.set_defaults(func=cmd_status)
+
+    resume = sub.add_parser("resume", help="retry a frozen service now (after fixing the fault)")
+    resume.add_argument("name", choices=tuple(STAGE_CLASSES))
+    resume.set_defaults(func=cmd_resume)
 
     ledger = sub.add_parser("ledger", help="the signed ledger")
     lsub = ledger.add_subparsers(dest="action", required=True)

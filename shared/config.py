@@ -45,12 +45,37 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     map_size_mb: int = 4096
 
 
+class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):
+    gateway_url: str = "http://127.0.0.1:8443"
+    token: str = ""
+    probe_interval_s: float = 5.0
+    slow_probe_ms: int = 2000
+    isolate_after: int = 3
+
+
+class UplinkConfig(msgspec.Struct, forbid_unknown_fields=True):
+    batch: int = 2000
+    request_timeout_s: float = 10.0
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+    retry_attempts: int = 3
+
+
+class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
+    db_url: str = "sqlite:///./var/gateway/gateway.db"
+    listen: str = "127.0.0.1:8443"
+    duplicate_window_days: int = 30
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     station: str = "HGR1"
     data_dir: str = "./var"
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     stage: StageConfig = msgspec.field(default_factory=StageConfig)
+    link: LinkConfig = msgspec.field(default_factory=LinkConfig)
+    uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
 
     @property
     def data_path(self) -> Path:
@@ -58,6 +83,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 
     def stage_dir(self, stage: str) -> Path:
         return self.data_path / stage
+
+    @property
+    def origin(self) -> str:
+        """The ledger's origin line (C2SP checkpoint origin); one ledger per station."""
+        return f"mro-edge/{self.station}"
 
 
 class ConfigError(Exception):
@@ -76,7 +106,8 @@ def _split_url(url: str) -> tuple[str, int]:
 
 def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
-    sections = {"mqtt": MqttConfig, "limits": LimitsConfig, "stage": StageConfig}
+    sections = {"mqtt": MqttConfig, "limits": LimitsConfig, "stage": StageConfig, "link": LinkConfig,
+                "uplink": UplinkConfig, "gateway": GatewayConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value

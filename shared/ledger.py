@@ -217,17 +217,21 @@ def verify_chain(
     return count
 
 
+def export_row(e: SignedEntry) -> dict:
+    """The export/uplink form of an entry: the entry as a string (its exact bytes), signature as hex."""
+    return {
+        "seq": e.seq,
+        "idempotency_key": e.idem,
+        "entry": e.entry.decode("utf-8"),
+        "hash": e.hash,
+        "signature": e.signature.hex(),
+        "kid": e.kid,
+    }
+
+
 def export_line(e: SignedEntry) -> bytes:
-    """One JSON Lines row for auditors: the entry as a string (its exact bytes), signature as hex."""
-    row = _ExportRow(
-        seq=e.seq,
-        idempotency_key=e.idem,
-        entry=e.entry.decode("utf-8"),
-        hash=e.hash,
-        signature=e.signature.hex(),
-        kid=e.kid,
-    )
-    return _encoder.encode(row) + b"\n"
+    """One JSON Lines row for auditors (the same fields the gateway receives)."""
+    return _encoder.encode(_ExportRow(**export_row(e))) + b"\n"
 
 
 def parse_export_line(line: bytes) -> SignedEntry:

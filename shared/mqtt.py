@@ -63,6 +63,7 @@ class MqttLink:
         self.connected = threading.Event()
         self.generation = 0
         self.on_connect_hooks: list = []
+        self.direct: dict[str, object] = {}
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -96,6 +97,11 @@ class MqttLink:
         self.connected.clear()
 
     def _on_message(self, _client, _userdata, message: paho.MQTTMessage) -> None:
+        if handler := self.direct.get(message.topic):
+            handler(message.payload)
+            if message.qos:
+                self.client.ack(message.mid, message.qos)
+            return
         self.inbox.put(Inbound(message.topic, message.payload, message.qos, message.mid, self.generation))
 
     def start(self, wait_s: float = 30.0) -> None:

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lmdb
@@ -41,6 +41,11 @@ from shared.wire import (
 )
 
 RUNTIME_TABLES = ("seen", "dlq", "meta") + OUTBOX_TABLES
+FREEZE_AFTER = 3
+
+
+class StageFault(Exception):
+    """The stage itself is failing (several records in a row raised): hold the batch, do not DLQ it."""
 
 
 @dataclass(slots=True)
@@ -72,6 +77,13 @@ class Stage:
 
     def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
         """Messages on `notice_topics`; processed in the same transaction as the batch."""
+
+    def status_extra(self) -> dict[str, Any]:
+        """Stage-specific fields for the retained status message."""
+        return {}
+
+    def close(self) -> None:
+        """Called once when the service stops (stop background threads)."""
 
 
 @dataclass
@@ -171,7 +183,7 @@ class StageRuntime:
             self.topics.device_in_all if stage.consumes == "devices" else self.topics.stage_input(stage.name)
         )
         self.receipt_topic = self.topics.stage_receipt(stage.name)
-        subscriptions = [(self.input_topic, 1), (self.receipt_topic, 1)]
+        subscriptions = [(self.input_topic, 1), (self.receipt_topic, 1), (self.topics.control(stage.name), 1)]
         self.notice_topics = stage.notice_topics(self.topics)
         subscriptions += [(topic, 1) for topic in self.notice_topics]
         self.link = MqttLink(
@@ -195,7 +207,11 @@ class StageRuntime:
         )
         self._retry: list[Inbound] = []
         self._last_status = 0.0
-        self.link.on_connect_hooks.append(lambda: self.publish_status("up"))
+        self.state = "up"
+        self._faults = 0
+        self._resume = threading.Event()
+        self.link.direct[self.topics.control(stage.name)] = self._on_control
+        self.link.on_connect_hooks.append(self.publish_status)
 
     # status
     def counters(self) -> tuple[int, int]:
@@ -210,12 +226,51 @@ class StageRuntime:
         status = {"service": self.stage.name, "state": state, "pid": os.getpid(), "at": utc_now()}
         if state != "down":
             depth = self.outbox.pending() if self.outbox else 0
-            status.update(queue_depth=depth + self.link.inbox.qsize(), processed=processed, failed=failed)
+            status.update(queue_depth=depth + self.link.inbox.qsize(), processed=processed, failed=failed,
+                          **self.stage.status_extra())
         return json_encode(status)
 
-    def publish_status(self, state: str = "up") -> None:
+    def publish_status(self, state: str | None = None) -> None:
         self._last_status = time.monotonic()
-        self.link.publish(self.topics.status(self.stage.name), self._status_payload(state), retain=True)
+        self.link.publish(self.topics.status(self.stage.name), self._status_payload(state or self.state),
+                          retain=True)
+
+    # local circuit breaker (seed 002): a stage that keeps failing freezes instead of dropping work
+    def _on_control(self, payload: bytes) -> None:
+        try:
+            command = msgspec.json.decode(payload).get("command")
+        except (msgspec.DecodeError, AttributeError):
+            return
+        if command == "resume":
+            self.log.info("resume requested", state_transition="RESUME_REQUESTED")
+            self._resume.set()
+
+    def _stall(self, batch: list[Inbound], exc: Exception) -> None:
+        """Keep the batch (unacked) for another try; after FREEZE_AFTER failures in a row, freeze:
+        status `frozen`, an alarm to MCC, and a slower retry until the fault clears or an
+        operator runs `mro-edge resume`."""
+        self._faults += 1
+        self._retry = batch
+        self.log.error("batch failed; kept for retry", error=str(exc)[:200], failures=self._faults,
+                       state_transition="STALLED")
+        if self._faults >= FREEZE_AFTER and self.state != "frozen":
+            self.state = "frozen"
+            self._alarm("frozen", f"{self._faults} failures in a row: {type(exc).__name__}: {str(exc)[:200]}")
+            self.publish_status()
+        self._resume.wait(5.0 if self.state == "frozen" else 0.5)
+        self._resume.clear()
+
+    def _recovered(self) -> None:
+        self._faults = 0
+        if self.state == "frozen":
+            self.state = "up"
+            self._alarm("resumed", "the stage processes records again")
+            self.publish_status()
+
+    def _alarm(self, kind: str, detail: str) -> None:
+        self.log.error("alarm", alarm=kind, detail=detail, state_transition=f"ALARM_{kind.upper()}")
+        self.link.publish(self.topics.alarm, json_encode(
+            {"service": self.stage.name, "alarm": kind, "detail": detail, "at": utc_now()}))
 
     # main loop
     def serve(self, stop: threading.Event) -> None:
@@ -232,6 +287,7 @@ class StageRuntime:
                 if time.monotonic() - self._last_status >= self.config.stage.status_interval_s:
                     self.publish_status()
         finally:
+            self.stage.close()
             self.publish_status("down")
             time.sleep(0.1)
             self.link.stop()
@@ -287,11 +343,10 @@ class StageRuntime:
         inputs, receipted, notices, upstream, broken = self._decode(batch)
         try:
             uows = self._commit(inputs, receipted, notices, broken)
-        except lmdb.Error as exc:
-            self.log.error("store write failed; batch kept for retry", error=str(exc), state_transition="STALLED")
-            self._retry = batch
-            time.sleep(1.0)
+        except (lmdb.Error, StageFault) as exc:
+            self._stall(batch, exc)
             return
+        self._recovered()
         for message in batch:
             self.link.ack(message)
         for uow in uows:
@@ -340,6 +395,7 @@ class StageRuntime:
         if self.outbox:
             self.outbox.forget(settled)
         uows.append(uow)
+        failures_in_a_row = 0
         for single in [[n] for n in notices] + [[i] for i in inputs]:
             try:
                 with self.store.write() as txn:
@@ -349,12 +405,16 @@ class StageRuntime:
                     else:
                         self.stage.handle(single, uow)
                     self._count(txn, uow)
+                failures_in_a_row = 0
             except lmdb.Error:
                 raise
             except Exception as exc:
                 if isinstance(single[0], Inbound):
                     self.log.warning("notice dropped", topic=single[0].topic, error=type(exc).__name__)
                     continue
+                failures_in_a_row += 1
+                if failures_in_a_row >= FREEZE_AFTER:
+                    raise StageFault(f"{failures_in_a_row} records in a row failed: {exc!r}") from exc
                 with self.store.write() as txn:
                     uow = UnitOfWork(self, txn)
                     self._reject_poison(single[0], exc, uow)

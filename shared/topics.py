@@ -56,6 +56,10 @@ class Topics:
         """Where downstream stages tell `stage` which keys they now hold durably."""
         return f"{self.root}/pipeline/receipt/{stage}"
 
+    def control(self, service: str) -> str:
+        """Operator commands to one service (e.g. `resume` after a freeze)."""
+        return f"{self.root}/pipeline/control/{service}"
+
     @property
     def outcomes(self) -> str:
         """Final outcome notices (recorded seq / rejected) so ingest can answer re-sends."""

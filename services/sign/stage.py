@@ -8,7 +8,7 @@ receipts and outcome notices leave only after the commit.
 from __future__ import annotations
 
 from shared.crypto import SigningKey
-from shared.ledger import GENESIS_PREV, entry_bytes, sign_entry
+from shared.ledger import GENESIS_PREV, entry_bytes, export_row, sign_entry
 from shared.ledger_store import LEDGER_TABLE, decode_entry, encode_entry
 from shared.stage import Stage, UnitOfWork
 from shared.store import from_u64, u64
@@ -17,11 +17,12 @@ from shared.wire import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc
 
 class Sign(Stage):
     name = "sign"
+    downstream = "uplink"
     tables = (LEDGER_TABLE,)
 
     def open(self, runtime) -> None:
         self.key = SigningKey.load_or_create(runtime.config.data_path / "keys")
-        self.origin = f"mro-edge/{runtime.config.station}"
+        self.origin = runtime.config.origin
 
     def handle(self, items: list[Item], uow: UnitOfWork) -> None:
         last = uow.last(LEDGER_TABLE)
@@ -40,6 +41,7 @@ class Sign(Stage):
             signed = sign_entry(self.key, entry, seq, item.key)
             uow.put(LEDGER_TABLE, u64(seq), encode_entry(signed), append=True)
             uow.remember(item.key, u64(seq))
+            uow.forward(item.key, {"event_id": body["event_id"], "row": export_row(signed)})
             uow.device_receipt(item.data["device"]["id"],
                                DeviceReceipt("recorded", utc_now(), body["event_id"], item.key, seq=seq))
             uow.transition(body["event_id"], item.key, "SIGNED", seq=seq)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -85,6 +87,7 @@ class Simulation:
         self.report = SimulationReport()
         self._bad_pool: dict[str, list] = {}
         self._valid_sent: list[tuple[SimulatedDevice, dict]] = []
+        self.stop = threading.Event()
 
     def _bad_case(self, device: SimulatedDevice):
         pool = self._bad_pool.get(device.device_id)
@@ -127,7 +130,7 @@ class Simulation:
     def run(self, *, rate: float, duration_s: float, grace_s: float = 60.0, progress=None) -> SimulationReport:
         start = time.monotonic()
         sent = 0
-        while (elapsed := time.monotonic() - start) < duration_s:
+        while (elapsed := time.monotonic() - start) < duration_s and not self.stop.is_set():
             due = int(elapsed * rate) + 1
             while sent < due:
                 self.send_one(self.devices[sent % len(self.devices)])
@@ -137,7 +140,7 @@ class Simulation:
             if progress:
                 progress(self.report)
             time.sleep(min(0.05, 1.0 / rate))
-        self.settle(grace_s)
+        self.settle(min(grace_s, 3.0) if self.stop.is_set() else grace_s)
         return self.report
 
     def settle(self, grace_s: float) -> SimulationReport:
@@ -176,6 +179,8 @@ def simulate(config: Config, *, rate: float, duration_s: float, bad_share: float
         device.start()
     try:
         simulation = Simulation(config, devices, seed=seed, bad_share=bad_share)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: simulation.stop.set())
         last = [0.0]
 
         def progress(report: SimulationReport) -> None:

@@ -1,0 +1,85 @@
+"""HTTP client of the central gateway API (services/gateway/openapi.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from shared.config import Config
+
+
+class GatewayError(Exception):
+    """The gateway refused a batch for a reason retrying will not fix (fork, bad signature, auth)."""
+
+    def __init__(self, status: int, detail: dict):
+        self.status = status
+        self.detail = detail
+        super().__init__(f"gateway refused the batch ({status}): {detail}")
+
+
+class GatewayUnavailable(Exception):
+    """Network error, timeout or 5xx: worth retrying later."""
+
+
+class GapError(GatewayError):
+    """The gateway expects an earlier seq than the one we sent."""
+
+    @property
+    def expected_seq(self) -> int:
+        return int(self.detail.get("expected_seq", 0))
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: str
+
+
+def edge_token(config: Config) -> str:
+    if config.link.token:
+        return config.link.token
+    path = Path(config.data_path) / "uplink" / "token"
+    if not path.exists():
+        raise GatewayError(401, {"error": "no_token", "message": (
+            f"no gateway token: set MRO_LINK_TOKEN or put it in {path} "
+            "(mro-edge gateway register-edge prints one)")})
+    return path.read_text().strip()
+
+
+class GatewayClient:
+    def __init__(self, base_url: str, token: str, timeout_s: float):
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise GatewayUnavailable(f"{method} {path}: {type(exc).__name__}") from exc
+        if response.status_code >= 500:
+            raise GatewayUnavailable(f"{method} {path}: HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise GatewayUnavailable(f"{method} {path}: unreadable answer") from None
+        if response.status_code >= 400:
+            error = body.get("error") if isinstance(body.get("error"), dict) else body
+            if error.get("error") == "gap" or error.get("code") == "gap":
+                raise GapError(response.status_code, error)
+            raise GatewayError(response.status_code, error)
+        return body
+
+    def push(self, rows: list[bytes]) -> Head:
+        """POST a batch of ledger export rows (already JSON) in seq order; returns the new head."""
+        payload = b'{"entries":[' + b",".join(rows) + b"]}"
+        body = self._call("POST", "/v1/entries", content=payload, headers={"Content-Type": "application/json"})
+        return Head(body["head"]["seq"], body["head"]["hash"])
+
+    def head(self) -> Head:
+        body = self._call("GET", "/v1/head")
+        return Head(body["seq"], body["hash"])
