@@ -67,21 +67,48 @@ def _where_to_look(config: Config) -> str:
         f"  receipts : {sub} -t 'mro/{st}/receipt/#'",
         f"  status   : {sub} -t 'mro/{st}/status/#'",
         f"  DLQ      : {sub} -t 'mro/{st}/dlq/#'",
+        f"  link     : {sub} -t 'mro/{st}/status/connectivity'   gateway: {config.link.gateway_url}/health",
         "  services : mro-edge status      ledger: mro-edge ledger export --out ledger.jsonl",
         "Ctrl-C stops everything.",
     ])
 
 
+def _register_with_own_gateway(config: Config) -> None:
+    """`run` starts a reference gateway: register this box's ledger key there once and keep the
+    token where the uplink looks for it."""
+    from services.gateway.admin import register_edge
+    from shared.crypto import SigningKey
+
+    token_path = config.data_path / "uplink" / "token"
+    if token_path.exists():
+        return
+    key = SigningKey.load_or_create(config.data_path / "keys")
+    token = register_edge(config.gateway_db_url, config.origin, key.public_pem())
+    token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token_path.write_text(token + "\n")
+    token_path.chmod(0o600)
+
+
 def cmd_run(config: Config, args) -> int:
-    from mro_edge.supervisor import PortTaken, Supervisor
+    from mro_edge.supervisor import PortTaken, Supervisor, check_port_free
+    from services.gateway.server import split_listen
     from shared.credentials import BrokerCredentials
 
     if not args.no_broker:
         BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
+    if not args.no_gateway:
+        try:
+            check_port_free(*split_listen(config.gateway.listen))
+        except PortTaken:
+            raise UserError(f"the reference gateway's address {config.gateway.listen} is taken: set "
+                            "MRO_GATEWAY_LISTEN and MRO_LINK_GATEWAY_URL to a free port, or --no-gateway "
+                            "to use the gateway at MRO_LINK_GATEWAY_URL") from None
+        _register_with_own_gateway(config)
     extra = []
     if args.simulate:
         extra.append(("simulator", ["simulate", "--rate", str(args.rate), "--duration", "0"]))
-    supervisor = Supervisor(config, with_broker=not args.no_broker, extra=extra)
+    supervisor = Supervisor(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
+                            extra=extra)
     try:
         supervisor.supervise(on_started=lambda: print(_where_to_look(config), file=sys.stderr, flush=True))
     except PortTaken as exc:
@@ -100,8 +127,12 @@ def cmd_devices(config: Config, args) -> int:
 
     store = _credentials(config)
     if args.action == "init":
+        from services.simulator.run import provision_fleet
+
         user, _ = store.ensure_service_user()
-        print(f"service user {user} ready; password file {store.passwd_path}, ACL {store.acl_path}")
+        fleet = provision_fleet(config)
+        print(f"service user {user} and {len(fleet)} simulator devices ready; "
+              f"password file {store.passwd_path}, ACL {store.acl_path}")
         return 0
     if args.kind not in DEVICE_KINDS:
         raise UserError(f"--kind must be one of {', '.join(DEVICE_KINDS)}")
@@ -249,12 +280,28 @@ def cmd_resume(config: Config, args) -> int:
     return 0
 
 
+def cmd_gateway(config: Config, args) -> int:
+    from services.gateway.admin import RegistrationError, register_edge
+
+    try:
+        pem = Path(args.pem).read_text()
+        token = register_edge(config.gateway_db_url, args.origin, pem)
+    except (OSError, RegistrationError) as exc:
+        raise UserError(f"cannot register {args.origin}: {exc}") from None
+    print(token)
+    print(f"registered {args.origin}; give the edge this token (MRO_LINK_TOKEN or "
+          "$MRO_DATA_DIR/uplink/token)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mro-edge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole stack: embedded broker and every service, supervised")
     run.add_argument("--no-broker", action="store_true", help="use the broker at MRO_MQTT_URL (e.g. Mosquitto)")
+    run.add_argument("--no-gateway", action="store_true",
+                     help="do not start the reference gateway; push to MRO_LINK_GATEWAY_URL")
     run.add_argument("--simulate", action="store_true", help="also run device simulators")
     run.add_argument("--rate", type=float, default=5.0, help="simulated records per second")
     run.set_defaults(func=cmd_run)
@@ -287,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--wait", type=float, default=1.0, help="seconds to collect status messages")
     status.set_defaults(func=cmd_status)
+
+    gateway = sub.add_parser("gateway", help="the central reference gateway")
+    gsub = gateway.add_subparsers(dest="action", required=True)
+    register = gsub.add_parser("register-edge", help="register an edge's ledger key; prints its token")
+    register.add_argument("origin", help="the edge's ledger origin, e.g. mro-edge/HGR1")
+    register.add_argument("pem", help="file with the edge's public key (mro-edge keys export-public)")
+    register.set_defaults(func=cmd_gateway)
 
     resume = sub.add_parser("resume", help="retry a frozen service now (after fixing the fault)")
     resume.add_argument("name", choices=tuple(STAGE_CLASSES))

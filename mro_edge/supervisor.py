@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from shared.config import Config
 
-STAGES = ("ingest", "validate", "sign")
+PIPELINE = ("ingest", "validate", "sign", "uplink", "heartbeat")
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0
 
@@ -61,11 +61,12 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, config: Config, *, with_broker: bool, extra: list[tuple[str, list[str]]] = ()):
+    def __init__(self, config: Config, *, with_broker: bool, with_gateway: bool = False,
+                 extra: list[tuple[str, list[str]]] = ()):
         self.config = config
         self.with_broker = with_broker
         cli = [sys.executable, "-m", "mro_edge"]
-        names = (("broker",) if with_broker else ()) + STAGES
+        names = (("broker",) if with_broker else ()) + (("gateway",) if with_gateway else ()) + PIPELINE
         self.children = [Child(name, cli + ["service", name]) for name in names]
         self.children += [Child(name, cli + argv) for name, argv in extra]
         self._stopping = False

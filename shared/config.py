@@ -62,7 +62,7 @@ class UplinkConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
-    db_url: str = "sqlite:///./var/gateway/gateway.db"
+    db_url: str = ""
     listen: str = "127.0.0.1:8443"
     duplicate_window_days: int = 30
 
@@ -83,6 +83,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 
     def stage_dir(self, stage: str) -> Path:
         return self.data_path / stage
+
+    @property
+    def gateway_db_url(self) -> str:
+        """The reference gateway's database; empty setting: SQLite under the data directory."""
+        if self.gateway.db_url:
+            return self.gateway.db_url
+        path = self.data_path.resolve() / "gateway"
+        path.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path / 'gateway.db'}"
 
     @property
     def origin(self) -> str:

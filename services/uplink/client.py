@@ -11,12 +11,19 @@ from shared.config import Config
 
 
 class GatewayError(Exception):
-    """The gateway refused a batch for a reason retrying will not fix (fork, bad signature, auth)."""
+    """The gateway refused a batch for a reason retrying will not fix (fork, bad signature, auth).
+    Rows before the refused one may have been committed: `head` says where the gateway is now."""
 
     def __init__(self, status: int, detail: dict):
         self.status = status
         self.detail = detail
-        super().__init__(f"gateway refused the batch ({status}): {detail}")
+        message = {k: v for k, v in detail.items() if k != "head"}
+        super().__init__(f"gateway refused the batch ({status}): {message}")
+
+    @property
+    def head(self) -> "Head | None":
+        head = self.detail.get("head")
+        return Head(head["seq"], head["hash"]) if isinstance(head, dict) else None
 
 
 class GatewayUnavailable(Exception):
@@ -68,8 +75,10 @@ class GatewayClient:
         except ValueError:
             raise GatewayUnavailable(f"{method} {path}: unreadable answer") from None
         if response.status_code >= 400:
-            error = body.get("error") if isinstance(body.get("error"), dict) else body
-            if error.get("error") == "gap" or error.get("code") == "gap":
+            error = dict(body.get("error")) if isinstance(body.get("error"), dict) else dict(body)
+            if isinstance(body.get("head"), dict):
+                error["head"] = body["head"]
+            if error.get("code") == "gap":
                 raise GapError(response.status_code, error)
             raise GatewayError(response.status_code, error)
         return body

@@ -141,14 +141,16 @@ class Pusher(threading.Thread):
                         head = self.client().push(rows)
             except GapError as exc:
                 self._resync(exc.expected_seq - 1)
+            except GatewayError as exc:
+                if exc.head is not None:
+                    self._acknowledge(exc.head, first_seq=self.acked + 1)
+                self.breaker.failure()
+                self._alarm(exc.detail.get("code", "gateway_refused"), str(exc))
+                self._stop.wait(5.0)
             except GatewayUnavailable as exc:
                 self.breaker.failure()
                 self.log.warning("gateway unavailable", error=str(exc), breaker=self.breaker.state,
                                  state_transition="UPLINK_RETRY")
-            except GatewayError as exc:
-                self.breaker.failure()
-                self._alarm("gateway_refused", str(exc))
-                self._stop.wait(5.0)
             else:
                 self.breaker.success()
                 self._acknowledge(head, first_seq=self.acked + 1)

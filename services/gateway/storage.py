@@ -1,0 +1,489 @@
+"""Where the gateway keeps what it accepted: SQLite (embedded default) or PostgreSQL (production).
+
+One small interface, two implementations that share their SQL: ``Storage`` hands out a
+``Tx`` (one database transaction, committed before anything is acknowledged) whose methods
+are the only queries the gateway runs. The backends differ only where they must:
+
+- placeholders (``?`` for sqlite3, ``%s`` for psycopg; the shared SQL is written with ``?``),
+- binary and integer column types in the DDL,
+- how a writer serializes per origin: SQLite ``BEGIN IMMEDIATE`` (one writer per database),
+  PostgreSQL ``SELECT ... FOR UPDATE`` on the origin's head row,
+- bulk insert: ``executemany`` for SQLite, ``COPY`` for PostgreSQL,
+- "value in a list": chunked ``IN (?, ...)`` for SQLite, ``= ANY(%s)`` for PostgreSQL.
+
+Durability: SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk when
+``COMMIT`` returns); PostgreSQL with its default ``synchronous_commit=on``.
+
+URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``postgresql://...``
+(any libpq connection URL, also ``postgres://``).
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+SCHEMA_VERSION = "1"
+
+# Written once for both backends; {blob} and {bigint} are filled per backend.
+_DDL = (
+    """CREATE TABLE IF NOT EXISTS gateway_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+    # Public keys allowed to sign entries of an origin (kid = shared.crypto.key_id).
+    """CREATE TABLE IF NOT EXISTS edge_keys (
+        origin TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        public_key {blob} NOT NULL,
+        registered_at TEXT NOT NULL,
+        PRIMARY KEY (origin, kid))""",
+    # Only the SHA-256 of a bearer token is stored; each token is bound to one origin.
+    """CREATE TABLE IF NOT EXISTS edge_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        origin TEXT NOT NULL,
+        created_at TEXT NOT NULL)""",
+    # The chain head per origin (seq -1 and 64 zeros before the first entry); also the row a
+    # PostgreSQL writer locks so that two batches of one origin never interleave.
+    """CREATE TABLE IF NOT EXISTS heads (
+        origin TEXT PRIMARY KEY,
+        seq {bigint} NOT NULL,
+        hash TEXT NOT NULL,
+        updated_at TEXT NOT NULL)""",
+    # The accepted chain: exact entry bytes, their hash and signature, stored once per seq.
+    # duplicate_of: the earlier seq with the same idempotency key inside the window, if any.
+    """CREATE TABLE IF NOT EXISTS entries (
+        origin TEXT NOT NULL,
+        seq {bigint} NOT NULL,
+        hash TEXT NOT NULL,
+        idem TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        recorded_at TEXT NOT NULL,
+        entry {blob} NOT NULL,
+        signature {blob} NOT NULL,
+        duplicate_of {bigint},
+        received_at TEXT NOT NULL,
+        PRIMARY KEY (origin, seq))""",
+    "CREATE INDEX IF NOT EXISTS entries_by_idem ON entries (origin, idem, seq)",
+    # Evidence of forks: validly signed entries that contradict the held chain (a different
+    # entry at a held seq, or a next entry whose prev is not the held head). Never acknowledged.
+    """CREATE TABLE IF NOT EXISTS forks (
+        origin TEXT NOT NULL,
+        seq {bigint} NOT NULL,
+        hash TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        held_hash TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        entry {blob} NOT NULL,
+        signature {blob} NOT NULL,
+        received_at TEXT NOT NULL,
+        PRIMARY KEY (origin, seq, hash))""",
+)
+
+_ENTRY_COLUMNS = "origin, seq, hash, idem, kid, recorded_at, entry, signature, duplicate_of, received_at"
+
+
+class StorageError(Exception):
+    """The database could not be reached or refused a statement; worth retrying later (HTTP 503)."""
+
+
+class StorageURLError(ValueError):
+    """The database URL is not one this gateway understands; the message shows the accepted forms."""
+
+
+@dataclass(frozen=True)
+class HeldEntry:
+    """What is stored at one seq, as far as replay detection needs it."""
+
+    seq: int
+    hash: str
+    idem: str
+    kid: str
+    signature: bytes
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    seq: int
+    hash: str
+    idem: str
+    kid: str
+    recorded_at: str
+    entry: bytes
+    signature: bytes
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class ForkEvidence:
+    seq: int
+    hash: str
+    reason: str
+    held_hash: str
+    kid: str
+    entry: bytes
+    signature: bytes
+
+
+class Tx:
+    """One transaction; every query the gateway runs. Backends override the few that differ."""
+
+    def __init__(self, storage: Storage, conn: Any) -> None:
+        self._s = storage
+        self._conn = conn
+
+    # -- plumbing
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        cur = self._conn.execute(self._s.sql(sql), params)
+        return cur.fetchall()
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._conn.execute(self._s.sql(sql), params)
+
+    def _in(self, column: str, values: list[Any]) -> Iterator[tuple[str, list[Any]]]:
+        """(SQL fragment, params) pairs that together test ``column`` against all ``values``."""
+        raise NotImplementedError
+
+    # -- authentication and keys
+    def origin_for_token(self, token_sha256: str) -> str | None:
+        rows = self._rows("SELECT origin FROM edge_tokens WHERE token_sha256 = ?", (token_sha256,))
+        return rows[0][0] if rows else None
+
+    def keys(self, origin: str) -> dict[str, bytes]:
+        rows = self._rows("SELECT kid, public_key FROM edge_keys WHERE origin = ?", (origin,))
+        return {kid: bytes(public) for kid, public in rows}
+
+    def origins_of_kid(self, kid: str) -> list[str]:
+        return [r[0] for r in self._rows("SELECT origin FROM edge_keys WHERE kid = ?", (kid,))]
+
+    def add_key(self, origin: str, kid: str, public: bytes, now: str) -> None:
+        self._exec(
+            "INSERT INTO edge_keys (origin, kid, public_key, registered_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (origin, kid, public, now),
+        )
+
+    def add_token(self, origin: str, token_sha256: str, now: str) -> None:
+        self._exec(
+            "INSERT INTO edge_tokens (token_sha256, origin, created_at) VALUES (?, ?, ?)",
+            (token_sha256, origin, now),
+        )
+
+    def ensure_head(self, origin: str, now: str) -> None:
+        self._exec(
+            "INSERT INTO heads (origin, seq, hash, updated_at) VALUES (?, -1, ?, ?) ON CONFLICT DO NOTHING",
+            (origin, GENESIS_HASH, now),
+        )
+
+    # -- the chain
+    def head(self, origin: str) -> tuple[int, str]:
+        rows = self._rows("SELECT seq, hash FROM heads WHERE origin = ?", (origin,))
+        return (int(rows[0][0]), rows[0][1]) if rows else (-1, GENESIS_HASH)
+
+    def lock_head(self, origin: str, now: str) -> tuple[int, str]:
+        """The head, held against other writers of this origin until the transaction ends."""
+        self.ensure_head(origin, now)
+        return self.head(origin)
+
+    def set_head(self, origin: str, seq: int, hash_: str, now: str) -> None:
+        self._exec("UPDATE heads SET seq = ?, hash = ?, updated_at = ? WHERE origin = ?", (seq, hash_, now, origin))
+
+    def held(self, origin: str, seqs: list[int]) -> dict[int, HeldEntry]:
+        found: dict[int, HeldEntry] = {}
+        for fragment, params in self._in("seq", seqs):
+            for seq, hash_, idem, kid, sig, dup in self._rows(
+                f"SELECT seq, hash, idem, kid, signature, duplicate_of FROM entries WHERE origin = ? AND {fragment}",
+                [origin, *params],
+            ):
+                found[int(seq)] = HeldEntry(int(seq), hash_, idem, kid, bytes(sig), dup)
+        return found
+
+    def idem_history(self, origin: str, idems: Iterable[str]) -> dict[str, list[tuple[int, str]]]:
+        """For each idempotency key already stored: its (seq, recorded_at) pairs in seq order."""
+        history: dict[str, list[tuple[int, str]]] = {}
+        for fragment, params in self._in("idem", sorted(set(idems))):
+            for idem, seq, recorded_at in self._rows(
+                f"SELECT idem, seq, recorded_at FROM entries WHERE origin = ? AND {fragment}",
+                [origin, *params],
+            ):
+                history.setdefault(idem, []).append((int(seq), recorded_at))
+        for pairs in history.values():
+            pairs.sort()
+        return history
+
+    def insert_entries(self, origin: str, rows: list[NewEntry], now: str) -> None:
+        self._conn.executemany(
+            self._s.sql(f"INSERT INTO entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            [self._entry_tuple(origin, r, now) for r in rows],
+        )
+
+    @staticmethod
+    def _entry_tuple(origin: str, r: NewEntry, now: str) -> tuple:
+        return (origin, r.seq, r.hash, r.idem, r.kid, r.recorded_at, r.entry, r.signature, r.duplicate_of, now)
+
+    def insert_fork(self, origin: str, f: ForkEvidence, now: str) -> None:
+        self._exec(
+            "INSERT INTO forks (origin, seq, hash, reason, held_hash, kid, entry, signature, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (origin, f.seq, f.hash, f.reason, f.held_hash, f.kid, f.entry, f.signature, now),
+        )
+
+    # -- reading back (tests, audits, the bench)
+    def entries(self, origin: str, from_seq: int = 0, limit: int = 10_000) -> list[dict]:
+        rows = self._rows(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE origin = ? AND seq >= ? ORDER BY seq LIMIT ?",
+            (origin, from_seq, limit),
+        )
+        names = [c.strip() for c in _ENTRY_COLUMNS.split(",")]
+        return [{k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in zip(names, r)} for r in rows]
+
+    def count_entries(self, origin: str) -> int:
+        return int(self._rows("SELECT COUNT(*) FROM entries WHERE origin = ?", (origin,))[0][0])
+
+    def forks(self, origin: str) -> list[dict]:
+        rows = self._rows(
+            "SELECT seq, hash, reason, held_hash, kid, entry, signature FROM forks WHERE origin = ? ORDER BY seq, hash",
+            (origin,),
+        )
+        names = ("seq", "hash", "reason", "held_hash", "kid", "entry", "signature")
+        return [{k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in zip(names, r)} for r in rows]
+
+
+class Storage:
+    """A pool of connections to one database; ``transaction()`` gives a ``Tx``."""
+
+    placeholder = "?"
+    blob = "BLOB"
+    bigint = "INTEGER"
+    tx_class = Tx
+
+    def __init__(self, pool_size: int = 4) -> None:
+        self._pool: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self._closed = False
+
+    # -- backend hooks
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    @contextmanager
+    def _begin(self, conn: Any, write: bool) -> Iterator[None]:
+        raise NotImplementedError
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+    def _usable(self, conn: Any) -> bool:
+        return True
+
+    # -- shared
+    def sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    def ddl(self) -> list[str]:
+        return [stmt.format(blob=self.blob, bigint=self.bigint) for stmt in _DDL]
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Tx]:
+        """One transaction on a pooled connection: committed on normal exit, rolled back on error.
+
+        ``write=False`` for reads (SQLite then does not take the write lock). Database failures
+        surface as StorageError; the connection that saw one is discarded.
+        """
+        if self._closed:
+            raise StorageError("the gateway storage is closed")
+        self._slots.acquire()
+        conn = None
+        try:
+            try:
+                conn = self._pool.get_nowait()
+            except queue.Empty:
+                try:
+                    conn = self._connect()
+                except self._errors() as exc:
+                    raise StorageError(f"cannot connect to the gateway database: {exc}") from exc
+            try:
+                with self._begin(conn, write):
+                    yield self.tx_class(self, conn)
+            except self._errors() as exc:
+                self._discard(conn)
+                conn = None
+                raise StorageError(f"gateway database error: {exc}") from exc
+        finally:
+            if conn is not None:
+                if self._closed or not self._usable(conn):
+                    self._discard(conn)
+                else:
+                    self._pool.put(conn)
+            self._slots.release()
+
+    def _discard(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may itself fail; nothing to do
+            pass
+
+    def create_schema(self) -> None:
+        with self.transaction() as tx:
+            for stmt in self.ddl():
+                tx._exec(stmt)
+            tx._exec(
+                "INSERT INTO gateway_meta (key, value) VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
+                (SCHEMA_VERSION,),
+            )
+            version = tx._rows("SELECT value FROM gateway_meta WHERE key = 'schema_version'")[0][0]
+        if version != SCHEMA_VERSION:
+            raise StorageError(f"the gateway database has schema version {version}; this gateway knows {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._discard(self._pool.get_nowait())
+            except queue.Empty:
+                return
+
+
+# ------------------------------------------------------------------------------------------ SQLite
+
+
+class SqliteTx(Tx):
+    _CHUNK = 500  # well under SQLite's bound-variable limit
+
+    def _in(self, column: str, values: list[Any]) -> Iterator[tuple[str, list[Any]]]:
+        for i in range(0, len(values), self._CHUNK):
+            chunk = values[i : i + self._CHUNK]
+            yield f"{column} IN ({', '.join('?' * len(chunk))})", chunk
+
+
+class SqliteStorage(Storage):
+    tx_class = SqliteTx
+
+    def __init__(self, path: Path, pool_size: int = 4) -> None:
+        super().__init__(pool_size)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        return conn
+
+    @contextmanager
+    def _begin(self, conn: sqlite3.Connection, write: bool) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front: the head read at the start of a batch
+        # cannot go stale before the batch commits. Readers do not wait for writers (WAL).
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error,)
+
+    def __repr__(self) -> str:
+        return f"SqliteStorage({str(self.path)!r})"
+
+
+# -------------------------------------------------------------------------------------- PostgreSQL
+
+
+class PostgresTx(Tx):
+    def _in(self, column: str, values: list[Any]) -> Iterator[tuple[str, list[Any]]]:
+        if values:
+            yield f"{column} = ANY(%s)", [list(values)]
+
+    def lock_head(self, origin: str, now: str) -> tuple[int, str]:
+        self.ensure_head(origin, now)
+        rows = self._rows("SELECT seq, hash FROM heads WHERE origin = ? FOR UPDATE", (origin,))
+        return int(rows[0][0]), rows[0][1]
+
+    def insert_entries(self, origin: str, rows: list[NewEntry], now: str) -> None:
+        with self._conn.cursor() as cur, cur.copy(f"COPY entries ({_ENTRY_COLUMNS}) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(self._entry_tuple(origin, r, now))
+
+
+class PostgresStorage(Storage):
+    placeholder = "%s"
+    blob = "BYTEA"
+    bigint = "BIGINT"
+    tx_class = PostgresTx
+
+    def __init__(self, url: str, pool_size: int = 4) -> None:
+        super().__init__(pool_size)
+        import psycopg  # imported here so that a SQLite-only gateway does not need it
+
+        self._psycopg = psycopg
+        self.url = url
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+
+    @contextmanager
+    def _begin(self, conn: Any, write: bool) -> Iterator[None]:
+        with conn.transaction():
+            yield
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (self._psycopg.Error,)
+
+    def _usable(self, conn: Any) -> bool:
+        return not conn.closed and not conn.broken
+
+    def create_schema(self) -> None:
+        # Serialize concurrent first starts: CREATE TABLE IF NOT EXISTS is not race-free in PostgreSQL.
+        with self.transaction() as tx:
+            tx._exec("SELECT pg_advisory_xact_lock(7306482019)")
+            for stmt in self.ddl():
+                tx._exec(stmt)
+            tx._exec(
+                "INSERT INTO gateway_meta (key, value) VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
+                (SCHEMA_VERSION,),
+            )
+            version = tx._rows("SELECT value FROM gateway_meta WHERE key = 'schema_version'")[0][0]
+        if version != SCHEMA_VERSION:
+            raise StorageError(f"the gateway database has schema version {version}; this gateway knows {SCHEMA_VERSION}")
+
+    def __repr__(self) -> str:
+        return "PostgresStorage(...)"  # the URL may carry a password
+
+
+def check_url(db_url: str) -> None:
+    """StorageURLError unless ``db_url`` names a SQLite file or a PostgreSQL database."""
+    if db_url.startswith("sqlite:///"):
+        path = db_url[len("sqlite:///") :]
+        if not path or path.endswith("/"):
+            raise StorageURLError(f"{db_url!r}: give a file, e.g. sqlite:///./var/gateway/gateway.db")
+    elif not db_url.startswith(("postgresql://", "postgres://")):
+        raise StorageURLError(
+            "the gateway db_url must be sqlite:///PATH (relative), sqlite:////PATH (absolute) "
+            f"or postgresql://USER@HOST:PORT/DB, not {db_url.split('://')[0]!r}://..."
+        )
+
+
+def open_storage(db_url: str, pool_size: int = 4) -> Storage:
+    """The storage named by ``db_url``, schema created if needed; StorageURLError for an unknown form."""
+    check_url(db_url)
+    if db_url.startswith("sqlite:///"):
+        storage: Storage = SqliteStorage(Path(db_url[len("sqlite:///") :]), pool_size)
+    else:
+        storage = PostgresStorage(db_url, pool_size)
+    try:
+        storage.create_schema()
+    except BaseException:
+        storage.close()
+        raise
+    return storage

@@ -1,0 +1,538 @@
+"""``mro-edge audit export`` / ``mro-edge audit verify``: a ledger an auditor can check years later.
+
+An export directory holds::
+
+    entries.jsonl        ledger export rows (shared.ledger.export_line), seq 0..N-1, in order
+    checkpoint           signed C2SP tlog-checkpoint over all N entries (origin, N, Merkle root),
+                         signed by the ledger key under the key name = origin
+    checkpoint.body      the checkpoint's signed text           } for openssl pkeyutl -verify -rawin
+    checkpoint.sig       its raw 64-byte Ed25519 signature      }
+    ledger-key.pem       the ledger's Ed25519 public key (SubjectPublicKeyInfo PEM)
+    proofs/<seq>.json    {seq, tree_size, leaf_hash, proof: [hex...], root} for each requested seq
+    proofs/<seq>.entry   the entry's exact bytes                } for sha256sum and
+    proofs/<seq>.sig     its raw 64-byte Ed25519 signature      } openssl pkeyutl -verify -rawin
+    README.txt           how to check one record and the checkpoint by hand
+
+Both directions stream: entries are read one at a time and the Merkle root is recomputed with
+an O(log n) compact frontier, so memory stays flat for millions of entries. ``verify_audit``
+stops at the first problem and raises ``AuditError`` naming the seq (or the file) and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from shared.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    NoteError,
+    note_signatures,
+    open_checkpoint,
+    parse_checkpoint,
+    sign_checkpoint,
+    split_note,
+)
+from shared.config import Config
+from shared.crypto import KeyFormatError, SigningKey, key_id, public_key_from_pem
+from shared.ledger import (
+    GENESIS_PREV,
+    ExportLineError,
+    LedgerVerifyError,
+    SignedEntry,
+    entry_hash,
+    export_line,
+    parse_entry,
+    parse_export_line,
+    verify_chain,
+)
+from shared.ledger_store import LEDGER_TABLE, decode_entry, open_ledger
+from shared.merkle import (
+    EMPTY_ROOT,
+    MERKLE_TABLE,
+    Frontier,
+    MerkleCorruptError,
+    MerkleTree,
+    leaf_hash,
+    lmdb_tree,
+    verify_inclusion,
+)
+
+__all__ = ["AuditError", "export_audit", "verify_audit"]
+
+ENTRIES = "entries.jsonl"
+CHECKPOINT = "checkpoint"
+CHECKPOINT_BODY = "checkpoint.body"
+CHECKPOINT_SIG = "checkpoint.sig"
+KEY_PEM = "ledger-key.pem"
+PROOFS = "proofs"
+README = "README.txt"
+_PROOF_NAME = re.compile(r"^(0|[1-9][0-9]*)\.json$")
+_HEX32 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class AuditError(Exception):
+    """The export does not verify. ``seq`` is the first bad entry (None when the problem is a file
+    such as the checkpoint or the key rather than an entry); ``reason`` says what is wrong."""
+
+    def __init__(self, seq: int | None, reason: str) -> None:
+        super().__init__(f"seq {seq}: {reason}" if seq is not None else reason)
+        self.seq = seq
+        self.reason = reason
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+
+def _check_entry(e: SignedEntry, seq: int, prev: str, keys: Mapping[str, bytes]) -> str:
+    """Verify one entry against the chain (shared.ledger.verify_chain); returns its origin."""
+    try:
+        verify_chain((e,), keys, expect_first_seq=seq, prev=prev)
+    except LedgerVerifyError as exc:
+        raise AuditError(exc.seq, exc.reason) from None
+    return parse_entry(e.entry).origin
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def _ledger_entries(txn, db) -> Iterator[SignedEntry]:
+    cursor = txn.cursor(db=db)
+    if cursor.first():
+        for _, value in cursor:
+            yield decode_entry(value)
+
+
+def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[str, Any]]) -> str:
+    lines = [
+        "For auditors: checking this ledger export",
+        "=========================================",
+        "",
+        f"Ledger {origin}: {size} entries{f' (seq 0..{size - 1})' if size else ''}, Merkle root {root.hex()},",
+        f"signed by the Ed25519 key with kid {kid} ({KEY_PEM}).",
+        "",
+        "Before trusting anything here, confirm that kid with the operator's key registry (the",
+        "gateway, or `mro-edge keys show` on the box): an export carries its own public key, so a",
+        "forger could ship a matching key. The kid is the first 8 bytes (16 hex digits) of SHA-256",
+        "over the 32-byte raw public key, which is the end of the key's DER form.",
+        "",
+        "Files",
+        "  entries.jsonl      one entry per line: seq, idempotency_key, entry (the exact signed bytes,",
+        "                     canonical JSON, as a JSON string), hash (SHA-256 of those bytes; the next",
+        "                     entry's \"prev\" repeats it, forming a hash chain), signature (hex Ed25519",
+        "                     over the 32-byte SHA-256 digest of the bytes) and kid.",
+        "  checkpoint         signed C2SP tlog-checkpoint: origin, number of entries, base64 RFC 6962",
+        "                     Merkle root over all entries (leaf = SHA-256(0x00 || entry bytes)).",
+        "  checkpoint.body    the checkpoint's signed text; checkpoint.sig its raw 64-byte signature",
+        "                     (plain Ed25519 over the text, per the signed-note format).",
+        "  proofs/<seq>.json  inclusion proof of entry <seq> under the checkpoint's root;",
+        "  proofs/<seq>.entry the entry's exact bytes, proofs/<seq>.sig its raw 64-byte signature.",
+        "",
+        "Everything at once (hash chain, every signature, Merkle root, checkpoint and proofs):",
+        "",
+        "  mro-edge audit verify <this directory>",
+        "",
+        "By hand, with OpenSSL 3.0 or later and sha256sum. Run the commands below in this directory",
+        "(or a writable copy: step 3 writes one scratch file, entry.digest); each command is followed",
+        "by the output it must print.",
+        "",
+        "0. The key's kid (compare it with the registry):",
+        "",
+        f"  $ openssl pkey -pubin -in {KEY_PEM} -outform DER | tail -c 32 | sha256sum | cut -c1-16",
+        f"  {kid}",
+        "",
+        "1. The checkpoint is signed by the ledger key:",
+        "",
+        f"  $ openssl pkeyutl -verify -rawin -pubin -inkey {KEY_PEM} -in {CHECKPOINT_BODY} -sigfile {CHECKPOINT_SIG}",
+        "  Signature Verified Successfully",
+        "",
+    ]
+    if not examples:
+        lines += [
+            "2. No per-record files were exported. Run `mro-edge audit export --seq N` to get",
+            "   proofs/N.entry and proofs/N.sig for the records you want to check by hand.",
+            "",
+        ]
+        return "\n".join(lines)
+    ex = examples[0]
+    seq = ex["seq"]
+    entry_file, sig_file = f"{PROOFS}/{seq}.entry", f"{PROOFS}/{seq}.sig"
+    lines += [
+        f"2. Record seq {seq}: its bytes hash to the value entries.jsonl records for it (and that",
+        f"   seq {seq + 1} carries as \"prev\", if it exists):",
+        "",
+        f"  $ sha256sum {entry_file}",
+        f"  {ex['hash']}  {entry_file}",
+        f"  $ grep -F '{{\"seq\":{seq},' {ENTRIES} | grep -c -F '\"hash\":\"{ex['hash']}\"'",
+        "  1",
+        "",
+        "3. Its signature is the ledger key's (Ed25519 over the SHA-256 digest of the bytes):",
+        "",
+        f"  $ openssl dgst -sha256 -binary -out entry.digest {entry_file}",
+        f"  $ openssl pkeyutl -verify -rawin -pubin -inkey {KEY_PEM} -in entry.digest -sigfile {sig_file}",
+        "  Signature Verified Successfully",
+        "",
+        "4. Its Merkle leaf hash (SHA-256 of a 0x00 byte followed by the bytes) is the leaf_hash of",
+        f"   {PROOFS}/{seq}.json, whose proof leads to the checkpoint's root (checked by",
+        "   `mro-edge audit verify`, or by hand per RFC 9162 section 2.1.3.2):",
+        "",
+        f"  $ (printf '\\000'; cat {entry_file}) | sha256sum",
+        f"  {ex['leaf_hash']}  -",
+        "",
+    ]
+    if len(examples) > 1:
+        others = ", ".join(str(e["seq"]) for e in examples[1:])
+        lines += [f"The same works for the other exported records: {others}.", ""]
+    return "\n".join(lines)
+
+
+def export_audit(
+    config: Config,
+    out_dir: str | Path,
+    seqs: Iterable[int] = (),
+    *,
+    public_keys: Mapping[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """Write an audit export of the whole ledger to ``out_dir`` (must not exist, or be empty).
+
+    The chain is verified while it is exported (a damaged store is reported with its seq and
+    nothing is signed over it); the checkpoint is signed over the root recomputed from the
+    entries, and when the sign stage's ``merkle`` table is present its leaves and root must agree
+    with that recomputation. ``public_keys`` (kid -> raw key) defaults to the ledger key alone.
+    Returns a summary dict.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory; choose a new --out")
+    wanted = sorted(set(int(s) for s in seqs))
+    store = open_ledger(config)
+    try:
+        key = SigningKey.load_or_create(config.data_path / "keys")
+        keys = dict(public_keys) if public_keys is not None else {key.kid: key.public_bytes}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o755)
+        try:
+            summary = _export(store, config, key, keys, tmp, wanted)
+            if out.exists():
+                out.rmdir()
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        store.close()
+    summary["out"] = str(out)
+    return summary
+
+
+def _export(store, config: Config, key: SigningKey, keys: dict[str, bytes], tmp: Path,
+            wanted: list[int]) -> dict[str, Any]:
+    try:
+        merkle_db = store.env.open_db(MERKLE_TABLE.encode(), create=False)
+    except lmdb.Error:
+        merkle_db = None
+    with ExitStack() as stack:
+        txn = stack.enter_context(store.read())
+        ledger_db = store.table(LEDGER_TABLE)
+        count = txn.stat(ledger_db)["entries"]
+        for s in wanted:
+            if not 0 <= s < count:
+                raise ValueError(f"seq {s} is not in the ledger (it holds seq 0..{count - 1})")
+        stored = lmdb_tree(txn, merkle_db, write=False) if merkle_db is not None else None
+        try:
+            stored_size = stored.size() if stored is not None else 0
+        except MerkleCorruptError as exc:
+            raise AuditError(None, f"stored Merkle tree: {exc}") from None
+        use_stored = stored is not None and stored_size >= count
+        scratch: MerkleTree | None = None
+        if wanted and not use_stored:
+            scratch = _scratch_tree(stack)
+
+        frontier = Frontier()
+        wanted_set = set(wanted)
+        examples: list[dict[str, Any]] = []
+        (tmp / PROOFS).mkdir()
+        origin = config.origin
+        prev, seq = GENESIS_PREV, 0
+        with open(tmp / ENTRIES, "wb") as f:
+            for e in _ledger_entries(txn, ledger_db):
+                entry_origin = _check_entry(e, seq, prev, keys)
+                if seq == 0:
+                    origin = entry_origin
+                elif entry_origin != origin:
+                    raise AuditError(seq, f"entry names origin {entry_origin!r}, the ledger is {origin!r}")
+                leaf = leaf_hash(e.entry)
+                if seq < stored_size:
+                    try:
+                        if stored.node(0, seq) != leaf:
+                            raise AuditError(seq, "the stored Merkle leaf differs from the entry's leaf hash")
+                    except MerkleCorruptError as exc:
+                        raise AuditError(seq, f"stored Merkle tree: {exc}") from None
+                frontier.append(leaf)
+                if scratch is not None:
+                    scratch.append(leaf)
+                f.write(export_line(e))
+                if seq in wanted_set:
+                    (tmp / PROOFS / f"{seq}.entry").write_bytes(e.entry)
+                    (tmp / PROOFS / f"{seq}.sig").write_bytes(e.signature)
+                    examples.append({"seq": seq, "hash": e.hash, "leaf_hash": leaf.hex()})
+                prev = e.hash
+                seq += 1
+            f.flush()
+            os.fsync(f.fileno())
+        if seq != count:
+            raise AuditError(seq, f"the ledger table lists {count} entries but {seq} were read")
+        root = frontier.root()
+        tree = stored if use_stored else scratch
+        if use_stored:
+            try:
+                if stored.root(count) != root:
+                    raise AuditError(None, f"the stored Merkle tree's root at size {count} differs from the root "
+                                           "recomputed from the entries: an interior node of the tree is damaged")
+            except MerkleCorruptError as exc:
+                raise AuditError(None, f"stored Merkle tree: {exc}") from None
+        for ex in examples:
+            s = ex["seq"]
+            proof = tree.inclusion_proof(s, count)
+            if not verify_inclusion(bytes.fromhex(ex["leaf_hash"]), s, count, proof, root):
+                raise AuditError(s, "the inclusion proof built for this entry does not verify")
+            doc = {"seq": s, "tree_size": count, "leaf_hash": ex["leaf_hash"],
+                   "proof": [p.hex() for p in proof], "root": root.hex()}
+            (tmp / PROOFS / f"{s}.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+    checkpoint = Checkpoint(origin, count, root)
+    note = sign_checkpoint(checkpoint, key)
+    (tmp / CHECKPOINT).write_text(note, encoding="utf-8")
+    (tmp / CHECKPOINT_BODY).write_text(checkpoint.text(), encoding="utf-8")
+    (tmp / CHECKPOINT_SIG).write_bytes(note_signatures(note)[0][2])
+    (tmp / KEY_PEM).write_text(key.public_pem())
+    (tmp / README).write_text(_readme(origin, key.kid, count, root, examples))
+    return {
+        "entries": count,
+        "origin": origin,
+        "tree_size": count,
+        "root": root.hex(),
+        "kid": key.kid,
+        "proofs": [ex["seq"] for ex in examples],
+        "merkle": "stored" if use_stored else "recomputed",
+    }
+
+
+def _scratch_tree(stack: ExitStack) -> MerkleTree:
+    """A throwaway on-disk tree (bounded memory) for ledgers whose store has no Merkle table yet."""
+    path = stack.enter_context(tempfile.TemporaryDirectory(prefix="mro-audit-"))
+    env = lmdb.open(path, map_size=1 << 40, sync=False, metasync=False, lock=False, max_dbs=1)
+    stack.callback(env.close)
+    txn = env.begin(write=True)
+    stack.callback(txn.abort)
+    return lmdb_tree(txn)
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+def _read_key(d: Path) -> bytes:
+    try:
+        return public_key_from_pem((d / KEY_PEM).read_text(encoding="ascii"))
+    except FileNotFoundError:
+        raise AuditError(None, f"{KEY_PEM} is missing") from None
+    except (KeyFormatError, UnicodeDecodeError) as exc:
+        raise AuditError(None, f"{KEY_PEM}: {exc}") from None
+
+
+def _read_checkpoint_text(note: bytes | str, what: str) -> Checkpoint:
+    """Shape-only parse (the signature is checked once the key and entries are known)."""
+    try:
+        text, _ = split_note(note)
+        return parse_checkpoint(text)
+    except (NoteError, CheckpointError) as exc:
+        raise AuditError(None, f"{what}: {exc}") from None
+
+
+def _load_proofs(d: Path) -> dict[int, dict[str, Any]]:
+    proofs: dict[int, dict[str, Any]] = {}
+    pdir = d / PROOFS
+    if not pdir.is_dir():
+        return proofs
+    for p in sorted(pdir.iterdir()):
+        if p.suffix != ".json":
+            continue
+        m = _PROOF_NAME.match(p.name)
+        if not m:
+            raise AuditError(None, f"{PROOFS}/{p.name}: a proof file is named <seq>.json")
+        seq = int(m.group(1))
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AuditError(seq, f"{PROOFS}/{p.name} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or set(doc) != {"seq", "tree_size", "leaf_hash", "proof", "root"}:
+            raise AuditError(seq, f"{PROOFS}/{p.name} must hold exactly seq, tree_size, leaf_hash, proof, root")
+        hexes = [doc["leaf_hash"], doc["root"], *(doc["proof"] if isinstance(doc["proof"], list) else [None])]
+        if (type(doc["seq"]) is not int or type(doc["tree_size"]) is not int
+                or not all(isinstance(h, str) and _HEX32.match(h) for h in hexes)):
+            raise AuditError(seq, f"{PROOFS}/{p.name} has a malformed field")
+        if doc["seq"] != seq:
+            raise AuditError(seq, f"{PROOFS}/{p.name} says seq {doc['seq']}")
+        proofs[seq] = doc
+    return proofs
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, SignedEntry]]:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise AuditError(None, f"{ENTRIES} is missing") from None
+    with f:
+        for lineno, line in enumerate(f):
+            try:
+                yield lineno, parse_export_line(line)
+            except ExportLineError as exc:
+                raise AuditError(lineno, f"{ENTRIES} line {lineno + 1}: {exc}") from None
+
+
+def verify_audit(
+    path: str | Path,
+    *,
+    trusted_keys: Iterable[bytes] | None = None,
+    known_checkpoints: Iterable[str | bytes] = (),
+    extra_public_keys: Iterable[bytes] = (),
+) -> dict[str, Any]:
+    """Verify an export directory; returns a report dict, raises ``AuditError`` at the first problem.
+
+    Checks, streaming: every row parses; the hash chain, seqs and every entry signature
+    (``shared.ledger.verify_chain``) under ledger-key.pem (plus ``extra_public_keys``); one origin;
+    the Merkle root of entries 0..size-1 equals the signed checkpoint's, whose signature must verify
+    under ledger-key.pem; the entry count equals the checkpoint's size; checkpoint.body/.sig and
+    every proofs/<seq>.* file agree with the entries and checkpoint, and every inclusion proof verifies.
+
+    ``trusted_keys``: raw public keys obtained out of band; ledger-key.pem must be one of them.
+    ``known_checkpoints``: signed checkpoint notes the auditor already holds (older exports, the
+    gateway's cosigned receipts); each must be consistent with the exported history, which catches
+    rollback (export behind a known checkpoint) and forks (a different root at a known size).
+    """
+    d = Path(path)
+    public = _read_key(d)
+    kid = key_id(public)
+    if trusted_keys is not None and public not in set(trusted_keys):
+        raise AuditError(None, f"{KEY_PEM} (kid {kid}) is not one of the trusted ledger keys")
+    keys = {kid: public}
+    for extra in extra_public_keys:
+        keys[key_id(extra)] = extra
+    try:
+        note = (d / CHECKPOINT).read_bytes()
+    except FileNotFoundError:
+        raise AuditError(None, f"{CHECKPOINT} is missing") from None
+    cp = _read_checkpoint_text(note, CHECKPOINT)
+    known = [(n, _read_checkpoint_text(n, f"known checkpoint {i}")) for i, n in enumerate(known_checkpoints)]
+    proofs = _load_proofs(d)
+
+    targets = {cp.size} | {k.size for _, k in known}
+    roots: dict[int, bytes] = {0: EMPTY_ROOT} if 0 in targets else {}
+    captured: dict[int, tuple[bytes, str, bytes]] = {}
+    frontier = Frontier()
+    origin: str | None = None
+    prev, seq = GENESIS_PREV, 0
+    for lineno, e in _iter_rows(d / ENTRIES):
+        entry_origin = _check_entry(e, seq, prev, keys)
+        if origin is None:
+            origin = entry_origin
+        elif entry_origin != origin:
+            raise AuditError(seq, f"entry names origin {entry_origin!r}, the ledger is {origin!r}")
+        leaf = leaf_hash(e.entry)
+        frontier.append(leaf)
+        if frontier.size in targets:
+            roots[frontier.size] = frontier.root()
+        if seq in proofs:
+            captured[seq] = (leaf, e.hash, e.signature)
+        prev = e.hash
+        seq += 1
+    count = seq
+
+    # The checkpoint: signed by the ledger key, over these entries.
+    try:
+        signed, _ = open_checkpoint(note, {cp.origin: public})
+    except (NoteError, CheckpointError) as exc:
+        raise AuditError(None, f"{CHECKPOINT}: {exc} (key {KEY_PEM}, kid {kid})") from None
+    if origin is not None and signed.origin != origin:
+        raise AuditError(None, f"{CHECKPOINT} is for origin {signed.origin!r}, the entries for {origin!r}")
+    if signed.size > count:
+        raise AuditError(count, f"missing: the export ends after {count} entries but the signed checkpoint "
+                                f"covers {signed.size} (entries were deleted from the end, or truncated)")
+    if roots[signed.size] != signed.root:
+        raise AuditError(None, f"the Merkle root of entries 0..{signed.size - 1} does not match the signed "
+                               f"{CHECKPOINT}: the checkpoint belongs to another history, or the entries "
+                               "were rewritten or forked from the history it signed")
+    if count > signed.size:
+        raise AuditError(signed.size, f"entries continue past the signed {CHECKPOINT} (tree size {signed.size}): "
+                                      "the checkpoint is older than the entries (replayed) or rows were appended")
+    _check_openssl_files(d, note, signed)
+    for s, doc in proofs.items():
+        _check_proof(d, s, doc, captured.get(s), signed)
+    _check_known(known, public, roots, count, origin or signed.origin)
+    return {
+        "ok": True,
+        "entries": count,
+        "origin": signed.origin,
+        "tree_size": signed.size,
+        "root": signed.root.hex(),
+        "kid": kid,
+        "proofs": len(proofs),
+        "known_checkpoints": len(known),
+    }
+
+
+def _check_openssl_files(d: Path, note: bytes, cp: Checkpoint) -> None:
+    body, sig = d / CHECKPOINT_BODY, d / CHECKPOINT_SIG
+    if body.exists() and body.read_bytes() != cp.text().encode("utf-8"):
+        raise AuditError(None, f"{CHECKPOINT_BODY} differs from the text of {CHECKPOINT}")
+    if sig.exists() and sig.read_bytes() not in {s for _, _, s in note_signatures(note)}:
+        raise AuditError(None, f"{CHECKPOINT_SIG} is not the signature in {CHECKPOINT}")
+
+
+def _check_proof(d: Path, seq: int, doc: dict[str, Any], got: tuple[bytes, str, bytes] | None,
+                 cp: Checkpoint) -> None:
+    name = f"{PROOFS}/{seq}.json"
+    if got is None:
+        raise AuditError(seq, f"{name} is for an entry the export does not contain")
+    leaf, ehash, signature = got
+    if doc["tree_size"] != cp.size or doc["root"] != cp.root.hex():
+        raise AuditError(seq, f"{name} is for tree size {doc['tree_size']} / root {doc['root']}, "
+                              f"not the signed checkpoint's {cp.size} / {cp.root.hex()}")
+    if doc["leaf_hash"] != leaf.hex():
+        raise AuditError(seq, f"{name} has leaf hash {doc['leaf_hash']}, the entry's is {leaf.hex()}")
+    if not verify_inclusion(leaf, seq, cp.size, [bytes.fromhex(p) for p in doc["proof"]], cp.root):
+        raise AuditError(seq, f"{name}: the inclusion proof does not lead to the checkpoint's root")
+    entry_file, sig_file = d / PROOFS / f"{seq}.entry", d / PROOFS / f"{seq}.sig"
+    if entry_file.exists() and entry_hash(entry_file.read_bytes()) != ehash:
+        raise AuditError(seq, f"{PROOFS}/{seq}.entry differs from the entry in {ENTRIES}")
+    if sig_file.exists() and sig_file.read_bytes() != signature:
+        raise AuditError(seq, f"{PROOFS}/{seq}.sig differs from the signature in {ENTRIES}")
+
+
+def _check_known(known: list[tuple[str | bytes, Checkpoint]], public: bytes, roots: dict[int, bytes],
+                 count: int, origin: str) -> None:
+    """Each checkpoint the auditor already holds must be a prefix of the exported history."""
+    matched = 0
+    for i, (note, k) in sorted(enumerate(known), key=lambda item: item[1][1].size):
+        try:
+            open_checkpoint(note, {k.origin: public})
+        except (NoteError, CheckpointError) as exc:
+            raise AuditError(None, f"known checkpoint {i} (size {k.size}): {exc}") from None
+        if k.origin != origin:
+            raise AuditError(None, f"known checkpoint {i} is for origin {k.origin!r}, the export for {origin!r}")
+        if k.size > count:
+            raise AuditError(count, f"the export holds {count} entries but a known checkpoint covers {k.size}: "
+                                    "the ledger was rolled back (restored backup, snapshot) or truncated")
+        if roots[k.size] != k.root:
+            raise AuditError(matched, f"forked history: the entries do not match the known checkpoint of size "
+                                      f"{k.size}; they match up to size {matched}, so the fork lies in seq "
+                                      f"{matched}..{k.size - 1}")
+        matched = k.size
