@@ -13,6 +13,7 @@ import time
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.fleet import set_nodelay
 from bench.stats import percentiles
 
 RECORD_BYTES = 700  # about the size of a real record (services.simulator.records)
@@ -44,6 +45,7 @@ class _Pair:
         host, port = "127.0.0.1", broker.port
         for client in (self.sub, self.pub):
             client.connect(host, port, keepalive=30)
+            set_nodelay(client)
             client.loop_start()
         if not (self.subscribed.wait(10) and connected.wait(10)):
             self.close()

@@ -23,6 +23,8 @@ STAGE_CLASSES = {
     "uplink": "services.uplink.stage:Uplink",
 }
 SERVICES = ("broker", "gateway", "heartbeat") + tuple(STAGE_CLASSES)
+# Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 class UserError(Exception):
@@ -361,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list = qsub.add_parser("list", help="every DLQ entry with its error report")
     dlq_list.add_argument("--json", action="store_true")
     dlq_list.set_defaults(func=cmd_dlq)
+    for module in COMMAND_MODULES:
+        import_module(module).register(sub)
     return parser
 
 
