@@ -20,16 +20,19 @@ run: $(STAMP)
 
 ## test: the whole suite against real brokers (amqtt and Mosquitto); slow soak tests bounded
 test: $(STAMP)
-	scripts/ensure-mosquitto
+	scripts/ensure-tools
+	scripts/ensure-postgres
 	$(BIN)/pytest -q -m "not slow" --durations=15
 
 ## test-all: also the long soak and crash tests
 test-all: $(STAMP)
-	scripts/ensure-mosquitto
+	scripts/ensure-tools
+	scripts/ensure-postgres
 	$(BIN)/pytest -q --durations=15
 
 bench: $(STAMP)
-	scripts/ensure-mosquitto
+	scripts/ensure-tools
+	scripts/ensure-postgres
 	$(BIN)/python -m bench
 
 lint: $(STAMP)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from shared.config import Config
+from shared.mqtt import mqtt_connack
 
 PIPELINE = ("ingest", "validate", "sign", "uplink", "heartbeat")
 MAX_BACKOFF_S = 30.0
@@ -38,12 +39,13 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def wait_for_port(host: str, port: int, timeout_s: float = 20.0) -> bool:
+def wait_for_broker(config: Config, timeout_s: float = 20.0) -> bool:
+    """Until the broker answers an MQTT CONNECT (any answer: it is up and speaking MQTT)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
+            mqtt_connack(config.mqtt.port, None, None, timeout=0.5, host=config.mqtt.host)
+            return True
         except OSError:
             time.sleep(0.1)
     return False
@@ -81,7 +83,7 @@ class Supervisor:
         if self.with_broker:
             check_port_free(host, port)
             self._spawn(self.children[0])
-            if not wait_for_port(host, port):
+            if not wait_for_broker(self.config):
                 self.stop()
                 raise RuntimeError(f"the embedded broker did not start listening on {host}:{port}")
         for child in self.children[1 if self.with_broker else 0:]:

@@ -8,7 +8,10 @@ Subscriptions are renewed on every connect because a broker restarted without pe
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -127,3 +130,41 @@ class MqttLink:
         already name a different message, which we must not ack before it is committed."""
         if message.qos > 0 and message.generation == self.generation:
             self.client.ack(message.mid, message.qos)
+
+
+def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 2.0,
+                 host: str = "127.0.0.1") -> int:
+    """Return code of a bare MQTT 3.1.1 CONNECT (0 = accepted); raises OSError if nothing answers.
+    A real CONNECT, so a broker being waited for sees a client, not a half-open socket."""
+    def utf8(value: str) -> bytes:
+        data = value.encode()
+        return struct.pack("!H", len(data)) + data
+
+    flags = 0x02
+    payload = utf8(f"probe-{os.getpid()}-{time.monotonic_ns()}")
+    if username is not None:
+        flags |= 0x80
+        payload += utf8(username)
+    if password is not None:
+        flags |= 0x40
+        payload += utf8(password)
+    body = utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", 10) + payload
+    length, remaining = b"", len(body)
+    while True:
+        byte, remaining = remaining % 128, remaining // 128
+        length += bytes([byte | (0x80 if remaining else 0)])
+        if not remaining:
+            break
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"\x10" + length + body)
+        reply = b""
+        while len(reply) < 4:
+            chunk = sock.recv(4 - len(reply))
+            if not chunk:
+                raise ConnectionError("broker closed the connection without CONNACK")
+            reply += chunk
+        if reply[0] != 0x20:
+            raise ConnectionError(f"expected CONNACK, got {reply!r}")
+        if reply[3] == 0:
+            sock.sendall(b"\xe0\x00")  # DISCONNECT, so no will and no "connection lost" noise
+        return reply[3]

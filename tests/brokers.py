@@ -12,13 +12,13 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from shared.credentials import BrokerCredentials, reload_mosquitto
+from shared.mqtt import mqtt_connack
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_CONF = REPO / "config" / "mosquitto" / "mosquitto.conf"
@@ -77,42 +77,6 @@ def render_mosquitto_conf(data_dir: Path, port: int) -> Path:
     conf = data_dir / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf
-
-
-def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 2.0) -> int:
-    """Return code of an MQTT 3.1.1 CONNECT (0 = accepted); raises OSError if nothing answers."""
-    def utf8(value: str) -> bytes:
-        data = value.encode()
-        return struct.pack("!H", len(data)) + data
-
-    flags = 0x02
-    payload = utf8(f"probe-{os.getpid()}-{time.monotonic_ns()}")
-    if username is not None:
-        flags |= 0x80
-        payload += utf8(username)
-    if password is not None:
-        flags |= 0x40
-        payload += utf8(password)
-    body = utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", 10) + payload
-    length, remaining = b"", len(body)
-    while True:
-        byte, remaining = remaining % 128, remaining // 128
-        length += bytes([byte | (0x80 if remaining else 0)])
-        if not remaining:
-            break
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"\x10" + length + body)
-        reply = b""
-        while len(reply) < 4:
-            chunk = sock.recv(4 - len(reply))
-            if not chunk:
-                raise ConnectionError("broker closed the connection without CONNACK")
-            reply += chunk
-        if reply[0] != 0x20:
-            raise ConnectionError(f"expected CONNACK, got {reply!r}")
-        if reply[3] == 0:
-            sock.sendall(b"\xe0\x00")  # DISCONNECT, so no will and no "connection lost" noise
-        return reply[3]
 
 
 class BrokerProc:
