@@ -67,6 +67,14 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     duplicate_window_days: int = 30
 
 
+class ComplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    registries_dir: str = ""
+    authority_public_key: str = ""
+    schema_tolerance: float = 0.02
+    dry_run_sample: int = 10000
+    registry_check_s: float = 1.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     station: str = "HGR1"
     data_dir: str = "./var"
@@ -76,6 +84,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     link: LinkConfig = msgspec.field(default_factory=LinkConfig)
     uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    compliance: ComplianceConfig = msgspec.field(default_factory=ComplianceConfig)
 
     @property
     def data_path(self) -> Path:
@@ -116,7 +125,7 @@ def _split_url(url: str) -> tuple[str, int]:
 def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
     sections = {"mqtt": MqttConfig, "limits": LimitsConfig, "stage": StageConfig, "link": LinkConfig,
-                "uplink": UplinkConfig, "gateway": GatewayConfig}
+                "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value

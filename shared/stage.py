@@ -123,6 +123,9 @@ class UnitOfWork:
     def put(self, table: str, key: bytes, value: bytes, *, append: bool = False) -> None:
         self._txn.put(key, value, db=self._rt.store.table(table), append=append)
 
+    def delete(self, table: str, key: bytes) -> None:
+        self._txn.delete(key, db=self._rt.store.table(table))
+
     def last(self, table: str) -> tuple[bytes, bytes] | None:
         cursor = self._txn.cursor(db=self._rt.store.table(table))
         return (cursor.key(), cursor.value()) if cursor.last() else None
@@ -163,9 +166,14 @@ class UnitOfWork:
         )
 
     def transition(self, correlation_id: str | None, key: str | None, state: str, **extra: Any) -> None:
-        """Record a state change; it is logged only once the transaction has committed."""
-        self.transitions.append(Transition(correlation_id, key, state, extra))
+        """Record a state change that finishes this stage's work on a record (counted as processed);
+        it is logged only once the transaction has committed."""
+        self.note(correlation_id, key, state, **extra)
         self.processed += 1
+
+    def note(self, correlation_id: str | None, key: str | None, state: str, **extra: Any) -> None:
+        """Record an intermediate state change (logged after commit, not counted)."""
+        self.transitions.append(Transition(correlation_id, key, state, extra))
 
 
 class StageRuntime:

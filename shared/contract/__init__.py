@@ -45,7 +45,9 @@ contract              the field                   the decoder refused the value 
 ====================  ==========================  ============================================
 
 `decode_record` reports everything up to and including `topic_mismatch`; `check_rules` the
-last five.
+last five. The regulatory rules the validate stage applies next (registries, sign-off chains,
+technician e-signatures, contract versions mro.record/2 and later) have their own ids, listed
+in `shared.compliance`.
 """
 
 from shared.contract.body import idempotency_key, normalize, record_from_body
