@@ -24,7 +24,7 @@ STAGE_CLASSES = {
 }
 SERVICES = ("broker", "gateway", "heartbeat") + tuple(STAGE_CLASSES)
 # Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema")
 
 
 class UserError(Exception):
@@ -231,17 +231,6 @@ def cmd_ledger(config: Config, args) -> int:
     return 0
 
 
-def cmd_keys(config: Config, args) -> int:
-    from shared.crypto import SigningKey
-
-    keys_dir = config.data_path / "keys"
-    if not keys_dir.exists():
-        raise UserError(f"no signing key in {keys_dir}: start the sign service once (mro-edge run) "
-                        "or check MRO_DATA_DIR")
-    sys.stdout.write(SigningKey.load_or_create(keys_dir).public_pem())
-    return 0
-
-
 def cmd_dlq(config: Config, args) -> int:
     from shared.store import Store
 
@@ -353,10 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     export = lsub.add_parser("export", help="JSON Lines: seq, idempotency_key, entry, hash, signature, kid")
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_ledger)
-
-    keys = sub.add_parser("keys", help="the ledger signing key")
-    ksub = keys.add_subparsers(dest="action", required=True)
-    ksub.add_parser("export-public", help="public key as PEM (SubjectPublicKeyInfo)").set_defaults(func=cmd_keys)
 
     dlq = sub.add_parser("dlq", help="dead-letter reports")
     qsub = dlq.add_subparsers(dest="action", required=True)

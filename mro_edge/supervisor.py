@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from shared.config import Config
 from shared.mqtt import mqtt_connack
+from shared.stage import REFUSED_EXIT
 
 PIPELINE = ("ingest", "validate", "sign", "uplink", "heartbeat")
 MAX_BACKOFF_S = 30.0
@@ -60,6 +61,7 @@ class Child:
     backoff_s: float = 0.5
     restart_at: float = 0.0
     restarts: int = 0
+    refused: bool = False
 
 
 class Supervisor:
@@ -103,6 +105,12 @@ class Supervisor:
                     child.backoff_s = 0.5
                 continue
             if child.name == "simulator" and code == 0:
+                continue
+            if code == REFUSED_EXIT:
+                if not child.refused:
+                    print(f"[run] {child.name} refused to start (see its message above); not restarting it "
+                          "until the cause is fixed", file=sys.stderr, flush=True)
+                    child.refused = True
                 continue
             child.process = None
             child.restarts += 1

@@ -7,11 +7,23 @@ An export directory holds::
                          signed by the ledger key under the key name = origin
     checkpoint.body      the checkpoint's signed text           } for openssl pkeyutl -verify -rawin
     checkpoint.sig       its raw 64-byte Ed25519 signature      }
-    ledger-key.pem       the ledger's Ed25519 public key (SubjectPublicKeyInfo PEM)
+    ledger-key.pem       the Ed25519 public key that signed the checkpoint (SubjectPublicKeyInfo PEM):
+                         the ledger's current key
+    keys/<kid>.pem       every key that signed an entry or was introduced by a key_rotation entry
     proofs/<seq>.json    {seq, tree_size, leaf_hash, proof: [hex...], root} for each requested seq
     proofs/<seq>.entry   the entry's exact bytes                } for sha256sum and
     proofs/<seq>.sig     its raw 64-byte Ed25519 signature      } openssl pkeyutl -verify -rawin
+    proofs/<seq>.pem     the public key that signed it          }
     README.txt           how to check one record and the checkpoint by hand
+
+Keys: the first entry's key is the anchor an auditor confirms out of band (``--trusted-key``);
+every later key is introduced by a ``key_rotation`` entry signed by the key before it
+(``shared.ledger.KeySchedule``), so the chain itself carries its key history.
+
+The checkpoint is the one the sign service signed over exactly these entries when there is
+one (``checkpoints`` table); otherwise the export signs one with the ledger's current key. A
+stored checkpoint (or ``keys/checkpoint.latest``) covering more entries than the store holds
+means the store was rolled back: the export refuses and says so.
 
 Both directions stream: entries are read one at a time and the Merkle root is recomputed with
 an O(log n) compact frontier, so memory stays flat for millions of entries. ``verify_audit``
@@ -44,19 +56,34 @@ from shared.checkpoint import (
     split_note,
 )
 from shared.config import Config
-from shared.crypto import KeyFormatError, SigningKey, key_id, public_key_from_pem
+from shared.crypto import (
+    KeyFileError,
+    KeyFormatError,
+    LedgerKeyFiles,
+    SigningKey,
+    key_id,
+    public_key_from_pem,
+    public_key_to_pem,
+)
 from shared.ledger import (
-    GENESIS_PREV,
+    ChainVerifier,
     ExportLineError,
+    LedgerEntry,
     LedgerVerifyError,
     SignedEntry,
     entry_hash,
     export_line,
-    parse_entry,
     parse_export_line,
-    verify_chain,
 )
-from shared.ledger_store import LEDGER_TABLE, decode_entry, open_ledger
+from shared.ledger_store import (
+    CHECKPOINTS_TABLE,
+    LEDGER_TABLE,
+    decode_entry,
+    latest_checkpoint_path,
+    open_ledger,
+    read_latest_checkpoint,
+)
+from shared.store import from_u64
 from shared.merkle import (
     EMPTY_ROOT,
     MERKLE_TABLE,
@@ -75,6 +102,7 @@ CHECKPOINT = "checkpoint"
 CHECKPOINT_BODY = "checkpoint.body"
 CHECKPOINT_SIG = "checkpoint.sig"
 KEY_PEM = "ledger-key.pem"
+KEYS = "keys"
 PROOFS = "proofs"
 README = "README.txt"
 _PROOF_NAME = re.compile(r"^(0|[1-9][0-9]*)\.json$")
@@ -93,36 +121,95 @@ class AuditError(Exception):
 
 # -- shared helpers ------------------------------------------------------------------------------
 
-def _check_entry(e: SignedEntry, seq: int, prev: str, keys: Mapping[str, bytes]) -> str:
-    """Verify one entry against the chain (shared.ledger.verify_chain); returns its origin."""
-    try:
-        verify_chain((e,), keys, expect_first_seq=seq, prev=prev)
-    except LedgerVerifyError as exc:
-        raise AuditError(exc.seq, exc.reason) from None
-    return parse_entry(e.entry).origin
+class _Chain:
+    """Streaming chain check with the seq of the first problem (``shared.ledger.ChainVerifier``).
 
+    The verifier is created at the first entry, trusting the key that signed it (or, with
+    ``trusted``, only those keys); later keys must come from rotation entries.
+    """
 
-# -- export ----------------------------------------------------------------------------------------
+    def __init__(self, available: Mapping[str, bytes], trusted: Mapping[str, bytes] | None) -> None:
+        self.available = dict(available)
+        self.trusted = trusted
+        self.verifier: ChainVerifier | None = None
+        self.origin: str | None = None
+        self.kids: dict[str, bytes] = {}
+
+    def check(self, e: SignedEntry) -> LedgerEntry:
+        if self.verifier is None:
+            if self.trusted is not None:
+                anchors = dict(self.trusted)
+                if e.kid not in anchors and e.kid in self.available:
+                    raise AuditError(0, f"key {e.kid} that signed the first entry is not one of the trusted "
+                                        "ledger keys")
+            else:
+                anchors = {e.kid: self.available[e.kid]} if e.kid in self.available else {}
+            self.verifier = ChainVerifier(anchors)
+        try:
+            parsed = self.verifier.check(e)
+        except LedgerVerifyError as exc:
+            raise AuditError(exc.seq, exc.reason) from None
+        if self.origin is None:
+            self.origin = parsed.origin
+        elif parsed.origin != self.origin:
+            raise AuditError(parsed.seq, f"entry names origin {parsed.origin!r}, the ledger is {self.origin!r}")
+        self.kids.setdefault(e.kid, self.verifier.schedule.keys[e.kid])
+        for r in self.verifier.schedule.rotations[-1:]:
+            if r.seq == parsed.seq:
+                self.kids.setdefault(r.new_kid, r.new_public)
+        return parsed
+
+    @property
+    def seq(self) -> int:
+        return self.verifier.seq if self.verifier else 0
+
+    def signer_keys(self, size: int) -> dict[str, bytes]:
+        """Keys that may sign a checkpoint of ``size`` entries: valid for its last entry or the next."""
+        if self.verifier is None:
+            return dict(self.available if self.trusted is None else self.trusted)
+        schedule, out = self.verifier.schedule, {}
+        for kid, public in schedule.keys.items():
+            for s in (size - 1, size):
+                try:
+                    schedule.key_for(kid, max(s, 0))
+                except ValueError:
+                    continue
+                out[kid] = public
+                break
+        return out
+
 
 def _ledger_entries(txn, db) -> Iterator[SignedEntry]:
+    """The stored rows in key order; an unreadable row is reported with the seq its key names."""
     cursor = txn.cursor(db=db)
-    if cursor.first():
-        for _, value in cursor:
-            yield decode_entry(value)
+    expect = 0
+    try:
+        if not cursor.first():
+            return
+        for key, value in cursor:
+            seq = from_u64(key) if len(key) == 8 else expect
+            try:
+                yield decode_entry(value)
+            except (ValueError, TypeError) as exc:
+                raise AuditError(seq, f"the stored row is unreadable (damaged store): {exc}") from None
+            expect = seq + 1
+    except lmdb.Error as exc:
+        raise AuditError(expect, f"LMDB cannot read the ledger table after seq {expect - 1}: {exc}") from None
 
 
-def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[str, Any]]) -> str:
+def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[str, Any]]) -> str:  # noqa: C901
     lines = [
         "For auditors: checking this ledger export",
         "=========================================",
         "",
         f"Ledger {origin}: {size} entries{f' (seq 0..{size - 1})' if size else ''}, Merkle root {root.hex()},",
-        f"signed by the Ed25519 key with kid {kid} ({KEY_PEM}).",
+        f"checkpoint signed by the Ed25519 key with kid {kid} ({KEY_PEM}).",
         "",
-        "Before trusting anything here, confirm that kid with the operator's key registry (the",
-        "gateway, or `mro-edge keys show` on the box): an export carries its own public key, so a",
-        "forger could ship a matching key. The kid is the first 8 bytes (16 hex digits) of SHA-256",
-        "over the 32-byte raw public key, which is the end of the key's DER form.",
+        "Before trusting anything here, confirm the kid of the key that signed seq 0 with the",
+        "operator's key registry (the gateway, or `mro-edge keys show` on the box): an export carries",
+        "its own public keys, so a forger could ship matching ones. Every later key is introduced by a",
+        "key_rotation entry signed by the key before it. The kid is the first 8 bytes (16 hex digits)",
+        "of SHA-256 over the 32-byte raw public key, which is the end of the key's DER form.",
         "",
         "Files",
         "  entries.jsonl      one entry per line: seq, idempotency_key, entry (the exact signed bytes,",
@@ -133,8 +220,10 @@ def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[s
         "                     Merkle root over all entries (leaf = SHA-256(0x00 || entry bytes)).",
         "  checkpoint.body    the checkpoint's signed text; checkpoint.sig its raw 64-byte signature",
         "                     (plain Ed25519 over the text, per the signed-note format).",
+        "  keys/<kid>.pem     every public key of the ledger's history (key_rotation entries).",
         "  proofs/<seq>.json  inclusion proof of entry <seq> under the checkpoint's root;",
-        "  proofs/<seq>.entry the entry's exact bytes, proofs/<seq>.sig its raw 64-byte signature.",
+        "  proofs/<seq>.entry the entry's exact bytes, proofs/<seq>.sig its raw 64-byte signature,",
+        "  proofs/<seq>.pem   the public key that signed it.",
         "",
         "Everything at once (hash chain, every signature, Merkle root, checkpoint and proofs):",
         "",
@@ -164,7 +253,7 @@ def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[s
         return "\n".join(lines)
     ex = examples[0]
     seq = ex["seq"]
-    entry_file, sig_file = f"{PROOFS}/{seq}.entry", f"{PROOFS}/{seq}.sig"
+    entry_file, sig_file, pem_file = f"{PROOFS}/{seq}.entry", f"{PROOFS}/{seq}.sig", f"{PROOFS}/{seq}.pem"
     lines += [
         f"2. Record seq {seq}: its bytes hash to the value entries.jsonl records for it (and that",
         f"   seq {seq + 1} carries as \"prev\", if it exists):",
@@ -174,10 +263,13 @@ def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[s
         f"  $ grep -F '{{\"seq\":{seq},' {ENTRIES} | grep -c -F '\"hash\":\"{ex['hash']}\"'",
         "  1",
         "",
-        "3. Its signature is the ledger key's (Ed25519 over the SHA-256 digest of the bytes):",
+        f"3. Its signature is by the key it names, kid {ex['kid']} (Ed25519 over the SHA-256 digest of",
+        "   the bytes):",
         "",
+        f"  $ openssl pkey -pubin -in {pem_file} -outform DER | tail -c 32 | sha256sum | cut -c1-16",
+        f"  {ex['kid']}",
         f"  $ openssl dgst -sha256 -binary -out entry.digest {entry_file}",
-        f"  $ openssl pkeyutl -verify -rawin -pubin -inkey {KEY_PEM} -in entry.digest -sigfile {sig_file}",
+        f"  $ openssl pkeyutl -verify -rawin -pubin -inkey {pem_file} -in entry.digest -sigfile {sig_file}",
         "  Signature Verified Successfully",
         "",
         "4. Its Merkle leaf hash (SHA-256 of a 0x00 byte followed by the bytes) is the leaf_hash of",
@@ -204,9 +296,11 @@ def export_audit(
     """Write an audit export of the whole ledger to ``out_dir`` (must not exist, or be empty).
 
     The chain is verified while it is exported (a damaged store is reported with its seq and
-    nothing is signed over it); the checkpoint is signed over the root recomputed from the
-    entries, and when the sign stage's ``merkle`` table is present its leaves and root must agree
-    with that recomputation. ``public_keys`` (kid -> raw key) defaults to the ledger key alone.
+    nothing is written); the Merkle root is recomputed from the entries, and when the sign
+    stage's ``merkle`` table is present its leaves and root must agree with it. The checkpoint
+    is the sign service's own one over exactly these entries if it stored one, else one signed
+    now with the ledger's current key. ``public_keys`` (kid -> raw key) are the trusted keys for
+    the first entry; by default the keys the box has held (``LedgerKeyFiles.public_keys``).
     Returns a summary dict.
     """
     out = Path(out_dir)
@@ -215,13 +309,20 @@ def export_audit(
     wanted = sorted(set(int(s) for s in seqs))
     store = open_ledger(config)
     try:
-        key = SigningKey.load_or_create(config.data_path / "keys")
-        keys = dict(public_keys) if public_keys is not None else {key.kid: key.public_bytes}
+        key_files = LedgerKeyFiles(config.data_path / "keys")
+        try:
+            current = key_files.current(create=False)
+            private = {current.kid: current}
+            own = key_files.public_keys()
+        except KeyFileError:
+            private, own = {}, {}
+        trusted = dict(public_keys) if public_keys is not None else None
+        available = own | (trusted or {})
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o755)
         try:
-            summary = _export(store, config, key, keys, tmp, wanted)
+            summary = _export(store, config, _Chain(available, trusted), private, tmp, wanted)
             if out.exists():
                 out.rmdir()
             os.rename(tmp, out)
@@ -234,11 +335,29 @@ def export_audit(
     return summary
 
 
-def _export(store, config: Config, key: SigningKey, keys: dict[str, bytes], tmp: Path,
+def _stored_checkpoint(store, txn, config: Config, count: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """(the sign service's note over exactly ``count`` entries or None, [(where, note)] of every newer
+    or equal checkpoint it knows of: they must not exceed ``count``)."""
+    seen: list[tuple[str, bytes]] = []
+    exact = None
+    if store.has(CHECKPOINTS_TABLE):
+        cursor = txn.cursor(db=store.table(CHECKPOINTS_TABLE))
+        if cursor.last():
+            note = bytes(cursor.value())
+            seen.append((f"the newest checkpoint in {CHECKPOINTS_TABLE}", note))
+            if from_u64(cursor.key()) == count:
+                exact = note
+    latest = read_latest_checkpoint(latest_checkpoint_path(config))
+    if latest is not None:
+        seen.append((str(latest_checkpoint_path(config)), latest))
+    return exact, seen
+
+
+def _export(store, config: Config, chain: _Chain, private: dict[str, SigningKey], tmp: Path,
             wanted: list[int]) -> dict[str, Any]:
     try:
-        merkle_db = store.env.open_db(MERKLE_TABLE.encode(), create=False)
-    except lmdb.Error:
+        merkle_db = store.table(MERKLE_TABLE)
+    except KeyError:
         merkle_db = None
     with ExitStack() as stack:
         txn = stack.enter_context(store.read())
@@ -247,6 +366,13 @@ def _export(store, config: Config, key: SigningKey, keys: dict[str, bytes], tmp:
         for s in wanted:
             if not 0 <= s < count:
                 raise ValueError(f"seq {s} is not in the ledger (it holds seq 0..{count - 1})")
+        stored_note, signed_before = _stored_checkpoint(store, txn, config, count)
+        for where, note in signed_before:
+            cp = _read_checkpoint_text(note, where)
+            if cp.size > count:
+                raise AuditError(count, f"ROLLBACK: the ledger holds {count} entries but {where} was signed over "
+                                        f"{cp.size}: the store was restored from an older copy (see the sign "
+                                        "service's alarm for the recovery)")
         stored = lmdb_tree(txn, merkle_db, write=False) if merkle_db is not None else None
         try:
             stored_size = stored.size() if stored is not None else 0
@@ -259,17 +385,15 @@ def _export(store, config: Config, key: SigningKey, keys: dict[str, bytes], tmp:
 
         frontier = Frontier()
         wanted_set = set(wanted)
+        roots: dict[int, bytes] = {}
+        checked_sizes = {_read_checkpoint_text(n, w).size for w, n in signed_before}
         examples: list[dict[str, Any]] = []
         (tmp / PROOFS).mkdir()
-        origin = config.origin
-        prev, seq = GENESIS_PREV, 0
+        seq = 0
         with open(tmp / ENTRIES, "wb") as f:
             for e in _ledger_entries(txn, ledger_db):
-                entry_origin = _check_entry(e, seq, prev, keys)
-                if seq == 0:
-                    origin = entry_origin
-                elif entry_origin != origin:
-                    raise AuditError(seq, f"entry names origin {entry_origin!r}, the ledger is {origin!r}")
+                chain.check(e)
+                seq = chain.seq - 1
                 leaf = leaf_hash(e.entry)
                 if seq < stored_size:
                     try:
@@ -278,20 +402,27 @@ def _export(store, config: Config, key: SigningKey, keys: dict[str, bytes], tmp:
                     except MerkleCorruptError as exc:
                         raise AuditError(seq, f"stored Merkle tree: {exc}") from None
                 frontier.append(leaf)
+                if frontier.size in checked_sizes:
+                    roots[frontier.size] = frontier.root()
                 if scratch is not None:
                     scratch.append(leaf)
                 f.write(export_line(e))
                 if seq in wanted_set:
                     (tmp / PROOFS / f"{seq}.entry").write_bytes(e.entry)
                     (tmp / PROOFS / f"{seq}.sig").write_bytes(e.signature)
-                    examples.append({"seq": seq, "hash": e.hash, "leaf_hash": leaf.hex()})
-                prev = e.hash
-                seq += 1
+                    (tmp / PROOFS / f"{seq}.pem").write_text(public_key_to_pem(chain.kids[e.kid]))
+                    examples.append({"seq": seq, "hash": e.hash, "leaf_hash": leaf.hex(), "kid": e.kid})
             f.flush()
             os.fsync(f.fileno())
+        seq = chain.seq
         if seq != count:
             raise AuditError(seq, f"the ledger table lists {count} entries but {seq} were read")
         root = frontier.root()
+        for where, note in signed_before:
+            cp = _read_checkpoint_text(note, where)
+            if cp.size and roots.get(cp.size) != cp.root:
+                raise AuditError(None, f"FORK: {where} (size {cp.size}) was signed over other entries than the "
+                                       f"store's first {cp.size}: the store holds another history")
         tree = stored if use_stored else scratch
         if use_stored:
             try:
@@ -309,22 +440,60 @@ def _export(store, config: Config, key: SigningKey, keys: dict[str, bytes], tmp:
                    "proof": [p.hex() for p in proof], "root": root.hex()}
             (tmp / PROOFS / f"{s}.json").write_text(json.dumps(doc, indent=1) + "\n")
 
-    checkpoint = Checkpoint(origin, count, root)
-    note = sign_checkpoint(checkpoint, key)
-    (tmp / CHECKPOINT).write_text(note, encoding="utf-8")
-    (tmp / CHECKPOINT_BODY).write_text(checkpoint.text(), encoding="utf-8")
-    (tmp / CHECKPOINT_SIG).write_bytes(note_signatures(note)[0][2])
-    (tmp / KEY_PEM).write_text(key.public_pem())
-    (tmp / README).write_text(_readme(origin, key.kid, count, root, examples))
+    origin = chain.origin or config.origin
+    note_text, signer_kid = _export_checkpoint(stored_note, Checkpoint(origin, count, root), chain, private)
+    signer_public = chain.signer_keys(count)[signer_kid] if chain.verifier else private[signer_kid].public_bytes
+    (tmp / CHECKPOINT).write_text(note_text, encoding="utf-8")
+    (tmp / CHECKPOINT_BODY).write_text(Checkpoint(origin, count, root).text(), encoding="utf-8")
+    (tmp / CHECKPOINT_SIG).write_bytes(_signature_by(note_text, origin, signer_public))
+    (tmp / KEY_PEM).write_text(public_key_to_pem(signer_public))
+    (tmp / KEYS).mkdir()
+    for kid, public in {**chain.kids, signer_kid: signer_public}.items():
+        (tmp / KEYS / f"{kid}.pem").write_text(public_key_to_pem(public))
+    (tmp / README).write_text(_readme(origin, signer_kid, count, root, examples))
     return {
         "entries": count,
         "origin": origin,
         "tree_size": count,
         "root": root.hex(),
-        "kid": key.kid,
+        "kid": signer_kid,
+        "kids": sorted(chain.kids),
         "proofs": [ex["seq"] for ex in examples],
         "merkle": "stored" if use_stored else "recomputed",
+        "checkpoint": "stored" if stored_note is not None and note_text.encode() == stored_note else "signed",
     }
+
+
+def _export_checkpoint(stored: bytes | None, cp: Checkpoint, chain: _Chain,
+                       private: dict[str, SigningKey]) -> tuple[str, str]:
+    """(signed note, kid that signed it): the stored one if it signs exactly ``cp``, else a new one."""
+    candidates = chain.signer_keys(cp.size)
+    if stored is not None:
+        for kid, public in candidates.items():
+            try:
+                signed, _ = open_checkpoint(stored, {cp.origin: public})
+            except (NoteError, CheckpointError):
+                continue
+            if (signed.origin, signed.size, signed.root) == (cp.origin, cp.size, cp.root):
+                return stored.decode("utf-8"), kid
+    usable = [k for kid, k in private.items() if kid in candidates]
+    if not usable:
+        raise AuditError(None, f"no stored checkpoint covers all {cp.size} entries and none of the keys in "
+                               f"keys/ may sign one (the ledger's current key is one of {sorted(candidates)})")
+    key = usable[-1]
+    return sign_checkpoint(cp, key), key.kid
+
+
+def _signature_by(note: str, name: str, public: bytes) -> bytes:
+    """The raw 64-byte signature of ``name``/``public`` in ``note`` (for checkpoint.sig)."""
+    from shared.checkpoint import ED25519_TYPE
+    from shared.checkpoint import key_id as note_key_id
+
+    want = note_key_id(name, ED25519_TYPE, public)
+    for signer, kid, signature in note_signatures(note):
+        if signer == name and kid == want:
+            return signature
+    raise AuditError(None, f"{CHECKPOINT} carries no signature of {name} with the exported key")
 
 
 def _scratch_tree(stack: ExitStack) -> MerkleTree:
@@ -339,13 +508,24 @@ def _scratch_tree(stack: ExitStack) -> MerkleTree:
 
 # -- verify ---------------------------------------------------------------------------------------
 
-def _read_key(d: Path) -> bytes:
+def _read_pem(path: Path, name: str) -> bytes:
     try:
-        return public_key_from_pem((d / KEY_PEM).read_text(encoding="ascii"))
+        return public_key_from_pem(path.read_text(encoding="ascii"))
     except FileNotFoundError:
-        raise AuditError(None, f"{KEY_PEM} is missing") from None
+        raise AuditError(None, f"{name} is missing") from None
     except (KeyFormatError, UnicodeDecodeError) as exc:
-        raise AuditError(None, f"{KEY_PEM}: {exc}") from None
+        raise AuditError(None, f"{name}: {exc}") from None
+
+
+def _read_keys(d: Path) -> tuple[bytes, dict[str, bytes]]:
+    """(ledger-key.pem, {kid: key} of it and every keys/*.pem); kids are computed, never read from names."""
+    current = _read_pem(d / KEY_PEM, KEY_PEM)
+    available = {key_id(current): current}
+    if (d / KEYS).is_dir():
+        for p in sorted((d / KEYS).glob("*.pem")):
+            public = _read_pem(p, f"{KEYS}/{p.name}")
+            available[key_id(public)] = public
+    return current, available
 
 
 def _read_checkpoint_text(note: bytes | str, what: str) -> Checkpoint:
@@ -408,24 +588,23 @@ def verify_audit(
     """Verify an export directory; returns a report dict, raises ``AuditError`` at the first problem.
 
     Checks, streaming: every row parses; the hash chain, seqs and every entry signature
-    (``shared.ledger.verify_chain``) under ledger-key.pem (plus ``extra_public_keys``); one origin;
-    the Merkle root of entries 0..size-1 equals the signed checkpoint's, whose signature must verify
-    under ledger-key.pem; the entry count equals the checkpoint's size; checkpoint.body/.sig and
-    every proofs/<seq>.* file agree with the entries and checkpoint, and every inclusion proof verifies.
+    (``shared.ledger.ChainVerifier``: the first entry's key from ledger-key.pem / keys/*.pem /
+    ``extra_public_keys``, later keys only through key_rotation entries, retired keys refused);
+    one origin; the Merkle root of entries 0..size-1 equals the signed checkpoint's, whose
+    signature must verify under the key the chain has current at that size (= ledger-key.pem);
+    the entry count equals the checkpoint's size; checkpoint.body/.sig and every proofs/<seq>.*
+    file agree with the entries and checkpoint, and every inclusion proof verifies.
 
-    ``trusted_keys``: raw public keys obtained out of band; ledger-key.pem must be one of them.
+    ``trusted_keys``: raw public keys obtained out of band; the first entry's key must be one.
     ``known_checkpoints``: signed checkpoint notes the auditor already holds (older exports, the
     gateway's cosigned receipts); each must be consistent with the exported history, which catches
     rollback (export behind a known checkpoint) and forks (a different root at a known size).
     """
     d = Path(path)
-    public = _read_key(d)
-    kid = key_id(public)
-    if trusted_keys is not None and public not in set(trusted_keys):
-        raise AuditError(None, f"{KEY_PEM} (kid {kid}) is not one of the trusted ledger keys")
-    keys = {kid: public}
+    current, available = _read_keys(d)
     for extra in extra_public_keys:
-        keys[key_id(extra)] = extra
+        available[key_id(extra)] = extra
+    trusted = {key_id(k): k for k in trusted_keys} if trusted_keys is not None else None
     try:
         note = (d / CHECKPOINT).read_bytes()
     except FileNotFoundError:
@@ -436,31 +615,26 @@ def verify_audit(
 
     targets = {cp.size} | {k.size for _, k in known}
     roots: dict[int, bytes] = {0: EMPTY_ROOT} if 0 in targets else {}
-    captured: dict[int, tuple[bytes, str, bytes]] = {}
+    captured: dict[int, tuple[bytes, str, bytes, bytes]] = {}
     frontier = Frontier()
-    origin: str | None = None
-    prev, seq = GENESIS_PREV, 0
-    for lineno, e in _iter_rows(d / ENTRIES):
-        entry_origin = _check_entry(e, seq, prev, keys)
-        if origin is None:
-            origin = entry_origin
-        elif entry_origin != origin:
-            raise AuditError(seq, f"entry names origin {entry_origin!r}, the ledger is {origin!r}")
+    chain = _Chain(available, trusted)
+    for _lineno, e in _iter_rows(d / ENTRIES):
+        chain.check(e)
         leaf = leaf_hash(e.entry)
         frontier.append(leaf)
         if frontier.size in targets:
             roots[frontier.size] = frontier.root()
-        if seq in proofs:
-            captured[seq] = (leaf, e.hash, e.signature)
-        prev = e.hash
-        seq += 1
-    count = seq
+        if e.seq in proofs:
+            captured[e.seq] = (leaf, e.hash, e.signature, chain.kids[e.kid])
+    count = chain.seq
+    origin = chain.origin
 
-    # The checkpoint: signed by the ledger key, over these entries.
-    try:
-        signed, _ = open_checkpoint(note, {cp.origin: public})
-    except (NoteError, CheckpointError) as exc:
-        raise AuditError(None, f"{CHECKPOINT}: {exc} (key {KEY_PEM}, kid {kid})") from None
+    # The checkpoint: signed by the key current at its size, over these entries.
+    signers = chain.signer_keys(cp.size)
+    signed, signer = _open_with(note, cp.origin, signers, CHECKPOINT)
+    if current != signers[signer]:
+        raise AuditError(None, f"{KEY_PEM} (kid {key_id(current)}) is not the key that signed {CHECKPOINT} "
+                               f"(kid {signer})")
     if origin is not None and signed.origin != origin:
         raise AuditError(None, f"{CHECKPOINT} is for origin {signed.origin!r}, the entries for {origin!r}")
     if signed.size > count:
@@ -473,36 +647,51 @@ def verify_audit(
     if count > signed.size:
         raise AuditError(signed.size, f"entries continue past the signed {CHECKPOINT} (tree size {signed.size}): "
                                       "the checkpoint is older than the entries (replayed) or rows were appended")
-    _check_openssl_files(d, note, signed)
+    _check_openssl_files(d, note, signed, signers[signer])
     for s, doc in proofs.items():
         _check_proof(d, s, doc, captured.get(s), signed)
-    _check_known(known, public, roots, count, origin or signed.origin)
+    _check_known(known, chain, roots, count, origin or signed.origin)
     return {
         "ok": True,
         "entries": count,
         "origin": signed.origin,
         "tree_size": signed.size,
         "root": signed.root.hex(),
-        "kid": kid,
+        "kid": signer,
+        "kids": sorted(chain.kids),
         "proofs": len(proofs),
         "known_checkpoints": len(known),
     }
 
 
-def _check_openssl_files(d: Path, note: bytes, cp: Checkpoint) -> None:
+def _open_with(note: bytes | str, origin: str, keys: Mapping[str, bytes], what: str) -> tuple[Checkpoint, str]:
+    """Open a signed checkpoint with whichever of ``keys`` signed it: (checkpoint, kid)."""
+    error: Exception | None = None
+    for kid, public in keys.items():
+        try:
+            return open_checkpoint(note, {origin: public})[0], kid
+        except (NoteError, CheckpointError) as exc:
+            error = exc
+            if "does not verify" in str(exc):
+                break
+    reason = error or "no key of the ledger is current at its size"
+    raise AuditError(None, f"{what}: {reason} (keys current at its size: {', '.join(sorted(keys)) or 'none'})")
+
+
+def _check_openssl_files(d: Path, note: bytes, cp: Checkpoint, public: bytes) -> None:
     body, sig = d / CHECKPOINT_BODY, d / CHECKPOINT_SIG
     if body.exists() and body.read_bytes() != cp.text().encode("utf-8"):
         raise AuditError(None, f"{CHECKPOINT_BODY} differs from the text of {CHECKPOINT}")
-    if sig.exists() and sig.read_bytes() not in {s for _, _, s in note_signatures(note)}:
+    if sig.exists() and sig.read_bytes() != _signature_by(note.decode("utf-8"), cp.origin, public):
         raise AuditError(None, f"{CHECKPOINT_SIG} is not the signature in {CHECKPOINT}")
 
 
-def _check_proof(d: Path, seq: int, doc: dict[str, Any], got: tuple[bytes, str, bytes] | None,
+def _check_proof(d: Path, seq: int, doc: dict[str, Any], got: tuple[bytes, str, bytes, bytes] | None,
                  cp: Checkpoint) -> None:
     name = f"{PROOFS}/{seq}.json"
     if got is None:
         raise AuditError(seq, f"{name} is for an entry the export does not contain")
-    leaf, ehash, signature = got
+    leaf, ehash, signature, public = got
     if doc["tree_size"] != cp.size or doc["root"] != cp.root.hex():
         raise AuditError(seq, f"{name} is for tree size {doc['tree_size']} / root {doc['root']}, "
                               f"not the signed checkpoint's {cp.size} / {cp.root.hex()}")
@@ -515,17 +704,18 @@ def _check_proof(d: Path, seq: int, doc: dict[str, Any], got: tuple[bytes, str, 
         raise AuditError(seq, f"{PROOFS}/{seq}.entry differs from the entry in {ENTRIES}")
     if sig_file.exists() and sig_file.read_bytes() != signature:
         raise AuditError(seq, f"{PROOFS}/{seq}.sig differs from the signature in {ENTRIES}")
+    pem_file = d / PROOFS / f"{seq}.pem"
+    if pem_file.exists() and _read_pem(pem_file, f"{PROOFS}/{seq}.pem") != public:
+        raise AuditError(seq, f"{PROOFS}/{seq}.pem is not the key that signed the entry")
 
 
-def _check_known(known: list[tuple[str | bytes, Checkpoint]], public: bytes, roots: dict[int, bytes],
+def _check_known(known: list[tuple[str | bytes, Checkpoint]], chain: _Chain, roots: dict[int, bytes],
                  count: int, origin: str) -> None:
     """Each checkpoint the auditor already holds must be a prefix of the exported history."""
     matched = 0
     for i, (note, k) in sorted(enumerate(known), key=lambda item: item[1][1].size):
-        try:
-            open_checkpoint(note, {k.origin: public})
-        except (NoteError, CheckpointError) as exc:
-            raise AuditError(None, f"known checkpoint {i} (size {k.size}): {exc}") from None
+        _open_with(note, k.origin, chain.signer_keys(k.size) if k.size <= count else chain.signer_keys(count),
+                   f"known checkpoint {i} (size {k.size})")
         if k.origin != origin:
             raise AuditError(None, f"known checkpoint {i} is for origin {k.origin!r}, the export for {origin!r}")
         if k.size > count:

@@ -65,6 +65,13 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     db_url: str = ""
     listen: str = "127.0.0.1:8443"
     duplicate_window_days: int = 30
+    key_dir: str = ""
+    cosigner_name: str = "mro-gateway"
+
+
+class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    checkpoint_interval_s: float = 300.0
+    checkpoint_min_interval_s: float = 5.0
 
 
 class ComplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -85,6 +92,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     uplink: UplinkConfig = msgspec.field(default_factory=UplinkConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     compliance: ComplianceConfig = msgspec.field(default_factory=ComplianceConfig)
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
 
     @property
     def data_path(self) -> Path:
@@ -125,7 +133,8 @@ def _split_url(url: str) -> tuple[str, int]:
 def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
     sections = {"mqtt": MqttConfig, "limits": LimitsConfig, "stage": StageConfig, "link": LinkConfig,
-                "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig}
+                "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
+                "ledger": LedgerConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value

@@ -24,6 +24,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
+from typing import Protocol
 
 import nacl.exceptions
 import nacl.signing
@@ -105,6 +106,11 @@ def verify_digest_signature(public_bytes: bytes, data: bytes, signature: bytes) 
     except nacl.exceptions.BadSignatureError:
         return False
     return True
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename or link inside it survives a power cut."""
+    _fsync_dir(Path(path))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,7 +206,22 @@ class SigningKey:
         if path.exists() or path.is_symlink():
             return cls.load(path)
         key = cls.generate()
-        tmp = keys_dir / f".{name}.key.{secrets.token_hex(8)}.tmp"
+        try:
+            key.save(path)
+        except FileExistsError:
+            return cls.load(path)
+        return key
+
+    def save(self, path: Path) -> None:
+        """Write this key to ``path`` (PKCS#8 PEM, mode 0600), never replacing an existing file.
+
+        FileExistsError if ``path`` exists. The bytes go to a temporary 0600 file in the same
+        directory, are fsynced, and are hard-linked into place, so the file appears complete or
+        not at all; the directory must already be private (``ensure_private_dir``).
+        """
+        path = Path(path)
+        keys_dir = path.parent
+        tmp = keys_dir / f".{path.name}.{secrets.token_hex(8)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -208,22 +229,25 @@ class SigningKey:
         try:
             try:
                 os.fchmod(fd, 0o600)
-                pending = memoryview(key._private_pem().encode("ascii"))
+                pending = memoryview(self._private_pem().encode("ascii"))
                 while pending:
                     pending = pending[os.write(fd, pending) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return cls.load(path)
+            os.link(tmp, path)
             _fsync_dir(keys_dir)
+        except FileExistsError:
+            raise
         except OSError as exc:
             raise KeyFileError(f"cannot write signing key {path}: {exc.strerror}") from exc
         finally:
             tmp.unlink(missing_ok=True)
-        return key
+
+    @classmethod
+    def ensure_private_dir(cls, keys_dir: Path) -> None:
+        """Create ``keys_dir`` (0700) or check that only its owner can write to it (KeyFileError)."""
+        cls._ensure_private_dir(Path(keys_dir))
 
     @staticmethod
     def _ensure_private_dir(keys_dir: Path) -> None:
@@ -258,6 +282,160 @@ class SigningKey:
         """64-byte Ed25519 signature whose signed message is the 32-byte SHA-256 digest of ``data``."""
         return self._key.sign(hashlib.sha256(data).digest()).signature
 
+    def sign_raw(self, message: bytes) -> bytes:
+        """64-byte plain RFC 8032 Ed25519 signature over ``message`` itself (signed notes, checkpoints).
+
+        ``openssl pkeyutl -verify -rawin`` checks it against the message bytes directly.
+        """
+        return self._key.sign(bytes(message)).signature
+
     def public_pem(self) -> str:
         """The public key as SubjectPublicKeyInfo PEM, identical to ``openssl pkey -in KEY -pubout``."""
         return public_key_to_pem(self.public_bytes)
+
+
+class LedgerSigner(Protocol):
+    """What the ledger needs from a signing key: ``SigningKey`` here, an HSM-held key elsewhere.
+
+    - ``kid``: ``key_id(public_bytes)``; named in every entry the key signs.
+    - ``public_bytes``: the 32-byte raw Ed25519 public key.
+    - ``sign_digest(data)``: Ed25519 over SHA-256(data) (ledger entries); an HSM computes the
+      digest on the host and signs those 32 bytes with CKM_EDDSA.
+    - ``sign_raw(message)``: Ed25519 over ``message`` (signed notes: checkpoints); CKM_EDDSA.
+    """
+
+    kid: str
+    public_bytes: bytes
+
+    def sign_digest(self, data: bytes) -> bytes: ...
+
+    def sign_raw(self, message: bytes) -> bytes: ...
+
+
+LEDGER_KEY = "ledger"
+NEXT_KEY = "ledger.next"
+RETIRED_DIR = "retired"
+
+
+class LedgerKeyFiles:
+    """The ledger's key files in ``$MRO_DATA_DIR/keys`` (0700; every private key file 0600).
+
+    - ``ledger.key``       the key that signs new entries and checkpoints;
+    - ``ledger.next.key``  a rotation waiting for the sign service (``mro-edge keys rotate``): at
+                           its next batch it appends a ``key_rotation`` entry signed by the old
+                           key, signs from then on with the new one, and after the commit renames
+                           this file to ``ledger.key``;
+    - ``retired/ledger.<kid>.key``  keys that were rotated out; they never sign again. Verification
+                           needs only their public halves (``retired/ledger.<kid>.pub.pem``, and
+                           the ledger carries every later key itself): destroy the ``.key`` files
+                           under your key-retention policy, keep the ``.pub.pem`` ones.
+    """
+
+    def __init__(self, keys_dir: Path) -> None:
+        self.dir = Path(keys_dir)
+        self.current_path = self.dir / f"{LEDGER_KEY}.key"
+        self.next_path = self.dir / f"{NEXT_KEY}.key"
+        self._pending: tuple[tuple[int, int], SigningKey] | None = None
+
+    def current(self, *, create: bool = True) -> SigningKey:
+        """``ledger.key`` (created on first use unless ``create`` is False: then KeyFileError)."""
+        if create:
+            return SigningKey.load_or_create(self.dir, LEDGER_KEY)
+        return SigningKey.load(self.current_path)
+
+    def generate(self) -> SigningKey:
+        """Create ``ledger.key``; KeyFileError if one exists (a ledger key is never overwritten)."""
+        SigningKey.ensure_private_dir(self.dir)
+        key = SigningKey.generate()
+        try:
+            key.save(self.current_path)
+        except FileExistsError:
+            existing = SigningKey.load(self.current_path)
+            raise KeyFileError(f"{self.current_path} already holds ledger key {existing.kid}; a ledger key is "
+                               "never overwritten: use 'mro-edge keys rotate' to replace it") from None
+        return key
+
+    def pending(self) -> SigningKey | None:
+        """The key of a rotation not yet taken up (``ledger.next.key``), or None. One stat per call."""
+        try:
+            st = os.stat(self.next_path)
+        except FileNotFoundError:
+            self._pending = None
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if self._pending is None or self._pending[0] != stamp:
+            self._pending = (stamp, SigningKey.load(self.next_path))
+        return self._pending[1]
+
+    def stage_rotation(self) -> SigningKey:
+        """Write a fresh ``ledger.next.key`` for the sign service to rotate to; KeyFileError if one
+        is already pending or there is no current key."""
+        current = self.current(create=False)
+        key = SigningKey.generate()
+        try:
+            key.save(self.next_path)
+        except FileExistsError:
+            waiting = SigningKey.load(self.next_path)
+            raise KeyFileError(f"a rotation from {current.kid} to {waiting.kid} is already pending "
+                               f"({self.next_path}); the sign service takes it up with its next record") from None
+        return key
+
+    def complete_rotation(self, new_kid: str) -> SigningKey:
+        """After the rotation entry naming ``new_kid`` has committed: archive ``ledger.key`` under
+        ``retired/`` and rename ``ledger.next.key`` over it (atomic, fsynced). Idempotent; returns the
+        current key. KeyFileError if neither file holds ``new_kid``."""
+        current = self.current(create=False)
+        if current.kid == new_kid:
+            return current
+        pending = self.pending()
+        if pending is None or pending.kid != new_kid:
+            raise KeyFileError(
+                f"the ledger rotated to key {new_kid}, but {self.dir} holds only {current.kid}"
+                f"{f' and pending {pending.kid}' if pending else ''}: restore the key file of {new_kid} "
+                "(ledger.key) from your key backup; the service will not sign with another key")
+        retired = self.dir / RETIRED_DIR
+        SigningKey.ensure_private_dir(retired)
+        try:
+            os.link(self.current_path, retired / f"{LEDGER_KEY}.{current.kid}.key")
+        except FileExistsError:
+            pass
+        public = retired / f"{LEDGER_KEY}.{current.kid}.pub.pem"
+        if not public.exists():
+            tmp = retired / f".{public.name}.{secrets.token_hex(6)}.tmp"
+            tmp.write_text(current.public_pem())
+            os.replace(tmp, public)
+        _fsync_dir(retired)
+        os.replace(self.next_path, self.current_path)
+        _fsync_dir(self.dir)
+        self._pending = None
+        return pending
+
+    def retired(self) -> list[SigningKey]:
+        """Private keys rotated out earlier and still kept (``retired/*.key``), oldest file first."""
+        retired = self.dir / RETIRED_DIR
+        if not retired.is_dir():
+            return []
+        paths = sorted(retired.glob(f"{LEDGER_KEY}.*.key"), key=lambda p: p.stat().st_mtime_ns)
+        return [SigningKey.load(p) for p in paths]
+
+    def public_keys(self) -> dict[str, bytes]:
+        """kid -> public key of every ledger key this box has held: retired (``retired/*.pub.pem``, kept
+        when the private file is destroyed), current and pending."""
+        keys: dict[str, bytes] = {}
+        retired = self.dir / RETIRED_DIR
+        if retired.is_dir():
+            for p in sorted(retired.glob(f"{LEDGER_KEY}.*.pub.pem")):
+                try:
+                    public = public_key_from_pem(p.read_text(encoding="ascii"))
+                except (KeyFormatError, UnicodeDecodeError, OSError) as exc:
+                    raise KeyFileError(f"{p} is not an Ed25519 public key PEM: {exc}") from None
+                keys[key_id(public)] = public
+        for key in self.retired():
+            keys[key.kid] = key.public_bytes
+        if self.current_path.exists():
+            current = self.current(create=False)
+            keys[current.kid] = current.public_bytes
+        pending = self.pending()
+        if pending is not None:
+            keys[pending.kid] = pending.public_bytes
+        return keys

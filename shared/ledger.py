@@ -6,11 +6,18 @@ chain; each entry is signed with Ed25519 over SHA-256 of its bytes. The exact by
 exported and verified as they are: nothing here re-serializes an entry to check it, because a
 verifier that re-encodes would be checking its own encoder rather than the record.
 
+Key rotation is itself an entry: ``type`` ``key_rotation``, body ``{new_kid, new_public_key
+(base64 of the 32 raw bytes), effective_seq}``, signed by the old key. From ``effective_seq`` on
+only the new key may sign; the old one is retired for good (``KeySchedule``). A verifier thus
+needs only the first key out of band: the chain carries the rest of its key history.
+
 Pure functions only; storage (LMDB) lives elsewhere.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Annotated, Any
@@ -18,11 +25,13 @@ from typing import Annotated, Any
 import msgspec
 
 from shared.canonical import canonical_json, sha256_hex
-from shared.crypto import SigningKey, key_id, verify_digest_signature
+from shared.crypto import PUBLIC_KEY_BYTES, LedgerSigner, key_id, verify_digest_signature
 
 LEDGER_VERSION = 1
 GENESIS_PREV = "0" * 64
 MAX_SEQ = 2**53 - 1
+KEY_ROTATION = "key_rotation"
+_ROTATION_FIELDS = {"new_kid", "new_public_key", "effective_seq"}
 
 _HEX64 = r"^[0-9a-f]{64}$"
 _KID = r"^[0-9a-f]{16}$"
@@ -126,7 +135,7 @@ def entry_hash(entry: bytes) -> str:
     return sha256_hex(entry)
 
 
-def sign_entry(key: SigningKey, entry: bytes, seq: int, idem: str) -> SignedEntry:
+def sign_entry(key: LedgerSigner, entry: bytes, seq: int, idem: str) -> SignedEntry:
     """Hash and sign ``entry``, refusing bytes whose own seq/idem/kid disagree with the row's.
 
     The check costs one JSON decode and makes it impossible to store a row that
@@ -150,37 +159,159 @@ def _checked_keys(public_keys: Mapping[str, bytes]) -> dict[str, bytes]:
     return dict(public_keys)
 
 
-def _verify_one(e: SignedEntry, seq: int, prev: str, keys: dict[str, bytes]) -> None:
-    if e.seq != seq:
-        raise LedgerVerifyError(
-            seq,
-            f"found seq {e.seq} where seq {seq} belongs (entry missing, duplicated, inserted or reordered)",
-        )
-    if e.hash != entry_hash(e.entry):
-        raise LedgerVerifyError(seq, "hash does not match SHA-256 of the entry bytes")
+# -- key rotation -------------------------------------------------------------------------------
+
+class Rotation(msgspec.Struct, frozen=True):
+    """What a ``key_rotation`` entry says: from ``effective_seq`` on, ``new_kid`` signs instead of
+    the key that signed the rotation entry itself (``old_kid``)."""
+
+    seq: int
+    old_kid: str
+    new_kid: str
+    new_public: bytes
+    effective_seq: int
+
+
+def rotation_body(new_public: bytes, effective_seq: int) -> dict[str, Any]:
+    """Body of a ``key_rotation`` entry: the new key (base64 of its 32 raw bytes), its kid, and the
+    first seq it signs. The entry itself is signed by the old key."""
+    return {
+        "new_kid": key_id(new_public),
+        "new_public_key": base64.b64encode(new_public).decode("ascii"),
+        "effective_seq": effective_seq,
+    }
+
+
+def parse_rotation(entry: LedgerEntry) -> Rotation:
+    """The rotation a ``key_rotation`` entry announces; ValueError if its body is not well formed."""
+    body = entry.body
+    if set(body) != _ROTATION_FIELDS:
+        raise ValueError(f"a key_rotation body has exactly the fields {sorted(_ROTATION_FIELDS)}")
+    new_kid, encoded, effective = body["new_kid"], body["new_public_key"], body["effective_seq"]
     try:
-        parsed = parse_entry(e.entry)
-    except ValueError as exc:
-        raise LedgerVerifyError(seq, f"entry bytes are not a well-formed ledger entry: {exc}") from None
-    if parsed.v != LEDGER_VERSION:
-        raise LedgerVerifyError(
-            seq, f"entry has ledger version {parsed.v}, this verifier knows {LEDGER_VERSION}"
-        )
-    if parsed.seq != e.seq:
-        raise LedgerVerifyError(seq, f"entry bytes say seq {parsed.seq}")
-    if parsed.idem != e.idem:
-        raise LedgerVerifyError(seq, "entry bytes carry a different idempotency key than the row")
-    if parsed.kid != e.kid:
-        raise LedgerVerifyError(seq, f"entry bytes name key {parsed.kid} but the row names {e.kid}")
-    if parsed.prev != prev:
-        if seq == 0:
-            raise LedgerVerifyError(seq, "prev is not the genesis value")
-        raise LedgerVerifyError(seq, f"prev does not match hash of seq {seq - 1}")
-    public = keys.get(e.kid)
-    if public is None:
-        raise LedgerVerifyError(seq, f"signed with unknown key {e.kid}")
-    if not verify_digest_signature(public, e.entry, e.signature):
-        raise LedgerVerifyError(seq, f"signature is not valid for key {e.kid}")
+        public = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else b""
+    except (binascii.Error, ValueError):
+        public = b""
+    if len(public) != PUBLIC_KEY_BYTES or base64.b64encode(public).decode("ascii") != encoded:
+        raise ValueError("new_public_key is not the base64 of a 32-byte Ed25519 public key")
+    if new_kid != key_id(public):
+        raise ValueError(f"new_kid {new_kid!r} is not the kid of new_public_key ({key_id(public)})")
+    if type(effective) is not int or not entry.seq < effective <= MAX_SEQ:
+        raise ValueError(f"effective_seq must be a seq after the rotation entry's own ({entry.seq})")
+    if new_kid == entry.kid:
+        raise ValueError("a rotation must name a key other than the one signing it")
+    return Rotation(entry.seq, entry.kid, new_kid, public, effective)
+
+
+class KeySchedule:
+    """Which key may sign which seq: the verifier's trusted keys, extended by rotation entries.
+
+    A trusted key may sign any seq until a rotation it signed retires it; the rotation's new key
+    may sign from its ``effective_seq`` on. So a chain needs only its first key to be trusted out
+    of band: every later key is introduced by an entry the previous key signed, and a retired key
+    (lost, stolen, or simply replaced) can no longer sign anything the verifier accepts.
+    """
+
+    def __init__(self, public_keys: Mapping[str, bytes]) -> None:
+        self.keys = _checked_keys(public_keys)
+        self.valid_from: dict[str, int] = {}
+        self.retired_from: dict[str, tuple[int, int]] = {}  # kid -> (effective_seq, rotation seq)
+        self.rotations: list[Rotation] = []
+
+    def key_for(self, kid: str, seq: int) -> bytes:
+        """The public key ``kid`` if it may sign ``seq``; ValueError saying why not."""
+        public = self.keys.get(kid)
+        if public is None:
+            raise ValueError(f"signed with unknown key {kid}")
+        start = self.valid_from.get(kid)
+        if start is not None and seq < start:
+            raise ValueError(f"signed with key {kid}, which a rotation introduced only from seq {start}")
+        retired = self.retired_from.get(kid)
+        if retired is not None and seq >= retired[0]:
+            raise ValueError(f"signed with key {kid}, which the rotation at seq {retired[1]} retired "
+                             f"from seq {retired[0]} on")
+        return public
+
+    def apply(self, rotation: Rotation) -> None:
+        """Take up a rotation whose entry verified; ValueError if it contradicts the schedule."""
+        pending = [r for r in self.rotations if r.effective_seq > rotation.seq]
+        if pending:
+            raise ValueError(f"a rotation while the one at seq {pending[-1].seq} has not taken effect")
+        if rotation.new_kid in self.retired_from:
+            raise ValueError(f"the rotation names key {rotation.new_kid}, which was retired earlier")
+        known = self.keys.get(rotation.new_kid)
+        if known is not None and known != rotation.new_public:
+            raise ValueError(f"the rotation's key {rotation.new_kid} differs from the known key of that kid")
+        if known is None:
+            self.keys[rotation.new_kid] = rotation.new_public
+            self.valid_from[rotation.new_kid] = rotation.effective_seq
+        self.retired_from[rotation.old_kid] = (rotation.effective_seq, rotation.seq)
+        self.rotations.append(rotation)
+
+    def signer_after(self, seq: int) -> str | None:
+        """The kid the latest rotation says signs ``seq`` (None before any rotation)."""
+        for r in reversed(self.rotations):
+            if r.effective_seq <= seq:
+                return r.new_kid
+        return None
+
+
+class ChainVerifier:
+    """Streaming verification of a chain, one entry at a time (``verify_chain`` in a loop).
+
+    Per entry: seq continuity, hash == SHA-256(entry bytes), the bytes decode to an entry whose
+    seq/idem/kid agree with the row, ``prev`` links to the previous entry's hash, the key named
+    by ``kid`` may sign this seq (``KeySchedule``) and its signature verifies; a ``key_rotation``
+    entry must be well formed and is then taken up. LedgerVerifyError at the first problem.
+    """
+
+    def __init__(self, public_keys: Mapping[str, bytes], *, expect_first_seq: int = 0,
+                 prev: str = GENESIS_PREV) -> None:
+        self.schedule = KeySchedule(public_keys)
+        self.seq = expect_first_seq
+        self.prev = prev
+
+    def check(self, e: SignedEntry) -> LedgerEntry:
+        seq, prev = self.seq, self.prev
+        if e.seq != seq:
+            raise LedgerVerifyError(
+                seq,
+                f"found seq {e.seq} where seq {seq} belongs (entry missing, duplicated, inserted or reordered)",
+            )
+        if e.hash != entry_hash(e.entry):
+            raise LedgerVerifyError(seq, "hash does not match SHA-256 of the entry bytes")
+        try:
+            parsed = parse_entry(e.entry)
+        except ValueError as exc:
+            raise LedgerVerifyError(seq, f"entry bytes are not a well-formed ledger entry: {exc}") from None
+        if parsed.v != LEDGER_VERSION:
+            raise LedgerVerifyError(
+                seq, f"entry has ledger version {parsed.v}, this verifier knows {LEDGER_VERSION}"
+            )
+        if parsed.seq != e.seq:
+            raise LedgerVerifyError(seq, f"entry bytes say seq {parsed.seq}")
+        if parsed.idem != e.idem:
+            raise LedgerVerifyError(seq, "entry bytes carry a different idempotency key than the row")
+        if parsed.kid != e.kid:
+            raise LedgerVerifyError(seq, f"entry bytes name key {parsed.kid} but the row names {e.kid}")
+        if parsed.prev != prev:
+            if seq == 0:
+                raise LedgerVerifyError(seq, "prev is not the genesis value")
+            raise LedgerVerifyError(seq, f"prev does not match hash of seq {seq - 1}")
+        try:
+            public = self.schedule.key_for(e.kid, seq)
+        except ValueError as exc:
+            raise LedgerVerifyError(seq, str(exc)) from None
+        if not verify_digest_signature(public, e.entry, e.signature):
+            raise LedgerVerifyError(seq, f"signature is not valid for key {e.kid}")
+        if parsed.type == KEY_ROTATION:
+            try:
+                self.schedule.apply(parse_rotation(parsed))
+            except ValueError as exc:
+                raise LedgerVerifyError(seq, f"key rotation refused: {exc}") from None
+        self.prev = e.hash
+        self.seq = seq + 1
+        return parsed
 
 
 def verify_chain(
@@ -194,25 +325,22 @@ def verify_chain(
     """Verify a run of entries in order, streaming; return how many were verified.
 
     ``expect_first_seq``/``prev`` let a verifier resume from a trusted point (e.g. a checkpoint)
-    instead of genesis. Checks per entry: seq continuity, hash == SHA-256(entry bytes), the
-    bytes decode to an entry whose seq/idem/kid agree with the row, ``prev`` links to the
-    previous entry's hash, and the signature verifies under the key named by ``kid``.
+    instead of genesis. Checks per entry: see ``ChainVerifier``; key rotations are honoured, so
+    ``public_keys`` needs only the keys trusted at the start (later ones come from rotation
+    entries, and a rotated-out key is refused from its rotation's ``effective_seq`` on).
     A chain cut short at its tail looks valid on its own; pass ``expect_count`` (e.g. from a
     signed checkpoint) to catch that. Raises LedgerVerifyError at the first bad seq.
     ``public_keys`` maps kid -> raw 32-byte key; a kid that is not the key's own is a ValueError.
     """
-    keys = _checked_keys(public_keys)
-    seq = expect_first_seq
+    verifier = ChainVerifier(public_keys, expect_first_seq=expect_first_seq, prev=prev)
     for e in entries:
-        if expect_count is not None and seq - expect_first_seq >= expect_count:
-            raise LedgerVerifyError(seq, f"entry beyond the expected {expect_count} entries")
-        _verify_one(e, seq, prev, keys)
-        prev = e.hash
-        seq += 1
-    count = seq - expect_first_seq
+        if expect_count is not None and verifier.seq - expect_first_seq >= expect_count:
+            raise LedgerVerifyError(verifier.seq, f"entry beyond the expected {expect_count} entries")
+        verifier.check(e)
+    count = verifier.seq - expect_first_seq
     if expect_count is not None and count < expect_count:
         raise LedgerVerifyError(
-            seq, f"missing: the chain ends after {count} of {expect_count} expected entries"
+            verifier.seq, f"missing: the chain ends after {count} of {expect_count} expected entries"
         )
     return count
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +43,19 @@ from shared.wire import (
 
 RUNTIME_TABLES = ("seen", "dlq", "meta") + OUTBOX_TABLES
 FREEZE_AFTER = 3
+
+
+REFUSED_EXIT = 3
+
+
+class StageRefused(Exception):
+    """The stage must not start (e.g. its store is behind a signed checkpoint): `kind` names the
+    alarm, the message explains the recovery. The process exits with REFUSED_EXIT and the
+    supervisor does not restart it: a person has to act."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class StageFault(Exception):
@@ -465,4 +479,10 @@ def run_stage(stage: Stage, config: Config) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    StageRuntime(stage, config).serve(stop)
+    try:
+        StageRuntime(stage, config).serve(stop)
+    except StageRefused as exc:
+        get_logger(stage=stage.name).error("refusing to start", alarm=exc.kind, detail=str(exc),
+                                           state_transition="REFUSED")
+        print(f"mro-edge {stage.name}: {exc}", file=sys.stderr)
+        raise SystemExit(REFUSED_EXIT) from None

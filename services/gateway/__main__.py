@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--db-url", default=GatewaySettings.db_url)
     p_serve.add_argument("--listen", default="127.0.0.1:8443")
     p_serve.add_argument("--duplicate-window-days", type=int, default=30)
+    p_serve.add_argument("--key-dir", default="",
+                         help="directory of the cosigner key (default: keys/ beside a SQLite database)")
+    p_serve.add_argument("--cosigner-name", default=GatewaySettings.cosigner_name)
     p_reg = sub.add_parser("register-edge", help="register an edge's public key; prints its bearer token")
     p_reg.add_argument("origin")
     p_reg.add_argument("pem", help="file with the edge's public key (BEGIN PUBLIC KEY)")
@@ -24,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         host, port = split_listen(args.listen)
         serve(GatewaySettings(db_url=args.db_url, host=host, port=port,
-                              duplicate_window_days=args.duplicate_window_days))
+                              duplicate_window_days=args.duplicate_window_days, key_dir=args.key_dir,
+                              cosigner_name=args.cosigner_name))
         return 0
     from services.gateway.admin import register_edge
 

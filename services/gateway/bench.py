@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -87,13 +88,15 @@ def free_port() -> int:
 class ThreadedGateway:
     """The real gateway (uvicorn + Starlette) on a free port, in a thread of this process."""
 
-    def __init__(self, db_url: str, duplicate_window_days: int = 30) -> None:
+    def __init__(self, db_url: str, duplicate_window_days: int = 30, key_dir: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn_server(
-            GatewaySettings(db_url=db_url, port=self.port, duplicate_window_days=duplicate_window_days),
-            log_level="warning",
-        )
+        if key_dir is None and not db_url.startswith("sqlite:///"):
+            self._tmp = tempfile.TemporaryDirectory(prefix="mro-gw-keys-")
+            key_dir = self._tmp.name + "/keys"
+        self.settings = GatewaySettings(db_url=db_url, port=self.port, duplicate_window_days=duplicate_window_days,
+                                        key_dir=key_dir or "")
+        self.server = uvicorn_server(self.settings, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
 
     def __enter__(self) -> ThreadedGateway:
@@ -152,10 +155,44 @@ def bench_ingest(db_url: str, n: int = 20_000, batch: int = 1000) -> float:
     return n / elapsed
 
 
+def bench_checkpoint(db_url: str, n: int = 100_000, batch: int = 2000) -> dict[str, float]:
+    """Ingest ``n`` entries (Merkle tree maintained), then time ``POST /v1/checkpoints`` at size ``n``
+    (signature, root over the held entries, consistency with the previous one, cosignature)."""
+    from shared.checkpoint import Checkpoint, sign_checkpoint
+    from shared.merkle import Frontier, leaf_hash
+
+    key = SigningKey.generate()
+    origin = f"bench/{uuid.uuid4().hex[:12]}"
+    token = register_edge(db_url, origin, key.public_pem())
+    entries = list(make_entries(key, origin, n))
+    frontier, notes = Frontier(), {}
+    for e in entries:
+        frontier.append(leaf_hash(e.entry))
+        if frontier.size in (n // 2, n):
+            notes[frontier.size] = sign_checkpoint(Checkpoint(origin, frontier.size, frontier.root()), key)
+    with ThreadedGateway(db_url) as gw, httpx.Client(
+        base_url=gw.url, timeout=300, headers={"Authorization": f"Bearer {token}"}
+    ) as http:
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            response = http.post("/v1/entries", content=batch_body(entries[i : i + batch]),
+                                 headers={"Content-Type": "application/json"})
+            if response.status_code != 200:
+                raise RuntimeError(f"the gateway refused a bench batch: {response.status_code} {response.text[:500]}")
+        ingest_s = time.perf_counter() - start
+        timings = []
+        for size in (n // 2, n):
+            start = time.perf_counter()
+            response = http.post("/v1/checkpoints", json={"checkpoint": notes[size]})
+            timings.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                raise RuntimeError(f"checkpoint refused: {response.status_code} {response.text[:500]}")
+    return {"entries": n, "ingest_per_s": n / ingest_s, "first_checkpoint_ms": 1000 * timings[0],
+            "next_checkpoint_ms": 1000 * timings[1]}
+
+
 if __name__ == "__main__":
     import sys
-
-    import tempfile
 
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     batch_size = int(sys.argv[2]) if len(sys.argv) > 2 else 1000

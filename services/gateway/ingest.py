@@ -19,6 +19,14 @@ Per row, in this order:
    left ours earlier; evidence kept); seq > head + 1 is a ``gap`` (409, ``expected_seq``);
    otherwise it is appended, and flagged as a business duplicate when an earlier entry of the
    origin carries the same idempotency key and was recorded inside the window before it.
+
+Keys: a registered key may sign until a ``key_rotation`` entry it signed retires it; the new
+key the rotation names is accepted from its ``effective_seq`` on (``shared.ledger.KeySchedule``),
+without any registration: the old key vouched for it. A key the origin never had is
+``unknown_key``; a retired key, or a new key before its seq, is ``retired_key``; a rotation
+entry that is malformed or contradicts the schedule is ``bad_rotation``.
+
+The origin's Merkle tree (``tree.OriginTree``) grows in the same transaction as the entries.
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ from typing import Annotated, Any
 import msgspec
 
 from services.gateway.storage import ForkEvidence, HeldEntry, NewEntry, Tx
+from services.gateway.tree import OriginTree
 from shared.crypto import verify_digest_signature
-from shared.ledger import GENESIS_PREV, LEDGER_VERSION, MAX_SEQ, parse_entry
-
+from shared.ledger import GENESIS_PREV, KEY_ROTATION, LEDGER_VERSION, MAX_SEQ, Rotation, parse_entry, parse_rotation
 
 
 class Row(msgspec.Struct, forbid_unknown_fields=True):
@@ -128,7 +136,8 @@ def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, 
         result.error = decode_error
         return result
 
-    keys = tx.keys(origin)
+    schedule = tx.key_schedule(origin)
+    rotations: list[Rotation] = []
     held = tx.held(origin, sorted({r.seq for r in rows if r.seq <= head_seq}))
     history = tx.idem_history(origin, (r.idempotency_key for r in rows))
     new: list[NewEntry] = []
@@ -186,11 +195,15 @@ def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, 
                                f"kid={parsed.kid}, the row says seq={seq} idem={row.idempotency_key} "
                                f"kid={row.kid}", index, seq)
             break
-        public = keys.get(row.kid)
-        if public is None:
+        if row.kid not in schedule.keys:
             error = BatchError(422, "unknown_key",
                                f"seq {seq}: signed with key {row.kid}, which is not registered for origin "
                                f"{origin!r} (mro-edge gateway register-edge)", index, seq, {"kid": row.kid})
+            break
+        try:
+            public = schedule.key_for(row.kid, seq)
+        except ValueError as exc:
+            error = BatchError(422, "retired_key", f"seq {seq}: {exc}", index, seq, {"kid": row.kid})
             break
         if not verify_digest_signature(public, entry, signature):
             error = BatchError(422, "bad_signature",
@@ -231,6 +244,19 @@ def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, 
                                {"held_hash": result.head_hash, "received_prev": parsed.prev})
             break
 
+        if parsed.type == KEY_ROTATION:
+            try:
+                rotation = parse_rotation(parsed)
+                others = [o for o in tx.origins_of_kid(rotation.new_kid) if o != origin]
+                if others:
+                    raise ValueError(f"key {rotation.new_kid} is registered for origin {others[0]!r}")
+                schedule.apply(rotation)
+            except ValueError as exc:
+                error = BatchError(422, "bad_rotation", f"seq {seq}: key rotation refused: {exc}", index, seq,
+                                   {"kid": row.kid})
+                break
+            rotations.append(rotation)
+
         duplicate_of = None
         earlier = history.get(row.idempotency_key)
         if earlier:
@@ -252,6 +278,11 @@ def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, 
     if new:
         tx.insert_entries(origin, new, now)
         tx.set_head(origin, result.head_seq, result.head_hash, now)
+        tree = OriginTree(tx, origin)
+        tree.extend([n.entry for n in new], new[0].seq)
+        tree.flush()
+        for rotation in rotations:
+            tx.add_rotation(origin, rotation, now)
     if result.fork is not None:
         tx.insert_fork(origin, result.fork, now)
     return result

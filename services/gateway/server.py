@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -24,12 +25,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from services.gateway.checkpoints import Cosigner, accept_checkpoint, checkpoint_decoder
 from services.gateway.ingest import batch_decoder, ingest_batch
 from services.gateway.storage import Storage, StorageError, check_url, open_storage
 from shared.logs import get_logger
 
 MAX_BATCH_ENTRIES = 10_000
 MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_CHECKPOINT_BYTES = 64 * 1024
+COSIGNER_NAME = "mro-gateway"
 
 _encode = msgspec.json.Encoder().encode
 
@@ -45,14 +49,28 @@ class GatewaySettings:
     max_batch_entries: int = MAX_BATCH_ENTRIES
     max_body_bytes: int = MAX_BODY_BYTES
     pool_size: int = 4
+    key_dir: str = ""  # the cosigner key's directory; empty: see ``cosigner_key_dir``
+    cosigner_name: str = COSIGNER_NAME
 
     @classmethod
     def from_config(cls, config: Any) -> GatewaySettings:
         """From a ``shared.config.Config`` (its ``gateway`` section) or the section itself."""
         section = getattr(config, "gateway", config)
         host, port = split_listen(section.listen)
+        data_dir = getattr(config, "data_path", None)
         return cls(db_url=getattr(config, "gateway_db_url", section.db_url), host=host, port=port,
-                   duplicate_window_days=int(section.duplicate_window_days))
+                   duplicate_window_days=int(section.duplicate_window_days),
+                   key_dir=str(section.key_dir or (Path(data_dir) / "gateway" / "keys" if data_dir else "")),
+                   cosigner_name=section.cosigner_name or COSIGNER_NAME)
+
+    @property
+    def cosigner_key_dir(self) -> Path:
+        """``key_dir``, else ``keys/`` beside a SQLite database, else ``./var/gateway/keys``."""
+        if self.key_dir:
+            return Path(self.key_dir)
+        if self.db_url.startswith("sqlite:///"):
+            return Path(self.db_url[len("sqlite:///"):]).parent / "keys"
+        return Path("var") / "gateway" / "keys"
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -95,12 +113,14 @@ class Gateway:
         self.settings = settings
         self.window = timedelta(days=settings.duplicate_window_days)
         self.storage: Storage | None = None
+        self.cosigner: Cosigner | None = None
         self.log = get_logger(component="gateway")
 
     def open(self) -> None:
+        self.cosigner = Cosigner.load_or_create(self.settings.cosigner_key_dir, self.settings.cosigner_name)
         self.storage = open_storage(self.settings.db_url, self.settings.pool_size)
         self.log.info("gateway storage open", storage=repr(self.storage),
-                      duplicate_window_days=self.settings.duplicate_window_days)
+                      duplicate_window_days=self.settings.duplicate_window_days, cosigner=self.cosigner.vkey)
 
     def close(self) -> None:
         if self.storage is not None:
@@ -202,11 +222,43 @@ class Gateway:
         return _json(result.as_dict(), result.status)
 
 
+    async def post_checkpoint(self, request: Request) -> Response:
+        origin = await self._authenticated(request)
+        if isinstance(origin, Response):
+            return origin
+        body = await request.body()
+        if len(body) > MAX_CHECKPOINT_BYTES:
+            return _error(413, "body_too_large", f"a checkpoint request may hold at most {MAX_CHECKPOINT_BYTES} bytes")
+        try:
+            note = checkpoint_decoder.decode(body).checkpoint
+        except msgspec.DecodeError as exc:
+            return _error(400, "malformed_request", f'the body must be {{"checkpoint": "<signed note>"}}: {exc}')
+
+        def check():
+            assert self.storage is not None and self.cosigner is not None
+            with self.storage.transaction() as tx:
+                return accept_checkpoint(tx, origin, note, self.cosigner, _utc_now())
+
+        try:
+            result = await anyio.to_thread.run_sync(check)
+        except StorageError as exc:
+            return self._unavailable(exc)
+        if result.status != 200:
+            getattr(self.log, result.log)("checkpoint refused", origin=origin, **result.body["error"])
+        return _json(result.body, result.status)
+
+    async def cosigner_key(self, _request: Request) -> Response:
+        assert self.cosigner is not None
+        return _json(self.cosigner.describe())
+
+
 def _routes(gateway: Gateway) -> list[Route]:
     return [
         Route("/health", gateway.health, methods=["GET"]),
         Route("/v1/head", gateway.head, methods=["GET"]),
         Route("/v1/entries", gateway.post_entries, methods=["POST"]),
+        Route("/v1/checkpoints", gateway.post_checkpoint, methods=["POST"]),
+        Route("/v1/cosigner-key", gateway.cosigner_key, methods=["GET"]),
     ]
 
 

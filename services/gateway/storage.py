@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.ledger import KeySchedule, Rotation
+
 GENESIS_HASH = "0" * 64
 SCHEMA_VERSION = "1"
 
@@ -84,6 +86,47 @@ _DDL = (
         signature {blob} NOT NULL,
         received_at TEXT NOT NULL,
         PRIMARY KEY (origin, seq, hash))""",
+    # The RFC 6962 Merkle tree over each origin's entries: the hash of every complete subtree
+    # (level 0 = leaf hashes), written in the transaction that stores the entries (shared.merkle).
+    """CREATE TABLE IF NOT EXISTS merkle_nodes (
+        origin TEXT NOT NULL,
+        level INTEGER NOT NULL,
+        idx {bigint} NOT NULL,
+        hash {blob} NOT NULL,
+        PRIMARY KEY (origin, level, idx))""",
+    """CREATE TABLE IF NOT EXISTS merkle_sizes (
+        origin TEXT PRIMARY KEY,
+        size {bigint} NOT NULL)""",
+    # Key rotations taken from accepted key_rotation entries (signed by the old key): new_kid may
+    # sign from effective_seq on, old_kid no longer from then.
+    """CREATE TABLE IF NOT EXISTS key_rotations (
+        origin TEXT NOT NULL,
+        seq {bigint} NOT NULL,
+        old_kid TEXT NOT NULL,
+        new_kid TEXT NOT NULL,
+        new_public_key {blob} NOT NULL,
+        effective_seq {bigint} NOT NULL,
+        accepted_at TEXT NOT NULL,
+        PRIMARY KEY (origin, seq))""",
+    # Accepted signed checkpoints and the gateway's latest cosignature of each (the edge's receipt).
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        origin TEXT NOT NULL,
+        size {bigint} NOT NULL,
+        root {blob} NOT NULL,
+        note TEXT NOT NULL,
+        cosignature TEXT NOT NULL,
+        accepted_at TEXT NOT NULL,
+        PRIMARY KEY (origin, size))""",
+    # Evidence: validly signed checkpoints that contradict the entries held (the edge signed
+    # another history). Never cosigned.
+    """CREATE TABLE IF NOT EXISTS checkpoint_forks (
+        origin TEXT NOT NULL,
+        size {bigint} NOT NULL,
+        root {blob} NOT NULL,
+        note TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        PRIMARY KEY (origin, size, root))""",
 )
 
 _ENTRY_COLUMNS = "origin, seq, hash, idem, kid, recorded_at, entry, signature, duplicate_of, received_at"
@@ -119,6 +162,14 @@ class NewEntry:
     entry: bytes
     signature: bytes
     duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class AcceptedCheckpoint:
+    size: int
+    root: bytes
+    note: str
+    cosignature: str
 
 
 @dataclass(frozen=True)
@@ -234,6 +285,74 @@ class Tx:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (origin, f.seq, f.hash, f.reason, f.held_hash, f.kid, f.entry, f.signature, now),
         )
+
+    # -- key rotations
+    def rotations(self, origin: str) -> list[Rotation]:
+        rows = self._rows(
+            "SELECT seq, old_kid, new_kid, new_public_key, effective_seq FROM key_rotations WHERE origin = ? "
+            "ORDER BY seq", (origin,))
+        return [Rotation(int(seq), old, new, bytes(public), int(eff)) for seq, old, new, public, eff in rows]
+
+    def key_schedule(self, origin: str) -> KeySchedule:
+        """Registered keys of ``origin``, then every accepted rotation in seq order (shared.ledger.KeySchedule)."""
+        rotations = self.rotations(origin)
+        introduced = {r.new_kid for r in rotations}
+        schedule = KeySchedule({kid: pub for kid, pub in self.keys(origin).items() if kid not in introduced})
+        for r in rotations:
+            schedule.apply(r)
+        return schedule
+
+    def add_rotation(self, origin: str, r: Rotation, now: str) -> None:
+        self._exec(
+            "INSERT INTO key_rotations (origin, seq, old_kid, new_kid, new_public_key, effective_seq, accepted_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (origin, r.seq, r.old_kid, r.new_kid, r.new_public, r.effective_seq, now))
+        self.add_key(origin, r.new_kid, r.new_public, now)
+
+    # -- the Merkle tree (see shared.merkle for the node layout)
+    def merkle_size(self, origin: str) -> int:
+        rows = self._rows("SELECT size FROM merkle_sizes WHERE origin = ?", (origin,))
+        return int(rows[0][0]) if rows else 0
+
+    def set_merkle_size(self, origin: str, size: int) -> None:
+        self._exec("INSERT INTO merkle_sizes (origin, size) VALUES (?, ?) "
+                   "ON CONFLICT (origin) DO UPDATE SET size = excluded.size", (origin, size))
+
+    def merkle_node(self, origin: str, level: int, idx: int) -> bytes | None:
+        rows = self._rows("SELECT hash FROM merkle_nodes WHERE origin = ? AND level = ? AND idx = ?",
+                          (origin, level, idx))
+        return bytes(rows[0][0]) if rows else None
+
+    def insert_merkle_nodes(self, origin: str, nodes: list[tuple[int, int, bytes]]) -> None:
+        self._conn.executemany(
+            self._s.sql("INSERT INTO merkle_nodes (origin, level, idx, hash) VALUES (?, ?, ?, ?)"),
+            [(origin, level, idx, h) for level, idx, h in nodes],
+        )
+
+    # -- checkpoints
+    def last_checkpoint(self, origin: str) -> AcceptedCheckpoint | None:
+        rows = self._rows("SELECT size, root, note, cosignature FROM checkpoints WHERE origin = ? "
+                          "ORDER BY size DESC LIMIT 1", (origin,))
+        if not rows:
+            return None
+        size, root, note, cosignature = rows[0]
+        return AcceptedCheckpoint(int(size), bytes(root), note, cosignature)
+
+    def put_checkpoint(self, origin: str, cp: AcceptedCheckpoint, now: str) -> None:
+        self._exec(
+            "INSERT INTO checkpoints (origin, size, root, note, cosignature, accepted_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (origin, size) DO UPDATE SET cosignature = excluded.cosignature, "
+            "accepted_at = excluded.accepted_at",
+            (origin, cp.size, cp.root, cp.note, cp.cosignature, now))
+
+    def insert_checkpoint_fork(self, origin: str, size: int, root: bytes, note: str, reason: str, now: str) -> None:
+        self._exec(
+            "INSERT INTO checkpoint_forks (origin, size, root, note, reason, received_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING", (origin, size, root, note, reason, now))
+
+    def checkpoint_forks(self, origin: str) -> list[dict]:
+        rows = self._rows("SELECT size, root, note, reason FROM checkpoint_forks WHERE origin = ? ORDER BY size",
+                          (origin,))
+        return [{"size": int(a), "root": bytes(b), "note": c, "reason": d} for a, b, c, d in rows]
 
     # -- reading back (tests, audits, the bench)
     def entries(self, origin: str, from_seq: int = 0, limit: int = 10_000) -> list[dict]:
@@ -414,6 +533,11 @@ class PostgresTx(Tx):
         with self._conn.cursor() as cur, cur.copy(f"COPY entries ({_ENTRY_COLUMNS}) FROM STDIN") as copy:
             for r in rows:
                 copy.write_row(self._entry_tuple(origin, r, now))
+
+    def insert_merkle_nodes(self, origin: str, nodes: list[tuple[int, int, bytes]]) -> None:
+        with self._conn.cursor() as cur, cur.copy("COPY merkle_nodes (origin, level, idx, hash) FROM STDIN") as copy:
+            for level, idx, h in nodes:
+                copy.write_row((origin, level, idx, h))
 
 
 class PostgresStorage(Storage):

@@ -1,33 +1,172 @@
 """Sign: append each validated record to the hash-chained, Ed25519-signed ledger exactly once.
 
-The dedupe check, the entry, the chain head and the seen-key land in one transaction, so a
-record delivered twice (re-send, redelivery, restart) is appended once. Device `recorded`
-receipts and outcome notices leave only after the commit.
+The dedupe check, the entry, its Merkle leaf (and the tree nodes it completes), the chain head
+and the seen-key land in one transaction, so a record delivered twice (re-send, redelivery,
+restart) is appended once and the tree never disagrees with the entries. Device `recorded`
+receipts and outcome notices leave only after the commit; signed checkpoints are made from
+committed state only (``Checkpointer``).
+
+Before the first append, ``open`` refuses to start (``guard.SignRefused``: alarm, then exit)
+if the store is damaged, or behind / forked from what was already signed or acknowledged.
+
+Key rotation (``mro-edge keys rotate`` writes ``keys/ledger.next.key``): at its next batch the
+stage appends a ``key_rotation`` entry signed by the old key, naming the new key and the seq
+from which it signs, and signs everything after it with the new key, all in one transaction.
+Which key signs next is always derived from the committed ledger (the head entry), never from
+memory, so an aborted batch or a crash between the commit and the key file's rename is
+harmless: the next batch (or start) finishes the rename.
 """
 
 from __future__ import annotations
 
-from shared.crypto import SigningKey
-from shared.ledger import GENESIS_PREV, entry_bytes, export_row, sign_entry
-from shared.ledger_store import LEDGER_TABLE, decode_entry, encode_entry
+import threading
+import time
+
+from services.sign.guard import (
+    LedgerDamagedError,
+    SignRefused,
+    check_acknowledged,
+    check_checkpoint,
+    check_tree,
+    refuse,
+)
+from shared.canonical import canonical_json, sha256_hex
+from shared.checkpoint import Checkpoint, sign_checkpoint
+from shared.crypto import KeyFileError, LedgerKeyFiles, SigningKey
+from shared.ledger import (
+    GENESIS_PREV,
+    KEY_ROTATION,
+    SignedEntry,
+    entry_bytes,
+    export_row,
+    parse_entry,
+    parse_rotation,
+    rotation_body,
+    sign_entry,
+)
+from shared.ledger_store import (
+    CHECKPOINTS_TABLE,
+    LEDGER_TABLE,
+    SIGN_TABLES,
+    decode_entry,
+    encode_entry,
+    latest_checkpoint_path,
+    write_latest_checkpoint,
+)
+from shared.merkle import MERKLE_TABLE, MerkleTree, leaf_hash, lmdb_tree
 from shared.stage import Stage, UnitOfWork
 from shared.store import from_u64, u64
 from shared.wire import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
+
+CHECKPOINT_POLL_S = 0.2
+
+
+def next_signer(head: SignedEntry | None, first_kid: str) -> str:
+    """The kid that signs the entry after ``head``: the rotation's new key right after a
+    ``key_rotation`` entry, otherwise the head's own key (``first_kid`` for an empty ledger)."""
+    if head is None:
+        return first_kid
+    parsed = parse_entry(head.entry)
+    if parsed.type == KEY_ROTATION:
+        rotation = parse_rotation(parsed)
+        if rotation.effective_seq == head.seq + 1:
+            return rotation.new_kid
+    return head.kid
 
 
 class Sign(Stage):
     name = "sign"
     downstream = "uplink"
-    tables = (LEDGER_TABLE,)
+    tables = SIGN_TABLES
+    refuse = staticmethod(refuse)  # alarm + log before a refusal propagates (replaceable in tests)
+    run_checkpointer = True  # False: checkpoints only on demand (``Checkpointer.tick``), e.g. in tools
 
     def open(self, runtime) -> None:
-        self.key = SigningKey.load_or_create(runtime.config.data_path / "keys")
-        self.origin = runtime.config.origin
+        config = runtime.config
+        self.runtime = runtime
+        self.origin = config.origin
+        self.log = runtime.log
+        self.key_files = LedgerKeyFiles(config.data_path / "keys")
+        try:
+            self._open_checked(runtime)
+        except SignRefused as exc:
+            self.refuse(config, exc)
+            raise
+        self.checkpointer = Checkpointer(self, runtime)
+        if self.run_checkpointer:
+            self.checkpointer.start()
 
+    def _open_checked(self, runtime) -> None:
+        config, store = runtime.config, runtime.store
+        try:
+            current = self.key_files.current()
+            pending = self.key_files.pending()
+            publics = self.key_files.public_keys()
+        except KeyFileError as exc:
+            raise SignRefused("ledger_key", f"cannot load the ledger keys: {exc}") from None
+        # Only the current and a pending key ever sign; a retired key is never loaded for signing.
+        self._keys: dict[str, SigningKey] = {k.kid: k for k in (current, *([pending] if pending else []))}
+        self._current = current
+        self._key_lock = threading.Lock()
+        count, filled_from = check_tree(store)
+        if filled_from != count:
+            self.log.warning("Merkle tree built for an existing ledger", entries=count,
+                             state_transition="MERKLE_FILLED")
+        with store.read() as txn:
+            cursor = txn.cursor(db=store.table(LEDGER_TABLE))
+            head = decode_entry(cursor.value()) if cursor.last() else None
+        try:
+            key = self.signer(head)
+        except (KeyFileError, ValueError) as exc:
+            raise SignRefused("ledger_key", f"{exc}") from None
+        with store.read() as txn:
+            tree = lmdb_tree(txn, store.table(MERKLE_TABLE), write=False)
+            self.checkpoint_size = check_checkpoint(config, count, tree.root, publics)
+        self.acked = check_acknowledged(config, count)
+        self.log.info("ledger open", entries=count, kid=key.kid, checkpoint_size=self.checkpoint_size,
+                      acked=self.acked, state_transition="LEDGER_OPEN")
+
+    # -- keys
+    def signer(self, head: SignedEntry | None) -> SigningKey:
+        """The key that signs the entry after ``head`` (committed state), finishing a rotation whose
+        entry has committed but whose key file was not renamed yet. Called by both threads."""
+        with self._key_lock:
+            kid = next_signer(head, self._current.kid)
+            key = self._keys.get(kid)
+            if kid != self._current.kid:
+                pending = self.key_files.pending()
+                if pending is not None and pending.kid == kid:
+                    retired = self._current.kid
+                    key = self._current = self.key_files.complete_rotation(kid)
+                    self._keys = {kid: key}  # the retired key is dropped: it never signs again
+                    self.log.info("key rotation complete", kid=kid, retired=retired, state_transition="KEY_ROTATED")
+        if key is None:
+            raise KeyFileError(
+                f"the ledger's next entry must be signed by key {kid} (its head is seq {head.seq if head else '-'}), "
+                f"but {self.key_files.dir} does not hold that key: restore ledger.key of {kid} from your key backup. "
+                "The service never signs with a key the ledger did not introduce.")
+        return key
+
+    # -- appending
     def handle(self, items: list[Item], uow: UnitOfWork) -> None:
         last = uow.last(LEDGER_TABLE)
         head = decode_entry(last[1]) if last else None
         seq, prev = (head.seq + 1, head.hash) if head else (0, GENESIS_PREV)
+        key = self.signer(head)
+        tree = MerkleTree(lambda k: uow.get(MERKLE_TABLE, k), lambda k, v: uow.put(MERKLE_TABLE, k, v))
+        if tree.size() != seq:
+            raise LedgerDamagedError("ledger_damaged", f"the Merkle tree covers {tree.size()} entries but the "
+                                     f"ledger holds {seq}: refusing to append")
+        leaves: list[bytes] = []
+        pending = self.key_files.pending()
+        if pending is not None and pending.kid != key.kid and items:
+            if pending.kid in self._retired_kids():
+                raise KeyFileError(f"{self.key_files.next_path} holds key {pending.kid}, which this ledger used "
+                                   "before: a retired key never signs again; stage a fresh one (mro-edge keys rotate)")
+            signed = self._append_rotation(key, pending, seq, prev, uow)
+            leaves.append(leaf_hash(signed.entry))
+            seq, prev, key = seq + 1, signed.hash, pending
+            self._keys[pending.kid] = pending
         recorded: list[Outcome] = []
         for item in items:
             prior = uow.seen(item.key)
@@ -36,10 +175,13 @@ class Sign(Stage):
                     self._answer_resend(item, from_u64(prior), uow, recorded)
                 continue
             body = item.data["body"]
-            entry = entry_bytes(origin=self.origin, seq=seq, prev=prev, idem=item.key, kid=self.key.kid,
+            if body.get("type") == KEY_ROTATION:
+                raise ValueError("a device record may not claim the ledger's own key_rotation type")
+            entry = entry_bytes(origin=self.origin, seq=seq, prev=prev, idem=item.key, kid=key.kid,
                                 recorded_at=utc_now(), type=body["type"], body=body)
-            signed = sign_entry(self.key, entry, seq, item.key)
+            signed = sign_entry(key, entry, seq, item.key)
             uow.put(LEDGER_TABLE, u64(seq), encode_entry(signed), append=True)
+            leaves.append(leaf_hash(entry))
             uow.remember(item.key, u64(seq))
             uow.forward(item.key, {"event_id": body["event_id"], "row": export_row(signed)})
             uow.device_receipt(item.data["device"]["id"],
@@ -47,8 +189,24 @@ class Sign(Stage):
             uow.transition(body["event_id"], item.key, "SIGNED", seq=seq)
             recorded.append(Outcome(item.key, "recorded", seq=seq))
             seq, prev = seq + 1, signed.hash
+        tree.extend(leaves)
         if recorded:
             uow.publish(uow.topics.outcomes, json_encode(Outcomes(recorded)))
+
+    def _retired_kids(self) -> set[str]:
+        """kids of ``keys/retired/ledger.<kid>.key`` and ``.pub.pem``: keys that never sign again."""
+        return {p.name.split(".")[1] for p in (self.key_files.dir / "retired").glob("ledger.*")}
+
+    def _append_rotation(self, old: SigningKey, new: SigningKey, seq: int, prev: str, uow: UnitOfWork) -> SignedEntry:
+        body = rotation_body(new.public_bytes, seq + 1)
+        idem = sha256_hex(canonical_json({"key_rotation": body, "origin": self.origin}))
+        entry = entry_bytes(origin=self.origin, seq=seq, prev=prev, idem=idem, kid=old.kid, recorded_at=utc_now(),
+                            type=KEY_ROTATION, body=body)
+        signed = sign_entry(old, entry, seq, idem)
+        uow.put(LEDGER_TABLE, u64(seq), encode_entry(signed), append=True)
+        uow.forward(idem, {"event_id": None, "row": export_row(signed)})
+        uow.transition(None, idem, "KEY_ROTATION_APPENDED", seq=seq, old_kid=old.kid, new_kid=new.kid)
+        return signed
 
     def _answer_resend(self, item: Item, seq: int, uow: UnitOfWork, recorded: list[Outcome]) -> None:
         """A device asked again about a record already in the ledger: tell it (and ingest) the seq."""
@@ -56,3 +214,88 @@ class Sign(Stage):
         uow.device_receipt(item.data["device"]["id"],
                            DeviceReceipt("duplicate", utc_now(), body["event_id"], item.key, seq=seq))
         recorded.append(Outcome(item.key, "recorded", seq=seq))
+
+    def status_extra(self) -> dict:
+        cp = getattr(self, "checkpointer", None)
+        return {"checkpoint_size": cp.size if cp else None, "rotation_pending": self.key_files.next_path.exists()}
+
+    def close(self) -> None:
+        cp = getattr(self, "checkpointer", None)
+        if cp is not None:
+            cp.stop()
+
+
+class Checkpointer(threading.Thread):
+    """Signs C2SP checkpoints of the committed tree, beside the stage loop.
+
+    Whenever the tree has grown (at most every ``checkpoint_min_interval_s``) and at least every
+    ``checkpoint_interval_s``: read the committed size and root, sign ``origin / size / root``
+    with the key that signs the ledger's next entry, store the note in the ``checkpoints`` table
+    (u64(size) -> note) and replace ``keys/checkpoint.latest``. It only ever reads committed
+    state, so a checkpoint never covers an entry that could still be rolled back.
+    """
+
+    def __init__(self, stage: Sign, runtime) -> None:
+        super().__init__(name="sign-checkpointer", daemon=True)
+        self.stage = stage
+        self.store = runtime.store
+        self.log = runtime.log
+        self.path = latest_checkpoint_path(runtime.config)
+        self.interval_s = runtime.config.ledger.checkpoint_interval_s
+        self.min_interval_s = runtime.config.ledger.checkpoint_min_interval_s
+        self.size = stage.checkpoint_size
+        self.last_at = 0.0
+        self.wake = threading.Event()
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.wake.set()
+        if self.is_alive():
+            self.join(timeout=10)
+        try:
+            self.tick(final=True)
+        except Exception as exc:  # noqa: BLE001 - stopping anyway; the next start checkpoints
+            self.log.error("final checkpoint failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - keep checkpointing; the next tick retries
+                self.log.error("checkpoint failed", error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                               state_transition="CHECKPOINT_FAILED")
+                self._halt.wait(5.0)
+            self.wake.wait(CHECKPOINT_POLL_S)
+            self.wake.clear()
+
+    def tick(self, *, final: bool = False) -> bytes | None:
+        """Sign a checkpoint if one is due; returns the note written, if any."""
+        now = time.monotonic()
+        with self.store.read() as txn:
+            tree = lmdb_tree(txn, self.store.table(MERKLE_TABLE), write=False)
+            size = tree.size()
+            if size == 0:
+                return None
+            cursor = txn.cursor(db=self.store.table(LEDGER_TABLE))
+            cursor.last()
+            head = decode_entry(cursor.value())
+            root = tree.root(size)
+        if head.seq != size - 1:
+            raise ValueError(f"the ledger head is seq {head.seq} but the tree covers {size} entries")
+        grown = size > self.size
+        if not (grown and (final or now - self.last_at >= self.min_interval_s) or now - self.last_at
+                >= self.interval_s):
+            return None
+        key = self.stage.signer(head)
+        note = sign_checkpoint(Checkpoint(self.stage.origin, size, root), key).encode("utf-8")
+        with self.store.write() as txn:
+            db = self.store.table(CHECKPOINTS_TABLE)
+            if txn.get(u64(size), db=db) != note:
+                txn.put(u64(size), note, db=db)
+        write_latest_checkpoint(self.path, note)
+        if grown:
+            self.log.info("checkpoint signed", size=size, root=root.hex(), kid=key.kid,
+                          state_transition="CHECKPOINT_SIGNED")
+        self.size, self.last_at = size, now
+        return note

@@ -16,7 +16,7 @@ from shared.canonical import canonical_json, sha256_hex
 from shared.checkpoint import Checkpoint, sign_checkpoint
 from shared.config import Config
 from shared.crypto import SigningKey, public_key_to_pem
-from shared.ledger import GENESIS_PREV, SignedEntry, entry_bytes, export_line, sign_entry
+from shared.ledger import GENESIS_PREV, SignedEntry, entry_bytes, export_line, parse_export_line, sign_entry
 from shared.ledger_store import LEDGER_TABLE, decode_entry, encode_entry
 from shared.merkle import MERKLE_TABLE, leaf_hash, lmdb_tree, node_key
 from shared.store import Store, u64
@@ -123,8 +123,8 @@ def test_export_layout_and_verify(exported):
     ledger, out = exported
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     assert names == sorted(["README.txt", "checkpoint", "checkpoint.body", "checkpoint.sig", "entries.jsonl",
-                            "ledger-key.pem", "proofs", *(f"proofs/{s}.{x}" for s in (0, 7, 24)
-                                                          for x in ("json", "entry", "sig"))])
+                            "ledger-key.pem", "keys", f"keys/{ledger.key.kid}.pem", "proofs",
+                            *(f"proofs/{s}.{x}" for s in (0, 7, 24) for x in ("json", "entry", "sig", "pem"))])
     report = verify_audit(out, trusted_keys=[ledger.key.public_bytes])
     assert report["ok"] and report["entries"] == 25 and report["proofs"] == 3
     assert report["origin"] == ledger.config.origin and report["kid"] == ledger.key.kid
@@ -264,9 +264,17 @@ def test_appended_row_beyond_checkpoint(export_copy):
     expect(export_copy, 25, "found seq 24")
 
 
-def test_swapped_key_pem(export_copy):
-    (export_copy / "ledger-key.pem").write_text(SigningKey(bytes(range(1, 33))).public_pem())
+def test_swapped_key_pem(export_copy, exported):
+    intruder = SigningKey(bytes(range(1, 33))).public_pem()
+    (export_copy / "ledger-key.pem").write_text(intruder)
+    expect(export_copy, None, "not the key that signed checkpoint")
+    (export_copy / "keys" / f"{exported[0].key.kid}.pem").write_text(intruder)
     expect(export_copy, 0, "unknown key")
+
+
+def test_swapped_record_key_file(export_copy):
+    (export_copy / "proofs" / "7.pem").write_text(SigningKey(bytes(range(1, 33))).public_pem())
+    expect(export_copy, 7, r"7\.pem is not the key")
 
 
 def test_untrusted_key_pem_even_if_consistent(exported):
@@ -375,13 +383,13 @@ def test_readme_commands_verify_with_openssl_and_sha256sum(export_copy, exported
     ledger, _ = exported
     steps = transcript((export_copy / "README.txt").read_text())
     assert [c.split()[0] for c, _ in steps] == ["openssl", "openssl", "sha256sum", "grep", "openssl", "openssl",
-                                                    "(printf"]
+                                                    "openssl", "(printf"]
     assert sum(out == ["Signature Verified Successfully"] for _, out in steps) == 2
     for cmd, want in steps:
         run = subprocess.run(["bash", "-c", cmd], cwd=export_copy, capture_output=True, text=True, check=False)
         assert run.returncode == 0, (cmd, run.stderr)
         assert run.stdout.splitlines() == want, cmd
-    assert steps[0][1] == [ledger.key.kid]
+    assert steps[0][1] == [ledger.key.kid] and steps[4][1] == [ledger.key.kid]
     e = ledger.entries[0]
     sha_line = next(out for cmd, out in steps if cmd.startswith("sha256sum"))
     assert sha_line == [f"{e.hash}  proofs/0.entry"]
@@ -409,3 +417,137 @@ def test_checkpoint_and_key_pem_are_openssl_compatible(exported, tmp_path):
                           "-in", "checkpoint.body", "-sigfile", "checkpoint.sig"],
                          cwd=out, capture_output=True, text=True, check=False)
     assert run.returncode == 0 and "Signature Verified Successfully" in run.stdout
+
+
+# -- docs/auditors.md: exactly the commands the README's "For auditors" section shows ----------------
+
+AUDITORS_MD = Path(__file__).resolve().parents[2] / "docs" / "auditors.md"
+
+
+def doc_transcript(text: str) -> list[tuple[str, list[str]]]:
+    """The ``$ command`` lines of the fenced blocks of docs/auditors.md, each with the lines under it."""
+    steps: list[tuple[str, list[str]]] = []
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            continue
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        elif steps and line.strip():
+            steps[-1][1].append(line)
+    return steps
+
+
+def _matches(want: str, got: str) -> bool:
+    """``got`` is ``want`` with each ``<placeholder>`` standing for some non-empty text."""
+    return re.fullmatch(".+".join(re.escape(p) for p in re.split(r"<[^>]*>", want)), got) is not None
+
+
+def run_doc(steps: list[tuple[str, list[str]]], cwd: Path) -> list[tuple[int, list[str]]]:
+    """Run every command in one bash session; (exit status, stdout lines) per command."""
+    script = ["set -u"]
+    for i, (cmd, _) in enumerate(steps):
+        script += [f"echo '@@{i}'", f"( {cmd} ) || echo \"@@rc $?\"" if not cmd.startswith(("cd ", "SEQ="))
+                   else cmd]
+    run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=cwd, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    chunks = re.split(r"^@@\d+\n", run.stdout, flags=re.M)[1:]
+    results = []
+    for chunk in chunks:
+        lines = chunk.splitlines()
+        rc = 0
+        if lines and lines[-1].startswith("@@rc "):
+            rc = int(lines.pop()[5:])
+        results.append((rc, lines))
+    assert len(results) == len(steps), run.stdout
+    return results
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in TOOLS + ("od", "sed")), reason="needs openssl and coreutils")
+def test_auditors_doc_commands_verify_one_record_and_one_checkpoint(exported, tmp_path):
+    ledger, out = exported
+    steps = doc_transcript(AUDITORS_MD.read_text())
+    commands = [c for c, _ in steps]
+    assert sum("pkeyutl -verify" in c for c in commands) == 2 and "SEQ=7" in commands
+    assert not [c for c in commands if c.split()[0] in ("python", "python3", "mro-edge")]
+    shutil.copytree(out, tmp_path / "export")
+    results = run_doc(steps, tmp_path)
+    for (cmd, want), (rc, got) in zip(steps, results):
+        assert rc == 0, (cmd, got)
+        assert len(got) == len(want) and all(_matches(w, g) for w, g in zip(want, got)), (cmd, want, got)
+    by_cmd = {cmd: got for (cmd, _), (_, got) in zip(steps, results)}
+    e = ledger.entries[7]
+    assert by_cmd["sha256sum proofs/$SEQ.entry"] == [f"{e.hash}  proofs/7.entry"]
+    assert by_cmd["cat cp.body"][:2] == [ledger.config.origin, "25"]
+    kid_lines = [got for cmd, got in by_cmd.items() if cmd.endswith("cut -c1-16")]
+    assert kid_lines == [[ledger.key.kid], [ledger.key.kid]]
+    assert [leaf_hash(e.entry).hex()] in by_cmd.values()
+
+    # Tampered record, signature or checkpoint: the same commands fail.
+    export = tmp_path / "export"
+    (export / "proofs" / "7.sig").write_bytes(bytes(64))
+    (export / "checkpoint").write_text((export / "checkpoint").read_text().replace("\n25\n", "\n26\n"))
+    results = run_doc(steps, tmp_path)
+    verdicts = [rc for (cmd, _), (rc, _) in zip(steps, results) if "pkeyutl -verify" in cmd]
+    assert len(verdicts) == 2 and all(rc != 0 for rc in verdicts)
+
+
+# -- a ledger written by the sign stage itself: stored checkpoints, rotations, rollback ----------------
+
+def test_rotated_ledger_exports_and_verifies_from_its_first_key(tmp_path):
+    from services.sign.local import LocalSign, record_item
+    from shared.crypto import LedgerKeyFiles
+
+    data = tmp_path / "data"
+    with LocalSign(data).open() as sign:
+        sign.append([record_item(i) for i in range(6)])
+        files = LedgerKeyFiles(data / "keys")
+        first = files.current(create=False)
+        new = files.stage_rotation()
+        sign.append([record_item(i) for i in range(6, 12)])
+    config = Config(data_dir=str(data))
+    summary = export_audit(config, tmp_path / "out", seqs=[2, 10])
+    assert summary["entries"] == 13 and summary["kids"] == sorted([first.kid, new.kid])
+    assert summary["checkpoint"] == "stored" and summary["kid"] == new.kid
+    out = tmp_path / "out"
+    assert (out / "proofs" / "2.pem").read_text() == first.public_pem()
+    assert (out / "proofs" / "10.pem").read_text() == new.public_pem()
+    report = verify_audit(out, trusted_keys=[first.public_bytes])
+    assert report["kid"] == new.kid and report["entries"] == 13
+    # The retired private key destroyed (as the key policy asks): exports still work from its .pub.pem.
+    for retired in (data / "keys" / "retired").glob("*.key"):
+        retired.unlink()
+    assert export_audit(config, tmp_path / "again")["kids"] == summary["kids"]
+    with pytest.raises(AuditError, match="not one of the trusted"):
+        verify_audit(out, trusted_keys=[new.public_bytes])
+
+    # The retired key signing after the rotation (a stolen old key) is caught at its seq.
+    rows = lines(out)
+    e = parse_export_line(rows[6])
+    from shared.ledger import entry_bytes, parse_entry, sign_entry
+
+    parsed = parse_entry(e.entry)
+    forged = sign_entry(first, entry_bytes(origin=parsed.origin, seq=7, prev=e.hash, idem=parsed.idem, kid=first.kid,
+                                           recorded_at=parsed.recorded_at, type=parsed.type, body=parsed.body),
+                        7, parsed.idem)
+    write_lines(out, rows[:7] + [export_line(forged)])
+    expect(out, 7, "retired")
+
+
+def test_export_of_a_rolled_back_store_is_refused(tmp_path):
+    from services.sign.local import LocalSign, record_item
+
+    data = tmp_path / "data"
+    with LocalSign(data).open() as sign:
+        sign.append([record_item(i) for i in range(5)])
+    shutil.copytree(data / "sign", tmp_path / "backup")
+    with LocalSign(data).open() as sign:
+        sign.append([record_item(i) for i in range(5, 9)])
+    shutil.rmtree(data / "sign")
+    shutil.copytree(tmp_path / "backup", data / "sign")
+    with pytest.raises(AuditError, match="ROLLBACK") as info:
+        export_audit(Config(data_dir=str(data)), tmp_path / "out")
+    assert info.value.seq == 5 and not (tmp_path / "out").exists()

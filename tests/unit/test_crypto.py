@@ -291,3 +291,48 @@ def test_auditor_recomputes_the_kid_from_the_public_pem(tmp_path: Path) -> None:
     out = run("openssl pkey -pubin -in pub.pem -outform DER | tail -c 32 | sha256sum | cut -c1-16", tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == key.kid
+
+
+# sign_raw (signed notes) and the ledger's key files
+
+
+@needs_openssl
+def test_sign_raw_is_plain_ed25519_that_openssl_verifies(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    text = b"mro-edge/HGR1\n12\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n"
+    sig = key.sign_raw(text)
+    nacl.signing.VerifyKey(key.public_bytes).verify(text, sig)
+    assert sig != key.sign_digest(text)
+    (tmp_path / "pub.pem").write_text(key.public_pem())
+    (tmp_path / "text").write_bytes(text)
+    (tmp_path / "sig").write_bytes(sig)
+    ok = run("openssl pkeyutl -verify -rawin -pubin -inkey pub.pem -in text -sigfile sig", tmp_path)
+    assert ok.returncode == 0 and "Signature Verified Successfully" in ok.stdout
+    (tmp_path / "text").write_bytes(text.replace(b"12", b"13"))
+    assert run("openssl pkeyutl -verify -rawin -pubin -inkey pub.pem -in text -sigfile sig", tmp_path).returncode
+
+
+def test_ledger_key_files_generate_rotate_and_retire(tmp_path: Path) -> None:
+    files = crypto.LedgerKeyFiles(tmp_path / "keys")
+    with pytest.raises(KeyFileError):
+        files.stage_rotation()  # nothing to rotate from
+    first = files.generate()
+    assert mode(tmp_path / "keys") == 0o700 and mode(files.current_path) == 0o600
+    with pytest.raises(KeyFileError, match="never overwritten"):
+        files.generate()
+    assert files.pending() is None
+    nxt = files.stage_rotation()
+    assert mode(files.next_path) == 0o600 and files.pending().kid == nxt.kid
+    with pytest.raises(KeyFileError, match="already pending"):
+        files.stage_rotation()
+    with pytest.raises(KeyFileError, match="restore the key file"):
+        files.complete_rotation("0" * 16)
+    assert files.complete_rotation(nxt.kid).kid == nxt.kid
+    assert files.current(create=False).kid == nxt.kid and not files.next_path.exists()
+    assert [k.kid for k in files.retired()] == [first.kid]
+    assert mode(tmp_path / "keys" / "retired") == 0o700
+    assert mode(tmp_path / "keys" / "retired" / f"ledger.{first.kid}.key") == 0o600
+    assert files.complete_rotation(nxt.kid).kid == nxt.kid  # idempotent
+    assert files.public_keys() == {first.kid: first.public_bytes, nxt.kid: nxt.public_bytes}
+    (tmp_path / "keys" / "retired" / f"ledger.{first.kid}.key").unlink()
+    assert files.public_keys() == {first.kid: first.public_bytes, nxt.kid: nxt.public_bytes}

@@ -500,3 +500,81 @@ def test_any_single_byte_flip_in_an_exported_row_is_detected(
     with pytest.raises(LedgerVerifyError) as info:
         verify_chain(entries, KEYS, expect_count=len(chain))
     assert info.value.seq == index
+
+
+# key rotation
+
+NEW = SigningKey(bytes(range(2, 34)))
+NEWER = SigningKey(bytes(range(3, 35)))
+
+
+def rotation(old: SigningKey, new_public: bytes, seq: int, prev: str, **body_changes: Any) -> SignedEntry:
+    from shared.ledger import KEY_ROTATION, rotation_body
+
+    body = {**rotation_body(new_public, seq + 1), **body_changes}
+    body = {k: v for k, v in body.items() if v is not None}
+    idem = sha256_hex(canonical_json(body))
+    data = entry_bytes(origin="mro-edge/HGR1", seq=seq, prev=prev, idem=idem, kid=old.kid, recorded_at=AT,
+                       type=KEY_ROTATION, body=body)
+    return sign_entry(old, data, seq, idem)
+
+
+def rotated_chain(before: int = 3, after: int = 3) -> list[SignedEntry]:
+    chain = make_chain(before)
+    chain.append(rotation(KEY, NEW.public_bytes, before, chain[-1].hash))
+    for seq in range(before + 1, before + 1 + after):
+        chain.append(make_entry(NEW, seq, chain[-1].hash, body_for(seq)))
+    return chain
+
+
+def test_rotation_introduces_the_new_key_and_retires_the_old() -> None:
+    chain = rotated_chain()
+    assert verify_chain(chain, KEYS) == 7  # only the first key is trusted up front
+    # the old key after the rotation took effect
+    stale = make_entry(KEY, 7, chain[-1].hash, body_for(7))
+    err = broken_at([*chain, stale])
+    assert err.seq == 7 and "retired" in err.reason and "seq 3" in err.reason
+    # the new key before its effective seq (history rewritten by the new key's holder)
+    early = make_entry(NEW, 2, chain[1].hash, body_for(2))
+    err = broken_at([*chain[:2], early])
+    assert err.seq == 2 and "unknown key" in err.reason
+    err = broken_at([*chain[:4], make_entry(NEW, 4, chain[3].hash, body_for(40)), *chain[5:]])
+    assert err.seq == 5  # a replaced seq 4 breaks the chain at 5
+
+
+def test_rotation_signed_by_a_stranger_or_with_a_bad_body_is_refused() -> None:
+    chain = make_chain(3)
+    forged = rotation(ATTACKER, NEW.public_bytes, 3, chain[-1].hash)
+    assert "unknown key" in broken_at([*chain, forged]).reason
+    from shared.crypto import key_id
+
+    cases = {
+        "wrong kid": dict(new_kid=key_id(NEWER.public_bytes)),
+        "effective in the past": dict(effective_seq=3),
+        "same key": None,
+        "missing field": dict(effective_seq=None),
+        "bad base64": dict(new_public_key="not base64!"),
+        "extra field": dict(reason="x"),
+    }
+    for name, changes in cases.items():
+        if changes is None:
+            bad = rotation(KEY, KEY.public_bytes, 3, chain[-1].hash)
+        else:
+            bad = rotation(KEY, NEW.public_bytes, 3, chain[-1].hash, **changes)
+        err = broken_at([*chain, bad])
+        assert err.seq == 3 and "key rotation refused" in err.reason, name
+
+
+def test_second_rotation_needs_the_first_in_effect_and_never_revives_a_key() -> None:
+    chain = rotated_chain(2, 2)  # seq 2 rotates KEY -> NEW, seq 3..4 by NEW
+    again = rotation(NEW, NEWER.public_bytes, 5, chain[-1].hash)
+    chain.append(again)
+    chain.append(make_entry(NEWER, 6, again.hash, body_for(6)))
+    assert verify_chain(chain, KEYS) == 7
+    back = rotation(NEWER, KEY.public_bytes, 7, chain[-1].hash)
+    assert "retired earlier" in broken_at([*chain, back]).reason
+
+
+def test_resume_from_a_trusted_point_after_a_rotation() -> None:
+    chain = rotated_chain()
+    assert verify_chain(chain[5:], {NEW.kid: NEW.public_bytes}, expect_first_seq=5, prev=chain[4].hash) == 2
