@@ -15,11 +15,17 @@ SAMPLE_S = 0.1
 
 
 class ProcessSampler:
-    """Samples RSS of named processes every 100 ms; peaks are kept per phase."""
+    """Samples RSS of named processes every 100 ms; peaks are kept per phase.
+
+    Besides RSS (the target's measure) it keeps the peak of anonymous memory (RSS minus the
+    file-backed and shared pages): a stage's RSS also counts the pages of its LMDB map it has
+    touched, which are page cache the kernel can reclaim, not heap.
+    """
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.peaks: dict[str, dict[str, int]] = {}
+        self.anon_peaks: dict[str, dict[str, int]] = {}
         self._phase: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -33,12 +39,17 @@ class ProcessSampler:
         self._thread.join(2)
 
     def rss(self) -> dict[str, int]:
+        return {name: rss for name, (rss, _) in self.memory().items()}
+
+    def memory(self) -> dict[str, tuple[int, int]]:
+        """(rss, anonymous) bytes per process."""
         out = {}
         for name, proc in self.procs.items():
             try:
-                out[name] = proc.memory_info().rss
+                info = proc.memory_info()
             except psutil.Error:
-                pass
+                continue
+            out[name] = (info.rss, info.rss - getattr(info, "shared", 0))
         return out
 
     def cpu(self) -> dict[str, float]:
@@ -58,6 +69,7 @@ class ProcessSampler:
             self._phase = name
             if name is not None:
                 self.peaks.setdefault(name, {})
+                self.anon_peaks.setdefault(name, {})
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
@@ -65,12 +77,12 @@ class ProcessSampler:
                 phase = self._phase
             if phase is None:
                 continue
-            sample = self.rss()
+            sample = self.memory()
             with self._lock:
-                peaks = self.peaks[phase]
-                for name, value in sample.items():
-                    if value > peaks.get(name, 0):
-                        peaks[name] = value
+                peaks, anon = self.peaks[phase], self.anon_peaks[phase]
+                for name, (rss, anonymous) in sample.items():
+                    peaks[name] = max(peaks.get(name, 0), rss)
+                    anon[name] = max(anon.get(name, 0), anonymous)
 
 
 class StageProbe:

@@ -29,6 +29,12 @@ class CircuitBreaker:
             self.state = HALF_OPEN
         return self.state != OPEN
 
+    def trial(self) -> None:
+        """The peer is known to answer again (e.g. a health probe passed): OPEN -> HALF_OPEN now,
+        without waiting for the reset time. One call decides, as after the reset time."""
+        if self.state == OPEN:
+            self.state = HALF_OPEN
+
     def success(self) -> None:
         self.state, self.failures = CLOSED, 0
 
@@ -40,10 +46,11 @@ class CircuitBreaker:
 
 def retrying(attempts: int, retry_on: tuple[type[BaseException], ...], *, initial_s: float = 0.2,
              max_s: float = 10.0) -> Retrying:
-    """Exponential backoff with jitter between attempts, re-raising the last error."""
+    """Exponential backoff with jitter between attempts (initial_s * 2**n plus up to initial_s
+    at random, at most max_s), re-raising the last error."""
     return Retrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=initial_s, max=max_s),
+        wait=wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=initial_s),
         retry=retry_if_exception_type(retry_on),
         reraise=True,
     )

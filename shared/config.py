@@ -40,7 +40,7 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     batch_wait_ms: int = 2
     outbox_batch: int = 250
     redeliver_after_s: float = 15.0
-    max_in_flight: int = 20000
+    max_in_flight: int = 2000
     status_interval_s: float = 2.0
     map_size_mb: int = 4096
 

@@ -47,6 +47,14 @@ def service_credentials(config: Config) -> tuple[str, str]:
     return BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
 
 
+def set_nodelay(client: paho.Client) -> None:
+    """paho leaves Nagle on: a PUBACK followed by a small publish then waits for the peer's
+    delayed ACK (~40 ms per hop). Records are small and latency matters, so turn it off."""
+    sock = client.socket()
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MqttLink:
     """A connected paho client feeding `inbox`; safe to publish and ack from the worker thread."""
 
@@ -78,7 +86,7 @@ class MqttLink:
         client.username_pw_set(username, password)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
-        client.max_inflight_messages_set(1000)
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=0.2, max_delay=5)
         client.on_connect = self._on_connect
@@ -89,6 +97,7 @@ class MqttLink:
     def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
         if reason_code.is_failure:
             return
+        set_nodelay(client)
         self.generation += 1
         if self.subscriptions:
             client.subscribe(self.subscriptions)

@@ -228,6 +228,9 @@ class StageRuntime:
             else None
         )
         self._retry: list[Inbound] = []
+        # batch_max counts records; a pipeline message carries up to outbox_batch of them
+        per_message = 1 if stage.consumes == "devices" else config.stage.outbox_batch
+        self._batch_messages = max(1, config.stage.batch_max // per_message)
         self._last_status = 0.0
         self.state = "up"
         self._faults = 0
@@ -327,7 +330,7 @@ class StageRuntime:
             return []
         batch = [first]
         deadline = time.monotonic() + self.config.stage.batch_wait_ms / 1000
-        while len(batch) < self.config.stage.batch_max:
+        while len(batch) < self._batch_messages:
             remaining = deadline - time.monotonic()
             try:
                 batch.append(inbox.get(timeout=remaining) if remaining > 0 else inbox.get_nowait())

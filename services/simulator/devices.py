@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.config import Config
+from shared.mqtt import set_nodelay
 from shared.topics import Topics
 
 FINAL = ("recorded", "rejected")
@@ -81,6 +82,7 @@ class SimulatedDevice:
 
     def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
         if not reason_code.is_failure:
+            set_nodelay(client)
             client.subscribe(self.topics.receipt(self.device_id), qos=1)
             self._connected.set()
 
