@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from importlib import import_module
 from pathlib import Path
 
 import psutil
@@ -34,10 +35,29 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def run_other_parts(parts: set[str], quick: bool, say) -> dict:
+    """The drain, ledger and compliance figures (issues 3-5), each with its own same-run reference."""
+    figures = {}
+    for part, module, function in (("drain", "bench.drain", "run_drain_bench"),
+                                   ("ledger", "bench.ledger", "run_ledger_bench"),
+                                   ("compliance", "bench.compliance", "run_compliance_bench")):
+        if part not in parts:
+            continue
+        print(f"\n=== {part} ===", flush=True)
+        try:
+            figures[part] = getattr(import_module(module), function)(quick=quick)
+        except Exception as exc:  # one part failing must not hide the others' figures
+            say(f"[{part}] bench failed: {type(exc).__name__}: {exc}")
+            figures[part] = {"error": f"{type(exc).__name__}: {exc}"}
+    return figures
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small runs (about a minute in all)")
+    parser.add_argument("--only", default="pipeline,drain,ledger,compliance",
+                        help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance")
     parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,amqtt"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,
@@ -99,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         f"pipeline settings {PIPELINE_SETTINGS}, uplink stand-in {'off' if args.no_uplink_stub else 'on'}, "
         f"device TCP_NODELAY {'off' if args.device_nagle else 'on'}"
         + (f", stage env {stage_env(args.stage_env)}" if args.stage_env else ""))
-    results, lost = [], False
+    parts = set(args.only.split(","))
+    results, lost, extra = [], False, {}
     try:
-        for kind in kinds:
+        for kind in (kinds if "pipeline" in parts else ()):
             plan = plan_for(kind, args)
             try:
                 result = run_broker(kind, plan, root, say)
@@ -117,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.data_dir is None:
             cleanup(root)
-    print(summary([r for r in results if "error" not in r]))
+    if results:
+        print(summary([r for r in results if "error" not in r]))
+    extra = run_other_parts(parts, args.quick, say)
     report = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
@@ -128,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"records_per_s": TARGET_RATE, "p99_ms": TARGET_P99_MS, "rss_mb": TARGET_RSS_MB},
         "results": [dict(r, verdicts=verdicts(r)) if "error" not in r else r for r in results],
         "records_lost": lost,
+        **extra,
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nfigures written to {args.json} ({report['duration_s']:.0f} s in all)")
