@@ -1,11 +1,18 @@
 """Heartbeat: probe the gateway's /health and publish the link state (retained) on every change.
 
 The uplink reads that state (it makes no calls while ISOLATED) and reports its backlog and
-whether the gateway's chain head equals ours, which ends RECONCILING.
+whether the gateway's chain head equals ours, which ends RECONCILING. The heartbeat takes
+`in_sync` only from an uplink that has itself seen the link come back (its status names the
+link state RECONCILING or later), so a status from before the outage can never end it.
+
+On start the heartbeat picks up the retained state it published last: a restart while the box
+is ISOLATED stays ISOLATED instead of claiming a link nobody has probed yet.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import signal
 import threading
 import time
@@ -30,12 +37,19 @@ class Heartbeat:
         self.state, self.streak, self.since = Link.CONNECTED, 0, utc_now()
         self.last_probe_ms: float | None = None
         self.uplink: dict = {}
+        self._uplink_topic = self.topics.status("uplink")
+        self._own_topic = self.topics.status("connectivity")
         self.link = MqttLink(config, client_id=f"mro-{config.station}-heartbeat",
-                             subscriptions=[(self.topics.status("uplink"), 0)], persistent=False,
+                             subscriptions=[(self._uplink_topic, 0), (self._own_topic, 0)], persistent=False,
                              will=(self.topics.status("heartbeat"),
                                    json_encode({"service": "heartbeat", "state": "down"})))
         self.http = httpx.Client(timeout=config.link.slow_probe_ms / 1000 + 1.0)
-        self.link.on_connect_hooks.append(self.publish)
+        self._started = False
+        self.link.on_connect_hooks.append(self._on_connect)
+
+    def _on_connect(self) -> None:
+        if self._started:
+            self.publish()
 
     def probe(self) -> Probe:
         start = time.monotonic()
@@ -48,47 +62,90 @@ class Heartbeat:
     def _move(self, state: Link, reason: str) -> None:
         if state != self.state:
             self.log.info("link state changed", state_transition=f"{self.state}->{state}", reason=reason,
-                          last_probe_ms=self.last_probe_ms)
+                          last_probe_ms=self.last_probe_ms, bad_probes=self.streak)
             self.state, self.since = state, utc_now()
             self.publish()
 
-    def publish(self) -> None:
-        self.link.publish(self.topics.status("connectivity"), json_encode({
+    def publish(self, service_state: str = "up") -> None:
+        self.link.publish(self._own_topic, json_encode({
             "state": self.state, "since": self.since, "last_probe_ms": self.last_probe_ms,
             "backlog": self.uplink.get("backlog"), "last_acked_seq": self.uplink.get("acked_seq"),
             "bad_probes": self.streak, "at": utc_now()}), retain=True)
         self.link.publish(self.topics.status("heartbeat"), json_encode(
-            {"service": "heartbeat", "state": "up", "link": self.state, "at": utc_now()}), retain=True)
+            {"service": "heartbeat", "state": service_state, "pid": os.getpid(), "link": self.state,
+             "at": utc_now()}), retain=True)
 
     def step(self) -> None:
         probe = self.probe()
         self.last_probe_ms = round(probe.latency_ms, 1)
         state, self.streak = after_probe(self.state, self.streak, probe, self.limits)
-        self._move(state, "probe ok" if probe.ok else "probe failed")
+        if probe.ok and probe.latency_ms <= self.limits.slow_probe_ms:
+            reason = "probe ok"
+        else:
+            reason = "probe slow" if probe.ok else "probe failed"
+        self._move(state, reason)
         self.publish()
 
-    def read_uplink(self, timeout_s: float) -> None:
+    def on_uplink(self, status: dict) -> None:
+        self.uplink = status
+        seen_link_back = status.get("link") in (Link.RECONCILING, Link.CONNECTED)
+        in_sync = bool(status.get("in_sync")) and status.get("state") == "up" and seen_link_back
+        self._move(after_uplink(self.state, in_sync), "uplink drained and in sync")
+
+    def read_inbox(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 message = self.link.inbox.get(timeout=remaining)
-            except Exception:
+            except queue.Empty:
                 return
+            if message.topic != self._uplink_topic:
+                continue  # our own connectivity messages coming back
             try:
-                self.uplink = msgspec.json.decode(message.payload)
+                status = msgspec.json.decode(message.payload)
             except msgspec.DecodeError:
                 continue
-            self._move(after_uplink(self.state, bool(self.uplink.get("in_sync"))), "uplink in sync")
+            if isinstance(status, dict):
+                self.on_uplink(status)
+
+    def resume_retained(self, wait_s: float = 0.5) -> None:
+        """Start from the state this heartbeat published before it stopped (retained)."""
+        deadline = time.monotonic() + wait_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                message = self.link.inbox.get(timeout=remaining)
+            except queue.Empty:
+                return
+            try:
+                status = msgspec.json.decode(message.payload)
+            except msgspec.DecodeError:
+                continue
+            if not isinstance(status, dict):
+                continue
+            if message.topic == self._uplink_topic:
+                self.uplink = status
+            elif message.topic == self._own_topic and status.get("state") in Link.__members__:
+                self.state = Link(status["state"])
+                self.since = status.get("since") or self.since
+                self.streak = int(status.get("bad_probes") or 0)
+                self.log.info("link state resumed", state=str(self.state))
+                return
 
     def serve(self, stop: threading.Event) -> None:
         self.link.start()
         try:
+            self.resume_retained()
+            self._started = True
+            self.publish()
             while not stop.is_set():
                 started = time.monotonic()
                 self.step()
-                self.read_uplink(max(0.0, self.config.link.probe_interval_s - (time.monotonic() - started)))
+                self.read_inbox(max(0.0, self.config.link.probe_interval_s - (time.monotonic() - started)))
         finally:
+            self.publish("down")
+            time.sleep(0.1)
             self.link.stop()
+            self.http.close()
 
 
 def run_heartbeat(config: Config) -> None:

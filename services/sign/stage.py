@@ -184,8 +184,9 @@ class Sign(Stage):
             leaves.append(leaf_hash(entry))
             uow.remember(item.key, u64(seq))
             uow.forward(item.key, {"event_id": body["event_id"], "row": export_row(signed)})
-            uow.device_receipt(item.data["device"]["id"],
-                               DeviceReceipt("recorded", utc_now(), body["event_id"], item.key, seq=seq))
+            if item.data["device"].get("kind") != "service":
+                uow.device_receipt(item.data["device"]["id"],
+                                   DeviceReceipt("recorded", utc_now(), body["event_id"], item.key, seq=seq))
             uow.transition(body["event_id"], item.key, "SIGNED", seq=seq)
             recorded.append(Outcome(item.key, "recorded", seq=seq))
             seq, prev = seq + 1, signed.hash

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from shared.config import Config
+from shared.wire import json_encode
 
 
 class GatewayError(Exception):
@@ -88,6 +89,11 @@ class GatewayClient:
         payload = b'{"entries":[' + b",".join(rows) + b"]}"
         body = self._call("POST", "/v1/entries", content=payload, headers={"Content-Type": "application/json"})
         return Head(body["head"]["seq"], body["head"]["hash"])
+
+    def post_checkpoint(self, note: bytes) -> dict:
+        """POST a signed checkpoint note; returns the gateway's answer with its cosignature."""
+        payload = b'{"checkpoint":' + json_encode(note.decode("utf-8")) + b"}"
+        return self._call("POST", "/v1/checkpoints", content=payload, headers={"Content-Type": "application/json"})
 
     def head(self) -> Head:
         body = self._call("GET", "/v1/head")

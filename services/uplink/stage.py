@@ -5,26 +5,43 @@ stored). A pusher thread sends them in seq order, holding back at a gap until th
 seq arrives, in batches, with backoff and a circuit breaker; the gateway's acknowledged seq
 is stored durably before the acknowledged entries are dropped. The pusher runs beside the
 stage loop, so a long drain never stops new entries from being taken in.
+
+Once the gateway holds the entries a signed checkpoint of the ledger covers, the pusher posts
+that checkpoint (`POST /v1/checkpoints`); the gateway checks it against what it holds and
+cosigns it, and the cosigned note is kept in this stage's store (meta `cosigned_checkpoint`)
+as the box's receipt. `cosigned_size` in the status says how far that receipt reaches.
+
+The link state comes from the heartbeat (retained `status/connectivity`): while ISOLATED the
+pusher makes no calls at all. `in_sync` in the status (what ends RECONCILING) is only claimed
+after the gateway itself has told us its head since the link came back: a head remembered
+from before an outage proves nothing.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import msgspec
 
 from services.uplink.client import GapError, GatewayClient, GatewayError, GatewayUnavailable, Head, edge_token
 from shared.breaker import CircuitBreaker, retrying
-from shared.ledger import GENESIS_PREV
-from shared.ledger_store import decode_entry, open_ledger
+from shared.config import Config
+from shared.ledger import GENESIS_PREV, export_row
+from shared.ledger_store import decode_entry, iter_entries, latest_checkpoint, open_ledger
 from shared.stage import Stage, UnitOfWork
-from shared.store import StoreError, from_u64, u64
+from shared.store import Store, StoreError, from_u64, u64
 from shared.topics import Topics
 from shared.wire import Item, json_encode, utc_now
 
 ENTRIES = "entries"
 ACKED = b"acked_seq"
+COSIGNED = b"cosigned_checkpoint"
+COSIGNED_SIZE = b"cosigned_size"
+CHECKPOINT_EVERY_S = 2.0
+ISOLATED, RECONCILING = "ISOLATED", "RECONCILING"
+MIN_BATCH = 50
 
 
 class Uplink(Stage):
@@ -35,68 +52,117 @@ class Uplink(Stage):
         return (topics.status("connectivity"),)
 
     def open(self, runtime) -> None:
-        self.pusher = Pusher(runtime)
+        self.pusher = Pusher(runtime.config, runtime.store, runtime.log, publish_status=runtime.publish_status,
+                             publish=runtime.link.publish, topics=runtime.topics)
         self.pusher.start()
 
     def close(self) -> None:
         self.pusher.stop()
 
     def handle(self, items: list[Item], uow: UnitOfWork) -> None:
+        acked = self.pusher.acked
         for item in items:
             if uow.seen(item.key) is not None:
                 continue
             row = item.data["row"]
-            uow.put(ENTRIES, u64(row["seq"]), json_encode(row))
-            uow.remember(item.key, u64(row["seq"]))
-            uow.transition(item.data.get("event_id"), item.key, "QUEUED_FOR_UPLINK", seq=row["seq"])
+            seq = row["seq"]
+            uow.remember(item.key, u64(seq))
+            if seq <= acked:
+                continue  # the gateway already holds it (re-sent after our ack was stored)
+            uow.put(ENTRIES, u64(seq), json_encode(row))
+            uow.transition(item.data.get("event_id"), item.key, "UPLINK_QUEUED", seq=seq)
         self.pusher.wake.set()
 
     def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
         try:
-            self.pusher.link_state = msgspec.json.decode(payload).get("state", "CONNECTED")
+            state = msgspec.json.decode(payload).get("state")
         except (msgspec.DecodeError, AttributeError):
             return
-        self.pusher.wake.set()
+        if isinstance(state, str):
+            self.pusher.set_link_state(state)
 
     def status_extra(self) -> dict:
         return self.pusher.view()
 
 
+@dataclass
+class Sent:
+    """A batch on its way: the seqs it covers and its rows."""
+
+    first: int
+    last: int
+    rows: list[bytes]
+
+
 class Pusher(threading.Thread):
     """Drains the uplink store to the gateway in seq order."""
 
-    def __init__(self, runtime):
+    def __init__(self, config: Config, store: Store, log, *, publish_status=None, publish=None,
+                 topics: Topics | None = None, client: GatewayClient | None = None):
         super().__init__(name="uplink-pusher", daemon=True)
-        self.rt = runtime
-        self.config = runtime.config
-        self.store = runtime.store
-        self.log = runtime.log
-        self.breaker = CircuitBreaker(self.config.uplink.breaker_failures, self.config.uplink.breaker_reset_s)
+        self.config = config
+        self.store = store
+        self.log = log
+        self.topics = topics or Topics(config.station)
+        self._publish_status_cb = publish_status or (lambda: None)
+        self._publish = publish or (lambda *a, **k: None)
+        self.breaker = CircuitBreaker(config.uplink.breaker_failures, config.uplink.breaker_reset_s)
+        self.batch = max(1, config.uplink.batch)
         self.link_state = "CONNECTED"
         self.gateway_head: Head | None = None
         self.wake = threading.Event()
-        self._stop = threading.Event()
-        self._client: GatewayClient | None = None
-        self._ledger = None
+        self._halt = threading.Event()
+        self._client = client
+        self._ledger: Store | None = None
         self._head_checked = 0.0
         self._last_status = 0.0
+        self._last_shown: tuple | None = None
+        self._status_due = False
+        self._checkpoint_tried = 0.0
+        self._refused_checkpoint = 0
         self.acked = self._load_acked()
+        self.cosigned_size = self._load_cosigned_size()
 
     def _load_acked(self) -> int:
         with self.store.read() as txn:
             raw = txn.get(ACKED, db=self.store.table("meta"))
         return from_u64(raw) - 1 if raw else -1
 
+    def _load_cosigned_size(self) -> int:
+        with self.store.read() as txn:
+            raw = txn.get(COSIGNED_SIZE, db=self.store.table("meta"))
+        return from_u64(raw) if raw else 0
+
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.wake.set()
-        self.join(timeout=self.config.uplink.request_timeout_s + 2)
+        if self.is_alive():
+            self.join(timeout=self.config.uplink.request_timeout_s + 2)
+        if self._client is not None:
+            self._client.close()
+        if self._ledger is not None:
+            self._ledger.close()
 
     def client(self) -> GatewayClient:
         if self._client is None:
             self._client = GatewayClient(self.config.link.gateway_url, edge_token(self.config),
                                          self.config.uplink.request_timeout_s)
         return self._client
+
+    # the heartbeat's view of the link
+    def set_link_state(self, state: str) -> None:
+        previous, self.link_state = self.link_state, state
+        if state == previous:
+            return
+        self.log.info("link state seen", state_transition=f"LINK_{previous}->{state}")
+        if state == ISOLATED:
+            self.gateway_head = None  # unknown until the gateway says so again
+        elif previous == ISOLATED:
+            self.gateway_head = None
+            self._head_checked = 0.0  # ask the gateway for its head at once
+            self.breaker.trial()  # the heartbeat just saw the gateway answer: try now, not after reset_s
+        self._status_due = True  # published by the pusher thread: this runs inside the stage's transaction
+        self.wake.set()
 
     # what the heartbeat and `mro-edge status` see
     def local_head(self) -> Head:
@@ -114,88 +180,158 @@ class Pusher(threading.Thread):
         return Head(-1, GENESIS_PREV)
 
     def view(self) -> dict:
-        backlog = self.store.count(ENTRIES)
+        queued = self.store.count(ENTRIES)
         local = self.local_head()
         gateway = self.gateway_head
-        in_sync = backlog == 0 and gateway is not None and gateway == local
-        return {"backlog": backlog, "acked_seq": self.acked, "local_head": local.seq,
-                "gateway_head": gateway.seq if gateway else None, "in_sync": in_sync,
-                "breaker": self.breaker.state, "link": self.link_state}
+        in_sync = queued == 0 and gateway is not None and gateway == local
+        return {"backlog": max(local.seq - self.acked, 0), "queued": queued, "acked_seq": self.acked,
+                "local_head": local.seq, "gateway_head": gateway.seq if gateway else None, "in_sync": in_sync,
+                "breaker": self.breaker.state, "link": self.link_state, "cosigned_size": self.cosigned_size}
 
     # the drain
     def run(self) -> None:
-        while not self._stop.is_set():
-            if self.link_state == "ISOLATED" or not self.breaker.allow():
-                self.wake.wait(1.0)
-                self.wake.clear()
-                continue
-            rows, last_seq = self._next_batch()
-            if not rows:
-                self._check_head()
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
+        while not self._halt.is_set():
             try:
-                for attempt in retrying(self.config.uplink.retry_attempts, (GatewayUnavailable,)):
-                    with attempt:
-                        head = self.client().push(rows)
-            except GapError as exc:
-                self._resync(exc.expected_seq - 1)
-            except GatewayError as exc:
-                if exc.head is not None:
-                    self._acknowledge(exc.head, first_seq=self.acked + 1)
-                self.breaker.failure()
-                self._alarm(exc.detail.get("code", "gateway_refused"), str(exc))
-                self._stop.wait(5.0)
-            except GatewayUnavailable as exc:
-                self.breaker.failure()
-                self.log.warning("gateway unavailable", error=str(exc), breaker=self.breaker.state,
-                                 state_transition="UPLINK_RETRY")
-            else:
-                self.breaker.success()
-                self._acknowledge(head, first_seq=self.acked + 1)
-            self._publish_status()
+                self._step()
+            except Exception as exc:  # never let the pusher thread die: the stage would look healthy
+                self.log.exception("uplink pusher error; retrying", error=type(exc).__name__)
+                self._halt.wait(1.0)
 
-    def _next_batch(self) -> tuple[list[bytes], int]:
+    def _idle(self, seconds: float) -> None:
+        self.wake.wait(seconds)
+        self.wake.clear()
+
+    def _step(self) -> None:
+        if self.link_state == ISOLATED or not self.breaker.allow():
+            self._publish_status()
+            self._idle(0.5)
+            return
+        batch = self._next_batch()
+        if batch is None:
+            self._drop_stale()
+            self._check_head()
+            self._post_checkpoint()
+            self._publish_status()
+            self._idle(0.5)
+            return
+        self._publish_status()  # shows HALF_OPEN while the trial call is out
+        self._push(batch)
+        self._post_checkpoint()  # also during a long drain or steady traffic (at most every 2 s)
+        self._publish_status()
+
+    def _next_batch(self) -> Sent | None:
         """Contiguous entries from acked+1: a gap holds everything behind it back."""
         rows: list[bytes] = []
-        expect = self.acked + 1
+        first = expect = self.acked + 1
         with self.store.read() as txn:
             cursor = txn.cursor(db=self.store.table(ENTRIES))
             if cursor.set_range(u64(expect)):
                 for key, value in cursor:
-                    if from_u64(key) != expect or len(rows) >= self.config.uplink.batch:
+                    if from_u64(key) != expect or len(rows) >= self.batch:
                         break
                     rows.append(value)
                     expect += 1
-        return rows, expect - 1
+        return Sent(first, expect - 1, rows) if rows else None
 
-    def _acknowledge(self, head: Head, first_seq: int) -> None:
+    def _push(self, batch: Sent) -> None:
+        try:
+            for attempt in retrying(self.config.uplink.retry_attempts, (GatewayUnavailable,)):
+                with attempt:
+                    if self.link_state == ISOLATED or self._halt.is_set():
+                        return  # no calls while isolated; the batch stays where it is
+                    head = self.client().push(batch.rows)
+        except GapError as exc:
+            self._resync(exc.expected_seq - 1)
+        except GatewayError as exc:
+            if exc.status == 413 and self.batch > MIN_BATCH:
+                self.batch = max(MIN_BATCH, self.batch // 2)
+                self.log.warning("gateway refused the batch size; sending smaller batches", batch=self.batch)
+                return
+            if exc.head is not None:
+                self._acknowledge(exc.head)
+            self._forget_token_if_refused(exc)
+            self.breaker.failure()
+            self._alarm(str(exc.detail.get("code", "gateway_refused")), str(exc))
+            self._halt.wait(5.0)
+        except GatewayUnavailable as exc:
+            self.breaker.failure()
+            self.log.warning("gateway unavailable", error=str(exc), breaker=self.breaker.state,
+                             state_transition="UPLINK_RETRY")
+        else:
+            self.breaker.success()
+            self._acknowledge(head)
+
+    def _forget_token_if_refused(self, exc: GatewayError) -> None:
+        """401: the token is missing or not (any more) registered. Read it again next time, so a
+        token put in place by the operator works without a restart."""
+        if exc.status == 401 and self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _acknowledge(self, head: Head) -> None:
         """Store the gateway's acknowledged seq durably, then drop what it now holds."""
         self.gateway_head = head
         if head.seq <= self.acked:
             return
+        first = self.acked + 1
         with self.store.write() as txn:
             txn.put(ACKED, u64(head.seq + 1), db=self.store.table("meta"))
-            cursor = txn.cursor(db=self.store.table(ENTRIES))
-            while cursor.first() and from_u64(cursor.key()) <= head.seq:
-                cursor.delete()
+            self._drop_upto(txn, head.seq)
         self.acked = head.seq
-        self.log.info("batch acknowledged by the gateway", first_seq=first_seq, last_seq=head.seq,
+        self.log.info("batch acknowledged by the gateway", first_seq=first, last_seq=head.seq,
                       state_transition="UPLINKED->ACKNOWLEDGED")
+
+    def _drop_upto(self, txn, seq: int) -> int:
+        cursor = txn.cursor(db=self.store.table(ENTRIES))
+        dropped = 0
+        if cursor.first():
+            while (key := cursor.key()) and from_u64(key) <= seq:
+                if not cursor.delete():
+                    break
+                dropped += 1
+        return dropped
+
+    def _drop_stale(self) -> None:
+        """Entries at or below the acknowledged seq (one that arrived while its ack was being
+        stored) are already at the gateway: drop them so the queue can reach zero."""
+        with self.store.read() as txn:
+            cursor = txn.cursor(db=self.store.table(ENTRIES))
+            stale = cursor.first() and from_u64(cursor.key()) <= self.acked
+        if stale:
+            with self.store.write() as txn:
+                self._drop_upto(txn, self.acked)
 
     def _resync(self, gateway_seq: int) -> None:
         """The gateway's head is not where we thought: continue from what it actually holds."""
         self.log.warning("gateway head differs from acknowledged seq; resuming from the gateway's",
                          acked_seq=self.acked, gateway_seq=gateway_seq, state_transition="UPLINK_RESYNC")
         if gateway_seq < self.acked:
-            self._alarm("gateway_behind", f"gateway holds up to seq {gateway_seq} but acknowledged {self.acked}")
-            self.acked = gateway_seq
+            self._alarm("gateway_behind", f"the gateway holds up to seq {gateway_seq} but had acknowledged "
+                        f"{self.acked}; sending the missing entries again from the local ledger")
+            self._refill(gateway_seq + 1, self.acked)
         else:
-            self._acknowledge(Head(gateway_seq, ""), first_seq=self.acked + 1)
+            self._acknowledge(Head(gateway_seq, ""))
+            self.gateway_head = None
+
+    def _refill(self, first: int, last: int) -> None:
+        """Put entries the gateway lost (it was restored from an older backup) back into the queue,
+        from the ledger itself, and move the acknowledged seq back to what the gateway holds."""
+        if self._ledger is None:
+            self.local_head()
+        with self.store.write() as txn:
+            if self._ledger is not None:
+                for entry in iter_entries(self._ledger, first):
+                    if entry.seq > last:
+                        break
+                    txn.put(u64(entry.seq), json_encode(export_row(entry)), db=self.store.table(ENTRIES))
+            txn.put(ACKED, u64(first), db=self.store.table("meta"))
+        self.acked = first - 1
 
     def _check_head(self) -> None:
-        if time.monotonic() - self._head_checked < 2.0:
+        """Idle: ask the gateway for its head now and then (this is what proves we are in sync)."""
+        if self.gateway_head is not None and time.monotonic() - self._head_checked < 2.0:
+            return
+        if self.gateway_head is None and time.monotonic() - self._head_checked < 0.2:
             return
         self._head_checked = time.monotonic()
         try:
@@ -204,15 +340,79 @@ class Pusher(threading.Thread):
         except GatewayUnavailable:
             self.breaker.failure()
         except GatewayError as exc:
-            self._alarm("gateway_refused", str(exc))
-        self._publish_status()
+            self._forget_token_if_refused(exc)
+            self.breaker.failure()
+            self._alarm(str(exc.detail.get("code", "gateway_refused")), str(exc))
+            return
+        if self.gateway_head is not None and self.gateway_head.seq > self.acked:
+            self._acknowledge(self.gateway_head)  # it holds more than we knew (our ack was lost)
+        elif self.gateway_head is not None and self.gateway_head.seq < self.acked:
+            self._resync(self.gateway_head.seq)
 
-    def _publish_status(self) -> None:
-        if time.monotonic() - self._last_status >= 0.5:
-            self._last_status = time.monotonic()
-            self.rt.publish_status()
+    def _post_checkpoint(self) -> None:
+        """Idle and in step with the gateway: have the newest checkpoint it can check cosigned."""
+        now = time.monotonic()
+        if self.gateway_head is None or self._ledger is None or now - self._checkpoint_tried < CHECKPOINT_EVERY_S:
+            return
+        self._checkpoint_tried = now
+        try:
+            note = latest_checkpoint(self._ledger)
+        except (KeyError, StoreError):
+            return
+        size = _checkpoint_size(note) if note else None
+        if size is None or size <= self.cosigned_size or size == self._refused_checkpoint:
+            return
+        if size > self.gateway_head.seq + 1:
+            return  # the gateway does not hold all it covers yet
+        try:
+            answer = self.client().post_checkpoint(note)
+        except GatewayUnavailable:
+            self.breaker.failure()
+            return
+        except GatewayError as exc:
+            code = str(exc.detail.get("code", "checkpoint_refused"))
+            if code == "not_held":
+                return
+            self._refused_checkpoint = size
+            if code == "stale_checkpoint":
+                self.log.warning("the gateway holds a newer checkpoint", size=size,
+                                 last_size=exc.detail.get("last_size"))
+                return
+            self._alarm(f"checkpoint_{code}", str(exc))
+            return
+        self.breaker.success()
+        cosigned = answer.get("cosigned_checkpoint")
+        if not isinstance(cosigned, str) or answer.get("size") != size:
+            self._alarm("checkpoint_receipt", f"unexpected answer to checkpoint {size}: {str(answer)[:300]}")
+            self._refused_checkpoint = size
+            return
+        with self.store.write() as txn:
+            txn.put(COSIGNED, cosigned.encode("utf-8"), db=self.store.table("meta"))
+            txn.put(COSIGNED_SIZE, u64(size), db=self.store.table("meta"))
+        self.cosigned_size = size
+        self.log.info("checkpoint cosigned by the gateway", size=size, cosigner=answer.get("cosigner"),
+                      state_transition="CHECKPOINT_COSIGNED")
+
+    def _publish_status(self, force: bool = False) -> None:
+        """Now and then, and at once when `in_sync` (what ends RECONCILING) or the breaker's
+        state changes, so every breaker state shows in the status, HALF_OPEN included."""
+        now = time.monotonic()
+        shown = (self.view()["in_sync"], self.breaker.state, self.link_state)
+        if not (force or self._status_due) and now - self._last_status < 0.5 and shown == self._last_shown:
+            return
+        self._status_due = False
+        self._last_status = now
+        self._last_shown = shown
+        self._publish_status_cb()
 
     def _alarm(self, kind: str, detail: str) -> None:
-        self.log.error("uplink alarm", alarm=kind, detail=detail, state_transition="ALARM")
-        self.rt.link.publish(self.rt.topics.alarm, json_encode(
-            {"service": "uplink", "alarm": kind, "detail": detail, "at": utc_now()}))
+        self.log.error("uplink alarm", alarm=kind, detail=detail[:500], state_transition="ALARM")
+        self._publish(self.topics.alarm, json_encode(
+            {"service": "uplink", "alarm": kind, "detail": detail[:500], "at": utc_now()}))
+
+
+def _checkpoint_size(note: bytes) -> int | None:
+    """The tree size of a C2SP checkpoint note (its second line), without checking it: the
+    gateway checks it, against the entries it holds."""
+    lines = note.split(b"\n", 2)
+    return int(lines[1]) if len(lines) > 2 and lines[1].isdigit() else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,19 @@ from tests.brokers import MOSQUITTO_CONF, REPO
 
 # The one list of compose services besides mosquitto, with their exact commands.
 PIPELINE = ("ingest", "validate", "sign")
+LINK = ("uplink", "heartbeat")
 COMMANDS = {
     "init": ["mro-edge", "devices", "init"],
-    **{name: ["mro-edge", "service", name] for name in PIPELINE},
-    "simulator": ["mro-edge", "simulate"],
+    **{name: ["mro-edge", "service", name] for name in PIPELINE + LINK},
+    "simulator": ["mro-edge", "simulate", "--duration", "0", "--rate", "5"],
 }
 DEMO_ONLY = {"simulator"}
 ONE_SHOT = {"init"}
 BROKER = "mosquitto"
+# The demo profile's stand-in for the central data lake: not an edge service.
+GATEWAY = "gateway"
+GATEWAY_REGISTER = "gateway-register"
+CENTRAL = {GATEWAY, GATEWAY_REGISTER}
 SERVICE_UID = "1883"
 
 
@@ -86,7 +92,7 @@ def conf_directives() -> dict[str, str]:
 
 
 def test_services_are_exactly_the_known_ones(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == set(COMMANDS) | {BROKER}
+    assert set(compose["services"]) == set(COMMANDS) | {BROKER} | CENTRAL
     for name, expected in COMMANDS.items():
         service = compose["services"][name]
         assert service["command"] == expected, name
@@ -112,9 +118,54 @@ def test_app_services_share_environment_and_volumes(compose: dict[str, Any]) -> 
 
 
 def test_pipeline_services_have_health_checks(compose: dict[str, Any]) -> None:
-    for name in PIPELINE:
+    for name in PIPELINE + LINK:
         check = compose["services"][name]["healthcheck"]
         assert check["test"] == ["CMD", "mro-edge", "status", "--service", name, "--check"]
+
+
+def test_link_services_point_at_the_gateway(compose: dict[str, Any]) -> None:
+    """uplink and heartbeat talk to the same gateway: the demo one unless MRO_LINK_GATEWAY_URL
+    names the real central gateway."""
+    urls = {compose["services"][name]["environment"]["MRO_LINK_GATEWAY_URL"] for name in LINK}
+    gateway = compose["services"][GATEWAY]
+    host, port = gateway["environment"]["MRO_GATEWAY_LISTEN"].rsplit(":", 1)
+    assert urls == {f"http://{GATEWAY}:{port}"}
+    assert host == "0.0.0.0", "the demo gateway must listen beyond its own container"
+    raw = yaml.safe_load((REPO / "compose.yaml").read_text())
+    for name in LINK:
+        assert raw["services"][name]["environment"]["MRO_LINK_GATEWAY_URL"] == \
+            f"${{MRO_LINK_GATEWAY_URL:-http://{GATEWAY}:{port}}}", name
+
+
+def test_demo_gateway_runs_the_service_with_an_http_health_check(compose: dict[str, Any]) -> None:
+    gateway = compose["services"][GATEWAY]
+    assert gateway["command"] == ["mro-edge", "service", "gateway"]
+    assert gateway["profiles"] == ["demo"]
+    assert gateway["image"] == compose["services"]["init"]["image"]
+    assert gateway["restart"] == "unless-stopped"
+    test = gateway["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and "urllib.request" in test[3]
+    port = gateway["environment"]["MRO_GATEWAY_LISTEN"].rsplit(":", 1)[1]
+    assert f"http://127.0.0.1:{port}/health" in test[3]
+    assert mounts(gateway)["/data"] == mounts(compose["services"]["sign"])["/data"]
+    assert gateway["environment"]["MRO_DATA_DIR"] == "/data"
+    # the health check really is a check: it exits non-zero when nothing answers
+    probe = subprocess.run([sys.executable, "-c", test[3].replace(port, "9")], capture_output=True, timeout=30)
+    assert probe.returncode != 0
+
+
+def test_demo_registers_the_box_at_the_demo_gateway(compose: dict[str, Any]) -> None:
+    register = compose["services"][GATEWAY_REGISTER]
+    assert register["profiles"] == ["demo"] and register["restart"] == "no"
+    assert register["depends_on"] == {"sign": {"condition": "service_healthy"},
+                                      GATEWAY: {"condition": "service_healthy"}}
+    script = register["command"][2]
+    assert register["command"][:2] == ["sh", "-c"]
+    assert "mro-edge gateway register-edge" in script and "/data/uplink/token" in script
+    # `$$` in compose.yaml is a literal `$` for the shell (the rendered config keeps it escaped)
+    assert script.replace("$$", "$").count('"mro-edge/${MRO_STATION}"') == 1, \
+        "the origin is the ledger's: mro-edge/<station>"
+    assert mounts(register)["/data"] == mounts(compose["services"]["uplink"])["/data"]
 
 
 def test_mosquitto_runs_the_config_the_tests_run(compose: dict[str, Any]) -> None:
