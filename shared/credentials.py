@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.files import write_atomic
 from shared.topics import DEVICE_KINDS
 
 SERVICE_USER = "mro-services"
@@ -350,19 +351,7 @@ class BrokerCredentials:
         with contextlib.suppress(FileNotFoundError):
             if path.read_text(encoding="utf-8") == text:
                 return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o600)
-            f.write(text.encode())
-            f.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(self.broker_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, text.encode())
 
 
 def _parse_passwd(text: str) -> dict[str, str]:

@@ -29,6 +29,8 @@ from typing import Protocol
 import nacl.exceptions
 import nacl.signing
 
+from shared.files import fsync_dir
+
 _PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 _SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 _PRIVATE_LABEL = "PRIVATE KEY"
@@ -106,19 +108,6 @@ def verify_digest_signature(public_bytes: bytes, data: bytes, signature: bytes) 
     except nacl.exceptions.BadSignatureError:
         return False
     return True
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename or link inside it survives a power cut."""
-    _fsync_dir(Path(path))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SigningKey:
@@ -236,7 +225,7 @@ class SigningKey:
             finally:
                 os.close(fd)
             os.link(tmp, path)
-            _fsync_dir(keys_dir)
+            fsync_dir(keys_dir)
         except FileExistsError:
             raise
         except OSError as exc:
@@ -259,7 +248,7 @@ class SigningKey:
             keys_dir.parent.mkdir(parents=True, exist_ok=True)
             keys_dir.mkdir(mode=0o700)
             os.chmod(keys_dir, 0o700)
-            _fsync_dir(keys_dir.parent)
+            fsync_dir(keys_dir.parent)
             return
         except FileExistsError:
             pass
@@ -404,9 +393,9 @@ class LedgerKeyFiles:
             tmp = retired / f".{public.name}.{secrets.token_hex(6)}.tmp"
             tmp.write_text(current.public_pem())
             os.replace(tmp, public)
-        _fsync_dir(retired)
+        fsync_dir(retired)
         os.replace(self.next_path, self.current_path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._pending = None
         return pending
 

@@ -18,8 +18,6 @@ streamed with a cursor, never loaded all at once.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import lmdb
 import msgspec
 
 from shared.config import Config
-from shared.crypto import fsync_dir
+from shared.files import write_atomic
 from shared.ledger import SignedEntry
 from shared.merkle import MERKLE_TABLE
 from shared.store import Store, StoreError, u64
@@ -147,19 +145,5 @@ def read_latest_checkpoint(path: Path) -> bytes | None:
 
 
 def write_latest_checkpoint(path: Path, note: bytes) -> None:
-    """Replace ``keys/checkpoint.latest`` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(note)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    """Replace ``keys/checkpoint.latest`` atomically and durably."""
+    write_atomic(path, note, mode=0o644)
