@@ -278,12 +278,42 @@ class StageRuntime:
         self._retry = batch
         self.log.error("batch failed; kept for retry", error=str(exc)[:200], failures=self._faults,
                        state_transition="STALLED")
+        self._settle_receipts_while_stalled()
         if self._faults >= FREEZE_AFTER and self.state != "frozen":
             self.state = "frozen"
             self._alarm("frozen", f"{self._faults} failures in a row: {type(exc).__name__}: {str(exc)[:200]}")
             self.publish_status()
         self._resume.wait(5.0 if self.state == "frozen" else 0.5)
         self._resume.clear()
+
+    def _settle_receipts_while_stalled(self) -> None:
+        """Downstream receipts free outbox rows, which may be exactly what a full store needs:
+        settle them now, alone; every other waiting message joins the held batch, in order."""
+        receipts: list[Inbound] = []
+        while True:
+            try:
+                message = self.link.inbox.get_nowait()
+            except Exception:
+                break
+            (receipts if message.topic == self.receipt_topic else self._retry).append(message)
+        if not receipts or not self.outbox:
+            self._retry.extend(receipts)
+            return
+        keys = []
+        for message in receipts:
+            try:
+                keys.extend(stage_receipt_decoder.decode(message.payload).keys)
+            except msgspec.DecodeError:
+                continue
+        try:
+            with self.store.write() as txn:
+                settled = self.outbox.settle(txn, keys)
+        except lmdb.Error:
+            self._retry.extend(receipts)
+            return
+        self.outbox.forget(settled)
+        for message in receipts:
+            self.link.ack(message)
 
     def _recovered(self) -> None:
         self._faults = 0
