@@ -27,6 +27,11 @@ SERVICES = ("broker", "gateway", "heartbeat") + tuple(STAGE_CLASSES)
 COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema")
 
 
+# status fields worth a glance in the table (all of them are in --json)
+STATUS_DETAIL = ("backlog", "acked_seq", "gateway_head", "breaker", "in_sync", "last_probe_ms", "since",
+                 "checkpoint_size", "cosigned_size")
+
+
 class UserError(Exception):
     """A mistake the user can fix; printed without a traceback."""
 
@@ -206,10 +211,11 @@ def cmd_status(config: Config, args) -> int:
     if not statuses:
         print("no service has published a status yet (are they running? is MRO_STATION right?)")
         return 1
-    print(f"{'service':<14}{'state':<10}{'queue':>8}{'processed':>12}{'failed':>9}  at")
-    for name, s in sorted(statuses.items()):
-        print(f"{name:<14}{s.get('state', '?'):<10}{s.get('queue_depth', ''):>8}{s.get('processed', ''):>12}"
-              f"{s.get('failed', ''):>9}  {s.get('at', '')}")
+    print(f"{'service':<14}{'state':<13}{'queue':>7}{'processed':>11}{'failed':>8}  detail")
+    for name, st in sorted(statuses.items()):
+        detail = "  ".join(f"{key}={st[key]}" for key in STATUS_DETAIL if st.get(key) is not None)
+        print(f"{name:<14}{st.get('state', '?'):<13}{st.get('queue_depth', ''):>7}{st.get('processed', ''):>11}"
+              f"{st.get('failed', ''):>8}  {detail}")
     return 0
 
 

@@ -29,7 +29,7 @@ from services.uplink.client import GapError, GatewayClient, GatewayError, Gatewa
 from shared.breaker import CircuitBreaker, retrying
 from shared.config import Config
 from shared.ledger import GENESIS_PREV, export_row
-from shared.ledger_store import decode_entry, iter_entries, latest_checkpoint, open_ledger
+from shared.ledger_store import checkpoint_at_most, decode_entry, iter_entries, open_ledger
 from shared.stage import Stage, UnitOfWork
 from shared.store import Store, StoreError, from_u64, u64
 from shared.topics import Topics
@@ -355,15 +355,13 @@ class Pusher(threading.Thread):
         if self.gateway_head is None or self._ledger is None or now - self._checkpoint_tried < CHECKPOINT_EVERY_S:
             return
         self._checkpoint_tried = now
-        try:
-            note = latest_checkpoint(self._ledger)
+        try:  # the newest checkpoint whose entries the gateway already holds
+            note = checkpoint_at_most(self._ledger, self.gateway_head.seq + 1)
         except (KeyError, StoreError):
             return
         size = _checkpoint_size(note) if note else None
         if size is None or size <= self.cosigned_size or size == self._refused_checkpoint:
             return
-        if size > self.gateway_head.seq + 1:
-            return  # the gateway does not hold all it covers yet
         try:
             answer = self.client().post_checkpoint(note)
         except GatewayUnavailable:
