@@ -13,6 +13,7 @@ A stage subclasses `Stage` and never touches paho or LMDB transactions directly.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 import signal
 import sys
 import threading
@@ -71,7 +72,7 @@ class DeviceMessage:
     received_at: str
 
 
-class Stage:
+class Stage(ABC):
     """Domain logic of one stage. Subclasses set the class attributes and implement `handle`."""
 
     name: str = ""
@@ -86,8 +87,9 @@ class Stage:
     def open(self, runtime: StageRuntime) -> None:
         """Called once before the first batch (load keys, check stored state)."""
 
+    @abstractmethod
     def handle(self, inputs: list, uow: UnitOfWork) -> None:
-        raise NotImplementedError
+        """The stage's domain logic for one batch, inside its transaction."""
 
     def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
         """Messages on `notice_topics`; processed in the same transaction as the batch."""

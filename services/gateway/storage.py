@@ -24,7 +24,8 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,7 @@ class ForkEvidence:
     signature: bytes
 
 
-class Tx:
+class Tx(ABC):
     """One transaction; every query the gateway runs. Backends override the few that differ."""
 
     def __init__(self, storage: Storage, conn: Any) -> None:
@@ -198,9 +199,9 @@ class Tx:
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> None:
         self._conn.execute(self._s.sql(sql), params)
 
+    @abstractmethod
     def _in(self, column: str, values: list[Any]) -> Iterator[tuple[str, list[Any]]]:
         """(SQL fragment, params) pairs that together test ``column`` against all ``values``."""
-        raise NotImplementedError
 
     # -- authentication and keys
     def origin_for_token(self, token_sha256: str) -> str | None:
@@ -375,7 +376,7 @@ class Tx:
         return [{k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in zip(names, r)} for r in rows]
 
 
-class Storage:
+class Storage(ABC):
     """A pool of connections to one database; ``transaction()`` gives a ``Tx``."""
 
     placeholder = "?"
@@ -389,15 +390,17 @@ class Storage:
         self._closed = False
 
     # -- backend hooks
+    @abstractmethod
     def _connect(self) -> Any:
-        raise NotImplementedError
+        """A new connection of the backend."""
 
-    @contextmanager
-    def _begin(self, conn: Any, write: bool) -> Iterator[None]:
-        raise NotImplementedError
+    @abstractmethod
+    def _begin(self, conn: Any, write: bool) -> AbstractContextManager[None]:
+        """The backend's transaction on `conn`."""
 
+    @abstractmethod
     def _errors(self) -> tuple[type[BaseException], ...]:
-        raise NotImplementedError
+        """The backend's exceptions that mean "storage unavailable"."""
 
     def _usable(self, conn: Any) -> bool:
         return True

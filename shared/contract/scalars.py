@@ -127,7 +127,7 @@ def wire_hook(kind: type, value: Any) -> Any:
         return parse_quantity(value)
     if kind is UtcTimestamp:
         return parse_timestamp(value)
-    raise NotImplementedError(kind)
+    raise TypeError(f"unsupported type {kind!r}")
 
 
 def stored_hook(kind: type, value: Any) -> Any:
@@ -136,7 +136,7 @@ def stored_hook(kind: type, value: Any) -> Any:
         return parse_stored_quantity(value)
     if kind is UtcTimestamp:
         return parse_timestamp(value)
-    raise NotImplementedError(kind)
+    raise TypeError(f"unsupported type {kind!r}")
 
 
 def enc_hook(value: Any) -> Any:
@@ -145,4 +145,4 @@ def enc_hook(value: Any) -> Any:
         return quantity_text(value)
     if type(value) is UtcTimestamp:
         return timestamp_text(value)
-    raise NotImplementedError(type(value))
+    raise TypeError(f"cannot encode {type(value)!r}")

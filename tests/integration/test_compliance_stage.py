@@ -44,10 +44,10 @@ GENTLE = {
 class Harness:
     def __init__(self, tmp_path, monkeypatch, registries=None):
         self.data = tmp_path / "data"
-        env = {"MRO_DATA_DIR": str(self.data), "MRO_MQTT_URL": "mqtt://127.0.0.1:9", "MRO_STATION": STATION}
+        env = {"MRO_DATA_DIR": str(self.data), "MRO_MQTT_URL": "mqtt://127.0.0.1:9", "MRO_STATION": STATION,
+               "MRO_COMPLIANCE_REGISTRY_CHECK_S": "0"}
         if registries is not None:
-            monkeypatch.setenv("MRO_COMPLIANCE_REGISTRIES_DIR", str(registries))
-        monkeypatch.setenv("MRO_COMPLIANCE_REGISTRY_CHECK_S", "0")
+            env["MRO_COMPLIANCE_REGISTRIES_DIR"] = str(registries)
         self.config = load_config(env=env)
         self.topics = Topics(STATION)
         keys = self.data / "keys"
