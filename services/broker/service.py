@@ -75,8 +75,31 @@ class PortInUseError(RuntimeError):
         self.host, self.port = host, port
 
 
+class _SnapshotDict(dict):
+    """amqtt iterates its subscription table across `await`s (`_run_broadcast`), so a client
+    subscribing meanwhile raised "dictionary changed size during iteration" and the message being
+    broadcast was dropped. Iterating over a snapshot makes that impossible."""
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):
+        return list(super().items())
+
+    def keys(self):
+        return list(super().keys())
+
+    def values(self):
+        return list(super().values())
+
+
 class AclBroker(Broker):
-    """amqtt's Broker with two delivery paths fixed so that they respect the ACL and match Mosquitto."""
+    """amqtt's Broker with two delivery paths fixed so that they respect the ACL and match Mosquitto,
+    and its subscription table made safe to change while a message is broadcast."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotDict(self._subscriptions)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session

@@ -216,5 +216,6 @@ def test_kill_9_of_any_process_loses_and_duplicates_nothing(pipeline, broker):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_kill_9_soak(pipeline, broker):
     crash_run(pipeline, broker, seconds=300, kills=40, rate=100, seed=5)
