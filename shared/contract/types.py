@@ -13,9 +13,9 @@ Registrations accepted (`REGISTRATION_PATTERN`):
 
 - United States: N + 1-5 characters, starting with a digit 1-9, at most two trailing letters,
   no I or O (N1, N12345, N123AB, N1234Z)
-- United Kingdom G-XXXX, France F-XXXX, Germany D-XXXX (and gliders D-1234)
-- Canada C-FXXX, C-GXXX, C-IXXX
-- Australia VH-XXX
+- United Kingdom G-ABCD, France F-ABCD, Germany D-ABCD (and gliders D-1234): four letters
+- Canada C-Fxxx, C-Gxxx, C-Ixxx (three more letters)
+- Australia VH-ABC: three letters
 - Japan JA + 4 letters or digits (JA8089, JA01KZ)
 - China and Taiwan B-1234 / B-12345, Hong Kong and Macau B-HXX, B-KXX, B-LXX, B-MXX
 - South Korea HL + 4 digits; Russia RA-12345

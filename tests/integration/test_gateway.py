@@ -9,7 +9,6 @@ postgresql://postgres@127.0.0.1:5432/test): without it these tests fail, they ne
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -21,36 +20,25 @@ from pathlib import Path
 
 import httpx
 import msgspec
-import psycopg
 import pytest
 import yaml
 
 from services.gateway.admin import RegistrationError, register_edge
-from services.gateway.bench import ThreadedGateway, batch_body, free_port, make_entries, scratch_postgres
+from services.gateway.bench import ThreadedGateway, batch_body, free_port, make_entries
 from services.gateway.server import create_app
 from services.gateway.storage import open_storage
 from shared.crypto import SigningKey
 from shared.ledger import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry, verify_chain
+from tests.edge import database
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get("MRO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ZEROS = "0" * 64
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/gateway/gateway.db"
-        return
-    try:
-        scratch = scratch_postgres(PG_ADMIN_URL)
-        url = scratch.__enter__()
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for the gateway tests ({PG_ADMIN_URL}; set MRO_TEST_POSTGRES_URL): {exc}")
-    try:
+    with database(request.param, tmp_path) as url:
         yield url
-    finally:
-        scratch.__exit__(None, None, None)
 
 
 @pytest.fixture
