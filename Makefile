@@ -18,7 +18,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/mro-edge run --simulate
 
-## test: the whole suite against real brokers (amqtt and Mosquitto); slow soak tests bounded
+## test: the whole suite against real brokers (embedded and Mosquitto); slow soak tests bounded
 test: $(STAMP)
 	scripts/ensure-tools
 	scripts/ensure-postgres

@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--brokers mosquitto,amqtt] [--n-mosquitto N] ...`
+"""`python -m bench [--quick] [--brokers mosquitto,embedded] [--n-mosquitto N] ...`
 
 Exit status: 0 whatever the figures (a benchmark, not a test); 1 when the ledger never reached
 the number of records sent (records lost, or the pipeline hung), 2 on a setup failure.
@@ -26,8 +26,8 @@ OUT = Path(__file__).resolve().parent / "last-run.json"
 
 # (raw reference messages, end-to-end records) per broker: a few seconds of raw traffic and
 # about ten seconds of end-to-end work at the rates this 2-core box reaches; --quick: ~1/5
-FULL = {"mosquitto": (20_000, 40_000), "amqtt": (12_000, 12_000)}
-QUICK = {"mosquitto": (5_000, 3_000), "amqtt": (2_000, 1_000)}
+FULL = {"mosquitto": (20_000, 40_000), "embedded": (12_000, 12_000)}
+QUICK = {"mosquitto": (5_000, 3_000), "embedded": (2_000, 1_000)}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small runs (about a minute in all)")
     parser.add_argument("--only", default="pipeline,drain,ledger,compliance",
                         help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance")
-    parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,amqtt"))
+    parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,embedded"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,
                             help=f"end-to-end records on {kind} (env BENCH_N_{kind.upper()})")

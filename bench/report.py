@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-TARGET_RATE = {"mosquitto": 1000.0, "amqtt": 300.0}
+TARGET_RATE = {"mosquitto": 1000.0, "embedded": 300.0}
 TARGET_P99_MS = 100.0
 TARGET_RSS_MB = 80.0
 SERVICES = ("ingest", "validate", "sign")
@@ -24,7 +24,7 @@ def verdicts(result: dict) -> dict:
         "records_per_s": None if not e2e else e2e["complete"] and e2e["rate"] >= TARGET_RATE[kind],
         "p99_ms": None if not lat else lat["complete"] and (lat["recorded"]["p99_ms"] or 1e9) <= TARGET_P99_MS,
     }
-    rss_names = list(SERVICES) + ([f"broker({kind})"] if kind == "amqtt" else [])
+    rss_names = list(SERVICES) + ([f"broker({kind})"] if kind == "embedded" else [])
     for name in rss_names:
         out[f"rss_{name}"] = None if name not in rss else rss[name] <= TARGET_RSS_MB
     return out
@@ -77,7 +77,7 @@ def broker_table(result: dict) -> str:
     for name, peak in peaks.items():
         if name == "bench":
             continue
-        targeted = name in SERVICES or (kind == "amqtt" and name.startswith("broker"))
+        targeted = name in SERVICES or (kind == "embedded" and name.startswith("broker"))
         lines.append(row.format(f"peak RSS {name}", f"{peak:.1f} MB",
                                 f"idle {idle.get(name, 0):.1f}; anon {anon.get(name, 0):.1f} MB"
                                 + (f"; target <= {TARGET_RSS_MB:g}" if targeted else " (not targeted)"),
@@ -95,7 +95,7 @@ def summary(results: list[dict]) -> str:
         kind, v = result["broker"], verdicts(result)
         e2e, lat, raw = result.get("e2e"), result.get("latency"), result.get("raw")
         rss = {k: x for k, x in result.get("peak_rss_mb", {}).items()
-               if k in SERVICES or (kind == "amqtt" and k.startswith("broker"))}
+               if k in SERVICES or (kind == "embedded" and k.startswith("broker"))}
         worst = max(rss, key=rss.get) if rss else None
         rss_ok = None if not rss else all(v[f"rss_{k}"] for k in rss)
         lines.append(row.format(

@@ -1,4 +1,4 @@
-"""Real brokers for tests: the embedded amqtt broker and Mosquitto, each in its own process.
+"""Real brokers for tests: the embedded broker and Mosquitto, each in its own process.
 
 Both read the same password and ACL files (shared.credentials.BrokerCredentials under
 `<data_dir>/broker/`). Mosquitto runs the production config/mosquitto/mosquitto.conf with only
@@ -22,7 +22,7 @@ from shared.mqtt import mqtt_connack
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_CONF = REPO / "config" / "mosquitto" / "mosquitto.conf"
-KINDS = ("amqtt", "mosquitto")
+KINDS = ("embedded", "mosquitto")
 
 
 def free_port() -> int:
@@ -80,7 +80,7 @@ def render_mosquitto_conf(data_dir: Path, port: int) -> Path:
 
 
 class BrokerProc:
-    """One real broker process (`kind` "amqtt" or "mosquitto") on a fixed port and data dir."""
+    """One real broker process (`kind` "embedded" or "mosquitto") on a fixed port and data dir."""
 
     def __init__(self, kind: str, data_dir: Path, station: str = "HGR1", port: int | None = None) -> None:
         if kind not in KINDS:
@@ -139,7 +139,7 @@ class BrokerProc:
                            f"{self.log_tail()}")
 
     def reload(self) -> None:
-        """Make the broker pick up changed password/ACL files (amqtt notices by itself)."""
+        """Make the broker pick up changed password/ACL files (the embedded broker notices by itself)."""
         if self.kind == "mosquitto" and not reload_mosquitto(self.pid_file):
             raise RuntimeError(f"could not SIGHUP mosquitto (pid file {self.pid_file})")
 

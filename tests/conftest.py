@@ -1,4 +1,4 @@
-"""Shared fixtures: real brokers (amqtt and Mosquitto) on free ports, and the real pipeline."""
+"""Shared fixtures: real brokers (embedded and Mosquitto) on free ports, and the real pipeline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from tests.brokers import start_broker
 from tests.pipeline import Pipeline
 
-BROKERS = ("amqtt", "mosquitto")
+BROKERS = ("embedded", "mosquitto")
 
 
 @pytest.fixture(params=BROKERS)

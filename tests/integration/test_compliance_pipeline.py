@@ -1,4 +1,4 @@
-"""Compliance end to end: real broker (amqtt and Mosquitto), real services, the `mro-edge schema` and
+"""Compliance end to end: real broker (embedded and Mosquitto), real services, the `mro-edge schema` and
 `mro-edge registry` commands as an operator runs them."""
 
 from __future__ import annotations
