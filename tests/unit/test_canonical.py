@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from shared.canonical import MAX_SAFE_INTEGER, CanonicalError, canonical_json, sha256_hex
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "jcs"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "jcs"  # provenance: tests/vectors/README.md
 VECTOR_NAMES = sorted(p.name for p in (VECTORS / "input").glob("*.json"))
 
 # Vectors with floats are outside the DESIGN.md section 6 profile (no floats in anything signed).

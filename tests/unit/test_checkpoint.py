@@ -33,7 +33,7 @@ from shared.checkpoint import (
 from shared.crypto import SigningKey
 
 VECTOR = json.loads(
-    (Path(__file__).resolve().parents[3] / "shared" / "vectors" / "signed-note" / "go-sumdb-note.json").read_text()
+    (Path(__file__).resolve().parents[1] / "vectors" / "signed-note" / "go-sumdb-note.json").read_text()
 )
 LEDGER = SigningKey(bytes(range(32)))
 WITNESS = nacl.signing.SigningKey(bytes(range(100, 132)))

@@ -28,7 +28,7 @@ from shared.merkle import (
     verify_inclusion,
 )
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "merkle"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "merkle"  # provenance: tests/vectors/README.md
 N = 70
 
 
