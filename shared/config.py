@@ -46,7 +46,8 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):
-    gateway_url: str = "http://127.0.0.1:8443"
+    # empty: the local reference gateway at `gateway.listen` (resolved by load_config)
+    gateway_url: str = ""
     token: str = ""
     probe_interval_s: float = 5.0
     slow_probe_ms: int = 2000
@@ -67,6 +68,13 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     duplicate_window_days: int = 30
     key_dir: str = ""
     cosigner_name: str = "mro-gateway"
+
+
+class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    hung_after_s: float = 30.0
+    console_interval_s: float = 5.0
+    log_max_mb: float = 20.0
+    log_backups: int = 5
 
 
 class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,6 +101,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     compliance: ComplianceConfig = msgspec.field(default_factory=ComplianceConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
 
     @property
     def data_path(self) -> Path:
@@ -134,7 +143,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
     sections = {"mqtt": MqttConfig, "limits": LimitsConfig, "stage": StageConfig, "link": LinkConfig,
                 "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
-                "ledger": LedgerConfig}
+                "ledger": LedgerConfig, "supervisor": SupervisorConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value
@@ -159,4 +168,18 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
     _split_url(config.mqtt.url)
+    if config.mqtt.password and not config.mqtt.username:
+        raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) is not: "
+                          "set both, or neither to use the service login in $MRO_DATA_DIR/broker/service.secret")
+    if not config.link.gateway_url:
+        config.link.gateway_url = local_gateway_url(config.gateway.listen)
     return config
+
+
+def local_gateway_url(listen: str) -> str:
+    """The URL of a gateway listening on `listen` (host:port); a wildcard host is reached on loopback."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
