@@ -2,6 +2,10 @@
 
 Free text (notes, descriptions, findings, names) and secrets must never reach a log line:
 the `_scrub` processor drops such keys wherever a caller passes them by mistake.
+
+Every line a service writes is one JSON object: the standard library's loggers (uvicorn,
+amqtt, httpx, warnings) are routed through the same processors, and an uncaught exception is
+logged as a JSON `uncaught exception` line instead of a bare traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from typing import TextIO
 
 import structlog
 
@@ -18,6 +24,8 @@ SENSITIVE_KEYS = frozenset(
         "signature", "body", "payload", "raw", "private_key",
     }
 )
+# Libraries that log a line per request at INFO; their warnings still come through.
+QUIET_LOGGERS = ("httpx", "httpcore", "amqtt", "transitions", "asyncio")
 
 
 def _scrub(_logger, _method, event_dict: dict) -> dict:
@@ -26,23 +34,72 @@ def _scrub(_logger, _method, event_dict: dict) -> dict:
     return event_dict
 
 
-def configure_logging(service: str, station: str, level: str | None = None) -> None:
-    level_name = (level or os.environ.get("MRO_LOG_LEVEL", "INFO")).upper()
+def _level_number(level: str | None) -> int:
+    name = (level or os.environ.get("MRO_LOG_LEVEL", "INFO")).upper()
+    number = logging.getLevelName(name)
+    return number if isinstance(number, int) else logging.INFO
+
+
+def configure_logging(service: str, station: str, level: str | None = None, *, stream: TextIO | None = None) -> None:
+    """JSON lines on `stream` (stderr) for structlog and for every standard-library logger."""
+    stream = stream or sys.stderr
+    number = _level_number(level)
+    def identity(_logger, _method, event_dict: dict) -> dict:
+        # also on lines from other threads, which do not share the main thread's context
+        event_dict.setdefault("service", service)
+        event_dict.setdefault("station", station)
+        return event_dict
+
+    stamped = [
+        structlog.contextvars.merge_contextvars,
+        identity,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="at"),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="at"),
-            _scrub,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=stamped + [_scrub, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(number),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service, station=station)
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=stamped + [structlog.stdlib.add_logger_name, _scrub],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+    ))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler.setLevel(number)  # also for loggers that set their own, lower level (uvicorn)
+    root.addHandler(handler)
+    root.setLevel(number)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(number, logging.WARNING))
+    logging.captureWarnings(True)
+    _log_uncaught()
+
+
+def _log_uncaught() -> None:
+    def excepthook(kind, value, tb) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, tb)
+            return
+        structlog.get_logger().critical("uncaught exception", exc_info=(kind, value, tb),
+                                        state_transition="CRASHED")
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        structlog.get_logger().critical("uncaught exception in thread", thread=getattr(args.thread, "name", None),
+                                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+                                        state_transition="CRASHED")
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 def get_logger(**bound) -> structlog.typing.FilteringBoundLogger:

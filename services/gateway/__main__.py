@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p_reg.add_argument("--db-url", default=GatewaySettings.db_url)
     args = parser.parse_args(argv)
     if args.command == "serve":
+        from shared.logs import configure_logging
+
+        configure_logging("gateway", "-")
         host, port = split_listen(args.listen)
         serve(GatewaySettings(db_url=args.db_url, host=host, port=port,
                               duplicate_window_days=args.duplicate_window_days, key_dir=args.key_dir,

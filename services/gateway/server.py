@@ -292,8 +292,10 @@ def uvicorn_server(settings: GatewaySettings, *, log_level: str = "info"):
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
+    # log_config=None: uvicorn keeps its hands off logging, so its loggers reach the root logger,
+    # which shared.logs.configure_logging renders as JSON like every other line
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, lifespan="on",
+        create_app(settings), host=settings.host, port=settings.port, lifespan="on", log_config=None,
         access_log=False, log_level=log_level, timeout_graceful_shutdown=30,
         server_header=False, proxy_headers=False,
     )
