@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "edge.toml"
+# The shipped edge.toml is package data of `mro_edge_config` (pyproject.toml installs the
+# repository's config/ directory under that name, with the example registries beside it): the
+# working tree's file in an editable install, the copy in site-packages after `pip install .`,
+# whatever the current directory.
+DEFAULT_CONFIG = Path(str(resources.files("mro_edge_config").joinpath("edge.toml")))
 
 
 class MqttConfig(msgspec.Struct, forbid_unknown_fields=True):
