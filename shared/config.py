@@ -57,6 +57,8 @@ class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):
     probe_interval_s: float = 5.0
     slow_probe_ms: int = 2000
     isolate_after: int = 3
+    state_refresh_s: float = 60.0
+    degraded_alarm_s: float = 60.0
 
 
 class UplinkConfig(msgspec.Struct, forbid_unknown_fields=True):
