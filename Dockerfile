@@ -1,5 +1,22 @@
 # One image for every mro-edge service (`mro-edge service NAME`, `mro-edge devices init`, ...).
-FROM python:3.11-slim
+# The base image is pinned to an exact tag (Python 3.11.13, Debian 12 bookworm) in both stages;
+# Python packages come pinned from constraints.txt, the lock `make install` uses too.
+
+# Build: a wheel of the project, with the default config and registries inside as package data.
+FROM python:3.11.13-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY constraints.txt pyproject.toml README.md ./
+COPY shared ./shared
+COPY services ./services
+COPY mro_edge ./mro_edge
+COPY config ./config
+RUN pip install -c constraints.txt --upgrade pip \
+ && pip wheel --no-deps --wheel-dir /wheels .
+
+# Run: the wheel and its locked dependencies installed into site-packages; no source tree.
+FROM python:3.11.13-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -11,20 +28,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 1883 mro \
  && useradd --uid 1883 --gid 1883 --home-dir /data --no-create-home --shell /usr/sbin/nologin mro
 
-WORKDIR /app
-# Dependencies are pinned (==) in pyproject.toml; sources are copied before installing.
-COPY pyproject.toml README.md ./
-COPY shared ./shared
-COPY services ./services
-COPY mro_edge ./mro_edge
-RUN pip install .
-COPY config ./config
+COPY constraints.txt /tmp/constraints.txt
+COPY --from=build /wheels /tmp/wheels
+RUN pip install -c /tmp/constraints.txt --upgrade pip \
+ && pip install -c /tmp/constraints.txt /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels /tmp/constraints.txt
 
 # The data volume (and the broker-auth volume inside it) start owned by the service user
 # with mode 0700: docker copies this ownership into a new named volume on first mount.
 RUN install -d -o 1883 -g 1883 -m 0700 /data /data/broker
 
-ENV MRO_CONFIG=/app/config/edge.toml \
-    MRO_DATA_DIR=/data
+# The configuration is the packaged default (config/edge.toml in the repository); MRO_CONFIG
+# points at another file, MRO_<SECTION>_<KEY> overrides one setting.
+ENV MRO_DATA_DIR=/data
+WORKDIR /data
 USER 1883:1883
 CMD ["mro-edge", "--help"]

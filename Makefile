@@ -4,12 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all bench lint clean
+# Every install takes the locked versions in constraints.txt (see `make lock`).
+CONSTRAINTS := constraints.txt
 
-$(STAMP): pyproject.toml
+.PHONY: install run test test-all bench lint lock clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --upgrade pip
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +40,16 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check shared services mro_edge tests bench
+
+## lock: re-resolve pyproject.toml's dependencies in a fresh virtualenv into constraints.txt
+lock:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT \
+	 && $(PYTHON) -m venv "$$tmp/venv" \
+	 && "$$tmp/venv/bin/pip" install --quiet --upgrade pip \
+	 && "$$tmp/venv/bin/pip" install --quiet '.[test]' \
+	 && { grep '^#' $(CONSTRAINTS); "$$tmp/venv/bin/pip" freeze --all --exclude mro-edge --exclude setuptools; } \
+	    > "$$tmp/constraints.txt" \
+	 && mv "$$tmp/constraints.txt" $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis

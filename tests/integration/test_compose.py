@@ -187,6 +187,7 @@ def test_broker_and_app_share_the_file_owner(compose: dict[str, Any]) -> None:
     """Mosquitto must read the 0600 credential files the app writes: same uid in both images."""
     assert compose["services"][BROKER]["user"] == f"{SERVICE_UID}:{SERVICE_UID}"
     dockerfile = (REPO / "Dockerfile").read_text().splitlines()
-    assert [line for line in dockerfile if line.startswith("FROM ")] == ["FROM python:3.11-slim"]
+    # both stages (build, run) on the one base image, pinned to an exact patch release
+    assert [line.split()[1] for line in dockerfile if line.startswith("FROM ")] == ["python:3.11.13-slim-bookworm"] * 2
     users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
     assert users == [f"{SERVICE_UID}:{SERVICE_UID}"]
