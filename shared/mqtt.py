@@ -4,6 +4,13 @@ Fixed client id + persistent session (clean_session=False) so the broker keeps Q
 for us while we are away; manual acks so a message is acked only after our LMDB commit.
 Subscriptions are renewed on every connect because a broker restarted without persistence
 (amqtt) forgets sessions.
+
+Every callback paho runs for us (on_connect and its hooks, on_message, the `direct` and `watch`
+handlers, on_disconnect) runs inside a guard: an exception there would otherwise end paho's
+network thread while the process lives on, deaf (no messages, no acks, no reconnects). The
+guard logs one structured error (`state_transition` FATAL, the callback, the exception type and
+where it was raised) and ends the process with FATAL_EXIT, so the supervisor restarts it; what
+was committed is durable and what was not is redelivered, as after kill -9.
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ import os
 import queue
 import socket
 import struct
+import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.config import Config
+from shared.logs import get_logger
+
+FATAL_EXIT = 70  # EX_SOFTWARE: not REFUSED_EXIT (3), so the supervisor restarts the service
 
 
 class BrokerUnavailable(Exception):
@@ -36,6 +49,7 @@ class Inbound:
     mid: int
     generation: int
     received_at: float = field(default_factory=time.time)
+    retain: bool = False  # sent because it was retained (on subscribe), not published just now
 
 
 def service_credentials(config: Config) -> tuple[str, str]:
@@ -73,8 +87,12 @@ class MqttLink:
         self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.connected = threading.Event()
         self.generation = 0
-        self.on_connect_hooks: list = []
-        self.direct: dict[str, object] = {}
+        self.on_connect_hooks: list[Callable[[], None]] = []
+        # handled in paho's thread instead of the inbox: `direct` gets the payload, `watch` the
+        # whole Inbound (with its retain flag); both are acked once the handler returned
+        self.direct: dict[str, Callable[[bytes], None]] = {}
+        self.watch: dict[str, Callable[[Inbound], None]] = {}
+        self.fatal: Callable[[str, BaseException], None] = fatal_exit
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -89,10 +107,19 @@ class MqttLink:
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=0.2, max_delay=5)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_connect = self._guarded("on_connect", self._on_connect)
+        client.on_disconnect = self._guarded("on_disconnect", self._on_disconnect)
+        client.on_message = self._guarded("on_message", self._on_message)
         self.client = client
+
+    def _guarded(self, name: str, callback: Callable) -> Callable:
+        """`callback` as paho must see it: it never raises into paho's network thread."""
+        def guarded(*args) -> None:
+            try:
+                callback(*args)
+            except BaseException as exc:  # noqa: BLE001 - anything that would end the network thread
+                self.fatal(name, exc)
+        return guarded
 
     def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
         if reason_code.is_failure:
@@ -103,18 +130,34 @@ class MqttLink:
             client.subscribe(self.subscriptions)
         self.connected.set()
         for hook in self.on_connect_hooks:
-            hook()
+            try:
+                hook()
+            except BaseException as exc:  # noqa: BLE001
+                self.fatal(f"on_connect hook {_name(hook)}", exc)
 
     def _on_disconnect(self, _client, _userdata, _flags, _reason_code, _properties) -> None:
         self.connected.clear()
 
     def _on_message(self, _client, _userdata, message: paho.MQTTMessage) -> None:
         if handler := self.direct.get(message.topic):
-            handler(message.payload)
+            try:
+                handler(message.payload)
+            except BaseException as exc:  # noqa: BLE001
+                self.fatal(f"handler {_name(handler)} of {message.topic}", exc)
             if message.qos:
                 self.client.ack(message.mid, message.qos)
             return
-        self.inbox.put(Inbound(message.topic, message.payload, message.qos, message.mid, self.generation))
+        inbound = Inbound(message.topic, message.payload, message.qos, message.mid, self.generation,
+                          retain=bool(message.retain))
+        if watcher := self.watch.get(message.topic):
+            try:
+                watcher(inbound)
+            except BaseException as exc:  # noqa: BLE001
+                self.fatal(f"handler {_name(watcher)} of {message.topic}", exc)
+            if message.qos:
+                self.client.ack(message.mid, message.qos)
+            return
+        self.inbox.put(inbound)
 
     def start(self, wait_s: float = 30.0) -> None:
         host, port = self.config.mqtt.host, self.config.mqtt.port
@@ -139,6 +182,26 @@ class MqttLink:
         already name a different message, which we must not ack before it is committed."""
         if message.qos > 0 and message.generation == self.generation:
             self.client.ack(message.mid, message.qos)
+
+
+def _name(function) -> str:
+    return getattr(function, "__qualname__", None) or type(function).__name__
+
+
+def fatal_exit(callback: str, exc: BaseException) -> None:
+    """An MQTT callback raised: log it (structured, with where it was raised) and end the process
+    at once, non-zero. Called in paho's network thread, so it cannot unwind the main thread: it
+    exits the way kill -9 would, and the stores are built for that."""
+    try:
+        frames = traceback.extract_tb(exc.__traceback__)
+        get_logger().critical(
+            "mqtt callback raised; exiting so the service is restarted", callback=callback,
+            error=type(exc).__name__, detail=str(exc)[:200], where=[f"{f.filename}:{f.lineno}:{f.name}" for f in frames[-6:]],
+            exit_code=FATAL_EXIT, state_transition="FATAL")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(FATAL_EXIT)
 
 
 def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 2.0,
