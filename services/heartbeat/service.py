@@ -1,12 +1,26 @@
-"""Heartbeat: probe the gateway's /health and publish the link state (retained) on every change.
+"""Heartbeat: probe the gateway's /health and publish the link state (retained) when it changes.
+
+`mro/<station>/status/connectivity` is published (retained, QoS 1) once per transition, and
+re-published unchanged every `link.state_refresh_s` (and after a reconnect to the broker) so a
+reader that lost it gets it back; never on every probe. Each transition gets a new `epoch`, a
+counter that only grows (it survives a restart of the heartbeat through the retained state).
+The service's own liveness goes to `status/heartbeat` every `stage.status_interval_s`.
+
+ISOLATED raises an alarm on `mro/<station>/alarm` (`link_isolated`), and so does DEGRADED
+lasting longer than `link.degraded_alarm_s` (`link_degraded`); CONNECTED after either says
+`link_restored`.
 
 The uplink reads that state (it makes no calls while ISOLATED) and reports its backlog and
-whether the gateway's chain head equals ours, which ends RECONCILING. The heartbeat takes
-`in_sync` only from an uplink that has itself seen the link come back (its status names the
-link state RECONCILING or later), so a status from before the outage can never end it.
+whether the gateway's chain head equals ours, which ends RECONCILING. Its status names the
+connectivity `epoch` it had seen when it computed `in_sync`, and the uplink asks the gateway
+for its head again whenever it sees a new RECONCILING epoch; so the heartbeat takes `in_sync`
+only from a status carrying the epoch of the RECONCILING it is in (produced after it entered
+it), and only from the newest status waiting in its inbox: a status from before the outage, or
+one queued while the probes were slow, can never end RECONCILING.
 
 On start the heartbeat picks up the retained state it published last: a restart while the box
-is ISOLATED stays ISOLATED instead of claiming a link nobody has probed yet.
+is ISOLATED stays ISOLATED instead of claiming a link nobody has probed yet. With no retained
+state it publishes nothing until its first probe has answered (or failed).
 """
 
 from __future__ import annotations
@@ -28,6 +42,12 @@ from shared.topics import Topics
 from shared.wire import json_encode, utc_now
 
 
+def first_epoch() -> int:
+    """The epoch of a heartbeat with no retained state: milliseconds since 1970, so it is above
+    every epoch an earlier heartbeat reached (one per transition) on this box."""
+    return time.time_ns() // 1_000_000
+
+
 class Heartbeat:
     def __init__(self, config: Config):
         self.config = config
@@ -35,6 +55,8 @@ class Heartbeat:
         self.limits = Thresholds(config.link.slow_probe_ms, config.link.isolate_after)
         self.log = get_logger()
         self.state, self.streak, self.since = Link.CONNECTED, 0, utc_now()
+        self.epoch = first_epoch()
+        self.entered = time.monotonic()  # when the current state began
         self.last_probe_ms: float | None = None
         self.uplink: dict = {}
         self._uplink_topic = self.topics.status("uplink")
@@ -44,12 +66,18 @@ class Heartbeat:
                              will=(self.topics.status("heartbeat"),
                                    json_encode({"service": "heartbeat", "state": "down"})))
         self.http = httpx.Client(timeout=config.link.slow_probe_ms / 1000 + 1.0)
+        self._lock = threading.Lock()  # state and epoch change together (publish may run in paho's thread)
         self._started = False
+        self._published_at: float | None = None  # connectivity, monotonic
+        self._status_at = 0.0  # status/heartbeat, monotonic
+        self._degraded_alarmed = False  # this DEGRADED spell has raised its alarm
+        self._alarmed = False  # a link alarm was raised since the link was last CONNECTED
         self.link.on_connect_hooks.append(self._on_connect)
 
     def _on_connect(self) -> None:
-        if self._started:
+        if self._started:  # the broker may have lost what we published: say it again
             self.publish()
+            self.publish_status()
 
     def probe(self) -> Probe:
         start = time.monotonic()
@@ -59,21 +87,51 @@ class Heartbeat:
             ok = False
         return Probe(ok, (time.monotonic() - start) * 1000)
 
-    def _move(self, state: Link, reason: str) -> None:
-        if state != self.state:
-            self.log.info("link state changed", state_transition=f"{self.state}->{state}", reason=reason,
-                          last_probe_ms=self.last_probe_ms, bad_probes=self.streak)
-            self.state, self.since = state, utc_now()
-            self.publish()
+    def _move(self, state: Link, reason: str) -> bool:
+        """Take `state`; on a change, a new epoch and one retained publication. True if it changed."""
+        with self._lock:
+            if state == self.state:
+                return False
+            previous = self.state
+            self.state, self.since, self.entered = state, utc_now(), time.monotonic()
+            self.epoch += 1
+        self.log.info("link state changed", state_transition=f"{previous}->{state}", reason=reason,
+                      epoch=self.epoch, last_probe_ms=self.last_probe_ms, bad_probes=self.streak)
+        self.publish()
+        if state == Link.ISOLATED:
+            self._alarmed = True
+            self._alarm("link_isolated", f"{self.streak} bad probes of the gateway in a row; "
+                        "the uplink holds every entry until the link is back")
+        elif state == Link.DEGRADED:
+            self._degraded_alarmed = False  # one alarm per DEGRADED spell that lasts too long
+        elif state == Link.CONNECTED and self._alarmed:
+            self._alarmed = False
+            self._alarm("link_restored", "the link to the gateway is CONNECTED again")
+        return True
 
-    def publish(self, service_state: str = "up") -> None:
-        self.link.publish(self._own_topic, json_encode({
-            "state": self.state, "since": self.since, "last_probe_ms": self.last_probe_ms,
-            "backlog": self.uplink.get("backlog"), "last_acked_seq": self.uplink.get("acked_seq"),
-            "bad_probes": self.streak, "at": utc_now()}), retain=True)
+    def publish(self) -> None:
+        """The connectivity state, retained."""
+        with self._lock:
+            payload = json_encode({
+                "state": self.state, "since": self.since, "epoch": self.epoch, "last_probe_ms": self.last_probe_ms,
+                "backlog": self.uplink.get("backlog"), "last_acked_seq": self.uplink.get("acked_seq"),
+                "bad_probes": self.streak, "at": utc_now()})
+            self._published_at = time.monotonic()
+        self.link.publish(self._own_topic, payload, retain=True)
+
+    def publish_status(self, service_state: str = "up") -> None:
+        """The heartbeat service's own status, retained."""
+        self._status_at = time.monotonic()
         self.link.publish(self.topics.status("heartbeat"), json_encode(
             {"service": "heartbeat", "state": service_state, "pid": os.getpid(), "link": self.state,
-             "at": utc_now()}), retain=True)
+             "epoch": self.epoch, "at": utc_now()}), retain=True)
+
+    def _alarm(self, kind: str, detail: str) -> None:
+        self.log.error("alarm", alarm=kind, detail=detail, link=str(self.state), epoch=self.epoch,
+                       state_transition=f"ALARM_{kind.upper()}")
+        self.link.publish(self.topics.alarm, json_encode(
+            {"service": "heartbeat", "alarm": kind, "detail": detail, "link": self.state, "epoch": self.epoch,
+             "at": utc_now()}))
 
     def step(self) -> None:
         probe = self.probe()
@@ -83,39 +141,63 @@ class Heartbeat:
             reason = "probe ok"
         else:
             reason = "probe slow" if probe.ok else "probe failed"
-        self._move(state, reason)
-        self.publish()
+        if not self._move(state, reason) and self._published_at is None:
+            self.publish()  # the first probe of a heartbeat that found no retained state
+
+    def tick(self) -> None:
+        """Timers: the DEGRADED alarm, the retained refresh, the service status."""
+        now = time.monotonic()
+        link = self.config.link
+        if self.state == Link.DEGRADED and not self._degraded_alarmed and now - self.entered > link.degraded_alarm_s:
+            self._degraded_alarmed = self._alarmed = True
+            self._alarm("link_degraded", f"DEGRADED for more than {link.degraded_alarm_s:g} s "
+                        f"({self.streak} bad probes in a row, last {self.last_probe_ms} ms)")
+        if self._published_at is not None and now - self._published_at >= link.state_refresh_s:
+            self.publish()
+        if now - self._status_at >= self.config.stage.status_interval_s:
+            self.publish_status()
 
     def on_uplink(self, status: dict) -> None:
+        """The uplink's newest status. Only one computed after this RECONCILING began (it carries
+        its epoch) may end it; any other is kept for the figures only."""
         self.uplink = status
-        seen_link_back = status.get("link") in (Link.RECONCILING, Link.CONNECTED)
-        in_sync = bool(status.get("in_sync")) and status.get("state") == "up" and seen_link_back
+        fresh = status.get("link_epoch") == self.epoch and status.get("link") == Link.RECONCILING
+        in_sync = fresh and status.get("in_sync") is True and status.get("state") == "up"
         self._move(after_uplink(self.state, in_sync), "uplink drained and in sync")
 
     def read_inbox(self, timeout_s: float) -> None:
+        """Until `timeout_s` has passed (at least one look, also with 0): whatever is waiting is
+        read at once, and only the newest uplink status of it is acted on."""
         deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
+        while True:
+            remaining = deadline - time.monotonic()
             try:
-                message = self.link.inbox.get(timeout=remaining)
+                waiting = [self.link.inbox.get(timeout=remaining) if remaining > 0 else self.link.inbox.get_nowait()]
             except queue.Empty:
                 return
-            if message.topic != self._uplink_topic:
-                continue  # our own connectivity messages coming back
-            try:
-                status = msgspec.json.decode(message.payload)
-            except msgspec.DecodeError:
-                continue
-            if isinstance(status, dict):
-                self.on_uplink(status)
+            while True:
+                try:
+                    waiting.append(self.link.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            newest = next((m for m in reversed(waiting) if m.topic == self._uplink_topic), None)
+            if newest is not None:  # the rest is our own connectivity coming back, or older statuses
+                try:
+                    status = msgspec.json.decode(newest.payload)
+                except msgspec.DecodeError:
+                    status = None
+                if isinstance(status, dict):
+                    self.on_uplink(status)
+            self.tick()
 
-    def resume_retained(self, wait_s: float = 0.5) -> None:
+    def resume_retained(self, wait_s: float = 0.5) -> bool:
         """Start from the state this heartbeat published before it stopped (retained)."""
         deadline = time.monotonic() + wait_s
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 message = self.link.inbox.get(timeout=remaining)
             except queue.Empty:
-                return
+                return False
             try:
                 status = msgspec.json.decode(message.payload)
             except msgspec.DecodeError:
@@ -125,24 +207,32 @@ class Heartbeat:
             if message.topic == self._uplink_topic:
                 self.uplink = status
             elif message.topic == self._own_topic and status.get("state") in Link.__members__:
-                self.state = Link(status["state"])
-                self.since = status.get("since") or self.since
-                self.streak = int(status.get("bad_probes") or 0)
-                self.log.info("link state resumed", state=str(self.state))
-                return
+                with self._lock:
+                    self.state = Link(status["state"])
+                    self.since = status.get("since") or self.since
+                    self.streak = int(status.get("bad_probes") or 0)
+                    if isinstance(status.get("epoch"), int) and status["epoch"] > 0:
+                        self.epoch = status["epoch"]
+                    self.entered = time.monotonic()
+                    self._alarmed = self.state in (Link.ISOLATED, Link.RECONCILING)  # raised before the restart
+                self.log.info("link state resumed", state=str(self.state), epoch=self.epoch)
+                return True
+        return False
 
     def serve(self, stop: threading.Event) -> None:
         self.link.start()
         try:
-            self.resume_retained()
+            if self.resume_retained():
+                self.publish()  # unchanged state and epoch: a refresh, and a sign of life
             self._started = True
-            self.publish()
+            self.publish_status()
             while not stop.is_set():
                 started = time.monotonic()
                 self.step()
+                self.tick()
                 self.read_inbox(max(0.0, self.config.link.probe_interval_s - (time.monotonic() - started)))
         finally:
-            self.publish("down")
+            self.publish_status("down")
             time.sleep(0.1)
             self.link.stop()
             self.http.close()

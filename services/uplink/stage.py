@@ -12,9 +12,25 @@ cosigns it, and the cosigned note is kept in this stage's store (meta `cosigned_
 as the box's receipt. `cosigned_size` in the status says how far that receipt reaches.
 
 The link state comes from the heartbeat (retained `status/connectivity`): while ISOLATED the
-pusher makes no calls at all. `in_sync` in the status (what ends RECONCILING) is only claimed
-after the gateway itself has told us its head since the link came back: a head remembered
-from before an outage proves nothing.
+pusher makes no calls at all, and it starts knowing nothing (link UNKNOWN), so it makes none
+either until the retained state has arrived and says the link is usable. Messages the broker
+kept for our persistent session arrive before the retained one and are older, so they are
+not trusted on their own; only if no retained state comes within RETAINED_WAIT_S of the
+connection (none was ever published) is the newest of them taken. A state with a lower epoch
+than one already seen is older and ignored.
+
+`in_sync` in the status (what ends RECONCILING) is only claimed after the gateway itself has
+told us its head since the link came back: a head remembered from before an outage proves
+nothing. The status names the connectivity `link_epoch` it was computed under; the gateway's
+head is forgotten before a new ISOLATED or RECONCILING epoch is taken, so a status with the
+epoch of a RECONCILING is based on what the gateway said after it began.
+
+The status is published by the stage runtime every `stage.status_interval_s`; the pusher adds
+one at once (at most every STATUS_MIN_GAP_S) when something the heartbeat or an operator acts
+on changes: the breaker's state, the link state or epoch, `in_sync` while RECONCILING.
+
+The sign stage's store may not have its `ledger` table yet (the uplink started first): the
+local head is then -1, the empty ledger, until it has.
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ from services.uplink.client import GapError, GatewayClient, GatewayError, Gatewa
 from shared.breaker import CircuitBreaker, retrying
 from shared.config import Config
 from shared.ledger import GENESIS_PREV, export_row
-from shared.ledger_store import checkpoint_at_most, decode_entry, iter_entries, open_ledger
+from shared.ledger_store import LEDGER_TABLE, checkpoint_at_most, decode_entry, iter_entries, open_ledger
 from shared.stage import Stage, UnitOfWork
 from shared.store import Store, StoreError, from_u64, u64
 from shared.topics import Topics
@@ -40,7 +56,10 @@ ACKED = b"acked_seq"
 COSIGNED = b"cosigned_checkpoint"
 COSIGNED_SIZE = b"cosigned_size"
 CHECKPOINT_EVERY_S = 2.0
-ISOLATED, RECONCILING = "ISOLATED", "RECONCILING"
+ISOLATED, RECONCILING, UNKNOWN = "ISOLATED", "RECONCILING", "UNKNOWN"
+USABLE = frozenset({"CONNECTED", "DEGRADED", RECONCILING})  # link states in which the pusher calls
+RETAINED_WAIT_S = 2.0
+STATUS_MIN_GAP_S = 0.2
 MIN_BATCH = 50
 
 
@@ -54,6 +73,9 @@ class Uplink(Stage):
     def open(self, runtime) -> None:
         self.pusher = Pusher(runtime.config, runtime.store, runtime.log, publish_status=runtime.publish_status,
                              publish=runtime.link.publish, topics=runtime.topics)
+        # handled in paho's thread, with the retain flag, instead of as a notice in a batch
+        runtime.link.watch[runtime.topics.status("connectivity")] = self.pusher.on_connectivity
+        runtime.link.on_connect_hooks.append(self.pusher.on_mqtt_connect)
         self.pusher.start()
 
     def close(self) -> None:
@@ -72,14 +94,6 @@ class Uplink(Stage):
             uow.put(ENTRIES, u64(seq), json_encode(row))
             uow.transition(item.data.get("event_id"), item.key, "UPLINK_QUEUED", seq=seq)
         self.pusher.wake.set()
-
-    def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
-        try:
-            state = msgspec.json.decode(payload).get("state")
-        except (msgspec.DecodeError, AttributeError):
-            return
-        if isinstance(state, str):
-            self.pusher.set_link_state(state)
 
     def status_extra(self) -> dict:
         return self.pusher.view()
@@ -108,7 +122,11 @@ class Pusher(threading.Thread):
         self._publish = publish or (lambda *a, **k: None)
         self.breaker = CircuitBreaker(config.uplink.breaker_failures, config.uplink.breaker_reset_s)
         self.batch = max(1, config.uplink.batch)
-        self.link_state = "CONNECTED"
+        self.link_state = UNKNOWN  # until the heartbeat's retained state says otherwise
+        self.link_epoch: int | None = None
+        self._link_known = False
+        self._link_pending: tuple[str, int | None] | None = None
+        self._connected_at: float | None = None
         self.gateway_head: Head | None = None
         self.wake = threading.Event()
         self._halt = threading.Event()
@@ -118,6 +136,7 @@ class Pusher(threading.Thread):
         self._last_status = 0.0
         self._last_shown: tuple | None = None
         self._status_due = False
+        self._status_waiting = False
         self._checkpoint_tried = 0.0
         self._refused_checkpoint = 0
         self.acked = self._load_acked()
@@ -150,19 +169,58 @@ class Pusher(threading.Thread):
         return self._client
 
     # the heartbeat's view of the link
-    def set_link_state(self, state: str) -> None:
-        previous, self.link_state = self.link_state, state
-        if state == previous:
+    def on_mqtt_connect(self) -> None:
+        if self._connected_at is None:
+            self._connected_at = time.monotonic()
+
+    def on_connectivity(self, message) -> None:
+        """A `status/connectivity` message (shared.mqtt.Inbound), in paho's thread."""
+        try:
+            status = msgspec.json.decode(message.payload)
+        except msgspec.DecodeError:
             return
-        self.log.info("link state seen", state_transition=f"LINK_{previous}->{state}")
-        if state == ISOLATED:
-            self.gateway_head = None  # unknown until the gateway says so again
-        elif previous == ISOLATED:
-            self.gateway_head = None
+        state = status.get("state") if isinstance(status, dict) else None
+        if not isinstance(state, str):
+            return
+        epoch = status.get("epoch")
+        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+        if self._link_known or message.retain:
+            self._link_known = True
+            self.set_link_state(state, epoch)
+        elif self._link_pending is None or _not_older(epoch, self._link_pending[1]):
+            self._link_pending = (state, epoch)  # kept for us while we were away: maybe stale
+
+    def _adopt_pending_link_state(self) -> None:
+        """No retained state came after the connection: the newest one published is current."""
+        if self._link_known or self._connected_at is None or self._link_pending is None:
+            return
+        if time.monotonic() - self._connected_at < RETAINED_WAIT_S:
+            return
+        self._link_known = True
+        self.log.info("no retained link state; taking the newest one published", state=self._link_pending[0])
+        self.set_link_state(*self._link_pending)
+
+    def set_link_state(self, state: str, epoch: int | None = None) -> None:
+        if not _not_older(epoch, self.link_epoch):
+            return  # an older state, delivered late
+        previous = self.link_state
+        new_epoch = epoch is not None and epoch != self.link_epoch
+        if state == previous and not new_epoch:
+            return
+        if state in (ISOLATED, RECONCILING) and (state != previous or new_epoch):
+            self.gateway_head = None  # unknown until the gateway says so again (before the epoch moves)
+        if previous not in USABLE and state in USABLE:
             self._head_checked = 0.0  # ask the gateway for its head at once
             self.breaker.trial()  # the heartbeat just saw the gateway answer: try now, not after reset_s
-        self._status_due = True  # published by the pusher thread: this runs inside the stage's transaction
+        self.link_epoch = epoch if epoch is not None else self.link_epoch
+        self.link_state = state
+        if state != previous:
+            self.log.info("link state seen", state_transition=f"LINK_{previous}->{state}", epoch=epoch)
+        self._status_due = True  # published by the pusher thread
         self.wake.set()
+
+    def link_usable(self) -> bool:
+        return self.link_state in USABLE
 
     # what the heartbeat and `mro-edge status` see
     def local_head(self) -> Head:
@@ -170,23 +228,27 @@ class Pusher(threading.Thread):
         try:
             if self._ledger is None:
                 self._ledger = open_ledger(self.config)
+            # the table before the transaction: one first opened inside a transaction is not valid in it
+            table = self._ledger.table(LEDGER_TABLE)
             with self._ledger.read() as txn:
-                cursor = txn.cursor(db=self._ledger.table("ledger"))
+                cursor = txn.cursor(db=table)
                 if cursor.last():
                     entry = decode_entry(cursor.value())
                     return Head(entry.seq, entry.hash)
-        except StoreError:
-            pass
+        except (StoreError, KeyError):
+            pass  # no sign store, or no `ledger` table in it yet: the empty ledger
         return Head(-1, GENESIS_PREV)
 
     def view(self) -> dict:
+        link, epoch = self.link_state, self.link_epoch  # before the gateway's head: see set_link_state
         queued = self.store.count(ENTRIES)
         local = self.local_head()
         gateway = self.gateway_head
         in_sync = queued == 0 and gateway is not None and gateway == local
         return {"backlog": max(local.seq - self.acked, 0), "queued": queued, "acked_seq": self.acked,
                 "local_head": local.seq, "gateway_head": gateway.seq if gateway else None, "in_sync": in_sync,
-                "breaker": self.breaker.state, "link": self.link_state, "cosigned_size": self.cosigned_size}
+                "breaker": self.breaker.state, "link": link, "link_epoch": epoch,
+                "cosigned_size": self.cosigned_size}
 
     # the drain
     def run(self) -> None:
@@ -198,11 +260,22 @@ class Pusher(threading.Thread):
                 self._halt.wait(1.0)
 
     def _idle(self, seconds: float) -> None:
-        self.wake.wait(seconds)
+        """Wait until woken or `seconds` passed; a status held back by the rate limit goes out
+        as soon as the limit allows."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._status_waiting:
+                remaining = min(remaining, max(0.0, self._last_status + STATUS_MIN_GAP_S - time.monotonic()))
+            if self.wake.wait(remaining):
+                break
+            if self._status_waiting:
+                self._publish_status()
         self.wake.clear()
 
     def _step(self) -> None:
-        if self.link_state == ISOLATED or not self.breaker.allow():
+        if not self._link_known:
+            self._adopt_pending_link_state()
+        if not self.link_usable() or not self.breaker.allow():
             self._publish_status()
             self._idle(0.5)
             return
@@ -237,8 +310,8 @@ class Pusher(threading.Thread):
         try:
             for attempt in retrying(self.config.uplink.retry_attempts, (GatewayUnavailable,)):
                 with attempt:
-                    if self.link_state == ISOLATED or self._halt.is_set():
-                        return  # no calls while isolated; the batch stays where it is
+                    if not self.link_usable() or self._halt.is_set():
+                        return  # no calls while isolated (or not known yet); the batch stays where it is
                     head = self.client().push(batch.rows)
         except GapError as exc:
             self._resync(exc.expected_seq - 1)
@@ -391,14 +464,25 @@ class Pusher(threading.Thread):
         self.log.info("checkpoint cosigned by the gateway", size=size, cosigner=answer.get("cosigner"),
                       state_transition="CHECKPOINT_COSIGNED")
 
+    def _shown(self) -> tuple:
+        """What a status is published at once for: the breaker's state (every one shows,
+        HALF_OPEN included), the link state and epoch, and `in_sync` while RECONCILING (it ends
+        RECONCILING). Backlog figures wait for the periodic status."""
+        view = self.view()
+        return (self.breaker.state, view["link"], view["link_epoch"],
+                view["in_sync"] if view["link"] == RECONCILING else None)
+
     def _publish_status(self, force: bool = False) -> None:
-        """Now and then, and at once when `in_sync` (what ends RECONCILING) or the breaker's
-        state changes, so every breaker state shows in the status, HALF_OPEN included."""
-        now = time.monotonic()
-        shown = (self.view()["in_sync"], self.breaker.state, self.link_state)
-        if not (force or self._status_due) and now - self._last_status < 0.5 and shown == self._last_shown:
+        """At once (at most every STATUS_MIN_GAP_S) when what `_shown` covers changed; the
+        stage runtime publishes the rest every `stage.status_interval_s`."""
+        shown = self._shown()
+        if not (force or self._status_due or self._status_waiting or shown != self._last_shown):
             return
-        self._status_due = False
+        now = time.monotonic()
+        if now - self._last_status < STATUS_MIN_GAP_S:
+            self._status_waiting = True  # `_idle` publishes it when the gap has passed
+            return
+        self._status_due = self._status_waiting = False
         self._last_status = now
         self._last_shown = shown
         self._publish_status_cb()
@@ -407,6 +491,11 @@ class Pusher(threading.Thread):
         self.log.error("uplink alarm", alarm=kind, detail=detail[:500], state_transition="ALARM")
         self._publish(self.topics.alarm, json_encode(
             {"service": "uplink", "alarm": kind, "detail": detail[:500], "at": utc_now()}))
+
+
+def _not_older(epoch: int | None, than: int | None) -> bool:
+    """Whether a link state with `epoch` may replace one with `than` (no epoch: no order)."""
+    return epoch is None or than is None or epoch >= than
 
 
 def _checkpoint_size(note: bytes) -> int | None:

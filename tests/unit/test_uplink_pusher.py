@@ -1,8 +1,12 @@
 """The uplink's pusher on a real LMDB store: seq order, holding back at a gap, the durable
-acknowledged seq, and the heartbeat's handshake that ends RECONCILING. No network: the
-gateway side is covered by tests/integration/test_reconcile.py."""
+acknowledged seq, the link state it trusts, and the heartbeat's handshake that ends
+RECONCILING. No broker: messages are handed over as shared.mqtt delivers them; the gateway
+side is covered by tests/integration/test_reconcile.py and test_link.py."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import structlog
 
@@ -10,14 +14,16 @@ from services.gateway.bench import make_entries
 from services.heartbeat.service import Heartbeat
 from services.heartbeat.state import Link
 from services.uplink.client import Head
-from services.uplink.stage import ENTRIES, Pusher
+from services.uplink.stage import ENTRIES, RETAINED_WAIT_S, Pusher
 from shared.config import load_config
 from shared.crypto import SigningKey
-from shared.ledger import export_row
+from shared.ledger import GENESIS_PREV, export_row
 from shared.ledger_store import LEDGER_TABLE, encode_entry
+from shared.mqtt import Inbound
 from shared.stage import RUNTIME_TABLES
 from shared.store import Store, u64
 from shared.wire import json_encode
+from tests.pipeline import ROOT
 
 
 def config_for(tmp_path, **env):
@@ -119,16 +125,112 @@ def test_in_sync_needs_a_confirmed_gateway_head_equal_to_the_ledger(tmp_path) ->
 def test_heartbeat_ends_reconciling_only_on_a_fresh_in_sync_report(tmp_path) -> None:
     heartbeat = Heartbeat(config_for(tmp_path))
     heartbeat.state = Link.RECONCILING
-    up = {"service": "uplink", "state": "up", "in_sync": True}
+    epoch = heartbeat.epoch
+    up = {"service": "uplink", "state": "up", "in_sync": True, "link": "RECONCILING", "link_epoch": epoch}
     heartbeat.on_uplink({**up, "link": "ISOLATED"})
     assert heartbeat.state == Link.RECONCILING, "the uplink has not seen the link come back yet"
-    heartbeat.on_uplink({**up, "link": "RECONCILING", "state": "down"})
+    heartbeat.on_uplink({**up, "link": "CONNECTED", "link_epoch": epoch - 3})
+    assert heartbeat.state == Link.RECONCILING, "a status from before the outage"
+    heartbeat.on_uplink({**up, "link_epoch": epoch - 1})
+    assert heartbeat.state == Link.RECONCILING, "a status from an earlier RECONCILING"
+    heartbeat.on_uplink({key: value for key, value in up.items() if key != "link_epoch"})
+    assert heartbeat.state == Link.RECONCILING, "a status that names no epoch"
+    heartbeat.on_uplink({**up, "state": "down"})
     assert heartbeat.state == Link.RECONCILING, "a dead uplink's last word does not count"
-    heartbeat.on_uplink({**up, "link": "RECONCILING", "in_sync": False})
+    heartbeat.on_uplink({**up, "in_sync": False})
     assert heartbeat.state == Link.RECONCILING
-    heartbeat.on_uplink({**up, "link": "RECONCILING"})
-    assert heartbeat.state == Link.CONNECTED
+    heartbeat.on_uplink(up)
+    assert heartbeat.state == Link.CONNECTED and heartbeat.epoch == epoch + 1
     heartbeat.state = Link.ISOLATED
-    heartbeat.on_uplink({**up, "link": "RECONCILING"})
+    heartbeat.on_uplink({**up, "link_epoch": heartbeat.epoch})
     assert heartbeat.state == Link.ISOLATED, "only RECONCILING ends on an uplink report"
     heartbeat.http.close()
+
+
+def test_heartbeat_acts_only_on_the_newest_waiting_status(tmp_path) -> None:
+    """Statuses queued while the probes hung are read at once on restore, and only the newest
+    counts: an in_sync:true one from just after the cut, followed by the current in_sync:false
+    one, keeps RECONCILING; and the inbox is read even when no time is left (timeout 0)."""
+    heartbeat = Heartbeat(config_for(tmp_path))
+    heartbeat.state = Link.RECONCILING
+    topic = heartbeat.topics.status("uplink")
+    old = {"service": "uplink", "state": "up", "in_sync": True, "link": "RECONCILING", "link_epoch": heartbeat.epoch}
+    now = {**old, "in_sync": False, "backlog": 3000}
+    for status in (old, old, now):
+        heartbeat.link.inbox.put(Inbound(topic, json_encode(status), 0, 0, 1))
+    heartbeat.read_inbox(0)
+    assert heartbeat.link.inbox.empty(), "everything waiting was read"
+    assert heartbeat.state == Link.RECONCILING and heartbeat.uplink["backlog"] == 3000
+    heartbeat.link.inbox.put(Inbound(topic, json_encode({**now, "in_sync": True, "backlog": 0}), 0, 0, 1))
+    heartbeat.read_inbox(0)
+    assert heartbeat.state == Link.CONNECTED
+    heartbeat.http.close()
+
+
+def test_pusher_calls_nothing_until_a_retained_state_says_the_link_is_usable(tmp_path) -> None:
+    """A real HTTP peer (tests/linkfault.py answering 503, keeping every request line) stands
+    in for the gateway: the pusher's only way to show a call."""
+    from tests.linkfault import LinkFault
+    from tests.brokers import free_port
+
+    with LinkFault(free_port()) as proxy:
+        proxy.set("http_error", status=503)
+        store = make_store(tmp_path)
+        pusher = Pusher(config_for(tmp_path, MRO_LINK_GATEWAY_URL=proxy.url, MRO_LINK_TOKEN="t",
+                                   MRO_UPLINK_RETRY_ATTEMPTS="1"), store, structlog.get_logger())
+        put(store, range(3))
+        assert pusher.link_state == "UNKNOWN" and not pusher.link_usable()
+        pusher.on_mqtt_connect()
+        pusher._step()
+        kept = lambda state, epoch: json_encode({"state": state, "epoch": epoch})  # noqa: E731
+        # what the broker kept for our session while we were away: older than the retained state
+        pusher.on_connectivity(Inbound("t", kept("CONNECTED", 10), 1, 1, 1, retain=False))
+        pusher.on_connectivity(Inbound("t", kept("DEGRADED", 11), 1, 2, 1, retain=False))
+        pusher._step()
+        assert pusher.link_state == "UNKNOWN"
+        pusher.on_connectivity(Inbound("t", kept("ISOLATED", 12), 1, 3, 1, retain=True))
+        pusher._step()
+        assert pusher.link_state == "ISOLATED" and pusher.link_epoch == 12
+        pusher.on_connectivity(Inbound("t", kept("CONNECTED", 10), 1, 4, 1))
+        assert pusher.link_state == "ISOLATED", "an older epoch delivered late is ignored"
+        pusher._step()
+        assert proxy.requests_since(0) == [], "no call before the link was known to be usable"
+        pusher.on_connectivity(Inbound("t", kept("RECONCILING", 13), 1, 5, 1))
+        assert pusher.view()["link_epoch"] == 13 and pusher.view()["in_sync"] is False
+        pusher._step()
+        assert any(line.startswith("POST /v1/entries ") for line in proxy.requests_since(0))
+        pusher.stop()
+        store.close()
+
+
+def test_pusher_takes_the_newest_kept_state_when_none_is_retained(tmp_path) -> None:
+    store = make_store(tmp_path)
+    pusher = Pusher(config_for(tmp_path), store, structlog.get_logger())
+    pusher.on_connectivity(Inbound("t", json_encode({"state": "DEGRADED", "epoch": 4}), 1, 1, 1))
+    pusher.on_connectivity(Inbound("t", json_encode({"state": "ISOLATED", "epoch": 5}), 1, 2, 1))
+    pusher.on_mqtt_connect()
+    pusher._adopt_pending_link_state()
+    assert pusher.link_state == "UNKNOWN", "the retained state may still be on its way"
+    pusher._connected_at -= RETAINED_WAIT_S
+    pusher._adopt_pending_link_state()
+    assert pusher.link_state == "ISOLATED" and pusher.link_epoch == 5
+    store.close()
+
+
+def test_local_head_of_a_sign_store_without_its_ledger_table(tmp_path) -> None:
+    """Sign's store exists but has no `ledger` table yet (sign is starting): the empty ledger,
+    not a KeyError (which, raised in the on-connect status hook, used to end paho's thread)."""
+    Store(tmp_path / "sign", ("meta",), map_size_mb=64).close()
+    store = make_store(tmp_path)
+    pusher = Pusher(config_for(tmp_path), store, structlog.get_logger())
+    assert pusher.local_head() == Head(-1, GENESIS_PREV)
+    assert pusher.view()["local_head"] == -1 and pusher.view()["backlog"] == 0
+    # sign, in its own process (LMDB allows one handle per environment and process), makes the table
+    script = ("import sys; from shared.store import Store, u64; from shared.stage import RUNTIME_TABLES; "
+              "s = Store(sys.argv[1], RUNTIME_TABLES + ('ledger',), map_size_mb=64); t = s.env.begin(write=True); "
+              "t.put(u64(0), bytes.fromhex(sys.argv[2]), db=s.table('ledger')); t.commit(); s.close()")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "sign"), encode_entry(ENTRY_LIST[0]).hex()],
+                   check=True, cwd=ROOT, timeout=60)
+    assert pusher.local_head() == Head(0, ENTRY_LIST[0].hash), "the table is found once sign has made it"
+    pusher.stop()
+    store.close()
