@@ -260,3 +260,130 @@ def test_a_refused_token_alarms_and_a_new_one_is_picked_up_without_a_restart(lin
                      what="delivery with the right token")
     assert edge.states(since=start) == ["CONNECTED"], "the link itself was fine all along"
     edge.assert_gateway_has_ledger(edge.sent)
+
+
+# --- issues 8 item 5, 9 items 7 and 10 -------------------------------------------------------
+
+def uplink_statuses(edge: EdgeStack, since: float, until: float = float("inf")) -> list[dict]:
+    return [m.payload for m in edge.recorder.of(edge.topics.status("uplink")) if since <= m.at <= until]
+
+
+def test_connected_only_once_the_gateway_holds_the_ledger_after_a_blackhole(link) -> None:
+    """Probes every 0.3 s, a black-holed probe times out after 1.5 s: the heartbeat's inbox
+    fills with uplink statuses during the outage, the oldest from just after the cut saying
+    in_sync:true. CONNECTED must wait until the gateway holds the whole ledger, ended by a
+    status the uplink computed after RECONCILING began."""
+    edge = link
+    start = time.monotonic()
+    edge.proxy.set("blackhole")
+    edge.wait_state("ISOLATED", timeout_s=30)
+    edge.wait_uplink(lambda s: s.get("link") == "ISOLATED", what="the uplink to see ISOLATED")
+    edge.send(2000, timeout_s=180)
+    edge.wait_uplink(lambda s: s.get("backlog", 0) >= 2000, what="the backlog to show")
+    time.sleep(2.0)  # more statuses wait while the probes hang
+    assert edge.state() == "ISOLATED"
+
+    restored = time.monotonic()
+    edge.proxy.set("pass")
+    connected = edge.wait_state("CONNECTED", timeout_s=60)
+    held = edge.gateway_count()  # at once: CONNECTED says the gateway holds it all
+    local = edge.ledger()
+    assert held == len(local) == edge.sent, f"CONNECTED while the gateway held {held} of {len(local)}"
+    assert edge.gateway_head() == (local[-1].seq, local[-1].hash)
+    assert edge.states(since=start) == OUTAGE
+    reconciling = min(m.at for m in edge.connectivity if m.at >= restored and m.payload["state"] == "RECONCILING")
+    last = uplink_statuses(edge, reconciling, connected)[-1]
+    assert last["link"] == "RECONCILING" and last["in_sync"] is True and last["backlog"] == 0, last
+    assert last["gateway_head"] == last["local_head"] == local[-1].seq, last
+    assert last["link_epoch"] == edge.connectivity[-1].payload["epoch"] - 1, "the RECONCILING it ended"
+    edge.assert_gateway_has_ledger(edge.sent)
+
+
+def test_a_restarted_uplink_calls_nothing_while_isolated(link) -> None:
+    """kill -9 of the uplink while ISOLATED, with a backlog: the new one starts knowing nothing
+    about the link and learns ISOLATED from the retained state; it must not call the gateway
+    in between. The proxy answers 503 to everything and keeps every request line."""
+    edge = link
+    start = time.monotonic()
+    edge.proxy.set("http_error", status=503)
+    edge.wait_state("ISOLATED")
+    edge.wait_uplink(lambda s: s.get("link") == "ISOLATED", what="the uplink to see ISOLATED")
+    edge.send(100)
+    edge.wait_uplink(lambda s: s.get("backlog", 0) >= 100, what="the backlog to show")
+    for _ in range(3):
+        edge.pipeline.kill("uplink")
+        restarted = time.monotonic()
+        edge.pipeline.start("uplink")
+        pid = edge.pipeline.procs["uplink"].pid
+        edge.wait_uplink(lambda s: s.get("pid") == pid and s.get("link") == "ISOLATED",
+                         what="the restarted uplink to see ISOLATED")
+        time.sleep(2.0)
+        lines = edge.proxy.requests_since(restarted)
+        assert lines, "the heartbeat kept probing"
+        assert all(line.startswith("GET /health ") for line in lines), \
+            f"the restarted uplink called the gateway while ISOLATED: {[x for x in lines if 'health' not in x]}"
+    assert edge.states(since=start) == ["CONNECTED", "DEGRADED", "ISOLATED"]
+    edge.proxy.set("pass")
+    edge.wait_state("CONNECTED")
+    edge.assert_gateway_has_ledger(edge.sent)
+
+
+def test_link_state_is_published_once_per_transition_and_alarms(link) -> None:
+    """status/connectivity: once per transition, and an unchanged state again only after
+    link.state_refresh_s (4 s here), never on every probe (0.3 s). ISOLATED raises an alarm, so
+    does DEGRADED lasting over link.degraded_alarm_s (1 s; a black-holed probe takes 1.5 s).
+    status/uplink at stage.status_interval_s (1 s here) while nothing changes."""
+    edge = link
+    time.sleep(0.5)
+    quiet = time.monotonic()
+    time.sleep(5.0)
+    refreshes = [m.payload for m in edge.connectivity if m.at >= quiet]
+    assert 1 <= len(refreshes) <= 2, f"{len(refreshes)} connectivity messages in 5 quiet seconds"
+    assert {p["state"] for p in refreshes} == {"CONNECTED"} and len({p["epoch"] for p in refreshes}) == 1
+    uplink = uplink_statuses(edge, quiet, quiet + 5.0)
+    assert 3 <= len(uplink) <= 7, f"{len(uplink)} uplink statuses in 5 quiet seconds (status_interval_s 1)"
+
+    start = time.monotonic()
+    edge.proxy.set("blackhole")
+    edge.wait_state("ISOLATED", timeout_s=30)
+    edge.proxy.set("pass")
+    edge.wait_state("CONNECTED", timeout_s=30)
+    time.sleep(0.5)
+    messages = [m for m in edge.connectivity if m.at >= start]
+    walked = [m.payload["state"] for m in messages]
+    assert [s for i, s in enumerate(walked) if i == 0 or walked[i - 1] != s] == OUTAGE[1:], walked
+    for before, after in zip(messages, messages[1:]):
+        if before.payload["state"] == after.payload["state"]:
+            assert after.at - before.at >= 3.5, f"{after.payload['state']} published twice: {walked}"
+            assert after.payload["epoch"] == before.payload["epoch"], "a refresh keeps the epoch"
+        else:
+            assert after.payload["epoch"] > before.payload["epoch"], "every transition has a new epoch"
+    raised = [m.payload for m in edge.recorder.of(edge.topics.alarm)
+              if m.at >= start and m.payload.get("service") == "heartbeat"]
+    assert [a["alarm"] for a in raised] == ["link_degraded", "link_isolated", "link_restored"], raised
+    assert [a["link"] for a in raised] == ["DEGRADED", "ISOLATED", "CONNECTED"]
+
+
+def test_an_uplink_started_before_sign_has_its_ledger_table(tmp_path) -> None:
+    """The uplink starts while sign's store exists without its `ledger` table (sign starting,
+    or not started yet): its status says the ledger is empty, it keeps running and hearing,
+    and once sign runs it delivers everything, without a restart."""
+    from shared.store import Store
+
+    with database("sqlite", tmp_path) as url, \
+            EdgeStack(tmp_path, url, start_link=False, stages=("ingest", "validate")) as edge:
+        Store(edge.data_dir / "sign", ("meta",), map_size_mb=64).close()
+        started = time.monotonic()
+        edge.start_uplink()
+        pid = edge.pipeline.procs["uplink"].pid
+        edge.start_heartbeat()
+        edge.wait_state("CONNECTED")
+        time.sleep(2.5)
+        assert edge.pipeline.alive("uplink")
+        ours = [s for s in uplink_statuses(edge, started) if s.get("pid") == pid and s.get("state") == "up"]
+        assert len(ours) >= 2 and all(s["local_head"] == -1 for s in ours), ours
+        edge.start_stage("sign")
+        edge.send(100)
+        edge.wait_uplink(lambda s: s.get("in_sync") and s.get("acked_seq") == 99, what="all 100 delivered")
+        assert edge.pipeline.procs["uplink"].pid == pid and edge.pipeline.alive("uplink")
+        edge.assert_gateway_has_ledger(100)
