@@ -30,6 +30,7 @@ from shared.mqtt import Inbound, MqttLink
 from shared.outbox import OUTBOX_TABLES, Outbox
 from shared.store import Store, from_u64, u64
 from shared.topics import Topics
+from shared import watchdog
 from shared.wire import (
     DeviceReceipt,
     Item,
@@ -336,6 +337,7 @@ class StageRuntime:
         self.log.info("stage started", state_transition="STARTED", input=self.input_topic)
         try:
             while not stop.is_set():
+                watchdog.beat()  # the supervisor's hang detection (shared/watchdog.py)
                 batch = self._collect()
                 if batch:
                     self._process(batch)
