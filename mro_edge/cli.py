@@ -1,13 +1,18 @@
 """`mro-edge`: one console script for the whole edge box.
 
-Every command honours MRO_DATA_DIR, MRO_STATION and MRO_MQTT_URL (see config/edge.toml).
-Errors say what was wrong and what to do, and exit with status 2.
+Every command honours MRO_DATA_DIR, MRO_STATION and MRO_MQTT_URL (see config/edge.toml). The
+commands that talk to a running stack take its endpoints from `$MRO_DATA_DIR/run.json`, which
+`mro-edge run` writes (MRO_* variables override it), and never create a data directory or a
+service password: they say where they looked. Errors say what was wrong and what to do, and
+exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import time
 from importlib import import_module
@@ -15,6 +20,8 @@ from pathlib import Path
 
 from shared.config import Config, ConfigError, load_config
 from shared.topics import DEVICE_KINDS
+
+REFUSED_EXIT = 3  # shared.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
 
 STAGE_CLASSES = {
     "ingest": "services.ingest.stage:Ingest",
@@ -29,7 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.comman
 
 # status fields worth a glance in the table (all of them are in --json)
 STATUS_DETAIL = ("backlog", "acked_seq", "gateway_head", "breaker", "in_sync", "last_probe_ms", "since",
-                 "checkpoint_size", "cosigned_size")
+                 "checkpoint_size", "cosigned_size", "pid", "restarts", "hung", "detail")
 
 
 class UserError(Exception):
@@ -42,6 +49,21 @@ def _load(path: str):
 
 
 def cmd_service(config: Config, args) -> int:
+    from mro_edge import lifeline
+    from mro_edge.instance import InstanceBusy, hold_service_lock
+    from shared.logs import get_logger
+
+    from shared.logs import configure_logging
+
+    configure_logging(args.name, config.station)  # JSON from the first line on; the service may refine it
+    lifeline.start(get_logger(component="lifeline"))
+    try:
+        hold_service_lock(config.data_path, args.name)
+    except InstanceBusy as exc:
+        get_logger().error("refusing to start", alarm="instance_busy", holder_pid=exc.holder.get("pid"),
+                           state_transition="REFUSED")
+        print(f"mro-edge {args.name}: {exc}", file=sys.stderr, flush=True)
+        return REFUSED_EXIT
     if args.name == "broker":
         from services.broker.service import run_broker
 
@@ -63,21 +85,37 @@ def cmd_service(config: Config, args) -> int:
     return 0
 
 
-def _where_to_look(config: Config) -> str:
-    from shared.mqtt import service_credentials
+def _sub_line(config: Config, login_hint: str) -> str:
+    return f"mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} {login_hint} -v"
 
-    user, password = service_credentials(config)
-    host, port, st = config.mqtt.host, config.mqtt.port, config.station
-    sub = f"mosquitto_sub -h {host} -p {port} -u {user} -P '{password}' -v"
-    return "\n".join([
-        f"mro-edge is running for station {st} (broker {config.mqtt.url}, data in {config.data_path.resolve()}).",
+
+def _login_hint(config: Config) -> str:
+    """How to pass the service login on a command line, without printing the password."""
+    from mro_edge.endpoints import service_secret_path
+
+    if config.mqtt.username:
+        return f"-u {shlex.quote(config.mqtt.username)} -P \"$MRO_MQTT_PASSWORD\""
+    return f"-u mro-services -P \"$(cat {shlex.quote(str(service_secret_path(config)))})\""
+
+
+def _where_to_look(config: Config, supervisor, log_file: Path | None, run_file: Path) -> str:
+    st = config.station
+    sub = _sub_line(config, _login_hint(config))
+    names = " ".join(c.name for c in supervisor.children)
+    lines = [
+        f"mro-edge run: station {st}, data in {config.data_path.resolve()}",
+        f"  runs     : {names}",
+        f"  broker   : {config.mqtt.url}{' (embedded)' if supervisor.with_broker else ''}"
+        f"    gateway: {config.link.gateway_url}",
+        f"  logs     : {log_file} (JSON lines, rotated by size)" if log_file else "  logs     : JSON lines on stderr",
         f"  receipts : {sub} -t 'mro/{st}/receipt/#'",
         f"  status   : {sub} -t 'mro/{st}/status/#'",
         f"  DLQ      : {sub} -t 'mro/{st}/dlq/#'",
-        f"  link     : {sub} -t 'mro/{st}/status/connectivity'   gateway: {config.link.gateway_url}/health",
-        "  services : mro-edge status      ledger: mro-edge ledger export --out ledger.jsonl",
-        "Ctrl-C stops everything.",
-    ])
+        f"  alarms   : {sub} -t 'mro/{st}/alarm'",
+        "  commands : mro-edge status | mro-edge dlq list | mro-edge devices add ID --kind KIND --mosquitto-pub",
+        f"             (they find this stack through {run_file})",
+    ]
+    return "\n".join(lines)
 
 
 def _register_with_own_gateway(config: Config) -> None:
@@ -96,30 +134,106 @@ def _register_with_own_gateway(config: Config) -> None:
     token_path.chmod(0o600)
 
 
-def cmd_run(config: Config, args) -> int:
-    from mro_edge.supervisor import PortTaken, Supervisor, check_port_free
-    from services.gateway.server import split_listen
-    from shared.credentials import BrokerCredentials
+def _check_broker(config: Config, login: tuple[str, str], *, allow_anonymous: bool, embedded: bool) -> list:
+    """Login accepted, and no anonymous device records; returns the warnings to alarm."""
+    from mro_edge.preflight import BrokerProblem, anonymous_message, check_login, probe_anonymous
+    from shared.logs import get_logger
 
+    hint = "" if embedded else "or run without --no-broker to start the embedded broker"
+    try:
+        check_login(config, *login, hint=hint)
+    except BrokerProblem as exc:
+        raise UserError(str(exc)) from None
+    anonymous = probe_anonymous(config, login)
+    if anonymous.delivered:
+        message = anonymous_message(config, anonymous.delivered)
+        if not allow_anonymous:
+            raise UserError(message)
+        detail = (f"operator override --allow-anonymous-broker: the broker at {config.mqtt.url} lets anonymous "
+                  f"clients publish device records ({anonymous.delivered})")
+        get_logger(component="run").warning("anonymous broker accepted by override", detail=detail,
+                                            state_transition="OVERRIDE_ANONYMOUS_BROKER")
+        return [("anonymous_broker", detail)]
+    if anonymous.connects:
+        get_logger(component="run").warning("broker accepts anonymous connections (they cannot publish device "
+                                             "records)", broker=config.mqtt.url)
+    return []
+
+
+def cmd_run(config: Config, args) -> int:
+    from mro_edge.endpoints import mark_stopped, write_run_file
+    from mro_edge.instance import InstanceBusy, run_busy_message, run_lock, service_lock, services_busy_message
+    from mro_edge.preflight import check_ports
+    from mro_edge.supervisor import PIPELINE, Console, LogSink, Supervisor, SupervisorError, summary_line
+    from shared.credentials import BrokerCredentials
+    from shared.logs import configure_logging, get_logger
+    from shared.mqtt import service_credentials
+
+    config.data_dir = str(config.data_path.resolve())
+    config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        lock = run_lock(config.data_path).acquire()
+    except InstanceBusy as exc:
+        raise UserError(run_busy_message(config.data_path, exc.holder)) from None
+    names = (("broker",) if not args.no_broker else ()) + (("gateway",) if not args.no_gateway else ()) + PIPELINE
+    busy = {name: holder for name in names if (holder := service_lock(config.data_path, name).holder())}
+    if busy:
+        raise UserError(services_busy_message(config.data_path, busy))
+    ports = check_ports(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
+                        argv=sys.argv[1:] if sys.argv[1:2] == ["run"] else ["run"])
+    if ports:
+        raise UserError(ports)
+
+    console = Console()
+    log_file = None if args.log_stderr else config.data_path / "logs" / "mro-edge.log"
+    sink = LogSink(log_file, console, max_bytes=int(config.supervisor.log_max_mb * (1 << 20)),
+                   backups=config.supervisor.log_backups)
+    configure_logging("run", config.station, stream=sink.stream())
     if not args.no_broker:
         BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
+    login = service_credentials(config)
+    warnings: list = []
+    if args.no_broker:
+        warnings = _check_broker(config, login, allow_anonymous=args.allow_anonymous_broker, embedded=False)
     if not args.no_gateway:
-        try:
-            check_port_free(*split_listen(config.gateway.listen))
-        except PortTaken:
-            raise UserError(f"the reference gateway's address {config.gateway.listen} is taken: set "
-                            "MRO_GATEWAY_LISTEN and MRO_LINK_GATEWAY_URL to a free port, or --no-gateway "
-                            "to use the gateway at MRO_LINK_GATEWAY_URL") from None
         _register_with_own_gateway(config)
     extra = []
     if args.simulate:
         extra.append(("simulator", ["simulate", "--rate", str(args.rate), "--duration", "0"]))
-    supervisor = Supervisor(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
-                            extra=extra)
+    env = dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station, MRO_MQTT_URL=config.mqtt.url,
+               MRO_LINK_GATEWAY_URL=config.link.gateway_url, MRO_GATEWAY_LISTEN=config.gateway.listen)
+    supervisor = Supervisor(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway, extra=extra,
+                            env=env, console=console, sink=sink, warnings=warnings)
+    run_file = write_run_file(config, embedded_broker=not args.no_broker, local_gateway=not args.no_gateway,
+                              log_file=str(log_file) if log_file else None)
+    console.say(_where_to_look(config, supervisor, log_file, run_file))
+    for kind, detail in warnings:
+        console.say(f"[alarm] {kind}: {detail}")
+
+    def after_broker() -> None:
+        if not args.no_broker:
+            found = _check_broker(config, login, allow_anonymous=args.allow_anonymous_broker, embedded=True)
+            for kind, detail in found:
+                console.say(f"[alarm] {kind}: {detail}")
+            supervisor.warnings = warnings + found
+
+    def on_ready(not_up) -> None:
+        if not_up:
+            console.say(f"mro-edge is running, but not yet up: {', '.join(f'{c.name} ({c.state})' for c in not_up)}"
+                        f" (see {log_file or 'the log'}). Ctrl-C stops everything.")
+        else:
+            console.say(f"mro-edge is running: {len(supervisor.children)} services up. Ctrl-C stops everything.")
+
     try:
-        supervisor.supervise(on_started=lambda: print(_where_to_look(config), file=sys.stderr, flush=True))
-    except PortTaken as exc:
+        supervisor.supervise(after_broker=after_broker, on_ready=on_ready, summary=summary_line(supervisor))
+    except SupervisorError as exc:
         raise UserError(str(exc)) from None
+    finally:
+        mark_stopped(config)
+        get_logger(component="run").info("stopped", state_transition="STOPPED")
+        sink.close()
+        lock.release()
+    console.say("mro-edge stopped.")
     return 0
 
 
@@ -129,10 +243,18 @@ def _credentials(config: Config):
     return BrokerCredentials(config.data_path / "broker", config.station)
 
 
+def _pub_line(config: Config, device_id: str, kind: str, password: str) -> str:
+    topic = f"mro/{config.station}/in/{kind}/{device_id}"
+    return " ".join(["mosquitto_pub", "-h", shlex.quote(config.mqtt.host), "-p", str(config.mqtt.port),
+                     "-u", shlex.quote(device_id), "-P", shlex.quote(password), "-q", "1",
+                     "-t", shlex.quote(topic)])
+
+
 def cmd_devices(config: Config, args) -> int:
     from shared.credentials import reload_mosquitto
 
     store = _credentials(config)
+    pid_file = Path(args.mosquitto_pid_file) if getattr(args, "mosquitto_pid_file", None) else None
     if args.action == "init":
         from services.simulator.run import provision_fleet
 
@@ -141,27 +263,61 @@ def cmd_devices(config: Config, args) -> int:
         print(f"service user {user} and {len(fleet)} simulator devices ready; "
               f"password file {store.passwd_path}, ACL {store.acl_path}")
         return 0
+    if args.action == "list":
+        devices = store.devices()
+        if args.json:
+            print(json.dumps([{"id": d, "kind": k, "publishes_to": f"mro/{config.station}/in/{k}/{d}"}
+                              for d, k in sorted(devices.items())], indent=2))
+        else:
+            for device_id, kind in sorted(devices.items()):
+                print(f"{device_id:<24}{kind:<18}mro/{config.station}/in/{kind}/{device_id}")
+            print(f"{len(devices)} devices (ACL {store.acl_path})", file=sys.stderr)
+        return 0
+    if args.action == "remove":
+        if args.id not in store.devices():
+            raise UserError(f"no device {args.id!r} in {store.acl_path} (see mro-edge devices list)")
+        try:
+            store.remove_device(args.id)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        reloaded = reload_mosquitto(pid_file)
+        print(f"removed {args.id}: it can no longer log in")
+        if not reloaded:
+            print("(the embedded broker drops it by itself; a Mosquitto needs SIGHUP: "
+                  "docker compose kill -s SIGHUP mosquitto)", file=sys.stderr)
+        return 0
     if args.kind not in DEVICE_KINDS:
         raise UserError(f"--kind must be one of {', '.join(DEVICE_KINDS)}")
     try:
         username, password = store.add_device(args.id, args.kind)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    reloaded = reload_mosquitto(Path(args.mosquitto_pid_file) if args.mosquitto_pid_file else None)
-    if args.json:
-        print(json.dumps({"username": username, "password": password}))
+    reloaded = reload_mosquitto(pid_file)
+    topic = f"mro/{config.station}/in/{args.kind}/{args.id}"
+    if args.mosquitto_pub:
+        print(_pub_line(config, username, args.kind, password))
+        print(f"append -m 'RECORD' (or -s < record.json); its receipts: {_sub_line(config, '')} "
+              f"-u {username} -P ... -t 'mro/{config.station}/receipt/{args.id}'", file=sys.stderr)
+    elif args.json:
+        print(json.dumps({"username": username, "password": password, "publishes_to": topic,
+                          "receipts_on": f"mro/{config.station}/receipt/{args.id}",
+                          "mosquitto_pub": _pub_line(config, username, args.kind, password)}))
     else:
-        topics = f"mro/{config.station}/in/{args.kind}/{args.id}"
-        print(f"username: {username}\npassword: {password}\npublishes to: {topics}\n"
+        print(f"username: {username}\npassword: {password}\npublishes to: {topic}\n"
               f"receipts on:  mro/{config.station}/receipt/{args.id}")
-        if not reloaded:
-            print("(the embedded broker picks this up by itself; a Mosquitto on another host needs SIGHUP)",
-                  file=sys.stderr)
+    if not reloaded:
+        print("(the embedded broker picks this up by itself; a Mosquitto needs SIGHUP: "
+              "docker compose kill -s SIGHUP mosquitto)", file=sys.stderr)
     return 0
 
 
 def cmd_simulate(config: Config, args) -> int:
+    from mro_edge import lifeline
     from services.simulator.run import simulate
+    from shared.logs import configure_logging, get_logger
+
+    configure_logging("simulator", config.station)
+    lifeline.start(get_logger(component="lifeline"))
 
     duration = args.duration if args.duration > 0 else float("inf")
     report = simulate(config, rate=args.rate, duration_s=duration, bad_share=args.bad_share, seed=args.seed,
@@ -194,6 +350,27 @@ def read_statuses(config: Config, wait_s: float) -> dict[str, dict]:
     return statuses
 
 
+def merge_supervisor(statuses: dict[str, dict]) -> dict[str, dict]:
+    """Each service's own status, corrected by what the supervisor of `mro-edge run` knows: a hung,
+    restarting or refused child says so (its own retained status cannot), the broker and the
+    gateway (which publish no status) get a row, and restarts and hangs are counted."""
+    rows = {name: dict(st) for name, st in statuses.items() if name != "supervisor"}
+    supervisor = statuses.get("supervisor") or {}
+    if supervisor.get("state") != "up":
+        return rows
+    for name, child in (supervisor.get("children") or {}).items():
+        if not isinstance(child, dict):
+            continue
+        row = rows.setdefault(name, {"service": name})
+        if child.get("state") in ("hung", "restarting", "refused", "starting") or name not in statuses:
+            row["state"] = "up" if child.get("state") == "up" else child.get("state")
+            row.setdefault("pid", child.get("pid"))
+        for key in ("restarts", "hung"):
+            if child.get(key):
+                row[key] = child[key]
+    return rows
+
+
 def cmd_status(config: Config, args) -> int:
     from shared.mqtt import BrokerUnavailable
 
@@ -201,18 +378,21 @@ def cmd_status(config: Config, args) -> int:
         statuses = read_statuses(config, args.wait)
     except BrokerUnavailable as exc:
         raise UserError(str(exc)) from None
+    rows = merge_supervisor(statuses)
     if args.service:
-        statuses = {k: v for k, v in statuses.items() if k == args.service}
+        rows = {k: v for k, v in rows.items() if k == args.service}
     if args.check:
-        return 0 if args.service and statuses.get(args.service, {}).get("state") == "up" else 1
+        return 0 if args.service and rows.get(args.service, {}).get("state") == "up" else 1
     if args.json:
-        print(json.dumps(statuses, indent=2, sort_keys=True))
+        if not args.service and "supervisor" in statuses:
+            rows["supervisor"] = statuses["supervisor"]
+        print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
-    if not statuses:
+    if not rows:
         print("no service has published a status yet (are they running? is MRO_STATION right?)")
         return 1
     print(f"{'service':<14}{'state':<13}{'queue':>7}{'processed':>11}{'failed':>8}  detail")
-    for name, st in sorted(statuses.items()):
+    for name, st in sorted(rows.items()):
         detail = "  ".join(f"{key}={st[key]}" for key in STATUS_DETAIL if st.get(key) is not None)
         print(f"{name:<14}{st.get('state', '?'):<13}{st.get('queue_depth', ''):>7}{st.get('processed', ''):>11}"
               f"{st.get('failed', ''):>8}  {detail}")
@@ -301,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not start the reference gateway; push to MRO_LINK_GATEWAY_URL")
     run.add_argument("--simulate", action="store_true", help="also run device simulators")
     run.add_argument("--rate", type=float, default=5.0, help="simulated records per second")
+    run.add_argument("--allow-anonymous-broker", action="store_true",
+                     help="start even though the broker lets anonymous clients publish device records "
+                          "(logged, and alarmed on mro/<station>/alarm)")
+    run.add_argument("--log-stderr", action="store_true",
+                     help="JSON log lines on stderr instead of $MRO_DATA_DIR/logs/mro-edge.log (no console summary)")
     run.set_defaults(func=cmd_run)
 
     service = sub.add_parser("service", help="one service in the foreground (what compose runs)")
@@ -314,8 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("id")
     add.add_argument("--kind", required=True, choices=DEVICE_KINDS)
     add.add_argument("--json", action="store_true")
+    add.add_argument("--mosquitto-pub", action="store_true",
+                     help="print a ready mosquitto_pub command for this device (append -m 'RECORD')")
     add.add_argument("--mosquitto-pid-file", help="send SIGHUP to this Mosquitto so it re-reads the files")
     add.set_defaults(func=cmd_devices)
+    listing = dsub.add_parser("list", help="registered devices, their kind and topic")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_devices)
+    remove = dsub.add_parser("remove", help="delete a device's login and ACL lines")
+    remove.add_argument("id")
+    remove.add_argument("--mosquitto-pid-file", help="send SIGHUP to this Mosquitto so it re-reads the files")
+    remove.set_defaults(func=cmd_devices)
 
     simulate = sub.add_parser("simulate", help="simulated devices sending realistic records; checks receipts")
     simulate.add_argument("--rate", type=float, default=20.0, help="records per second")
@@ -359,10 +553,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# (command, action) of the commands that may create a data directory, or need none
+CREATES_STATE = {("run", None), ("service", None), ("devices", "init"), ("keys", "generate")}
+NO_DATA_DIR = {("audit", "verify"), ("schema", "check"), ("registry", "sign")}
+# the commands that talk to a running stack over MQTT
+NEEDS_BROKER = {("status", None), ("resume", None), ("simulate", None), ("registry", "push")}
+
+
+def _prepare_client(config: Config, args) -> None:
+    """For commands that work on an existing stack: its data directory (never created here), its
+    endpoints from run.json, and a service login that the broker accepts, told at once."""
+    from mro_edge.endpoints import NoDataDir, apply_run_file, client_login, require_data_dir
+    from mro_edge.preflight import BrokerProblem, check_login
+
+    key = (args.command, getattr(args, "action", None))
+    needs_data = key not in NO_DATA_DIR and not (key == ("gateway", "register-edge") and config.gateway.db_url)
+    needs_broker = key in NEEDS_BROKER or (args.command == "schema" and key != ("schema", "check"))
+    try:
+        if needs_data:
+            require_data_dir(config)
+        record = apply_run_file(config) if needs_data else None
+        if needs_broker:
+            client_login(config, record)
+    except NoDataDir as exc:
+        raise UserError(str(exc)) from None
+    if needs_broker:
+        try:
+            check_login(config, config.mqtt.username, config.mqtt.password)
+        except BrokerProblem as exc:
+            where = ""
+            if exc.unreachable and record and "MRO_MQTT_URL" not in os.environ:
+                where = f" (the address mro-edge run recorded in {config.data_path.resolve() / 'run.json'}"
+                if record.get("stopped_at"):
+                    where += f"; that run stopped at {record['stopped_at']}"
+                where += "; MRO_MQTT_URL overrides it)"
+            raise UserError(f"{exc}{where}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(load_config(), args)
+        config = load_config()
+        if (args.command, getattr(args, "action", None)) not in CREATES_STATE:
+            _prepare_client(config, args)
+        return args.func(config, args)
     except (UserError, ConfigError) as exc:
         print(f"mro-edge: {exc}", file=sys.stderr)
         return 2

@@ -1,55 +1,232 @@
-"""`mro-edge run`: every service as its own OS process, restarted with backoff when it dies.
+"""`mro-edge run`: every service as its own OS process, supervised.
 
-A crash of one service never takes down another; Ctrl-C or SIGTERM stops the stages first
-(so they ack and publish `down`), then the broker.
+* A child that exits is restarted with exponential backoff (reset after a stable run); one
+  that refuses to start (exit 3: a person has to act) is not.
+* A child whose watchdog file stops moving for `supervisor.hung_after_s` (stopped by SIGSTOP,
+  wedged, or a stage whose main loop is stuck; see shared/watchdog.py) is reported `hung` on
+  its retained status topic, alarmed on mro/<station>/alarm, killed and restarted.
+* Children die with the supervisor, even after kill -9 (mro_edge/lifeline.py).
+* Children run in their own process group: Ctrl-C reaches only the supervisor, which stops
+  the services first (so they ack and publish `down`), then the broker.
+* The children's output (JSON log lines) goes to one size-rotated file in the data directory,
+  written by the supervisor alone; the terminal gets a short human console instead: what
+  runs, where to look, refusals, alarms, and a summary line every `console_interval_s`.
+* The supervisor's view of its children (pid, state, restarts, hangs) is published, retained,
+  on mro/<station>/status/supervisor; `mro-edge status` merges it in.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import TextIO
 
+from mro_edge import lifeline
 from shared.config import Config
+from shared.logs import get_logger
 from shared.mqtt import mqtt_connack
 from shared.stage import REFUSED_EXIT
+from shared.topics import Topics
 
 PIPELINE = ("ingest", "validate", "sign", "uplink", "heartbeat")
+STAGES = ("ingest", "validate", "sign", "uplink")
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0
+STARTUP_GRACE_S = 30.0  # before a child's first watchdog ping (imports on a busy box)
+READY_TIMEOUT_S = 60.0
+STATE_UP = "up"
 
 
-class PortTaken(Exception):
-    """The embedded broker's port is in use; the message says what to do."""
+class SupervisorError(Exception):
+    """The stack could not be started; the message says why."""
 
 
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            raise PortTaken(
-                f"port {port} on {host} is already taken (probably Mosquitto). Either run the embedded "
-                f"broker on another port: MRO_MQTT_URL=mqtt://{host}:{port + 1} mro-edge run, or use the "
-                "broker that is already there: mro-edge run --no-broker"
-            ) from None
-
-
-def wait_for_broker(config: Config, timeout_s: float = 20.0) -> bool:
+def wait_for_broker(config: Config, timeout_s: float = 20.0, alive: Callable[[], bool] = lambda: True) -> bool:
     """Until the broker answers an MQTT CONNECT (any answer: it is up and speaking MQTT)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         try:
             mqtt_connack(config.mqtt.port, None, None, timeout=0.5, host=config.mqtt.host)
             return True
         except OSError:
             time.sleep(0.1)
     return False
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Console:
+    """Short human lines on the terminal; errors of the same kind at most once per 30 s."""
+
+    def __init__(self, out: TextIO | None = None, enabled: bool = True) -> None:
+        self.out = out or sys.stderr
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], float] = {}
+
+    def say(self, text: str) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            try:
+                print(text, file=self.out, flush=True)
+            except OSError:
+                pass
+
+    def once_in_a_while(self, key: tuple[str, str], text: str, every_s: float = 30.0) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -every_s) >= every_s:
+            self._last[key] = now
+            self.say(text)
+
+
+class LogSink:
+    """The children's output: one JSON object per line (other lines are wrapped into one), into
+    a size-rotated file written only by the supervisor, or onto stderr."""
+
+    def __init__(self, path: Path | None, console: Console, *, max_bytes: int = 20 << 20, backups: int = 5) -> None:
+        self.path = path
+        self.console = console
+        self._handler: RotatingFileHandler | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+            self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._lock = threading.Lock()
+
+    def write_line(self, line: str) -> None:
+        if self._handler is not None:
+            self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
+            return
+        with self._lock:
+            try:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+            except OSError:
+                pass
+
+    def child_line(self, name: str, text: str) -> None:
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            return
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        if isinstance(event, dict):
+            self.write_line(text)
+            if event.get("level") in ("error", "critical") and event.get("event") != "alarm":
+                why = event.get("error") or event.get("detail") or event.get("alarm") or ""
+                self.console.once_in_a_while(
+                    (name, str(event.get("event"))),
+                    f"[{name}] {event.get('level')}: {event.get('event')}{f' ({why})' if why else ''}"
+                    + (f"; see {self.path}" if self.path else ""))
+            return
+        self.write_line(json.dumps({"service": name, "level": "info", "event": "output", "text": text[:4000],
+                                    "at": _utc_now()}))
+        if text.startswith("mro-edge"):
+            self.console.say(f"[{name}] {text}")
+        elif text.startswith("Traceback"):
+            self.console.once_in_a_while((name, "traceback"), f"[{name}] crashed; the traceback is in {self.path}")
+
+    def stream(self) -> TextIO:
+        """A text stream for the supervisor's own structlog lines."""
+        return _LineStream(self.write_line)
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._handler.close()
+
+
+class _LineStream:
+    """What structlog's PrintLogger writes to: complete lines go to `emit`."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self._emit = emit
+        self._buffer = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._buffer += text
+            while "\n" in self._buffer:
+                line, self._buffer = self._buffer.split("\n", 1)
+                if line:
+                    self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class Monitor:
+    """The supervisor's MQTT client: reads every retained status and alarm, publishes its own."""
+
+    def __init__(self, config: Config) -> None:
+        from shared.mqtt import MqttLink
+
+        self.topics = Topics(config.station)
+        self.statuses: dict[str, dict] = {}
+        self.alarms: queue.SimpleQueue[dict] = queue.SimpleQueue()
+        down = json.dumps({"service": "supervisor", "state": "down", "pid": os.getpid()}).encode()
+        self.link = MqttLink(config, client_id=f"mro-{config.station}-supervisor",
+                             subscriptions=[(self.topics.status_all, 0), (self.topics.alarm, 0)], persistent=False,
+                             will=(self.topics.status("supervisor"), down))
+        self.started = False
+
+    def start(self) -> None:
+        self.link.start(wait_s=10)
+        self.started = True
+
+    def drain(self) -> None:
+        while True:
+            try:
+                message = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                payload = json.loads(message.payload)
+            except ValueError:
+                continue
+            if not isinstance(payload, dict):
+                continue
+            if message.topic == self.topics.alarm:
+                self.alarms.put(payload)
+            else:
+                self.statuses[message.topic.rsplit("/", 1)[1]] = payload
+
+    def publish(self, topic: str, payload: dict, retain: bool = False) -> None:
+        if self.started:
+            self.link.publish(topic, json.dumps(payload).encode(), qos=1, retain=retain)
+
+    def alarm(self, service: str, kind: str, detail: str) -> None:
+        self.publish(self.topics.alarm, {"service": service, "alarm": kind, "detail": detail, "at": _utc_now()})
+
+    def stop(self, final: dict) -> None:
+        if not self.started:
+            return
+        info = self.link.client.publish(self.topics.status("supervisor"), json.dumps(final).encode(), qos=1,
+                                        retain=True)
+        try:
+            info.wait_for_publish(2)
+        except (RuntimeError, ValueError):
+            pass
+        self.link.stop()
+        self.started = False
 
 
 @dataclass
@@ -61,91 +238,313 @@ class Child:
     backoff_s: float = 0.5
     restart_at: float = 0.0
     restarts: int = 0
-    refused: bool = False
+    hung: int = 0
+    last_exit: int | None = None
+    state: str = "starting"  # starting | up | hung | restarting | refused | done | stopped
+    watchdog: Path | None = None
+    seen_mtime: float | None = None
+    alive_at: float = 0.0
+    pinged: bool = False
+    reader: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def view(self) -> dict:
+        return {"pid": self.pid, "state": self.state, "restarts": self.restarts, "hung": self.hung,
+                "last_exit": self.last_exit}
 
 
 class Supervisor:
     def __init__(self, config: Config, *, with_broker: bool, with_gateway: bool = False,
-                 extra: list[tuple[str, list[str]]] = ()):
+                 extra: list[tuple[str, list[str]]] = (), env: dict[str, str] | None = None,
+                 console: Console | None = None, sink: LogSink | None = None,
+                 warnings: list[tuple[str, str]] = ()) -> None:
         self.config = config
         self.with_broker = with_broker
+        self.env = dict(os.environ if env is None else env)
+        self.console = console or Console()
+        self.sink = sink or LogSink(None, self.console)
+        self.warnings = list(warnings)  # (alarm kind, detail) raised at start, kept in the status
+        self.hung_after_s = float(config.supervisor.hung_after_s)
+        self.log = get_logger(component="supervisor")
         cli = [sys.executable, "-m", "mro_edge"]
         names = (("broker",) if with_broker else ()) + (("gateway",) if with_gateway else ()) + PIPELINE
         self.children = [Child(name, cli + ["service", name]) for name in names]
         self.children += [Child(name, cli + argv) for name, argv in extra]
+        self.watchdog_dir = config.data_path / "supervisor"
+        for child in self.children:
+            child.watchdog = self.watchdog_dir / f"{child.name}.alive"
+        self.monitor: Monitor | None = None
         self._stopping = False
+        self._status_at = 0.0
+        self._changed = True
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    # ---- processes --------------------------------------------------------------------------
 
     def _spawn(self, child: Child) -> None:
-        child.process = subprocess.Popen(child.argv, env=os.environ.copy())
-        child.started_at = time.monotonic()
-        print(f"[run] started {child.name} (pid {child.process.pid})", file=sys.stderr, flush=True)
+        self.watchdog_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = dict(self.env, MRO_SUPERVISOR_PID=str(os.getpid()), MRO_WATCHDOG_FILE=str(child.watchdog))
+        try:
+            child.seen_mtime = os.stat(child.watchdog).st_mtime
+        except FileNotFoundError:
+            child.seen_mtime = None
+        child.process = subprocess.Popen(
+            child.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=lifeline.die_with_parent(os.getpid()), process_group=0)
+        child.started_at = child.alive_at = time.monotonic()
+        child.pinged = False
+        child.state = "starting"
+        child.reader = threading.Thread(target=self._pump, args=(child.name, child.process.stdout),
+                                        name=f"output-{child.name}", daemon=True)
+        child.reader.start()
+        self._changed = True
+        self.log.info("service started", child=child.name, pid=child.process.pid, state_transition="STARTED")
 
-    def start(self) -> None:
-        host, port = self.config.mqtt.host, self.config.mqtt.port
+    def _pump(self, name: str, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            self.sink.child_line(name, raw.decode("utf-8", "replace"))
+        stream.close()
+
+    def start(self, after_broker: Callable[[], None] | None = None) -> None:
+        """Start the broker (and wait until it speaks MQTT), run `after_broker` (the checks that
+        need a broker), then every other service. Raises SupervisorError; stops what it started."""
+        rest = self.children
         if self.with_broker:
-            check_port_free(host, port)
-            self._spawn(self.children[0])
-            if not wait_for_broker(self.config):
-                self.stop()
-                raise RuntimeError(f"the embedded broker did not start listening on {host}:{port}")
-        for child in self.children[1 if self.with_broker else 0:]:
+            broker = self.children[0]
+            self._spawn(broker)
+            if not wait_for_broker(self.config, alive=lambda: broker.process.poll() is None):
+                host, port = self.config.mqtt.host, self.config.mqtt.port
+                raise SupervisorError(f"the embedded broker did not start listening on {host}:{port}"
+                                      + (f"; its log is in {self.sink.path}" if self.sink.path else ""))
+            broker.state = STATE_UP
+            rest = self.children[1:]
+        if after_broker:
+            after_broker()
+        self.monitor = Monitor(self.config)
+        self.monitor.start()
+        for kind, detail in self.warnings:
+            self.log.warning("alarm", alarm=kind, detail=detail, state_transition=f"ALARM_{kind.upper()}")
+            self.monitor.alarm("supervisor", kind, detail)
+        for child in rest:
             self._spawn(child)
 
     def watch_once(self) -> None:
-        """Restart any child that exited, with exponential backoff reset after a stable run."""
+        """Restart children that exited (backoff), kill and restart hung ones, track who is up."""
         now = time.monotonic()
         for child in self.children:
             if child.process is None:
-                if now >= child.restart_at:
+                if child.state not in ("refused", "done", "stopped") and now >= child.restart_at:
                     self._spawn(child)
                 continue
             code = child.process.poll()
-            if code is None:
-                if now - child.started_at > STABLE_AFTER_S:
-                    child.backoff_s = 0.5
+            if code is not None:
+                self._exited(child, code, now)
                 continue
-            if child.name == "simulator" and code == 0:
-                continue
-            if code == REFUSED_EXIT:
-                if not child.refused:
-                    print(f"[run] {child.name} refused to start (see its message above); not restarting it "
-                          "until the cause is fixed", file=sys.stderr, flush=True)
-                    child.refused = True
-                continue
-            child.process = None
-            child.restarts += 1
-            child.restart_at = now + child.backoff_s
-            print(f"[run] {child.name} exited with {code}; restarting in {child.backoff_s:.1f} s",
-                  file=sys.stderr, flush=True)
-            child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+            if now - child.started_at > STABLE_AFTER_S:
+                child.backoff_s = 0.5
+            self._check_alive(child, now)
+            self._check_up(child)
 
-    def supervise(self, on_started=None) -> None:
+    def _exited(self, child: Child, code: int, now: float) -> None:
+        child.process = None
+        child.last_exit = code
+        self._changed = True
+        if child.name == "simulator" and code == 0:
+            child.state = "done"
+            return
+        if code == REFUSED_EXIT:
+            child.state = "refused"
+            self.log.error("service refused to start; not restarted", child=child.name, exit_code=code,
+                           state_transition="REFUSED")
+            self.console.say(f"[run] {child.name} refused to start (its reason is above); not restarting it until "
+                             "the cause is fixed and mro-edge run is started again")
+            return
+        child.state = "restarting"
+        child.restarts += 1
+        child.restart_at = now + child.backoff_s
+        self.log.warning("service exited; restarting", child=child.name, exit_code=code, backoff_s=child.backoff_s,
+                         state_transition="RESTARTING")
+        self.console.say(f"[run] {child.name} exited with {code}; restarting in {child.backoff_s:.1f} s")
+        child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+
+    def _check_alive(self, child: Child, now: float) -> None:
+        try:
+            mtime = os.stat(child.watchdog).st_mtime
+        except FileNotFoundError:
+            mtime = None
+        if mtime != child.seen_mtime:
+            child.seen_mtime, child.alive_at, child.pinged = mtime, now, True
+            return
+        limit = self.hung_after_s if child.pinged else max(self.hung_after_s, STARTUP_GRACE_S)
+        if now - child.alive_at > limit:
+            self._hung(child, now - child.alive_at, now)
+
+    def _hung(self, child: Child, silent_s: float, now: float) -> None:
+        pid = child.process.pid
+        detail = (f"no watchdog ping from {child.name} (pid {pid}) for {silent_s:.0f} s "
+                  f"(limit supervisor.hung_after_s = {self.hung_after_s:g} s): stopped or stuck; killed and restarted")
+        child.hung += 1
+        self.log.error("service hung", child=child.name, pid=pid, silent_s=round(silent_s, 1),
+                       state_transition="HUNG")
+        self.console.say(f"[run] {child.name} (pid {pid}) is hung: no watchdog ping for {silent_s:.0f} s; "
+                         "killing and restarting it")
+        if self.monitor and child.name != "broker":
+            self.monitor.publish(self.monitor.topics.status(child.name),
+                                 {"service": child.name, "state": "hung", "pid": pid, "detail": detail,
+                                  "at": _utc_now()}, retain=True)
+            self.monitor.alarm(child.name, "hung", detail)
+        child.process.kill()
+        try:
+            child.process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        child.process = None
+        child.last_exit = -signal.SIGKILL
+        child.state = "hung"
+        child.restarts += 1
+        child.restart_at = now + child.backoff_s
+        child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+        self._changed = True
+
+    def _check_up(self, child: Child) -> None:
+        if child.state != "starting":
+            return
+        if child.name in PIPELINE:
+            status = self.monitor.statuses.get(child.name, {}) if self.monitor else {}
+            up = status.get("pid") == child.pid and status.get("state") not in (None, "down", "hung")
+        elif child.name == "gateway":
+            from services.gateway.server import split_listen
+
+            try:
+                with socket.create_connection(split_listen(self.config.gateway.listen), timeout=0.2):
+                    up = True
+            except OSError:
+                up = False
+        else:
+            up = time.monotonic() - child.started_at > 1.0
+        if up:
+            child.state = STATE_UP
+            self._changed = True
+
+    def not_up(self) -> list[Child]:
+        return [c for c in self.children if c.state not in (STATE_UP, "done")]
+
+    # ---- status -----------------------------------------------------------------------------
+
+    def status_payload(self, state: str = "up") -> dict:
+        return {"service": "supervisor", "state": state, "pid": os.getpid(), "at": _utc_now(),
+                "hung_after_s": self.hung_after_s, "children": {c.name: c.view() for c in self.children},
+                "warnings": [kind for kind, _ in self.warnings]}
+
+    def _publish_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.monitor and (force or self._changed or now - self._status_at >= self.config.stage.status_interval_s):
+            self.monitor.publish(self.monitor.topics.status("supervisor"), self.status_payload(), retain=True)
+            self._status_at, self._changed = now, False
+
+    # ---- main loop --------------------------------------------------------------------------
+
+    def supervise(self, after_broker: Callable[[], None] | None = None,
+                  on_ready: Callable[[list[Child]], None] | None = None,
+                  summary: Callable[[], str] | None = None) -> None:
         """Start everything, keep it running until SIGTERM/SIGINT, then stop in order."""
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
-        self.start()
-        if on_started:
-            on_started()
-        while not self._stopping:
-            self.watch_once()
-            time.sleep(0.25)
-        self.stop()
+        try:
+            self.start(after_broker)
+            started, ready = time.monotonic(), False
+            next_summary = 0.0
+            while not self._stopping:
+                self.watch_once()
+                if self.monitor:
+                    self.monitor.drain()
+                    self._show_alarms()
+                now = time.monotonic()
+                if not ready and (not self.not_up() or now - started > READY_TIMEOUT_S):
+                    ready = True
+                    next_summary = now + self.config.supervisor.console_interval_s
+                    if on_ready:
+                        on_ready(self.not_up())
+                elif ready and summary and now >= next_summary:
+                    next_summary = now + self.config.supervisor.console_interval_s
+                    self.console.say(summary())
+                self._publish_status()
+                time.sleep(0.25)
+        finally:
+            self.stop()
+
+    def _show_alarms(self) -> None:
+        while True:
+            try:
+                alarm = self.monitor.alarms.get_nowait()
+            except queue.Empty:
+                return
+            self.console.say(f"[alarm] {alarm.get('service', '?')}: {alarm.get('alarm', '?')}"
+                             + (f" ({alarm['detail']})" if alarm.get("detail") else ""))
 
     def _request_stop(self) -> None:
         self._stopping = True
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stages first (they still need the broker to publish `down`), then the broker."""
-        ordered = [c for c in self.children if c.name != "broker"] + [c for c in self.children if c.name == "broker"]
-        for group in (ordered[:-1], ordered[-1:]) if self.with_broker else (ordered,):
-            for child in group:
-                if child.process and child.process.poll() is None:
-                    child.process.terminate()
-            deadline = time.monotonic() + timeout_s
-            for child in group:
-                if child.process:
-                    try:
-                        child.process.wait(max(0.1, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        child.process.kill()
-                        child.process.wait()
+        """Services first (they still need the broker to publish `down`), then the broker."""
+        services = [c for c in self.children if c.name != "broker"]
+        brokers = [c for c in self.children if c.name == "broker"]
+        self._end(services, timeout_s)
+        if self.monitor:
+            self.monitor.drain()
+            self.monitor.stop(self.status_payload("down"))
+        self._end(brokers, timeout_s)
+        for child in self.children:
+            if child.reader:
+                child.reader.join(2)
+            if child.state not in ("refused", "done"):
+                child.state = "stopped"
+
+    def _end(self, group: list[Child], timeout_s: float) -> None:
+        for child in group:
+            if child.process and child.process.poll() is None:
+                child.process.terminate()
+                child.process.send_signal(signal.SIGCONT)  # a stopped child must run to see SIGTERM
+        deadline = time.monotonic() + timeout_s
+        for child in group:
+            if child.process:
+                try:
+                    child.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+                child.last_exit = child.process.returncode
+                child.process = None
+
+
+def summary_line(supervisor: Supervisor) -> Callable[[], str]:
+    """The console's periodic line: signed records/s, backlog, link state, DLQ count, who is up."""
+    last: dict[str, float] = {}
+
+    def line() -> str:
+        statuses = supervisor.monitor.statuses if supervisor.monitor else {}
+        sign = statuses.get("sign", {})
+        processed = sign.get("processed")
+        now = time.monotonic()
+        rate = "?"
+        if isinstance(processed, int):
+            if "processed" in last and now > last["at"]:
+                rate = f"{max(0.0, (processed - last['processed']) / (now - last['at'])):.1f}"
+            last.update(processed=processed, at=now)
+        backlog = statuses.get("uplink", {}).get("backlog", "?")
+        link = statuses.get("connectivity", {}).get("state", "?")
+        dlq = sum(int(statuses.get(s, {}).get("failed") or 0) for s in STAGES)
+        children = supervisor.children
+        up = sum(1 for c in children if c.state in (STATE_UP, "done"))
+        problems = [f"{c.name} {c.state}" for c in children if c.state not in (STATE_UP, "done")]
+        problems += [f"{s} frozen" for s in STAGES if statuses.get(s, {}).get("state") == "frozen"]
+        text = (f"{time.strftime('%H:%M:%S')}  signed {rate}/s (total {processed if processed is not None else '?'})"
+                f"  backlog {backlog}  link {link}  DLQ {dlq}  services {up}/{len(children)} up")
+        return text + (f"  ({', '.join(problems)})" if problems else "")
+
+    return line
