@@ -160,9 +160,14 @@ class TopicRecorder:
         self._lock = threading.Lock()
         self.link = MqttLink(self.config, client_id=f"test-recorder-{time.monotonic_ns()}",
                              subscriptions=[(t, 1) for t in self.topics], persistent=False)
+        self.errors: list[str] = []
+        self.link.fatal = self._fatal  # a test process reports a broken handler; it does not exit
         for topic in self.topics:
             self.messages[topic] = []
             self.link.direct[topic] = lambda payload, topic=topic: self._keep(topic, payload)
+
+    def _fatal(self, callback: str, exc: BaseException) -> None:
+        self.errors.append(f"{callback}: {type(exc).__name__}: {exc}")
 
     def _keep(self, topic: str, payload: bytes) -> None:
         try:
@@ -180,6 +185,7 @@ class TopicRecorder:
         self.link.stop()
 
     def of(self, topic: str) -> list[Recorded]:
+        assert not self.errors, f"the recorder's MQTT callbacks raised: {self.errors}"
         with self._lock:
             return list(self.messages[topic])
 
