@@ -40,9 +40,29 @@ def _level_number(level: str | None) -> int:
     return number if isinstance(number, int) else logging.INFO
 
 
+class _NeverRaises:
+    """A log stream whose failures (a reader gone: EPIPE, a full disk) never reach the service:
+    losing a log line must not interrupt a commit-then-ack sequence."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def configure_logging(service: str, station: str, level: str | None = None, *, stream: TextIO | None = None) -> None:
     """JSON lines on `stream` (stderr) for structlog and for every standard-library logger."""
-    stream = stream or sys.stderr
+    stream = _NeverRaises(stream or sys.stderr)
     number = _level_number(level)
     def identity(_logger, _method, event_dict: dict) -> dict:
         # also on lines from other threads, which do not share the main thread's context
@@ -103,4 +123,6 @@ def _log_uncaught() -> None:
 
 
 def get_logger(**bound) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger().bind(**bound)
+    """A logger that follows `configure_logging` even when made at import time (binding at once
+    would freeze structlog's default console configuration into a module-level logger)."""
+    return structlog.get_logger(**bound)

@@ -1,1 +1,1 @@
-"""The embedded MQTT broker: amqtt with the Mosquitto password and ACL files (see service.py)."""
+"""The embedded MQTT 3.1.1 broker: PUBACK on device topics means committed (see core.py)."""

@@ -3,7 +3,6 @@ MRO_STATION select port, data directory and station); tests start it this way.""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from services.broker.service import PortInUseError, run_broker
@@ -11,7 +10,6 @@ from shared.config import load_config
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_broker(load_config())
     except PortInUseError as exc:

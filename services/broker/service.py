@@ -1,67 +1,33 @@
-"""The embedded MQTT broker (amqtt 0.12.1) with the same access control as Mosquitto.
+"""`mro-edge service broker`: the embedded MQTT 3.1.1 broker on one asyncio loop.
 
-What amqtt 0.12.1 does, read from its source and tried against a running broker (the access
-control and session items are pinned by tests/integration/test_broker_acl.py). The stage
-runtime must not rely on the broker for durability (DESIGN.md section 1):
-
-- Config: `Broker(config_dict)`; plugins are a dict `{"dotted.Class": {options}}` whose options
-  fill the plugin's `Config` dataclass. Giving `plugins` replaces the defaults (anonymous auth,
-  $SYS every 20 s, EventLogger and PacketLogger on every packet), so only ours run.
-- Everything is in memory: sessions, subscriptions, retained messages and the queues of
-  offline sessions are gone after a restart (a persistent client reconnects with
-  session_present=0 and must subscribe again). amqtt.contrib.persistence can store them in
-  SQLite but needs SQLAlchemy and writes on every event; not used.
-- Persistent sessions (clean_session=False, fixed client id): QoS1/2 messages for a
-  disconnected session are queued (unbounded asyncio.Queue) and sent on reconnect. Stock
-  amqtt sends all of them at once with the RETAIN flag set; `AclBroker` below sends them in
-  order, at most MAX_INFLIGHT unacknowledged, with RETAIN clear, as Mosquitto does.
-- QoS1 out: every delivery is its own task waiting for PUBACK; after 5 s (hard-coded) the
-  message is dropped from the session, no redelivery. Messages in flight when the client
-  disconnects are dropped too. There is no in-flight limit for live traffic.
-- QoS: a message goes out at the subscription's QoS, not min(publish, subscription), once
-  per matching subscription (a client with overlapping filters gets duplicates; Mosquitto
-  sends one copy).
-- Incoming QoS1 is PUBACKed as soon as it is queued in memory.
-- Retained messages: kept per topic in memory; stock amqtt also sends every retained message
-  that matches ANY client's subscription to each connecting client, bypassing the ACL;
-  `AclBroker` sends only what matches the client's own subscriptions and its read ACL
-  (a persistent session gets them again at QoS0 on reconnect; Mosquitto only on SUBSCRIBE).
-- Will messages: sent on abnormal disconnect; will_retain honoured; the ACL is applied at
-  CONNECT (plugins.py). Keep-alive is not enforced: a silent, half-open client stays
-  "connected" until TCP gives up (Mosquitto drops it after 1.5 x keep-alive). A killed
-  process is noticed at once because its kernel closes the socket.
-- Publishing to a topic that starts with `$` disconnects the client (Mosquitto ignores it).
-- Max message size: none enforced (up to MQTT's 256 MB); the ingest stage enforces
-  limits.max_message_bytes.
-- Throughput: plugin calls are tasks per message and per subscriber; amqtt logs a line at
-  INFO for every refused delivery, so its loggers are set to WARNING here. Measured with the
-  ACL plugins: ~4,000 QoS1 messages/s of 1 KB from one device to one subscriber (Mosquitto:
-  ~10,000, where the paho test client is the limit).
+Listens on config.mqtt.url, authenticates against the Mosquitto password file and applies the
+Mosquitto ACL file that `mro-edge devices` maintains (shared.credentials), so access rules are
+the same on both brokers. Device publishes on `mro/<station>/in/...` go through the intake
+spool (services/broker/spool.py) before their PUBACK; see core.py for every guarantee.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import logging
+import os
 import signal
 import socket
-from typing import Any
 
-from amqtt.broker import Broker
-from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, BrokerError
-from amqtt.session import Session
-
-from services.broker.plugins import credentials_for
+from services.broker import packets as p
+from services.broker.connection import Connection
+from services.broker.core import Broker, Limits
+from services.broker.spool import Spool
 from shared.config import Config
 from shared.credentials import BrokerCredentials
+from shared.logs import configure_logging, get_logger
+from shared.topics import Topics
+from shared.wire import json_encode, utc_now
 
-log = logging.getLogger(__name__)
+log = get_logger()
 
-MAX_INFLIGHT = 1000
-SESSION_EXPIRY_S = 30 * 86400
-REVOKE_POLL_S = 1.0
+HOUSEKEEPING_S = 1.0
+SHUTDOWN_GRACE_S = 3.0
 
 
 class PortInUseError(RuntimeError):
@@ -75,154 +41,113 @@ class PortInUseError(RuntimeError):
         self.host, self.port = host, port
 
 
-class _SnapshotDict(dict):
-    """amqtt iterates its subscription table across `await`s (`_run_broadcast`), so a client
-    subscribing meanwhile raised "dictionary changed size during iteration" and the message being
-    broadcast was dropped. Iterating over a snapshot makes that impossible."""
-
-    def __iter__(self):
-        return iter(list(super().keys()))
-
-    def items(self):
-        return list(super().items())
-
-    def keys(self):
-        return list(super().keys())
-
-    def values(self):
-        return list(super().values())
+def spool_path(config: Config):
+    return config.data_path / "spool"
 
 
-class AclBroker(Broker):
-    """amqtt's Broker with two delivery paths fixed so that they respect the ACL and match Mosquitto,
-    and its subscription table made safe to change while a message is broadcast."""
+class BrokerServer:
+    """The listening socket, the connections, and the broker's periodic duties."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._subscriptions = _SnapshotDict(self._subscriptions)
+    def __init__(self, config: Config, limits: Limits | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.station)
+        credentials = BrokerCredentials(config.data_path / "broker", config.station)
+        credentials.ensure_service_user()
+        spool = Spool(spool_path(config), config.stage.map_size_mb)
+        self.broker = Broker(credentials, spool, self.topics, limits)
+        self.connections: set[Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task] = []
 
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Session
-    ) -> None:
-        topic_filter, qos = subscription
-        holders = self._subscriptions.get(topic_filter, [])
-        if not any(held.client_id == session.client_id for held, _ in holders):
-            return
-        handler = self._get_handler(session)
-        if handler is None:
-            return
-        sends = []
-        for topic, retained in list(self._retained_messages.items()):
-            if self._matches(topic, topic_filter) and await self._topic_filtering(
-                session, topic=topic, action=Action.RECEIVE
-            ):
-                sends.append(
-                    asyncio.ensure_future(
-                        handler.mqtt_publish(topic, retained.data, min(qos, retained.qos or qos), retain=True)
-                    )
-                )
-        if sends:
-            await asyncio.wait(sends)
+    async def start(self) -> None:
+        host, port = self.config.mqtt.host, self.config.mqtt.port
+        try:
+            self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True,
+                                                      limit=1 << 20, backlog=1024)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(host, port) from None
+            raise
+        self._tasks = [asyncio.create_task(self.broker.run_committer(), name="spool-committer"),
+                       asyncio.create_task(self._housekeeping(), name="housekeeping")]
+        log.info("broker listening", listen=f"{host}:{port}", spool_depth=self.broker.spool.depth,
+                 state_transition="BROKER_UP")
 
-    async def _publish_session_retained_messages(self, session: Session) -> None:
-        handler = self._get_handler(session)
-        if handler is None:
-            return
-        window = asyncio.Semaphore(MAX_INFLIGHT)
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = Connection(self.broker, reader, writer)
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        except Exception as exc:  # a bug must cost one connection, never the broker
+            log.error("connection failed", error=type(exc).__name__, detail=str(exc)[:200],
+                      state_transition="CLIENT_ERROR")
+            connection.close()
+        finally:
+            self.connections.discard(connection)
 
-        async def deliver(topic: str, data: bytes | bytearray, qos: int | None) -> None:
-            try:
-                await handler.mqtt_publish(topic, data, qos, retain=False)
-            except (TimeoutError, OSError, AMQTTError) as exc:
-                log.warning("queued message for %s on %s not delivered: %s", session.client_id, topic, exc)
-            finally:
-                window.release()
+    async def _housekeeping(self) -> None:
+        """Keep-alive and connect timeouts, credential changes, session expiry, deletes, status."""
+        interval = self.config.stage.status_interval_s
+        next_status = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            now = loop.time()
+            for connection in list(self.connections):
+                idle = now - connection.last_seen
+                if connection.session is None and now - connection.opened > self.broker.limits.connect_timeout_s:
+                    connection.close()
+                elif connection.keepalive and idle > 1.5 * connection.keepalive:
+                    log.info("keep-alive expired", client_id=connection.session and connection.session.client_id,
+                             state_transition="CLIENT_TIMED_OUT")
+                    connection.close()
+            self.broker.refresh_credentials()
+            self.broker.expire_sessions()
+            self.broker.flush_deletes_soon()
+            if now >= next_status:
+                next_status = now + interval
+                self.publish_status("up")
 
-        sends = []
-        while not session.retained_messages.empty():
-            message = session.retained_messages.get_nowait()
-            await window.acquire()
-            sends.append(asyncio.ensure_future(deliver(message.topic, message.data, message.qos)))
-        if sends:
-            await asyncio.wait(sends)
+    def publish_status(self, state: str) -> None:
+        status = {"service": "broker", "state": state, "pid": os.getpid(), "at": utc_now(), **self.broker.status()}
+        self.broker.publish_internal(p.Publish(self.topics.status("broker"), json_encode(status), 1, True))
 
-
-def broker_config(config: Config) -> dict[str, Any]:
-    """The amqtt config dict for this station: one TCP listener, our two plugins only."""
-    options = {"broker_dir": str(config.data_path / "broker"), "station": config.station}
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{config.mqtt.host}:{config.mqtt.port}"}},
-        "session_expiry_interval": SESSION_EXPIRY_S,
-        "plugins": {
-            "services.broker.plugins.PasswordFileAuthPlugin": options,
-            "services.broker.plugins.AclFileTopicPlugin": options,
-        },
-    }
-
-
-async def _revoke_stale_sessions(broker: Broker, credentials: BrokerCredentials) -> None:
-    """On a change of the files, disconnect clients whose password no longer matches
-    (removed or rotated devices), as Mosquitto does when it re-reads them on SIGHUP."""
-    seen = credentials.file_state()
-    while True:
-        await asyncio.sleep(REVOKE_POLL_S)
-        state = credentials.file_state()
-        if state == seen:
-            continue
-        seen = state
-        for session, handler in list(broker.sessions.values()):
-            if session.transitions.state != "connected":
-                continue
-            if not credentials.check(session.username or "", session.password or ""):
-                log.warning("disconnecting %r (user %r): credentials revoked", session.client_id, session.username)
-                await handler.handle_connection_closed()
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Fail with PortInUseError before amqtt logs a traceback for the same condition."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return  # amqtt reports an unresolvable host itself
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise PortInUseError(host, port) from None
-                raise
+    async def stop(self) -> None:
+        """Stop accepting, let the last commit finish (its PUBACKs go out), then close."""
+        if self._server is not None:
+            self._server.close()
+        self.publish_status("down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_S
+        while self.broker.pending and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # the PUBACKs of that commit leave on the next iterations
+        for connection in list(self.connections):
+            connection.will = None
+            connection.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.broker.close()
+        log.info("broker stopped", state_transition="BROKER_DOWN")
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Run the broker until `stop` is set."""
-    credentials = credentials_for(config.data_path / "broker", config.station)
-    credentials.ensure_service_user()
-    _check_port_free(config.mqtt.host, config.mqtt.port)
-    broker = AclBroker(broker_config(config))
-    try:
-        await broker.start()
-    except BrokerError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-            raise PortInUseError(config.mqtt.host, config.mqtt.port) from None
-        raise
-    log.info("amqtt broker listening on %s:%s", config.mqtt.host, config.mqtt.port)
-    revoker = asyncio.create_task(_revoke_stale_sessions(broker, credentials))
+    server = BrokerServer(config)
+    await server.start()
     try:
         await stop.wait()
     finally:
-        revoker.cancel()
-        await asyncio.gather(revoker, return_exceptions=True)
-        await broker.shutdown()
-        log.info("amqtt broker stopped")
+        await server.stop()
 
 
 def run_broker(config: Config) -> None:
     """Blocking: serve MQTT on config.mqtt.url until SIGTERM or SIGINT."""
-    logging.getLogger("amqtt").setLevel(logging.WARNING)
-    logging.getLogger("transitions").setLevel(logging.WARNING)
+    configure_logging("broker", config.station)
 
     async def main() -> None:
         stop = asyncio.Event()
