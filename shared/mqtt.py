@@ -3,7 +3,7 @@
 Fixed client id + persistent session (clean_session=False) so the broker keeps QoS1 messages
 for us while we are away; manual acks so a message is acked only after our LMDB commit.
 Subscriptions are renewed on every connect because a broker restarted without persistence
-(amqtt) forgets sessions.
+(the embedded broker keeps sessions in memory) forgets them.
 
 Every callback paho runs for us (on_connect and its hooks, on_message, the `direct` and `watch`
 handlers, on_disconnect) runs inside a guard: an exception there would otherwise end paho's

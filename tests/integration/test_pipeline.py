@@ -106,7 +106,7 @@ def test_mixed_traffic_every_record_once_every_bad_one_reported(pipeline):
                 assert "received" in statuses or "duplicate" in statuses, event_id
                 assert "recorded" in statuses or any(r.get("seq") is not None for r in sent.receipts), event_id
             else:
-                # amqtt may reorder a client's messages, so the copy can overtake its original.
+                # the copy may come over another connection and overtake its original.
                 assert "duplicate" in statuses or "recorded" in statuses, event_id
 
 
