@@ -128,6 +128,10 @@ class LogSink:
         except ValueError:
             event = None
         if isinstance(event, dict):
+            if "service" not in event or "at" not in event:  # e.g. the simulator's JSON progress lines
+                event = {"service": name, **event}
+                event.setdefault("at", _utc_now())
+                text = json.dumps(event)
             self.write_line(text)
             if event.get("level") in ("error", "critical") and event.get("event") != "alarm":
                 why = event.get("error") or event.get("detail") or event.get("alarm") or ""
