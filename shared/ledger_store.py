@@ -91,8 +91,9 @@ def open_ledger(config: Config) -> LedgerStore:
 
 
 def iter_entries(store: Store, from_seq: int = 0) -> Iterator[SignedEntry]:
+    table = store.table(LEDGER_TABLE)  # before the read transaction: LMDB cannot open a table inside one
     with store.read() as txn:
-        cursor = txn.cursor(db=store.table(LEDGER_TABLE))
+        cursor = txn.cursor(db=table)
         if cursor.set_range(u64(from_seq)):
             for _, value in cursor:
                 yield decode_entry(value)
