@@ -15,6 +15,7 @@ was committed is durable and what was not is redelivered, as after kill -9.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import socket
@@ -33,6 +34,8 @@ from shared.config import Config
 from shared.logs import get_logger
 
 FATAL_EXIT = 70  # EX_SOFTWARE: not REFUSED_EXIT (3), so the supervisor restarts the service
+CONTESTED_DROPS = 3  # this many unrequested disconnects ...
+CONTESTED_WINDOW_S = 30.0  # ... within this window mean someone else holds our client id
 
 
 class BrokerUnavailable(Exception):
@@ -93,6 +96,13 @@ class MqttLink:
         self.direct: dict[str, Callable[[bytes], None]] = {}
         self.watch: dict[str, Callable[[Inbound], None]] = {}
         self.fatal: Callable[[str, BaseException], None] = fatal_exit
+        # session trouble: another client kicking us off (same client id), or a session the
+        # broker no longer had; `on_trouble(kind, detail)` hooks raise the alarm
+        self.persistent = persistent
+        self.on_trouble: list[Callable[[str, str], None]] = []
+        self.session_resets = 0
+        self._drops: collections.deque[float] = collections.deque(maxlen=CONTESTED_DROPS)
+        self._stopping = False
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -121,10 +131,13 @@ class MqttLink:
                 self.fatal(name, exc)
         return guarded
 
-    def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
+    def _on_connect(self, client, _userdata, flags, reason_code, _properties) -> None:
         if reason_code.is_failure:
             return
         set_nodelay(client)
+        if self.generation and self.persistent and not flags.session_present:
+            self.session_resets += 1
+            self._trouble("session_lost", "the broker no longer had this service's session")
         self.generation += 1
         if self.subscriptions:
             client.subscribe(self.subscriptions)
@@ -137,6 +150,23 @@ class MqttLink:
 
     def _on_disconnect(self, _client, _userdata, _flags, _reason_code, _properties) -> None:
         self.connected.clear()
+        if self._stopping:
+            return
+        was_contested = self.contested
+        self._drops.append(time.monotonic())
+        if self.contested and not was_contested:
+            self._trouble("session_contested", f"disconnected {CONTESTED_DROPS} times within {CONTESTED_WINDOW_S:.0f} s: "
+                          "another client is probably using this service's client id")
+
+    @property
+    def contested(self) -> bool:
+        """Kicked off repeatedly: on Mosquitto, another client connecting with our client id."""
+        return len(self._drops) == CONTESTED_DROPS and time.monotonic() - self._drops[0] < CONTESTED_WINDOW_S
+
+    def _trouble(self, kind: str, detail: str) -> None:
+        get_logger().error("mqtt session trouble", alarm=kind, detail=detail, state_transition=kind.upper())
+        for hook in self.on_trouble:
+            hook(kind, detail)
 
     def _on_message(self, _client, _userdata, message: paho.MQTTMessage) -> None:
         if handler := self.direct.get(message.topic):
@@ -171,6 +201,7 @@ class MqttLink:
             )
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 

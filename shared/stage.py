@@ -240,6 +240,7 @@ class StageRuntime:
         self._resume = threading.Event()
         self.link.direct[self.topics.control(stage.name)] = self._on_control
         self.link.on_connect_hooks.append(self.publish_status)
+        self.link.on_trouble.append(self._alarm)
 
     # status
     def counters(self) -> tuple[int, int]:
@@ -250,12 +251,14 @@ class StageRuntime:
         return (from_u64(processed) if processed else 0, from_u64(failed) if failed else 0)
 
     def _status_payload(self, state: str) -> bytes:
+        if state == "up" and self.link.contested:
+            state = "contested"  # someone else keeps taking our session: not `up`
         processed, failed = self.counters() if state != "down" else (None, None)
         status = {"service": self.stage.name, "state": state, "pid": os.getpid(), "at": utc_now()}
         if state != "down":
             depth = self.outbox.pending() if self.outbox else 0
             status.update(queue_depth=depth + self.link.inbox.qsize(), processed=processed, failed=failed,
-                          **self.stage.status_extra())
+                          session_resets=self.link.session_resets, **self.stage.status_extra())
         return json_encode(status)
 
     def publish_status(self, state: str | None = None) -> None:
