@@ -9,7 +9,6 @@ compliance rules against the registries shipped in config/registries/.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -22,24 +21,20 @@ from shared.compliance.settings import compliance_settings
 from shared.config import load_config
 from shared.contract import check_rules, decode_record, idempotency_key, normalize
 from shared.topics import Topics
+from tests import readme
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "## Sending a record by hand"
+TITLE = "Sending a record by hand"
 CONFIG = load_config(env={})  # the shipped defaults, whatever the developer's MRO_* say
+# what the section's earlier blocks put in the reader's shell (devices add, run.json)
+EARLIER = {"PW": "the-device-password", "PORT": "1883"}
 
 
 def section() -> str:
-    text = README.read_text(encoding="utf-8")
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    return text[start:end if end != -1 else len(text)]
+    return readme.section(TITLE)
 
 
 def publish_block() -> str:
-    blocks = re.findall(r"^```sh\n(.*?)^```$", section(), flags=re.S | re.M)
-    publishing = [b for b in blocks if "mosquitto_pub" in b]
-    assert len(publishing) == 1, "the section has one block that publishes the sample record"
-    return publishing[0]
+    return readme.block_with(TITLE, "mosquitto_pub")
 
 
 def run_block(tmp_path: Path, resend_with_new_event_id: bool = False) -> list[list[str]]:
@@ -56,7 +51,7 @@ def run_block(tmp_path: Path, resend_with_new_event_id: bool = False) -> list[li
     script = "\n".join([
         "set -euo pipefail",
         'mosquitto_pub() { printf "%s\\0" "$@" >> "$CAPTURE"; printf "\\n" >> "$CAPTURE"; }',
-        "PW=the-device-password",
+        *(f"{name}={value}" for name, value in EARLIER.items()),
         block,
         *([event_id_line, command] if resend_with_new_event_id else []),
     ])
@@ -126,3 +121,12 @@ def test_the_broken_variant_is_rejected_as_the_readme_says(published):
     _, _, errors, _ = judge(option(published, "-t"), payload.replace('"result": "OK"', '"result": "NOK"').encode())
     assert [(e.path, e.rule) for e in errors] == [("$.result", "torque_result")]
     assert errors[0].received == "NOK" and errors[0].expected.startswith("OK")
+
+
+def test_the_block_uses_only_variables_the_section_sets_before_it():
+    blocks = readme.shell_blocks(TITLE)
+    block = publish_block()
+    before = "".join(blocks[:blocks.index(block)])
+    used = readme.variables_used(block) - readme.variables_assigned(block)
+    assert used == set(EARLIER), used
+    assert used <= readme.variables_assigned(before), (used, readme.variables_assigned(before))
