@@ -256,11 +256,10 @@ def cmd_devices(config: Config, args) -> int:
     store = _credentials(config)
     pid_file = Path(args.mosquitto_pid_file) if getattr(args, "mosquitto_pid_file", None) else None
     if args.action == "init":
-        from services.simulator.run import provision_fleet
-
+        # Only the services' own user: device accounts are the operator's (`devices add`), and
+        # the simulator makes its fleet's accounts itself when it starts.
         user, _ = store.ensure_service_user()
-        fleet = provision_fleet(config)
-        print(f"service user {user} and {len(fleet)} simulator devices ready; "
+        print(f"service user {user} ready; {len(store.devices())} devices; "
               f"password file {store.passwd_path}, ACL {store.acl_path}")
         return 0
     if args.action == "list":
