@@ -563,3 +563,26 @@ def test_mosquitto_launcher_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert (tmp_path / "mosquitto" / "mosquitto.db").exists(), "persistence saved on the way out"
     finally:
         _end(outer)
+
+
+# ---- the README's compose instructions name what ships -------------------------------------------
+
+def test_readme_compose_instructions_name_what_ships(production: dict[str, Any]) -> None:
+    from tests import readme
+
+    first_boot = readme.section("First boot of an edge box")
+    text = first_boot + readme.block_with("Switching to Mosquitto", "docker compose")
+    for path in set(re.findall(r"\b((?:deploy|config)/[\w./-]*\w)", text)):
+        assert (REPO / path).exists(), f"README names {path}, which does not exist"
+    services = default_services(production)
+    named = re.findall(r"docker compose (?:exec|kill -s SIGHUP) ([a-z-]+)", text)
+    for listed in re.findall(r"docker compose up -d ([a-z -]+?)(?:`|\s*#|$)", text, flags=re.M):
+        named += listed.split()
+    assert "uplink" in named and "ingest" in named
+    for service in named:
+        assert service in services, f"README runs `{service}`, not a production service"
+    settings = env_file_values(ENV_EXAMPLE)
+    for variable in set(re.findall(r"`(MRO_[A-Z_]+)", first_boot)) - {"MRO_COMPLIANCE_REGISTRIES_DIR"}:
+        assert variable in settings, f"README tells to set {variable}, which deploy/env.example lacks"
+    assert "docker compose kill -s SIGHUP mosquitto" in text
+    assert "--env-file deploy/demo.env --profile demo" in text
