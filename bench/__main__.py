@@ -35,17 +35,20 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def run_other_parts(parts: set[str], quick: bool, say) -> dict:
-    """The drain, ledger and compliance figures (issues 3-5), each with its own same-run reference."""
+def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = None) -> dict:
+    """The drain, ledger, compliance and stock-client intake figures (issues 3-5, 8), each with
+    its own same-run reference. `intake`: extra arguments of bench.intake (brokers, rate, seed)."""
     figures = {}
     for part, module, function in (("drain", "bench.drain", "run_drain_bench"),
                                    ("ledger", "bench.ledger", "run_ledger_bench"),
-                                   ("compliance", "bench.compliance", "run_compliance_bench")):
+                                   ("compliance", "bench.compliance", "run_compliance_bench"),
+                                   ("intake", "bench.intake", "run_intake_bench")):
         if part not in parts:
             continue
         print(f"\n=== {part} ===", flush=True)
         try:
-            figures[part] = getattr(import_module(module), function)(quick=quick)
+            extra = (intake or {}) if part == "intake" else {}
+            figures[part] = getattr(import_module(module), function)(quick=quick, **extra)
         except Exception as exc:  # one part failing must not hide the others' figures
             say(f"[{part}] bench failed: {type(exc).__name__}: {exc}")
             figures[part] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -56,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small runs (about a minute in all)")
-    parser.add_argument("--only", default="pipeline,drain,ledger,compliance",
-                        help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance")
+    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake",
+                        help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance, "
+                             "intake (stock device clients, issue 8)")
     parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,embedded"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             cleanup(root)
     if results:
         print(summary([r for r in results if "error" not in r]))
-    extra = run_other_parts(parts, args.quick, say)
+    extra = run_other_parts(parts, args.quick, say, intake={"brokers": kinds, "rate": args.rate, "seed": args.seed,
+                                                            "latency_s": args.latency_seconds})
     report = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),

@@ -115,3 +115,67 @@ def _ncpu() -> int:
     import os
 
     return os.cpu_count() or 1
+
+
+# Device intake with stock clients (bench/intake.py, issue 8)
+TARGET_INTAKE_RATIO = 0.3
+TARGET_INTAKE_RECORDED_P99_MS = 100.0
+TARGET_PUBACK_P99_MS = 20.0
+
+
+def intake_verdicts(result: dict) -> dict:
+    raw, e2e, lat = result.get("raw"), result.get("e2e"), result.get("latency")
+    ratio = e2e["rate"] / raw["rate"] if e2e and raw and raw["rate"] else None
+    return {
+        "ratio": None if ratio is None else e2e["complete"] and ratio >= TARGET_INTAKE_RATIO,
+        "recorded_p99_ms": None if not lat else lat["complete"] and (
+            lat["publish_recorded"]["p99_ms"] or 1e9) <= TARGET_INTAKE_RECORDED_P99_MS,
+        "puback_p99_ms": None if not lat else (lat["puback"]["p99_ms"] or 1e9) <= TARGET_PUBACK_P99_MS,
+        "kill_loss": None if "kill_ingest_down" not in result else
+        (result["kill_ingest_running"]["lost"] + result["kill_ingest_down"]["lost"]) == 0,
+    }
+
+
+def intake_table(result: dict) -> str:
+    kind = result["broker"]
+    lines = ["", f"=== intake, stock clients: {kind} " + "=" * (72 - len(kind))]
+    if "error" in result:
+        return "\n".join(lines + [f"    failed: {result['error']}"])
+    v = intake_verdicts(result)
+    row = "{:<36} {:>22}  {:<32} {}"
+    raw, e2e, lat, win = result.get("raw"), result.get("e2e"), result.get("latency"), result.get("burst_window")
+    if raw:
+        lines.append(row.format("raw broker QoS1 pub->sub", f"{raw['rate']:,.0f} msg/s",
+                                f"{raw['n']:,} x {raw['bytes']} B (same run)", ""))
+    if e2e:
+        ratio = e2e["rate"] / raw["rate"] if raw and raw["rate"] else 0.0
+        lines.append(row.format(f"publish->ledger ({e2e['ledger_added']:,}/{e2e['n']:,})", f"{e2e['rate']:,.0f} rec/s",
+                                f"{ratio:.2f} x raw; target >= {TARGET_INTAKE_RATIO}", mark(v["ratio"])))
+        lines.append(f"    mosquitto_pub bursts of 500: {e2e['bursts']} connections, all PUBACKs in "
+                     f"{e2e['puback_all_s']:.1f} s ({e2e['puback_rate']:,.0f}/s), ledger done at {e2e['seconds']:.1f} s; "
+                     f"broker CPU {e2e['broker_cpu_us_per_record']} us/record; failed bursts {e2e['burst_errors']}")
+    if lat:
+        rec, pub, recv = lat["publish_recorded"], lat["puback"], lat["publish_received"]
+        lines.append(row.format("publish->recorded p50/p99", f"{_ms(rec['p50_ms'])} / {_ms(rec['p99_ms'])} ms",
+                                f"{rec['count']:,}/{lat['n']:,} at {lat['offered_rate']:g}/s; "
+                                f"<= {TARGET_INTAKE_RECORDED_P99_MS:g}", mark(v["recorded_p99_ms"])))
+        lines.append(row.format("PUBACK p50/p99", f"{_ms(pub['p50_ms'])} / {_ms(pub['p99_ms'])} ms",
+                                f"paho on_publish; <= {TARGET_PUBACK_P99_MS:g}", mark(v["puback_p99_ms"])))
+        lines.append(f"    publish->received (ingest commit) p50/p99 {_ms(recv['p50_ms'])} / {_ms(recv['p99_ms'])} ms")
+        w = lat["window"]
+        lines.append(row.format("PUBACK->ingest commit p50/p99/max" if kind == "embedded"
+                                else "PUBACKed, not in ingest: p50/p99/max",
+                                f"{_ms(w['p50_ms'])}/{_ms(w['p99_ms'])}/{_ms(w['max_ms'])} ms",
+                                "at the paced rate" + ("; already in the spool" if kind == "embedded" else ""), ""))
+    if win:
+        w = win["window"]
+        lines.append(row.format("  the same in a full-speed burst", f"{_ms(w['p50_ms'])}/{_ms(w['p99_ms'])}/{_ms(w['max_ms'])} ms",
+                                f"{win['acked']:,} records, 4 paho devices", ""))
+    for mode in ("ingest_running", "ingest_down"):
+        k = result.get(f"kill_{mode}")
+        if k:
+            lines.append(row.format(f"broker kill -9, {mode.replace('_', ' ')}",
+                                    f"{k['lost']:,} of {k['acked']:,} lost",
+                                    f"per kill {k['lost_per_kill']}; duplicated {k['duplicated']}",
+                                    mark(k["lost"] == 0) if kind == "embedded" else ""))
+    return "\n".join(lines)
