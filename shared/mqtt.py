@@ -31,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.config import Config
+from shared.credentials import topic_matches
 from shared.logs import get_logger
 
 FATAL_EXIT = 70  # EX_SOFTWARE: not REFUSED_EXIT (3), so the supervisor restarts the service
@@ -103,6 +104,8 @@ class MqttLink:
         self.session_resets = 0
         self._drops: collections.deque[float] = collections.deque(maxlen=CONTESTED_DROPS)
         self._stopping = False
+        self._wanted: dict[str, bool] = {}
+        self.unsolicited = 0
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -169,6 +172,9 @@ class MqttLink:
             hook(kind, detail)
 
     def _on_message(self, _client, _userdata, message: paho.MQTTMessage) -> None:
+        if not self._subscribed(message.topic):
+            self._unsolicited(message)
+            return
         if handler := self.direct.get(message.topic):
             try:
                 handler(message.payload)
@@ -188,6 +194,25 @@ class MqttLink:
                 self.client.ack(message.mid, message.qos)
             return
         self.inbox.put(inbound)
+
+    def _subscribed(self, topic: str) -> bool:
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            if len(self._wanted) > 10_000:
+                self._wanted.clear()
+            wanted = self._wanted[topic] = any(topic_matches(f, topic) for f, _ in self.subscriptions)
+        return wanted
+
+    def _unsolicited(self, message: paho.MQTTMessage) -> None:
+        """A message on a topic we never subscribed to: a subscription someone else left in our
+        persistent session (on Mosquitto, any login may connect with our client id). Acked and
+        dropped, never handed to the stage, so it cannot freeze it."""
+        self.unsolicited += 1
+        if self.unsolicited == 1 or self.unsolicited % 1000 == 0:
+            get_logger().warning("message on a topic this service never subscribed to; dropped", topic=message.topic,
+                                 count=self.unsolicited, state_transition="UNSOLICITED_DROPPED")
+        if message.qos:
+            self.client.ack(message.mid, message.qos)
 
     def start(self, wait_s: float = 30.0) -> None:
         host, port = self.config.mqtt.host, self.config.mqtt.port
