@@ -7,6 +7,9 @@
 # broker does. SIGHUP sent to the container (`docker compose kill -s SIGHUP mosquitto`) is
 # passed on as soon as Mosquitto can take it; SIGTERM/SIGINT stop Mosquitto cleanly (it saves
 # its persistence file).
+# Every SAVE_EVERY_S seconds it sends SIGUSR1, which makes Mosquitto write its persistence file:
+# mosquitto.conf saves by count (every 250 changes), which alone would leave a trickle of
+# records unsaved for hours; this bounds that by time as well.
 # The container exits with Mosquitto's status when Mosquitto ends, and is restarted.
 #
 # Paths: MOSQUITTO_CONF and MRO_AUTH_DIR (the container's by default; the tests set them).
@@ -14,6 +17,7 @@ set -u
 conf="${MOSQUITTO_CONF:-/mosquitto/config/mosquitto.conf}"
 auth="${MRO_AUTH_DIR:-/mosquitto/auth}"
 seen="${TMPDIR:-/tmp}/mro-auth-reloaded"
+save_every="${SAVE_EVERY_S:-15}"
 
 # Mtimes compare by whole seconds in busybox `test -nt`, so the marker is set one second before
 # the moment a change is seen: a file replaced in that same second still counts as newer and is
@@ -37,6 +41,7 @@ mark
 mosquitto -c "$conf" &
 pid=$!
 pending=0
+ticks=0
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
 trap 'pending=1' HUP
 
@@ -49,6 +54,11 @@ while kill -0 "$pid" 2>/dev/null; do
   if [ "$pending" = 1 ] && hup_ready; then
     pending=0
     kill -HUP "$pid" 2>/dev/null
+  fi
+  ticks=$((ticks + 1))
+  if [ "$ticks" -ge "$save_every" ] && hup_ready; then
+    ticks=0
+    kill -USR1 "$pid" 2>/dev/null
   fi
   sleep 1 &
   wait $! 2>/dev/null
