@@ -24,14 +24,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import lmdb
 
 from services.broker import packets as p
-from services.broker.spool import Spool, SpoolEntry
+from services.broker.spool import Spool, SpoolEntry, SpoolFull
 from shared.credentials import SERVICE_USER, BrokerCredentials, topic_matches, valid_filter
 from shared.logs import get_logger
 from shared.topics import Topics
@@ -178,7 +177,6 @@ class Counters:
     spool_records: int = 0
     commit_errors: int = 0
     last_commit_error: str = ""
-    started: float = field(default_factory=time.monotonic)
 
 
 class Broker:
@@ -205,7 +203,6 @@ class Broker:
         self.commit_wanted = asyncio.Event()
         self.room_for_intake = asyncio.Event()
         self.room_for_intake.set()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
         self._acl: dict[tuple[str, str, str, int], bool] = {}
         self._files = credentials.file_state()
 
@@ -432,9 +429,9 @@ class Broker:
 
     async def run_committer(self) -> None:
         """Group commit: everything that arrived while the last commit ran goes into the next."""
-        loop = asyncio.get_running_loop()
         while True:
             await self.commit_wanted.wait()
+            await asyncio.sleep(0)  # let every connection with data ready add to this group first
             self.commit_wanted.clear()
             if not self.pending and not self.to_delete:
                 continue
@@ -442,9 +439,11 @@ class Broker:
             deletes, self.to_delete = self.to_delete, []
             entries = [SpoolEntry(item.publish.topic, item.publish.payload, time.time()) for item in batch]
             try:
-                await loop.run_in_executor(self._executor, self.spool.commit, entries, deletes)
-            except lmdb.Error as exc:
+                self.spool.commit(entries, deletes)
+            except (lmdb.Error, SpoolFull) as exc:
                 self.pending.extendleft(reversed(batch))
+                if deletes and self._delete_only(deletes):
+                    deletes = []  # what ingest already holds is gone: room for the next try
                 self.to_delete = deletes + self.to_delete
                 self.counters.commit_errors += 1
                 self.counters.last_commit_error = type(exc).__name__
@@ -468,12 +467,21 @@ class Broker:
             if self.pending:
                 self.commit_wanted.set()
 
+    def _delete_only(self, deletes: list[int]) -> bool:
+        """On a full store, deleting what ingest has acknowledged may be exactly what frees the
+        pages the next append needs."""
+        try:
+            self.spool.commit([], deletes)
+        except lmdb.Error:
+            return False
+        self.acked_seqs.difference_update(deletes)
+        return True
+
     def flush_deletes_soon(self) -> None:
         if self.to_delete:
             self.commit_wanted.set()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
         self.spool.close()
 
     def status(self) -> dict:
@@ -484,7 +492,11 @@ class Broker:
             "awaiting_commit": len(self.pending),
             "queued": sum(len(s.queue) for s in self.sessions.values()),
             "dropped_offline": self.dropped,
+            "spool_commits": self.counters.spool_commits,
+            "spooled": self.counters.spool_records,
             "spool_commit_errors": self.counters.commit_errors,
+            "spool_fault": "" if self.room_for_intake.is_set() else self.counters.last_commit_error,
+            "refused_connects": self.counters.refused,
         }
 
 

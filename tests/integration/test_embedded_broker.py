@@ -284,3 +284,39 @@ def test_a_slow_consumer_pushes_back_on_the_publisher_and_nothing_is_dropped(tmp
         consumer.close()
     finally:
         broker.kill()
+
+
+def test_a_full_spool_withholds_pubacks_and_resumes_once_ingest_drains_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool that cannot grow (its LMDB map is 1 MB here; a full disk fails the same way):
+    publishes are not acknowledged, nothing acknowledged is lost, and intake resumes by itself
+    once ingest has taken (and acknowledged) what the spool held."""
+    monkeypatch.setenv("MRO_STAGE_MAP_SIZE_MB", "1")
+    broker = start_broker("embedded", tmp_path / "data", STATION)
+    try:
+        login = device(broker, "TAB-10")
+        publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tab-ten")
+        publisher.username_pw_set(*login)
+        publisher.max_inflight_messages_set(50)
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        total = 3000
+        infos = [publisher.publish(T.device_in("tablet", "TAB-10"), f"{i:06d}".encode() + b"x" * 1000, qos=1)
+                 for i in range(total)]
+        time.sleep(4)
+        acked_while_full = sum(info.is_published() for info in infos)
+        assert 0 < acked_while_full < total, f"{acked_while_full} of {total} acknowledged with a 1 MB spool"
+        consumer = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+        deadline = time.monotonic() + 60
+        while not all(info.is_published() for info in infos) or len(consumer.messages) < total:
+            assert time.monotonic() < deadline, f"{len(consumer.messages)} delivered, " \
+                f"{sum(i.is_published() for i in infos)} acknowledged of {total}"
+            consumer.ack_all()
+            time.sleep(0.1)
+        delivered = {m.payload[:6] for m in consumer.messages}
+        assert delivered == {f"{i:06d}".encode() for i in range(total)}
+        assert "SPOOL_COMMIT_FAILED" in broker.log_tail(200)
+        publisher.loop_stop()
+        consumer.close()
+    finally:
+        broker.kill()
