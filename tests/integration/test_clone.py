@@ -1,7 +1,7 @@
 """A fresh clone is self-contained (issue 9): nothing beside it, and every test still collects.
 
 The working repository's HEAD is cloned into an empty temporary directory (so there is no
-../shared or anything else beside it) and `pytest --collect-only` runs there: a test module that
+shared reference folder or anything else beside it) and `pytest --collect-only` runs there: a test module that
 reaches outside the repository for data (public vectors, configuration) fails to collect.
 """
 
