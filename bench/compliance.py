@@ -21,7 +21,7 @@ from pathlib import Path
 from services.simulator.records import valid_record
 from shared.compliance import Compliance, MemoryState, compile_version, dry_run, load_registry
 from shared.compliance.settings import DEFAULT_REGISTRIES
-from shared.config import load_config
+from shared.runtime.config import load_config
 from shared.contract import check_rules, decode_record, idempotency_key, normalize, record_from_body
 
 STATION = "HGR1"
@@ -51,10 +51,10 @@ def synthetic_bodies(count: int, *, seed: int = 2026, start: datetime | None = N
 
 def write_ledger(data_dir: Path, bodies, *, origin: str = f"mro-edge/{STATION}") -> int:
     """A sign-stage LMDB ledger in `data_dir/sign` holding `bodies` as signed, chained entries."""
-    from shared.crypto import SigningKey
-    from shared.ledger import GENESIS_PREV, entry_bytes, sign_entry
-    from shared.ledger_store import LEDGER_TABLE, encode_entry
-    from shared.store import Store, u64
+    from shared.ledger.keys import SigningKey
+    from shared.ledger.entry import GENESIS_PREV, entry_bytes, sign_entry
+    from shared.ledger.store import LEDGER_TABLE, encode_entry
+    from shared.runtime.store import Store, u64
 
     key = SigningKey.generate()
     store = Store(Path(data_dir) / "sign", (LEDGER_TABLE,), map_size_mb=2048)

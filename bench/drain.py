@@ -4,7 +4,7 @@
 
 Building 100,000 entries through the whole pipeline would measure the pipeline, not the drain,
 so the backlog is written straight into the stores, exactly as the services write them: real
-Ed25519-signed, hash-chained entries in the sign stage's ledger (`shared.ledger_store`) and
+Ed25519-signed, hash-chained entries in the sign stage's ledger (`shared.ledger.store`) and
 the same entries, as export rows, in the uplink stage's `entries` table. Then the real uplink
 and heartbeat processes start (on Mosquitto) against a real gateway process behind the test
 proxy, which refuses connections: the box is ISOLATED with n entries queued. The proxy is
@@ -34,12 +34,12 @@ import httpx
 
 from services.gateway.admin import register_edge
 from services.gateway.bench import bench_ingest, make_entries
-from shared.crypto import SigningKey
-from shared.ledger import export_row
-from shared.ledger_store import LEDGER_TABLE, SIGN_STAGE, encode_entry
-from shared.stage import RUNTIME_TABLES
-from shared.store import Store, u64
-from shared.wire import json_encode
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import export_row
+from shared.ledger.store import LEDGER_TABLE, SIGN_STAGE, encode_entry
+from shared.runtime.stage import RUNTIME_TABLES
+from shared.runtime.store import Store, u64
+from shared.runtime.messages import json_encode
 from tests.brokers import start_broker
 from tests.edge import GatewayProc, TopicRecorder, database
 from tests.linkfault import LinkFault

@@ -24,8 +24,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from services.simulator.records import valid_record
-from shared.topics import Topics
-from shared.wire import StageReceipt, json_encode
+from shared.runtime.topics import Topics
+from shared.runtime.messages import StageReceipt, json_encode
 
 FLEET = (("rfid_reader", "BENCH-RFID-01"), ("barcode_scanner", "BENCH-BCS-01"),
          ("torque_wrench", "BENCH-TQW-01"), ("tablet", "BENCH-TAB-01"))

@@ -6,7 +6,7 @@
   bytes, Ed25519 signature, Merkle leaf and nodes, outbox row, receipts; one synced LMDB
   transaction per batch of ``stage.batch_max`` records), and the Merkle tree's own share;
 - at 1,000,000 entries: inclusion and consistency proof size (hashes, bytes), build time and
-  verification time (RFC 9162 algorithms, ``shared.merkle``);
+  verification time (RFC 9162 algorithms, ``shared.ledger.merkle``);
 - ``mro-edge audit export`` and ``mro-edge audit verify`` time for 100,000 entries (signature
   and chain verification of every entry, root recomputation, proofs).
 
@@ -27,9 +27,9 @@ from typing import Any
 import lmdb
 
 from services.sign.local import LocalSign, record_item
-from shared.audit import export_audit, verify_audit
-from shared.config import Config
-from shared.merkle import leaf_hash, lmdb_tree, verify_consistency, verify_inclusion
+from shared.ledger.audit import export_audit, verify_audit
+from shared.runtime.config import Config
+from shared.ledger.merkle import leaf_hash, lmdb_tree, verify_consistency, verify_inclusion
 
 BATCH = 1000
 
@@ -150,7 +150,7 @@ def run_ledger_bench(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from shared.logs import configure_logging
+    from shared.runtime.logs import configure_logging
 
     configure_logging("bench-ledger", "-", "WARNING")
     result = run_ledger_bench(quick="--quick" in sys.argv)

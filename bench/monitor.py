@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from shared.store import Store
+from shared.runtime.store import Store
 
 SAMPLE_S = 0.1
 

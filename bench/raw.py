@@ -17,7 +17,7 @@ from bench.fleet import set_nodelay
 from bench.stats import percentiles
 
 RECORD_BYTES = 700  # about the size of a real record (services.simulator.records)
-PUBLISHER_INFLIGHT = 1000  # what the stage links use (shared.mqtt) and mosquitto.conf allows
+PUBLISHER_INFLIGHT = 1000  # what the stage links use (shared.runtime.mqtt) and mosquitto.conf allows
 
 
 def _client(broker, name: str) -> paho.Client:

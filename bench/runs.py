@@ -19,7 +19,7 @@ from tests.brokers import start_broker
 from tests.pipeline import Pipeline
 
 STAGES = ("ingest", "validate", "sign")
-# Production defaults (shared/config.py), not the test harness's shorter redelivery timeout:
+# Production defaults (shared/runtime/config.py), not the test harness's shorter redelivery timeout:
 # a 20,000-record backlog must not trigger republishing that a real box would not do.
 PIPELINE_SETTINGS = {"MRO_LOG_LEVEL": "WARNING", "MRO_STAGE_REDELIVER_AFTER_S": "15",
                      "MRO_STAGE_STATUS_INTERVAL_S": "2"}

@@ -18,10 +18,10 @@ import time
 from importlib import import_module
 from pathlib import Path
 
-from shared.config import Config, ConfigError, load_config
-from shared.topics import DEVICE_KINDS
+from shared.runtime.config import Config, ConfigError, load_config
+from shared.runtime.topics import DEVICE_KINDS
 
-REFUSED_EXIT = 3  # shared.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
+REFUSED_EXIT = 3  # shared.runtime.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
 
 STAGE_CLASSES = {
     "ingest": "services.ingest.stage:Ingest",
@@ -51,9 +51,9 @@ def _load(path: str):
 def cmd_service(config: Config, args) -> int:
     from mro_edge import lifeline
     from mro_edge.instance import InstanceBusy, hold_service_lock
-    from shared.logs import get_logger
+    from shared.runtime.logs import get_logger
 
-    from shared.logs import configure_logging
+    from shared.runtime.logs import configure_logging
 
     configure_logging(args.name, config.station)  # JSON from the first line on; the service may refine it
     lifeline.start(get_logger(component="lifeline"))
@@ -79,7 +79,7 @@ def cmd_service(config: Config, args) -> int:
 
         run_gateway(config)
         return 0
-    from shared.stage import run_stage
+    from shared.runtime.stage import run_stage
 
     run_stage(_load(STAGE_CLASSES[args.name])(), config)
     return 0
@@ -122,7 +122,7 @@ def _register_with_own_gateway(config: Config) -> None:
     """`run` starts a reference gateway: register this box's ledger key there once and keep the
     token where the uplink looks for it."""
     from services.gateway.admin import register_edge
-    from shared.crypto import SigningKey
+    from shared.ledger.keys import SigningKey
 
     token_path = config.data_path / "uplink" / "token"
     if token_path.exists():
@@ -137,7 +137,7 @@ def _register_with_own_gateway(config: Config) -> None:
 def _check_broker(config: Config, login: tuple[str, str], *, allow_anonymous: bool, embedded: bool) -> list:
     """Login accepted, and no anonymous device records; returns the warnings to alarm."""
     from mro_edge.preflight import BrokerProblem, anonymous_message, check_login, probe_anonymous
-    from shared.logs import get_logger
+    from shared.runtime.logs import get_logger
 
     hint = "" if embedded else "or run without --no-broker to start the embedded broker"
     try:
@@ -165,9 +165,9 @@ def cmd_run(config: Config, args) -> int:
     from mro_edge.instance import InstanceBusy, run_busy_message, run_lock, service_lock, services_busy_message
     from mro_edge.preflight import check_ports
     from mro_edge.supervisor import PIPELINE, Console, LogSink, Supervisor, SupervisorError, summary_line
-    from shared.credentials import BrokerCredentials
-    from shared.logs import configure_logging, get_logger
-    from shared.mqtt import service_credentials
+    from services.broker.credentials import BrokerCredentials
+    from shared.runtime.logs import configure_logging, get_logger
+    from shared.runtime.mqtt import service_credentials
 
     config.data_dir = str(config.data_path.resolve())
     config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -238,7 +238,7 @@ def cmd_run(config: Config, args) -> int:
 
 
 def _credentials(config: Config):
-    from shared.credentials import BrokerCredentials
+    from services.broker.credentials import BrokerCredentials
 
     return BrokerCredentials(config.data_path / "broker", config.station)
 
@@ -251,7 +251,7 @@ def _pub_line(config: Config, device_id: str, kind: str, password: str) -> str:
 
 
 def cmd_devices(config: Config, args) -> int:
-    from shared.credentials import reload_mosquitto
+    from services.broker.credentials import reload_mosquitto
 
     store = _credentials(config)
     pid_file = Path(args.mosquitto_pid_file) if getattr(args, "mosquitto_pid_file", None) else None
@@ -313,7 +313,7 @@ def cmd_devices(config: Config, args) -> int:
 def cmd_simulate(config: Config, args) -> int:
     from mro_edge import lifeline
     from services.simulator.run import simulate
-    from shared.logs import configure_logging, get_logger
+    from shared.runtime.logs import configure_logging, get_logger
 
     configure_logging("simulator", config.station)
     lifeline.start(get_logger(component="lifeline"))
@@ -326,8 +326,8 @@ def cmd_simulate(config: Config, args) -> int:
 
 def read_statuses(config: Config, wait_s: float) -> dict[str, dict]:
     """Retained status messages of every service, as the broker holds them now."""
-    from shared.mqtt import MqttLink
-    from shared.topics import Topics
+    from shared.runtime.mqtt import MqttLink
+    from shared.runtime.topics import Topics
 
     topics = Topics(config.station)
     link = MqttLink(config, client_id=f"mro-status-{time.monotonic_ns()}", subscriptions=[(topics.status_all, 0)],
@@ -371,7 +371,7 @@ def merge_supervisor(statuses: dict[str, dict]) -> dict[str, dict]:
 
 
 def cmd_status(config: Config, args) -> int:
-    from shared.mqtt import BrokerUnavailable
+    from shared.runtime.mqtt import BrokerUnavailable
 
     try:
         statuses = read_statuses(config, args.wait)
@@ -399,9 +399,9 @@ def cmd_status(config: Config, args) -> int:
 
 
 def cmd_ledger(config: Config, args) -> int:
-    from shared.ledger import export_line
-    from shared.ledger_store import iter_entries, open_ledger
-    from shared.store import StoreError
+    from shared.ledger.entry import export_line
+    from shared.ledger.store import iter_entries, open_ledger
+    from shared.runtime.store import StoreError
 
     try:
         store = open_ledger(config)
@@ -417,7 +417,7 @@ def cmd_ledger(config: Config, args) -> int:
 
 
 def cmd_dlq(config: Config, args) -> int:
-    from shared.store import Store
+    from shared.runtime.store import Store
 
     entries = []
     for stage in STAGE_CLASSES:
@@ -442,8 +442,8 @@ def cmd_dlq(config: Config, args) -> int:
 
 
 def cmd_resume(config: Config, args) -> int:
-    from shared.mqtt import BrokerUnavailable, MqttLink
-    from shared.topics import Topics
+    from shared.runtime.mqtt import BrokerUnavailable, MqttLink
+    from shared.runtime.topics import Topics
 
     link = MqttLink(config, client_id=f"mro-resume-{time.monotonic_ns()}", persistent=False)
     try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.config import Config
+from shared.runtime.config import Config
 
 
 def _user_error(message: str) -> Exception:
@@ -27,13 +27,13 @@ def _user_error(message: str) -> Exception:
 
 
 def _key_files(config: Config):
-    from shared.crypto import LedgerKeyFiles
+    from shared.ledger.keys import LedgerKeyFiles
 
     return LedgerKeyFiles(config.data_path / "keys")
 
 
 def _current(config: Config):
-    from shared.crypto import KeyFileError
+    from shared.ledger.keys import KeyFileError
 
     files = _key_files(config)
     if not files.current_path.exists():
@@ -48,7 +48,7 @@ def _current(config: Config):
 # -- keys -------------------------------------------------------------------------------------------
 
 def cmd_keys_generate(config: Config, args) -> int:
-    from shared.crypto import KeyFileError
+    from shared.ledger.keys import KeyFileError
 
     try:
         key = _key_files(config).generate()
@@ -62,9 +62,9 @@ def cmd_keys_generate(config: Config, args) -> int:
 
 def _rotations(config: Config) -> list[dict[str, Any]]:
     """Every key_rotation entry in the ledger (a byte filter first, so a long ledger scans quickly)."""
-    from shared.ledger import KEY_ROTATION, parse_entry, parse_rotation
-    from shared.ledger_store import iter_entries, open_ledger
-    from shared.store import StoreError
+    from shared.ledger.entry import KEY_ROTATION, parse_entry, parse_rotation
+    from shared.ledger.store import iter_entries, open_ledger
+    from shared.runtime.store import StoreError
 
     try:
         store = open_ledger(config)
@@ -86,8 +86,8 @@ def _rotations(config: Config) -> list[dict[str, Any]]:
 
 
 def cmd_keys_show(config: Config, args) -> int:
-    from shared.checkpoint import CheckpointError, NoteError, parse_checkpoint, split_note
-    from shared.ledger_store import latest_checkpoint_path, read_latest_checkpoint
+    from shared.ledger.checkpoint import CheckpointError, NoteError, parse_checkpoint, split_note
+    from shared.ledger.store import latest_checkpoint_path, read_latest_checkpoint
 
     files = _key_files(config)
     key = _current(config)
@@ -130,7 +130,7 @@ def cmd_keys_show(config: Config, args) -> int:
 
 
 def cmd_keys_rotate(config: Config, args) -> int:
-    from shared.crypto import KeyFileError
+    from shared.ledger.keys import KeyFileError
 
     old = _current(config)
     try:
@@ -158,9 +158,9 @@ def cmd_keys_export_public(config: Config, args) -> int:
 # -- audit ------------------------------------------------------------------------------------------
 
 def cmd_audit_export(config: Config, args) -> int:
-    from shared.audit import AuditError, export_audit
-    from shared.crypto import KeyFormatError, key_id, public_key_from_pem
-    from shared.store import StoreError
+    from shared.ledger.audit import AuditError, export_audit
+    from shared.ledger.keys import KeyFormatError, key_id, public_key_from_pem
+    from shared.runtime.store import StoreError
 
     trusted = None
     if args.trusted_key:
@@ -186,8 +186,8 @@ def cmd_audit_export(config: Config, args) -> int:
 
 
 def cmd_audit_verify(config: Config, args) -> int:
-    from shared.audit import AuditError, verify_audit
-    from shared.crypto import KeyFormatError, public_key_from_pem
+    from shared.ledger.audit import AuditError, verify_audit
+    from shared.ledger.keys import KeyFormatError, public_key_from_pem
 
     if not Path(args.dir).is_dir():
         raise _user_error(f"{args.dir} is not a directory (an export of 'mro-edge audit export')")

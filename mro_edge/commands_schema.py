@@ -118,9 +118,9 @@ def cmd_schema(config, args) -> int:
 
 def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dict:
     from services.validate.control import operator_name
-    from shared.mqtt import BrokerUnavailable, MqttLink
-    from shared.topics import Topics
-    from shared.wire import utc_now
+    from shared.runtime.mqtt import BrokerUnavailable, MqttLink
+    from shared.runtime.topics import Topics
+    from shared.runtime.messages import utc_now
 
     topics = Topics(config.station)
     command_id = uuid.uuid4().hex
@@ -172,9 +172,9 @@ def _print_reply(reply: dict) -> None:
 
 
 def cmd_registry_sign(config, args) -> int:
-    from shared.canonical import CanonicalError
+    from shared.ledger.canonical import CanonicalError
     from shared.compliance.updates import UpdateRefused, check_changes, sign_update
-    from shared.crypto import KeyFileError, SigningKey
+    from shared.ledger.keys import KeyFileError, SigningKey
 
     try:
         update = json.loads(Path(args.file).read_text())

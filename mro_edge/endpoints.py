@@ -12,9 +12,9 @@ import os
 import time
 from pathlib import Path
 
-from shared.config import Config
-from shared.credentials import SERVICE_USER
-from shared.files import write_atomic
+from shared.runtime.config import Config
+from services.broker.credentials import SERVICE_USER
+from shared.runtime.files import write_atomic
 
 RUN_FILE = "run.json"
 # run.json key -> (environment variable that overrides it, setter)

@@ -8,7 +8,7 @@ Two independent mechanisms, because a supervisor killed with -9 gets no chance t
 * `start()` in the child (the `mro-edge` command, when MRO_SUPERVISOR_PID is set): a thread
   that notices the parent is gone (getppid changes: the child was re-parented) and stops the
   service with SIGTERM, then for good after a grace period. The same thread pings the
-  supervisor's watchdog file (shared.watchdog) once a second.
+  supervisor's watchdog file (shared.runtime.watchdog) once a second.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from shared import watchdog
+from shared.runtime import watchdog
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 15.0

@@ -19,9 +19,9 @@ import shlex
 import socket
 from dataclasses import dataclass
 
-from shared.config import Config
-from shared.mqtt import mqtt_connack
-from shared.topics import DEVICE_KINDS
+from shared.runtime.config import Config
+from shared.runtime.mqtt import mqtt_connack
+from shared.runtime.topics import DEVICE_KINDS
 
 CONNACK_REASONS = {
     1: "unacceptable protocol version",

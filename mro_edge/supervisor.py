@@ -3,7 +3,7 @@
 * A child that exits is restarted with exponential backoff (reset after a stable run); one
   that refuses to start (exit 3: a person has to act) is not.
 * A child whose watchdog file stops moving for `supervisor.hung_after_s` (stopped by SIGSTOP,
-  wedged, or a stage whose main loop is stuck; see shared/watchdog.py) is reported `hung` on
+  wedged, or a stage whose main loop is stuck; see shared/runtime/watchdog.py) is reported `hung` on
   its retained status topic, alarmed on mro/<station>/alarm, killed and restarted.
 * Children die with the supervisor, even after kill -9 (mro_edge/lifeline.py).
 * Children run in their own process group: Ctrl-C reaches only the supervisor, which stops
@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import TextIO
 
 from mro_edge import lifeline
-from shared.config import Config
-from shared.logs import get_logger
-from shared.mqtt import mqtt_connack
-from shared.stage import REFUSED_EXIT
-from shared.topics import Topics
+from shared.runtime.config import Config
+from shared.runtime.logs import get_logger
+from shared.runtime.mqtt import mqtt_connack
+from shared.runtime.stage import REFUSED_EXIT
+from shared.runtime.topics import Topics
 
 PIPELINE = ("ingest", "validate", "sign", "uplink", "heartbeat")
 STAGES = ("ingest", "validate", "sign", "uplink")
@@ -181,7 +181,7 @@ class Monitor:
     """The supervisor's MQTT client: reads every retained status and alarm, publishes its own."""
 
     def __init__(self, config: Config) -> None:
-        from shared.mqtt import MqttLink
+        from shared.runtime.mqtt import MqttLink
 
         self.topics = Topics(config.station)
         self.statuses: dict[str, dict] = {}

@@ -1,6 +1,6 @@
 """Real brokers for tests: the embedded broker and Mosquitto, each in its own process.
 
-Both read the same password and ACL files (shared.credentials.BrokerCredentials under
+Both read the same password and ACL files (services.broker.credentials.BrokerCredentials under
 `<data_dir>/broker/`). Mosquitto runs the production config/mosquitto/mosquitto.conf with only
 the listener port and the file paths rewritten, so the tests exercise what compose ships.
 A test can SIGTERM, kill -9 and restart a broker on the same port with the same files.
@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from shared.credentials import BrokerCredentials, reload_mosquitto
-from shared.mqtt import mqtt_connack
+from services.broker.credentials import BrokerCredentials, reload_mosquitto
+from shared.runtime.mqtt import mqtt_connack
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_CONF = REPO / "config" / "mosquitto" / "mosquitto.conf"

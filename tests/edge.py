@@ -32,12 +32,12 @@ import httpx
 from services.gateway.admin import register_edge
 from services.gateway.storage import open_storage
 from services.simulator.records import valid_record
-from shared.config import Config
+from shared.runtime.config import Config
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.crypto import SigningKey
-from shared.ledger import SignedEntry, verify_chain
-from shared.mqtt import MqttLink
-from shared.topics import Topics
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import SignedEntry, verify_chain
+from shared.runtime.mqtt import MqttLink
+from shared.runtime.topics import Topics
 from tests.brokers import free_port, start_broker
 from tests.linkfault import LinkFault
 from tests.pipeline import ROOT, STAGES, Pipeline, wait_until

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from services.simulator.devices import SimulatedDevice
-from shared.config import Config, load_config
-from shared.credentials import BrokerCredentials
-from shared.ledger import SignedEntry
-from shared.ledger_store import iter_entries, open_ledger
-from shared.store import Store, StoreError
+from shared.runtime.config import Config, load_config
+from services.broker.credentials import BrokerCredentials
+from shared.ledger.entry import SignedEntry
+from shared.ledger.store import iter_entries, open_ledger
+from shared.runtime.store import Store, StoreError
 
 STAGES = ("ingest", "validate", "sign")
 ROOT = Path(__file__).resolve().parent.parent

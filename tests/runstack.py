@@ -122,7 +122,7 @@ class AnonymousMosquitto:
         conf.write_text("\n".join(lines) + "\n")
         self.log = open(work_dir / "anonymous-mosquitto.log", "ab")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=self.log, stderr=self.log)
-        from shared.mqtt import mqtt_connack
+        from shared.runtime.mqtt import mqtt_connack
 
         deadline = time.monotonic() + 10
         while True:

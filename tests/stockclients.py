@@ -31,9 +31,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from services.simulator.records import valid_record
-from shared.ledger import parse_entry
-from shared.mqtt import mqtt_connack
-from shared.topics import Topics
+from shared.ledger.entry import parse_entry
+from shared.runtime.mqtt import mqtt_connack
+from shared.runtime.topics import Topics
 
 CLIENTS = ("mosquitto_pub", "paho")
 STATION = "HGR1"
@@ -43,7 +43,7 @@ _PUBACK = re.compile(rb"received PUBACK \(Mid: (\d+)")
 
 
 def service_client_ids(station: str = STATION) -> list[str]:
-    """The fixed client ids the services connect with (shared/stage.py: mro-<station>-<stage>;
+    """The fixed client ids the services connect with (shared/runtime/stage.py: mro-<station>-<stage>;
     services/heartbeat, services/sign/guard.py)."""
     return [f"mro-{station}-{name}" for name in SERVICE_NAMES]
 

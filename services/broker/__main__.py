@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from services.broker.service import PortInUseError, run_broker
-from shared.config import load_config
+from shared.runtime.config import load_config
 
 
 def main() -> int:

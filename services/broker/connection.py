@@ -13,8 +13,8 @@ import time
 
 from services.broker import packets as p
 from services.broker.core import Broker, Session
-from shared.credentials import SERVICE_USER
-from shared.logs import get_logger
+from services.broker.credentials import SERVICE_USER
+from shared.runtime.logs import get_logger
 
 log = get_logger()
 

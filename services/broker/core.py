@@ -31,9 +31,9 @@ import lmdb
 
 from services.broker import packets as p
 from services.broker.spool import Spool, SpoolEntry, SpoolFull
-from shared.credentials import SERVICE_USER, BrokerCredentials, topic_matches, valid_filter
-from shared.logs import get_logger
-from shared.topics import Topics
+from services.broker.credentials import SERVICE_USER, BrokerCredentials, topic_matches, valid_filter
+from shared.runtime.logs import get_logger
+from shared.runtime.topics import Topics
 
 if TYPE_CHECKING:
     from services.broker.connection import Connection

@@ -1,7 +1,7 @@
 """`mro-edge service broker`: the embedded MQTT 3.1.1 broker on one asyncio loop.
 
 Listens on config.mqtt.url, authenticates against the Mosquitto password file and applies the
-Mosquitto ACL file that `mro-edge devices` maintains (shared.credentials), so access rules are
+Mosquitto ACL file that `mro-edge devices` maintains (services.broker.credentials), so access rules are
 the same on both brokers. Device publishes on `mro/<station>/in/...` go through the intake
 spool (services/broker/spool.py) before their PUBACK; see core.py for every guarantee.
 """
@@ -18,11 +18,11 @@ from services.broker import packets as p
 from services.broker.connection import Connection
 from services.broker.core import Broker, Limits
 from services.broker.spool import Spool
-from shared.config import Config
-from shared.credentials import BrokerCredentials
-from shared.logs import configure_logging, get_logger
-from shared.topics import Topics
-from shared.wire import json_encode, utc_now
+from shared.runtime.config import Config
+from services.broker.credentials import BrokerCredentials
+from shared.runtime.logs import configure_logging, get_logger
+from shared.runtime.topics import Topics
+from shared.runtime.messages import json_encode, utc_now
 
 log = get_logger()
 

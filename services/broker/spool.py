@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from shared.store import Store, from_u64, u64
+from shared.runtime.store import Store, from_u64, u64
 
 TABLE = "intake"
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p_reg.add_argument("--db-url", default=GatewaySettings.db_url)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from shared.logs import configure_logging
+        from shared.runtime.logs import configure_logging
 
         configure_logging("gateway", "-")
         host, port = split_listen(args.listen)

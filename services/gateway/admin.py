@@ -7,7 +7,7 @@ import secrets
 
 from services.gateway.server import _utc_now, token_sha256
 from services.gateway.storage import open_storage
-from shared.crypto import KeyFormatError, key_id, public_key_from_pem
+from shared.ledger.keys import KeyFormatError, key_id, public_key_from_pem
 
 _ORIGIN = re.compile(r"^[\x21-\x7e]{1,200}$")
 

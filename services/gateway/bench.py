@@ -21,9 +21,9 @@ import httpx
 
 from services.gateway.admin import register_edge
 from services.gateway.server import GatewaySettings, uvicorn_server
-from shared.canonical import canonical_json, sha256_hex
-from shared.crypto import SigningKey
-from shared.ledger import GENESIS_PREV, SignedEntry, entry_bytes, export_line, sign_entry
+from shared.ledger.canonical import canonical_json, sha256_hex
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, export_line, sign_entry
 
 
 def sample_body(i: int) -> dict:
@@ -158,8 +158,8 @@ def bench_ingest(db_url: str, n: int = 20_000, batch: int = 1000) -> float:
 def bench_checkpoint(db_url: str, n: int = 100_000, batch: int = 2000) -> dict[str, float]:
     """Ingest ``n`` entries (Merkle tree maintained), then time ``POST /v1/checkpoints`` at size ``n``
     (signature, root over the held entries, consistency with the previous one, cosignature)."""
-    from shared.checkpoint import Checkpoint, sign_checkpoint
-    from shared.merkle import Frontier, leaf_hash
+    from shared.ledger.checkpoint import Checkpoint, sign_checkpoint
+    from shared.ledger.merkle import Frontier, leaf_hash
 
     key = SigningKey.generate()
     origin = f"bench/{uuid.uuid4().hex[:12]}"

@@ -32,7 +32,7 @@ import msgspec
 
 from services.gateway.storage import AcceptedCheckpoint, Tx
 from services.gateway.tree import OriginTree
-from shared.checkpoint import (
+from shared.ledger.checkpoint import (
     Checkpoint,
     CheckpointError,
     NoteError,
@@ -42,8 +42,8 @@ from shared.checkpoint import (
     parse_checkpoint,
     split_note,
 )
-from shared.crypto import SigningKey
-from shared.merkle import verify_consistency
+from shared.ledger.keys import SigningKey
+from shared.ledger.merkle import verify_consistency
 
 COSIGNER_KEY_NAME = "cosigner"
 

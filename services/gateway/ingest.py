@@ -1,6 +1,6 @@
 """Verify a batch of uplinked ledger rows and store it exactly once (one transaction per batch).
 
-Rows are the ledger export format (``shared.ledger.export_row``). They are processed in order;
+Rows are the ledger export format (``shared.ledger.entry.export_row``). They are processed in order;
 the good prefix is stored and the first bad row ends the batch with an error, so the answer's
 head is always where the client continues (``head.seq + 1``).
 
@@ -21,7 +21,7 @@ Per row, in this order:
    origin carries the same idempotency key and was recorded inside the window before it.
 
 Keys: a registered key may sign until a ``key_rotation`` entry it signed retires it; the new
-key the rotation names is accepted from its ``effective_seq`` on (``shared.ledger.KeySchedule``),
+key the rotation names is accepted from its ``effective_seq`` on (``shared.ledger.entry.KeySchedule``),
 without any registration: the old key vouched for it. A key the origin never had is
 ``unknown_key``; a retired key, or a new key before its seq, is ``retired_key``; a rotation
 entry that is malformed or contradicts the schedule is ``bad_rotation``.
@@ -40,12 +40,12 @@ import msgspec
 
 from services.gateway.storage import ForkEvidence, HeldEntry, NewEntry, Tx
 from services.gateway.tree import OriginTree
-from shared.crypto import verify_digest_signature
-from shared.ledger import GENESIS_PREV, KEY_ROTATION, LEDGER_VERSION, MAX_SEQ, Rotation, parse_entry, parse_rotation
+from shared.ledger.keys import verify_digest_signature
+from shared.ledger.entry import GENESIS_PREV, KEY_ROTATION, LEDGER_VERSION, MAX_SEQ, Rotation, parse_entry, parse_rotation
 
 
 class Row(msgspec.Struct, forbid_unknown_fields=True):
-    """One uplinked row: exactly the fields of ``shared.ledger.export_row``."""
+    """One uplinked row: exactly the fields of ``shared.ledger.entry.export_row``."""
 
     seq: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
     idempotency_key: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from services.gateway.checkpoints import Cosigner, accept_checkpoint, checkpoint_decoder
 from services.gateway.ingest import batch_decoder, ingest_batch
 from services.gateway.storage import Storage, StorageError, check_url, open_storage
-from shared.logs import get_logger
+from shared.runtime.logs import get_logger
 
 MAX_BATCH_ENTRIES = 10_000
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -54,7 +54,7 @@ class GatewaySettings:
 
     @classmethod
     def from_config(cls, config: Any) -> GatewaySettings:
-        """From a ``shared.config.Config`` (its ``gateway`` section) or the section itself."""
+        """From a ``shared.runtime.config.Config`` (its ``gateway`` section) or the section itself."""
         section = getattr(config, "gateway", config)
         host, port = split_listen(section.listen)
         data_dir = getattr(config, "data_path", None)
@@ -293,7 +293,7 @@ def uvicorn_server(settings: GatewaySettings, *, log_level: str = "info"):
                     signal.signal(sig, handler)
 
     # log_config=None: uvicorn keeps its hands off logging, so its loggers reach the root logger,
-    # which shared.logs.configure_logging renders as JSON like every other line
+    # which shared.runtime.logs.configure_logging renders as JSON like every other line
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, lifespan="on", log_config=None,
         access_log=False, log_level=log_level, timeout_graceful_shutdown=30,
@@ -317,7 +317,7 @@ def serve(db_url: str | GatewaySettings, host: str = "127.0.0.1", port: int = 84
 
 def run_gateway(config: Any) -> None:
     """``mro-edge service gateway``: serve with the ``[gateway]`` settings of ``config``."""
-    from shared.logs import configure_logging
+    from shared.runtime.logs import configure_logging
 
     configure_logging("gateway", getattr(config, "station", "-"))
     serve(GatewaySettings.from_config(config))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.ledger import KeySchedule, Rotation
+from shared.ledger.entry import KeySchedule, Rotation
 
 GENESIS_HASH = "0" * 64
 SCHEMA_VERSION = "1"
@@ -40,7 +40,7 @@ _DDL = (
     """CREATE TABLE IF NOT EXISTS gateway_meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
-    # Public keys allowed to sign entries of an origin (kid = shared.crypto.key_id).
+    # Public keys allowed to sign entries of an origin (kid = shared.ledger.keys.key_id).
     """CREATE TABLE IF NOT EXISTS edge_keys (
         origin TEXT NOT NULL,
         kid TEXT NOT NULL,
@@ -88,7 +88,7 @@ _DDL = (
         received_at TEXT NOT NULL,
         PRIMARY KEY (origin, seq, hash))""",
     # The RFC 6962 Merkle tree over each origin's entries: the hash of every complete subtree
-    # (level 0 = leaf hashes), written in the transaction that stores the entries (shared.merkle).
+    # (level 0 = leaf hashes), written in the transaction that stores the entries (shared.ledger.merkle).
     """CREATE TABLE IF NOT EXISTS merkle_nodes (
         origin TEXT NOT NULL,
         level INTEGER NOT NULL,
@@ -295,7 +295,7 @@ class Tx(ABC):
         return [Rotation(int(seq), old, new, bytes(public), int(eff)) for seq, old, new, public, eff in rows]
 
     def key_schedule(self, origin: str) -> KeySchedule:
-        """Registered keys of ``origin``, then every accepted rotation in seq order (shared.ledger.KeySchedule)."""
+        """Registered keys of ``origin``, then every accepted rotation in seq order (shared.ledger.entry.KeySchedule)."""
         rotations = self.rotations(origin)
         introduced = {r.new_kid for r in rotations}
         schedule = KeySchedule({kid: pub for kid, pub in self.keys(origin).items() if kid not in introduced})
@@ -309,7 +309,7 @@ class Tx(ABC):
             "VALUES (?, ?, ?, ?, ?, ?, ?)", (origin, r.seq, r.old_kid, r.new_kid, r.new_public, r.effective_seq, now))
         self.add_key(origin, r.new_kid, r.new_public, now)
 
-    # -- the Merkle tree (see shared.merkle for the node layout)
+    # -- the Merkle tree (see shared.ledger.merkle for the node layout)
     def merkle_size(self, origin: str) -> int:
         rows = self._rows("SELECT size FROM merkle_sizes WHERE origin = ?", (origin,))
         return int(rows[0][0]) if rows else 0

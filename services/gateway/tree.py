@@ -1,6 +1,6 @@
 """Each origin's RFC 6962 Merkle tree in the gateway's database (table ``merkle_nodes``).
 
-The same node layout as the edge (``shared.merkle``): the hash of every complete subtree,
+The same node layout as the edge (``shared.ledger.merkle``): the hash of every complete subtree,
 level 0 being the leaf hashes, so the root at any size and any proof is O(log n) node reads.
 New entries are added in the transaction that stores them: ``OriginTree.extend`` computes the
 new nodes in memory (reading the O(log n) frontier nodes it needs) and ``flush`` writes them
@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 
 from services.gateway.storage import Tx
-from shared.merkle import SIZE_KEY, MerkleTree, leaf_hash
+from shared.ledger.merkle import SIZE_KEY, MerkleTree, leaf_hash
 
 _KEY = struct.Struct(">cBQ")
 _U64 = struct.Struct(">Q")

@@ -35,11 +35,11 @@ import httpx
 import msgspec
 
 from services.heartbeat.state import Link, Probe, Thresholds, after_probe, after_uplink
-from shared.config import Config
-from shared.logs import configure_logging, get_logger
-from shared.mqtt import MqttLink
-from shared.topics import Topics
-from shared.wire import json_encode, utc_now
+from shared.runtime.config import Config
+from shared.runtime.logs import configure_logging, get_logger
+from shared.runtime.mqtt import MqttLink
+from shared.runtime.topics import Topics
+from shared.runtime.messages import json_encode, utc_now
 
 
 def first_epoch() -> int:

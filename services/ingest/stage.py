@@ -10,9 +10,9 @@ from __future__ import annotations
 import msgspec
 
 from shared.contract import ContractError, decode_record, error_report, idempotency_key, normalize
-from shared.stage import DeviceMessage, Stage, UnitOfWork
-from shared.topics import Topics
-from shared.wire import DeviceReceipt, outcomes_decoder, utc_now
+from shared.runtime.stage import DeviceMessage, Stage, UnitOfWork
+from shared.runtime.topics import Topics
+from shared.runtime.messages import DeviceReceipt, outcomes_decoder, utc_now
 
 
 class Seen(msgspec.Struct, omit_defaults=True):

@@ -17,7 +17,7 @@ A failed check raises ``SignRefused`` whose message says what was found and how 
 
 from __future__ import annotations
 
-from shared.stage import StageRefused
+from shared.runtime.stage import StageRefused
 
 import shlex
 import time
@@ -25,14 +25,14 @@ from collections.abc import Callable, Mapping
 
 import lmdb
 
-from shared.checkpoint import CheckpointError, NoteError, open_checkpoint, split_note
-from shared.config import Config
-from shared.ledger import GENESIS_PREV, entry_hash, parse_entry
-from shared.ledger_store import LEDGER_TABLE, decode_entry, latest_checkpoint_path, read_latest_checkpoint
-from shared.logs import get_logger
-from shared.merkle import MERKLE_TABLE, MerkleCorruptError, leaf_hash, lmdb_tree
-from shared.store import Store, StoreError, from_u64
-from shared.wire import json_encode, utc_now
+from shared.ledger.checkpoint import CheckpointError, NoteError, open_checkpoint, split_note
+from shared.runtime.config import Config
+from shared.ledger.entry import GENESIS_PREV, entry_hash, parse_entry
+from shared.ledger.store import LEDGER_TABLE, decode_entry, latest_checkpoint_path, read_latest_checkpoint
+from shared.runtime.logs import get_logger
+from shared.ledger.merkle import MERKLE_TABLE, MerkleCorruptError, leaf_hash, lmdb_tree
+from shared.runtime.store import Store, StoreError, from_u64
+from shared.runtime.messages import json_encode, utc_now
 
 UPLINK_STAGE = "uplink"
 UPLINK_ACKED = b"acked_seq"  # u64(seq + 1) in the uplink store's "meta" table
@@ -209,8 +209,8 @@ def refuse(config: Config, exc: SignRefused) -> None:
     """Log the refusal and publish it as an alarm (best effort: the broker may be down too)."""
     log = get_logger(stage="sign")
     log.error("refusing to append", alarm=exc.kind, detail=str(exc), state_transition=f"ALARM_{exc.kind.upper()}")
-    from shared.mqtt import BrokerUnavailable, MqttLink
-    from shared.topics import Topics
+    from shared.runtime.mqtt import BrokerUnavailable, MqttLink
+    from shared.runtime.topics import Topics
 
     topics = Topics(config.station)
     try:

@@ -1,6 +1,6 @@
 """The sign stage's handler against a real store, without MQTT: benchmarks, tests and tools.
 
-``LocalSign`` builds what ``shared.stage.StageRuntime`` gives a stage (the store with the
+``LocalSign`` builds what ``shared.runtime.stage.StageRuntime`` gives a stage (the store with the
 runtime's tables, an outbox, topics, a logger) minus the broker link, so ``Sign.open`` and
 ``Sign.handle`` run exactly as in the service: one LMDB write transaction per batch.
 """
@@ -13,14 +13,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from services.sign.stage import Sign
-from shared.canonical import canonical_json, sha256_hex
-from shared.config import Config
-from shared.logs import get_logger
-from shared.outbox import Outbox
-from shared.stage import RUNTIME_TABLES, UnitOfWork
-from shared.store import Store
-from shared.topics import Topics
-from shared.wire import Item
+from shared.ledger.canonical import canonical_json, sha256_hex
+from shared.runtime.config import Config
+from shared.runtime.logs import get_logger
+from shared.runtime.outbox import Outbox
+from shared.runtime.stage import RUNTIME_TABLES, UnitOfWork
+from shared.runtime.store import Store
+from shared.runtime.topics import Topics
+from shared.runtime.messages import Item
 
 
 def record_item(i: int, station: str = "HGR1", device: str = "TQW-01") -> Item:

@@ -30,10 +30,10 @@ from services.sign.guard import (
     check_tree,
     refuse,
 )
-from shared.canonical import canonical_json, sha256_hex
-from shared.checkpoint import Checkpoint, sign_checkpoint
-from shared.crypto import KeyFileError, LedgerKeyFiles, SigningKey
-from shared.ledger import (
+from shared.ledger.canonical import canonical_json, sha256_hex
+from shared.ledger.checkpoint import Checkpoint, sign_checkpoint
+from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
+from shared.ledger.entry import (
     GENESIS_PREV,
     KEY_ROTATION,
     SignedEntry,
@@ -44,7 +44,7 @@ from shared.ledger import (
     rotation_body,
     sign_entry,
 )
-from shared.ledger_store import (
+from shared.ledger.store import (
     CHECKPOINTS_TABLE,
     LEDGER_TABLE,
     SIGN_TABLES,
@@ -53,10 +53,10 @@ from shared.ledger_store import (
     latest_checkpoint_path,
     write_latest_checkpoint,
 )
-from shared.merkle import MERKLE_TABLE, MerkleTree, leaf_hash, lmdb_tree
-from shared.stage import Stage, UnitOfWork
-from shared.store import from_u64, u64
-from shared.wire import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
+from shared.ledger.merkle import MERKLE_TABLE, MerkleTree, leaf_hash, lmdb_tree
+from shared.runtime.stage import Stage, UnitOfWork
+from shared.runtime.store import from_u64, u64
+from shared.runtime.messages import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
 
 CHECKPOINT_POLL_S = 0.2
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared.config import Config
-from shared.mqtt import set_nodelay
-from shared.topics import Topics
+from shared.runtime.config import Config
+from shared.runtime.mqtt import set_nodelay
+from shared.runtime.topics import Topics
 
 FINAL = ("recorded", "rejected")
 HELD = ("received", "duplicate", "rejected", "recorded")

@@ -18,7 +18,7 @@ from shared.compliance.esign import simulator_seed
 from shared.compliance.registry import AircraftEntry, Registry, Technician, ToolEntry, load_registry
 from shared.compliance.rules import RELEASE_KINDS, inspection_kinds
 from shared.compliance.settings import DEFAULT_REGISTRIES
-from shared.crypto import SigningKey
+from shared.ledger.keys import SigningKey
 
 _EPOCH = datetime(2015, 1, 1, tzinfo=UTC)
 _ROLES = ("maintain", "certify", "inspect", "rii")

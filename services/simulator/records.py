@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from services.simulator.fleet import Fleet, airframe_times, fleet
 from shared.compliance.esign import sign_body
 from shared.contract import RECORD_TYPES, decode_record, normalize
-from shared.crypto import SigningKey
+from shared.ledger.keys import SigningKey
 
 __all__ = ["RECORD_TYPES", "BadCase", "bad_cases", "sign_record", "valid_record"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from services.simulator.devices import SimulatedDevice
 from services.simulator.records import bad_cases, valid_record
-from shared.config import Config
+from shared.runtime.config import Config
 from shared.contract import ContractError, decode_record
 
 DEFAULT_FLEET = (("rfid_reader", "RFID-01"), ("torque_wrench", "TQW-07"), ("tablet", "TAB-12"),
@@ -50,7 +50,7 @@ class SimulationReport:
 
 def provision_fleet(config: Config, fleet=DEFAULT_FLEET) -> dict[str, tuple[str, tuple[str, str]]]:
     """Broker credentials for the simulated devices, made once and kept beside the broker files."""
-    from shared.credentials import BrokerCredentials
+    from services.broker.credentials import BrokerCredentials
 
     broker_dir = config.data_path / "broker"
     path = Path(broker_dir) / "simulator-devices.json"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from shared.config import Config
-from shared.wire import json_encode
+from shared.runtime.config import Config
+from shared.runtime.messages import json_encode
 
 
 class GatewayError(Exception):

@@ -42,14 +42,14 @@ from dataclasses import dataclass
 import msgspec
 
 from services.uplink.client import GapError, GatewayClient, GatewayError, GatewayUnavailable, Head, edge_token
-from shared.breaker import CircuitBreaker, retrying
-from shared.config import Config
-from shared.ledger import GENESIS_PREV, export_row
-from shared.ledger_store import LEDGER_TABLE, checkpoint_at_most, decode_entry, iter_entries, open_ledger
-from shared.stage import Stage, UnitOfWork
-from shared.store import Store, StoreError, from_u64, u64
-from shared.topics import Topics
-from shared.wire import Item, json_encode, utc_now
+from shared.runtime.breaker import CircuitBreaker, retrying
+from shared.runtime.config import Config
+from shared.ledger.entry import GENESIS_PREV, export_row
+from shared.ledger.store import LEDGER_TABLE, checkpoint_at_most, decode_entry, iter_entries, open_ledger
+from shared.runtime.stage import Stage, UnitOfWork
+from shared.runtime.store import Store, StoreError, from_u64, u64
+from shared.runtime.topics import Topics
+from shared.runtime.messages import Item, json_encode, utc_now
 
 ENTRIES = "entries"
 ACKED = b"acked_seq"
@@ -174,7 +174,7 @@ class Pusher(threading.Thread):
             self._connected_at = time.monotonic()
 
     def on_connectivity(self, message) -> None:
-        """A `status/connectivity` message (shared.mqtt.Inbound), in paho's thread."""
+        """A `status/connectivity` message (shared.runtime.mqtt.Inbound), in paho's thread."""
         try:
             status = msgspec.json.decode(message.payload)
         except msgspec.DecodeError:

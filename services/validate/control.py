@@ -44,10 +44,10 @@ from shared.compliance.settings import compliance_settings
 from shared.compliance.updates import UpdateRefused, apply_update, verify_update
 from shared.compliance.versions import BASE, ContractVersion, DefinitionError, compile_version, dry_run
 from shared.contract import RECORD_TYPES, idempotency_key
-from shared.crypto import KeyFormatError, public_key_from_pem
-from shared.logs import get_logger
-from shared.store import Store, StoreError, from_u64, u64
-from shared.wire import Item, item_encoder, json_encode, utc_now
+from shared.ledger.keys import KeyFormatError, public_key_from_pem
+from shared.runtime.logs import get_logger
+from shared.runtime.store import Store, StoreError, from_u64, u64
+from shared.runtime.messages import Item, item_encoder, json_encode, utc_now
 
 NON_CRITICAL = frozenset({"torque_event", "part_receipt"})
 COMMAND_TTL_S = 300
@@ -449,7 +449,7 @@ def ledger_bodies(config, limit: int):
     """The bodies of the last `limit` records in the signed ledger, newest first (read-only).
 
     Entries that are not device records (schema changes) are skipped and do not count."""
-    from shared.ledger_store import LEDGER_TABLE, decode_entry, open_ledger
+    from shared.ledger.store import LEDGER_TABLE, decode_entry, open_ledger
 
     try:
         store = open_ledger(config)

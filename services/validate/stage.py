@@ -20,8 +20,8 @@ import msgspec
 from services.validate.control import NON_CRITICAL, SchemaControl, registry_topic, schema_topic
 from shared.compliance.rules import STATE_TABLES
 from shared.contract import check_rules, error_report, record_from_body
-from shared.stage import Stage, UnitOfWork
-from shared.wire import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
+from shared.runtime.stage import Stage, UnitOfWork
+from shared.runtime.messages import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
 
 VALIDATED = b"validated"
 HELD = b"held"

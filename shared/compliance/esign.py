@@ -19,8 +19,8 @@ import binascii
 import hashlib
 from typing import Any
 
-from shared.canonical import canonical_json
-from shared.crypto import SigningKey, verify_digest_signature
+from shared.ledger.canonical import canonical_json
+from shared.ledger.keys import SigningKey, verify_digest_signature
 
 SIGNED_BLOCKS = ("technician", "inspector")
 

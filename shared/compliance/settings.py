@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import DEFAULT_CONFIG, Config
+from shared.runtime.config import DEFAULT_CONFIG, Config
 
 DEFAULT_REGISTRIES = DEFAULT_CONFIG.parent / "registries"
 

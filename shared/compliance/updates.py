@@ -9,7 +9,7 @@ A message on `mro/<station>/pipeline/registry` is
      "signature": "<base64 Ed25519 signature>"}
 
 The signature is Ed25519 by the authority key over SHA-256 of the canonical JSON (RFC 8785,
-`shared.canonical`) of `update`: the ledger's convention, so `openssl pkeyutl -verify -rawin`
+`shared.ledger.canonical`) of `update`: the ledger's convention, so `openssl pkeyutl -verify -rawin`
 checks it. `serial` must be greater than the last applied one, so an old update (say, the one
 that once reinstated a technician since suspended) cannot be replayed. Every entry must be a
 valid registry entry; anything wrong refuses the whole update, nothing is applied in part.
@@ -23,9 +23,9 @@ from typing import Any
 
 import msgspec
 
-from shared.canonical import CanonicalError, canonical_json
+from shared.ledger.canonical import CanonicalError, canonical_json
 from shared.compliance.registry import KINDS, RegistryError, convert_entry
-from shared.crypto import SigningKey, key_id, verify_digest_signature
+from shared.ledger.keys import SigningKey, key_id, verify_digest_signature
 
 
 class UpdateRefused(Exception):

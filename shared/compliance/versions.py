@@ -50,7 +50,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from shared.canonical import canonical_json, sha256_hex
+from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.contract.errors import FieldError, describe
 from shared.contract.types import RECORD_CLASSES, SCHEMA
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from shared.canonical import canonical_json, sha256_hex
+from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.contract.decode import from_msgspec
 from shared.contract.errors import ContractError
 from shared.contract.scalars import enc_hook, stored_hook

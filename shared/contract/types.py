@@ -32,9 +32,9 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from shared.canonical import MAX_SAFE_INTEGER
+from shared.ledger.canonical import MAX_SAFE_INTEGER
 from shared.contract.scalars import Quantity, UtcTimestamp
-from shared.topics import DEVICE_KINDS
+from shared.runtime.topics import DEVICE_KINDS
 
 SCHEMA = "mro.record/1"
 

@@ -18,10 +18,10 @@ import time
 import pytest
 
 from services.simulator.records import valid_record
-from shared.crypto import LedgerKeyFiles
-from shared.ledger import KEY_ROTATION, parse_entry, verify_chain
-from shared.mqtt import MqttLink
-from shared.topics import Topics
+from shared.ledger.keys import LedgerKeyFiles
+from shared.ledger.entry import KEY_ROTATION, parse_entry, verify_chain
+from shared.runtime.mqtt import MqttLink
+from shared.runtime.topics import Topics
 from tests.brokers import start_broker
 from tests.pipeline import ROOT, Pipeline, wait_until
 

@@ -1,7 +1,7 @@
 """Access control and session behaviour, identical on the embedded broker and on Mosquitto.
 
 Every test runs against both real brokers, which read the same password and ACL files written
-by shared.credentials. Where the brokers differ (persistence across a broker crash) the test
+by services.broker.credentials. Where the brokers differ (persistence across a broker crash) the test
 pins down what each one actually does.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from services.broker.service import PortInUseError, run_broker
-from shared.config import load_config
-from shared.credentials import SERVICE_USER, BrokerCredentials
-from shared.topics import Topics
+from shared.runtime.config import load_config
+from services.broker.credentials import SERVICE_USER, BrokerCredentials
+from shared.runtime.topics import Topics
 from tests.brokers import KINDS, BrokerProc, mqtt_connack, start_broker
 from tests.mqttclient import Client
 

@@ -18,14 +18,14 @@ from services.validate.control import registry_topic, schema_topic
 from services.validate.stage import Validate
 from shared.compliance.esign import simulator_seed
 from shared.compliance.updates import sign_update
-from shared.config import load_config
+from shared.runtime.config import load_config
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.crypto import SigningKey
-from shared.mqtt import Inbound
-from shared.stage import StageRuntime
-from shared.store import from_u64
-from shared.topics import Topics
-from shared.wire import Item, utc_now
+from shared.ledger.keys import SigningKey
+from shared.runtime.mqtt import Inbound
+from shared.runtime.stage import StageRuntime
+from shared.runtime.store import from_u64
+from shared.runtime.topics import Topics
+from shared.runtime.messages import Item, utc_now
 
 STATION = "HGR1"
 AUTHORITY = SigningKey(bytes(range(7, 39)))

@@ -30,9 +30,9 @@ import yaml
 
 from shared.compliance.registry import RegistrySource, read_file_entries
 from shared.compliance.settings import compliance_settings
-from shared.config import load_config
-from shared.credentials import BrokerCredentials
-from shared.mqtt import mqtt_connack
+from shared.runtime.config import load_config
+from services.broker.credentials import BrokerCredentials
+from shared.runtime.mqtt import mqtt_connack
 from tests.brokers import MOSQUITTO_CONF, REPO, free_port, mosquitto_binary, render_mosquitto_conf
 
 # The one list of compose services besides mosquitto, with their exact commands.

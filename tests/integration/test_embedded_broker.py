@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import psutil
 import pytest
 
-from shared.topics import Topics
+from shared.runtime.topics import Topics
 from tests.brokers import BrokerProc, start_broker
 from tests.mqttclient import Client
 

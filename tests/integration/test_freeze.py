@@ -1,4 +1,4 @@
-"""The local circuit breaker (seed 002, shared/stage.py): a stage whose store keeps failing
+"""The local circuit breaker (seed 002, shared/runtime/stage.py): a stage whose store keeps failing
 freezes instead of dropping work.
 
 The fault is real, not mocked: the validate stage runs with a 1 MiB LMDB map

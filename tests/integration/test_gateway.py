@@ -27,8 +27,8 @@ from services.gateway.admin import RegistrationError, register_edge
 from services.gateway.bench import ThreadedGateway, batch_body, free_port, make_entries
 from services.gateway.server import create_app
 from services.gateway.storage import open_storage
-from shared.crypto import SigningKey
-from shared.ledger import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry, verify_chain
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry, verify_chain
 from tests.edge import database
 
 ROOT = Path(__file__).resolve().parents[2]

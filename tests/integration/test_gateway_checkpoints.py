@@ -18,8 +18,8 @@ import httpx
 
 from services.gateway.admin import register_edge
 from services.gateway.storage import open_storage
-from shared.canonical import canonical_json, sha256_hex
-from shared.checkpoint import (
+from shared.ledger.canonical import canonical_json, sha256_hex
+from shared.ledger.checkpoint import (
     Checkpoint,
     parse_checkpoint,
     parse_vkey,
@@ -28,9 +28,9 @@ from shared.checkpoint import (
     verified_cosignatures,
     verify_cosignature,
 )
-from shared.crypto import SigningKey
-from shared.ledger import KEY_ROTATION, SignedEntry, entry_bytes, rotation_body, sign_entry
-from shared.merkle import Frontier, leaf_hash
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import KEY_ROTATION, SignedEntry, entry_bytes, rotation_body, sign_entry
+from shared.ledger.merkle import Frontier, leaf_hash
 from tests.integration.test_gateway import Edge, _entry_with, db_url, edge, gateway  # noqa: F401 - fixtures
 
 

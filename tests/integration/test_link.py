@@ -368,7 +368,7 @@ def test_an_uplink_started_before_sign_has_its_ledger_table(tmp_path) -> None:
     """The uplink starts while sign's store exists without its `ledger` table (sign starting,
     or not started yet): its status says the ledger is empty, it keeps running and hearing,
     and once sign runs it delivers everything, without a restart."""
-    from shared.store import Store
+    from shared.runtime.store import Store
 
     with database("sqlite", tmp_path) as url, \
             EdgeStack(tmp_path, url, start_link=False, stages=("ingest", "validate")) as edge:

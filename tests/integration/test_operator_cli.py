@@ -20,9 +20,9 @@ import time
 import pytest
 
 from mro_edge.instance import run_lock, service_lock
-from shared.config import load_config
-from shared.mqtt import mqtt_connack
-from shared.topics import Topics
+from shared.runtime.config import load_config
+from shared.runtime.mqtt import mqtt_connack
+from shared.runtime.topics import Topics
 from tests.brokers import free_port, start_broker
 from tests.edge import TopicRecorder
 from tests.pipeline import ROOT, wait_until

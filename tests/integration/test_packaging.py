@@ -89,7 +89,7 @@ def test_the_installed_package_loads_its_config_from_another_directory(site: Pat
     elsewhere.mkdir()
     script = """
 import json, shared, mro_edge_config
-from shared.config import DEFAULT_CONFIG, load_config
+from shared.runtime.config import DEFAULT_CONFIG, load_config
 from shared.compliance import load_registry
 from shared.compliance.settings import DEFAULT_REGISTRIES, compliance_settings
 from services.simulator.fleet import fleet

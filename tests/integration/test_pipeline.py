@@ -13,8 +13,8 @@ import pytest
 from services.simulator.records import RECORD_TYPES, bad_cases, valid_record
 from services.simulator.run import reported_event_id
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.crypto import SigningKey
-from shared.ledger import verify_chain
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import verify_chain
 from tests.pipeline import wait_until
 
 FLEET = (("rfid_reader", "RFID-01"), ("torque_wrench", "TQW-07"), ("tablet", "TAB-12"), ("barcode_scanner", "BCS-03"))
@@ -167,8 +167,8 @@ def test_poison_is_isolated_and_good_records_keep_flowing(pipeline):
 
 
 def test_garbage_on_a_pipeline_topic_goes_to_the_dlq(pipeline):
-    from shared.mqtt import MqttLink
-    from shared.topics import Topics
+    from shared.runtime.mqtt import MqttLink
+    from shared.runtime.topics import Topics
 
     link = MqttLink(pipeline.config, client_id="test-garbage", persistent=False)
     link.start()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.crypto import key_id, public_key_from_pem
-from shared.ledger import parse_export_line, verify_chain
+from shared.ledger.keys import key_id, public_key_from_pem
+from shared.ledger.entry import parse_export_line, verify_chain
 from tests import readme
 from tests.brokers import free_port
 from tests.pipeline import ROOT

@@ -12,11 +12,11 @@ import pytest
 
 from services.sign.guard import LedgerDamagedError, LedgerRollbackError, SignRefused
 from services.sign.local import LocalSign, record_item
-from shared.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint, sign_checkpoint, split_note
-from shared.config import Config
-from shared.crypto import KeyFileError, LedgerKeyFiles, SigningKey
-from shared.ledger import KEY_ROTATION, LedgerVerifyError, parse_entry, verify_chain
-from shared.ledger_store import (
+from shared.ledger.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint, sign_checkpoint, split_note
+from shared.runtime.config import Config
+from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
+from shared.ledger.entry import KEY_ROTATION, LedgerVerifyError, parse_entry, verify_chain
+from shared.ledger.store import (
     LEDGER_TABLE,
     encode_entry,
     iter_entries,
@@ -25,8 +25,8 @@ from shared.ledger_store import (
     open_ledger,
     read_latest_checkpoint,
 )
-from shared.merkle import MERKLE_TABLE, Frontier, leaf_hash, lmdb_tree, verify_inclusion
-from shared.store import Store, u64
+from shared.ledger.merkle import MERKLE_TABLE, Frontier, leaf_hash, lmdb_tree, verify_inclusion
+from shared.runtime.store import Store, u64
 
 N = 0  # running record counter so that every test record is distinct
 
@@ -280,7 +280,7 @@ def test_old_key_after_rotation_is_refused_by_the_verifier(tmp_path):
         sign.append(items(2))
     got = entries(tmp_path)
     # Forge seq 4 with the retired key (validly chained): refused because the rotation retired it.
-    from shared.ledger import entry_bytes, sign_entry
+    from shared.ledger.entry import entry_bytes, sign_entry
 
     forged_bytes = entry_bytes(origin="mro-edge/HGR1", seq=4, prev=got[3].hash, idem="ab" * 32, kid=old.kid,
                                recorded_at="2026-01-01T00:00:00.000Z", type="torque_event", body={"x": "y"})
@@ -291,7 +291,7 @@ def test_old_key_after_rotation_is_refused_by_the_verifier(tmp_path):
 
 
 def test_checkpoint_at_most_a_size_for_the_uplink(tmp_path):
-    from shared.ledger_store import checkpoint_at_most
+    from shared.ledger.store import checkpoint_at_most
 
     with open_sign(tmp_path) as sign:
         assert checkpoint_at_most(sign.store, 100) is None

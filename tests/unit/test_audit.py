@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from shared.audit import AuditError, export_audit, verify_audit
-from shared.canonical import canonical_json, sha256_hex
-from shared.checkpoint import Checkpoint, sign_checkpoint
-from shared.config import Config
-from shared.crypto import SigningKey, public_key_to_pem
-from shared.ledger import GENESIS_PREV, SignedEntry, entry_bytes, export_line, parse_export_line, sign_entry
-from shared.ledger_store import LEDGER_TABLE, decode_entry, encode_entry
-from shared.merkle import MERKLE_TABLE, leaf_hash, lmdb_tree, node_key
-from shared.store import Store, u64
+from shared.ledger.audit import AuditError, export_audit, verify_audit
+from shared.ledger.canonical import canonical_json, sha256_hex
+from shared.ledger.checkpoint import Checkpoint, sign_checkpoint
+from shared.runtime.config import Config
+from shared.ledger.keys import SigningKey, public_key_to_pem
+from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, export_line, parse_export_line, sign_entry
+from shared.ledger.store import LEDGER_TABLE, decode_entry, encode_entry
+from shared.ledger.merkle import MERKLE_TABLE, leaf_hash, lmdb_tree, node_key
+from shared.runtime.store import Store, u64
 
 AT = "2025-03-14T09:26:53.589Z"
 TOOLS = ("openssl", "sha256sum", "bash", "grep")
@@ -499,7 +499,7 @@ def test_auditors_doc_commands_verify_one_record_and_one_checkpoint(exported, tm
 
 def test_rotated_ledger_exports_and_verifies_from_its_first_key(tmp_path):
     from services.sign.local import LocalSign, record_item
-    from shared.crypto import LedgerKeyFiles
+    from shared.ledger.keys import LedgerKeyFiles
 
     data = tmp_path / "data"
     with LocalSign(data).open() as sign:
@@ -527,7 +527,7 @@ def test_rotated_ledger_exports_and_verifies_from_its_first_key(tmp_path):
     # The retired key signing after the rotation (a stolen old key) is caught at its seq.
     rows = lines(out)
     e = parse_export_line(rows[6])
-    from shared.ledger import entry_bytes, parse_entry, sign_entry
+    from shared.ledger.entry import entry_bytes, parse_entry, sign_entry
 
     parsed = parse_entry(e.entry)
     forged = sign_entry(first, entry_bytes(origin=parsed.origin, seq=7, prev=e.hash, idem=parsed.idem, kid=first.kid,

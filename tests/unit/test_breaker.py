@@ -1,4 +1,4 @@
-"""shared/breaker.py: the circuit breaker (CLOSED / OPEN / HALF_OPEN) on a fake clock, and the
+"""shared/runtime/breaker.py: the circuit breaker (CLOSED / OPEN / HALF_OPEN) on a fake clock, and the
 retry policy (exponential backoff with jitter, only for the errors it is told to retry)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, retrying
+from shared.runtime.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, retrying
 
 
 class Clock:

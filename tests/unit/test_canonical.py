@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.canonical import MAX_SAFE_INTEGER, CanonicalError, canonical_json, sha256_hex
+from shared.ledger.canonical import MAX_SAFE_INTEGER, CanonicalError, canonical_json, sha256_hex
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "jcs"  # provenance: tests/vectors/README.md
 VECTOR_NAMES = sorted(p.name for p in (VECTORS / "input").glob("*.json"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from shared.checkpoint import (
+from shared.ledger.checkpoint import (
     COSIGNATURE_TYPE,
     Checkpoint,
     CheckpointError,
@@ -30,7 +30,7 @@ from shared.checkpoint import (
     verify_note,
     vkey,
 )
-from shared.crypto import SigningKey
+from shared.ledger.keys import SigningKey
 
 VECTOR = json.loads(
     (Path(__file__).resolve().parents[1] / "vectors" / "signed-note" / "go-sumdb-note.json").read_text()

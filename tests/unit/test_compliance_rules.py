@@ -16,7 +16,7 @@ from shared.compliance.registry import merge, read_file_entries
 from shared.compliance.rules import RELEASE_KINDS, release_kinds
 from shared.compliance.settings import DEFAULT_REGISTRIES
 from shared.contract import decode_record, normalize
-from shared.crypto import SigningKey
+from shared.ledger.keys import SigningKey
 
 STATION, KIND, DEVICE = "HGR1", "tablet", "TAB-1"
 OCCURRED = datetime(2024, 5, 20, 14, 30, tzinfo=UTC)

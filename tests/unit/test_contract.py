@@ -13,7 +13,7 @@ import pytest
 
 import shared.contract
 from services.simulator.records import valid_record
-from shared.canonical import MAX_SAFE_INTEGER
+from shared.ledger.canonical import MAX_SAFE_INTEGER
 from shared.contract import (
     RECORD_TYPES,
     RULES,

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.simulator.records import valid_record
-from shared.canonical import canonical_json, sha256_hex
+from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.contract import (
     RECORD_TYPES,
     ContractError,
@@ -26,7 +26,7 @@ from shared.contract import (
     normalize,
     record_from_body,
 )
-from shared.topics import DEVICE_KINDS
+from shared.runtime.topics import DEVICE_KINDS
 
 STATION, DEVICE = "HGR1", "dev-9"
 T0 = datetime(2024, 5, 20, 14, 30, 0, 120000, tzinfo=UTC)

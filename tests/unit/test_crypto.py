@@ -12,8 +12,8 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from shared import crypto
-from shared.crypto import (
+from shared.ledger import keys as crypto
+from shared.ledger.keys import (
     KeyFileError,
     KeyFormatError,
     SigningKey,

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.canonical import canonical_json, sha256_hex
-from shared.crypto import SigningKey
-from shared.ledger import (
+from shared.ledger.canonical import canonical_json, sha256_hex
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import (
     GENESIS_PREV,
     LEDGER_VERSION,
     ExportLineError,
@@ -509,7 +509,7 @@ NEWER = SigningKey(bytes(range(3, 35)))
 
 
 def rotation(old: SigningKey, new_public: bytes, seq: int, prev: str, **body_changes: Any) -> SignedEntry:
-    from shared.ledger import KEY_ROTATION, rotation_body
+    from shared.ledger.entry import KEY_ROTATION, rotation_body
 
     body = {**rotation_body(new_public, seq + 1), **body_changes}
     body = {k: v for k, v in body.items() if v is not None}
@@ -546,7 +546,7 @@ def test_rotation_signed_by_a_stranger_or_with_a_bad_body_is_refused() -> None:
     chain = make_chain(3)
     forged = rotation(ATTACKER, NEW.public_bytes, 3, chain[-1].hash)
     assert "unknown key" in broken_at([*chain, forged]).reason
-    from shared.crypto import key_id
+    from shared.ledger.keys import key_id
 
     cases = {
         "wrong kid": dict(new_kid=key_id(NEWER.public_bytes)),

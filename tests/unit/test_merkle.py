@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.merkle import (
+from shared.ledger.merkle import (
     EMPTY_ROOT,
     MERKLE_TABLE,
     SIZE_KEY,

@@ -1,4 +1,4 @@
-"""An exception in any paho callback of shared.mqtt.MqttLink ends the process loudly.
+"""An exception in any paho callback of shared.runtime.mqtt.MqttLink ends the process loudly.
 
 Before, an on-connect hook that raised (the uplink's status hook, when sign's store had no
 `ledger` table yet) ended paho's network thread and the process lived on, deaf. Now the guard
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from shared.mqtt import FATAL_EXIT
+from shared.runtime.mqtt import FATAL_EXIT
 from tests.brokers import start_broker
 from tests.pipeline import ROOT
 
@@ -28,9 +28,9 @@ TOPIC = "mro/HGR1/status/probe-fatal"
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from shared.config import load_config
-    from shared.logs import configure_logging
-    from shared.mqtt import MqttLink
+    from shared.runtime.config import load_config
+    from shared.runtime.logs import configure_logging
+    from shared.runtime.mqtt import MqttLink
 
     case = sys.argv[1]
     configure_logging("fatal-probe", "HGR1")

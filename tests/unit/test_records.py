@@ -14,7 +14,7 @@ from shared.compliance import RULES as COMPLIANCE_RULES
 from shared.compliance import STATEFUL_RULES, VERSION_RULES, Compliance, MemoryState, load_registry
 from shared.compliance.settings import DEFAULT_REGISTRIES
 from shared.contract import RULES, ContractError, check_rules, decode_record, idempotency_key, normalize
-from shared.topics import DEVICE_KINDS
+from shared.runtime.topics import DEVICE_KINDS
 
 STATION = "HGR1"
 RECEIVED = datetime(2024, 5, 20, 14, 30, tzinfo=UTC)

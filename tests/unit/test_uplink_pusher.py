@@ -1,6 +1,6 @@
 """The uplink's pusher on a real LMDB store: seq order, holding back at a gap, the durable
 acknowledged seq, the link state it trusts, and the heartbeat's handshake that ends
-RECONCILING. No broker: messages are handed over as shared.mqtt delivers them; the gateway
+RECONCILING. No broker: messages are handed over as shared.runtime.mqtt delivers them; the gateway
 side is covered by tests/integration/test_reconcile.py and test_link.py."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from services.heartbeat.service import Heartbeat
 from services.heartbeat.state import Link
 from services.uplink.client import Head
 from services.uplink.stage import ENTRIES, RETAINED_WAIT_S, Pusher
-from shared.config import load_config
-from shared.crypto import SigningKey
-from shared.ledger import GENESIS_PREV, export_row
-from shared.ledger_store import LEDGER_TABLE, encode_entry
-from shared.mqtt import Inbound
-from shared.stage import RUNTIME_TABLES
-from shared.store import Store, u64
-from shared.wire import json_encode
+from shared.runtime.config import load_config
+from shared.ledger.keys import SigningKey
+from shared.ledger.entry import GENESIS_PREV, export_row
+from shared.ledger.store import LEDGER_TABLE, encode_entry
+from shared.runtime.mqtt import Inbound
+from shared.runtime.stage import RUNTIME_TABLES
+from shared.runtime.store import Store, u64
+from shared.runtime.messages import json_encode
 from tests.pipeline import ROOT
 
 
@@ -226,7 +226,7 @@ def test_local_head_of_a_sign_store_without_its_ledger_table(tmp_path) -> None:
     assert pusher.local_head() == Head(-1, GENESIS_PREV)
     assert pusher.view()["local_head"] == -1 and pusher.view()["backlog"] == 0
     # sign, in its own process (LMDB allows one handle per environment and process), makes the table
-    script = ("import sys; from shared.store import Store, u64; from shared.stage import RUNTIME_TABLES; "
+    script = ("import sys; from shared.runtime.store import Store, u64; from shared.runtime.stage import RUNTIME_TABLES; "
               "s = Store(sys.argv[1], RUNTIME_TABLES + ('ledger',), map_size_mb=64); t = s.env.begin(write=True); "
               "t.put(u64(0), bytes.fromhex(sys.argv[2]), db=s.table('ledger')); t.commit(); s.close()")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "sign"), encode_entry(ENTRY_LIST[0]).hex()],

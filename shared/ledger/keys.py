@@ -29,7 +29,7 @@ from typing import Protocol
 import nacl.exceptions
 import nacl.signing
 
-from shared.files import fsync_dir
+from shared.runtime.files import fsync_dir
 
 _PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 _SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")

@@ -24,8 +24,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from shared.canonical import canonical_json, sha256_hex
-from shared.crypto import PUBLIC_KEY_BYTES, LedgerSigner, key_id, verify_digest_signature
+from shared.ledger.canonical import canonical_json, sha256_hex
+from shared.ledger.keys import PUBLIC_KEY_BYTES, LedgerSigner, key_id, verify_digest_signature
 
 LEDGER_VERSION = 1
 GENESIS_PREV = "0" * 64
@@ -104,7 +104,7 @@ def entry_bytes(
 ) -> bytes:
     """The canonical bytes of a new entry; ValueError if a field is out of its declared form.
 
-    ``recorded_at`` is RFC 3339 UTC with ``Z`` and milliseconds (``shared.wire.utc_now()``).
+    ``recorded_at`` is RFC 3339 UTC with ``Z`` and milliseconds (``shared.runtime.messages.utc_now()``).
     """
     fields = {
         "v": LEDGER_VERSION,

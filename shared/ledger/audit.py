@@ -2,7 +2,7 @@
 
 An export directory holds::
 
-    entries.jsonl        ledger export rows (shared.ledger.export_line), seq 0..N-1, in order
+    entries.jsonl        ledger export rows (shared.ledger.entry.export_line), seq 0..N-1, in order
     checkpoint           signed C2SP tlog-checkpoint over all N entries (origin, N, Merkle root),
                          signed by the ledger key under the key name = origin
     checkpoint.body      the checkpoint's signed text           } for openssl pkeyutl -verify -rawin
@@ -18,7 +18,7 @@ An export directory holds::
 
 Keys: the first entry's key is the anchor an auditor confirms out of band (``--trusted-key``);
 every later key is introduced by a ``key_rotation`` entry signed by the key before it
-(``shared.ledger.KeySchedule``), so the chain itself carries its key history.
+(``shared.ledger.entry.KeySchedule``), so the chain itself carries its key history.
 
 The checkpoint is the one the sign service signed over exactly these entries when there is
 one (``checkpoints`` table); otherwise the export signs one with the ledger's current key. A
@@ -45,7 +45,7 @@ from typing import Any
 
 import lmdb
 
-from shared.checkpoint import (
+from shared.ledger.checkpoint import (
     Checkpoint,
     CheckpointError,
     NoteError,
@@ -55,8 +55,8 @@ from shared.checkpoint import (
     sign_checkpoint,
     split_note,
 )
-from shared.config import Config
-from shared.crypto import (
+from shared.runtime.config import Config
+from shared.ledger.keys import (
     KeyFileError,
     KeyFormatError,
     LedgerKeyFiles,
@@ -65,7 +65,7 @@ from shared.crypto import (
     public_key_from_pem,
     public_key_to_pem,
 )
-from shared.ledger import (
+from shared.ledger.entry import (
     ChainVerifier,
     ExportLineError,
     LedgerEntry,
@@ -75,7 +75,7 @@ from shared.ledger import (
     export_line,
     parse_export_line,
 )
-from shared.ledger_store import (
+from shared.ledger.store import (
     CHECKPOINTS_TABLE,
     LEDGER_TABLE,
     decode_entry,
@@ -83,8 +83,8 @@ from shared.ledger_store import (
     open_ledger,
     read_latest_checkpoint,
 )
-from shared.store import from_u64
-from shared.merkle import (
+from shared.runtime.store import from_u64
+from shared.ledger.merkle import (
     EMPTY_ROOT,
     MERKLE_TABLE,
     Frontier,
@@ -122,7 +122,7 @@ class AuditError(Exception):
 # -- shared helpers ------------------------------------------------------------------------------
 
 class _Chain:
-    """Streaming chain check with the seq of the first problem (``shared.ledger.ChainVerifier``).
+    """Streaming chain check with the seq of the first problem (``shared.ledger.entry.ChainVerifier``).
 
     The verifier is created at the first entry, trusting the key that signed it (or, with
     ``trusted``, only those keys); later keys must come from rotation entries.
@@ -486,8 +486,8 @@ def _export_checkpoint(stored: bytes | None, cp: Checkpoint, chain: _Chain,
 
 def _signature_by(note: str, name: str, public: bytes) -> bytes:
     """The raw 64-byte signature of ``name``/``public`` in ``note`` (for checkpoint.sig)."""
-    from shared.checkpoint import ED25519_TYPE
-    from shared.checkpoint import key_id as note_key_id
+    from shared.ledger.checkpoint import ED25519_TYPE
+    from shared.ledger.checkpoint import key_id as note_key_id
 
     want = note_key_id(name, ED25519_TYPE, public)
     for signer, kid, signature in note_signatures(note):
@@ -588,7 +588,7 @@ def verify_audit(
     """Verify an export directory; returns a report dict, raises ``AuditError`` at the first problem.
 
     Checks, streaming: every row parses; the hash chain, seqs and every entry signature
-    (``shared.ledger.ChainVerifier``: the first entry's key from ledger-key.pem / keys/*.pem /
+    (``shared.ledger.entry.ChainVerifier``: the first entry's key from ledger-key.pem / keys/*.pem /
     ``extra_public_keys``, later keys only through key_rotation entries, retired keys refused);
     one origin; the Merkle root of entries 0..size-1 equals the signed checkpoint's, whose
     signature must verify under the key the chain has current at that size (= ledger-key.pem);

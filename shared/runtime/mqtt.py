@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared.config import Config
-from shared.credentials import topic_matches
-from shared.logs import get_logger
+from shared.runtime.config import Config
+from services.broker.credentials import topic_matches
+from shared.runtime.logs import get_logger
 
 FATAL_EXIT = 70  # EX_SOFTWARE: not REFUSED_EXIT (3), so the supervisor restarts the service
 CONTESTED_DROPS = 3  # this many unrequested disconnects ...
@@ -60,7 +60,7 @@ def service_credentials(config: Config) -> tuple[str, str]:
     """Configured service credentials, else the ones `mro-edge run`/`devices init` keep on disk."""
     if config.mqtt.username:
         return config.mqtt.username, config.mqtt.password
-    from shared.credentials import BrokerCredentials
+    from services.broker.credentials import BrokerCredentials
 
     return BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
 

@@ -24,14 +24,14 @@ from typing import Any
 import lmdb
 import msgspec
 
-from shared.config import Config
-from shared.logs import configure_logging, get_logger
-from shared.mqtt import Inbound, MqttLink
-from shared.outbox import OUTBOX_TABLES, Outbox
-from shared.store import Store, from_u64, u64
-from shared.topics import Topics
-from shared import watchdog
-from shared.wire import (
+from shared.runtime.config import Config
+from shared.runtime.logs import configure_logging, get_logger
+from shared.runtime.mqtt import Inbound, MqttLink
+from shared.runtime.outbox import OUTBOX_TABLES, Outbox
+from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.topics import Topics
+from shared.runtime import watchdog
+from shared.runtime.messages import (
     DeviceReceipt,
     Item,
     StageReceipt,
@@ -340,7 +340,7 @@ class StageRuntime:
         self.log.info("stage started", state_transition="STARTED", input=self.input_topic)
         try:
             while not stop.is_set():
-                watchdog.beat()  # the supervisor's hang detection (shared/watchdog.py)
+                watchdog.beat()  # the supervisor's hang detection (shared/runtime/watchdog.py)
                 batch = self._collect()
                 if batch:
                     self._process(batch)

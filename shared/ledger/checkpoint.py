@@ -13,7 +13,7 @@
   ``key ID || u64 timestamp (big-endian) || Ed25519(message)`` where message =
   ``"cosignature/v1\\ntime <timestamp>\\n" || checkpoint note text``.
 
-Keys: anything with a 32-byte Ed25519 seed: a ``shared.crypto.SigningKey`` (the ledger key), a
+Keys: anything with a 32-byte Ed25519 seed: a ``shared.ledger.keys.SigningKey`` (the ledger key), a
 ``nacl.signing.SigningKey`` or the raw 32-byte seed.
 """
 
@@ -147,7 +147,7 @@ def parse_signer_key(text: str) -> tuple[str, bytes]:
 def _raw_signer(key) -> tuple[Callable[[bytes], bytes], bytes]:
     """(sign(message) -> 64-byte plain Ed25519 signature, public key) for any supported key form.
 
-    ``shared.crypto.SigningKey`` only offers ``sign_digest`` (Ed25519 over SHA-256(data)); note
+    ``shared.ledger.keys.SigningKey`` only offers ``sign_digest`` (Ed25519 over SHA-256(data)); note
     signatures are Ed25519 over the text itself, so this uses its ``sign_raw`` when it has one
     and otherwise its pynacl key (read-only; the key never leaves the process).
     """

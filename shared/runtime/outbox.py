@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from shared.store import Store, from_u64, u64
-from shared.wire import encode_envelope
+from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.messages import encode_envelope
 
 OUTBOX_TABLES = ("outbox", "outbox_keys")
 _NEXT_ID = b"outbox_next_id"

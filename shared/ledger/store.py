@@ -3,7 +3,7 @@
 Tables of ``$MRO_DATA_DIR/sign`` (one environment, one writer: the sign service):
 
 - ``ledger``       u64(seq) -> SignedEntry (msgpack): the entries, in seq order;
-- ``merkle``       the RFC 6962 tree over the entries (``shared.merkle``), written in the same
+- ``merkle``       the RFC 6962 tree over the entries (``shared.ledger.merkle``), written in the same
                    transaction as each append;
 - ``checkpoints``  u64(size) -> signed C2SP checkpoint note (bytes), written after the commit
                    of the entries it covers.
@@ -24,11 +24,11 @@ from pathlib import Path
 import lmdb
 import msgspec
 
-from shared.config import Config
-from shared.files import write_atomic
-from shared.ledger import SignedEntry
-from shared.merkle import MERKLE_TABLE
-from shared.store import Store, StoreError, u64
+from shared.runtime.config import Config
+from shared.runtime.files import write_atomic
+from shared.ledger.entry import SignedEntry
+from shared.ledger.merkle import MERKLE_TABLE
+from shared.runtime.store import Store, StoreError, u64
 
 LEDGER_TABLE = "ledger"
 CHECKPOINTS_TABLE = "checkpoints"
