@@ -6,10 +6,13 @@ travels with its idempotency key, which is also what a downstream receipt names.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+
+from shared.runtime.clock import utc_from_epoch, utc_now
+
+__all__ = ["utc_from_epoch", "utc_now"]  # re-exported until every caller imports shared.runtime.clock
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -65,12 +68,3 @@ outcomes_decoder = msgspec.json.Decoder(Outcomes)
 def encode_envelope(source: str, encoded_items: list[bytes]) -> bytes:
     """Join items already stored as JSON in the outbox without decoding them again."""
     return b'{"source":' + json_encode(source) + b',"items":[' + b",".join(encoded_items) + b"]}"
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC with milliseconds and `Z`, the one timestamp format on the wire."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def utc_from_epoch(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -64,3 +64,18 @@ class Topics:
     def outcomes(self) -> str:
         """Final outcome notices (recorded seq / rejected) so ingest can answer re-sends."""
         return f"{self.root}/pipeline/outcome"
+
+    # operator commands to the validate stage (contract versions, registries) and their replies
+    @property
+    def schema(self) -> str:
+        return f"{self.root}/pipeline/schema"
+
+    def schema_reply(self, command_id: str) -> str:
+        return f"{self.root}/pipeline/schema/reply/{command_id}"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.root}/pipeline/registry"
+
+    def registry_reply(self, command_id: str) -> str:
+        return f"{self.root}/pipeline/registry/reply/{command_id}"
