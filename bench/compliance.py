@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.compliance import Compliance, MemoryState, compile_version, dry_run, load_registry
 from shared.compliance.settings import DEFAULT_REGISTRIES
 from shared.runtime.config import load_config

@@ -23,7 +23,7 @@ import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.runtime.topics import Topics
 from shared.runtime.messages import StageReceipt, json_encode
 

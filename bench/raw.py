@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.fleet import set_nodelay
 from bench.stats import percentiles
 
-RECORD_BYTES = 700  # about the size of a real record (services.simulator.records)
+RECORD_BYTES = 700  # about the size of a real record (mro_edge.simulator.records)
 PUBLISHER_INFLIGHT = 1000  # what the stage links use (shared.runtime.mqtt) and mosquitto.conf allows
 
 

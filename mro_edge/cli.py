@@ -312,7 +312,7 @@ def cmd_devices(config: Config, args) -> int:
 
 def cmd_simulate(config: Config, args) -> int:
     from mro_edge import lifeline
-    from services.simulator.run import simulate
+    from mro_edge.simulator.run import simulate
     from shared.runtime.logs import configure_logging, get_logger
 
     configure_logging("simulator", config.station)

@@ -31,7 +31,7 @@ import httpx
 
 from services.gateway.admin import register_edge
 from services.gateway.storage import open_storage
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.runtime.config import Config
 from shared.contract import decode_record, idempotency_key, normalize
 from shared.ledger.keys import SigningKey

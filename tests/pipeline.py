@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.simulator.devices import SimulatedDevice
+from mro_edge.simulator.devices import SimulatedDevice
 from shared.runtime.config import Config, load_config
 from services.broker.credentials import BrokerCredentials
 from shared.ledger.entry import SignedEntry

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.ledger.entry import parse_entry
 from shared.runtime.mqtt import mqtt_connack
 from shared.runtime.topics import Topics

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.ledger.keys import LedgerKeyFiles
 from shared.ledger.entry import KEY_ROTATION, parse_entry, verify_chain
 from shared.runtime.mqtt import MqttLink

@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.compliance.esign import simulator_seed
 from shared.ledger.keys import SigningKey
 from shared.ledger.entry import parse_entry

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from bench.compliance import synthetic_bodies, write_ledger
-from services.simulator.records import sign_record, valid_record
+from mro_edge.simulator.records import sign_record, valid_record
 from services.validate.control import registry_topic, schema_topic
 from services.validate.stage import Validate
 from shared.compliance.esign import simulator_seed

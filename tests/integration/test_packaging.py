@@ -92,7 +92,7 @@ import json, shared, mro_edge_config
 from shared.runtime.config import DEFAULT_CONFIG, load_config
 from shared.compliance import load_registry
 from shared.compliance.settings import DEFAULT_REGISTRIES, compliance_settings
-from services.simulator.fleet import fleet
+from mro_edge.simulator.fleet import fleet
 config = load_config()
 registry = load_registry(compliance_settings(config).registries_dir)
 print(json.dumps({

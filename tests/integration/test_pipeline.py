@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.simulator.records import RECORD_TYPES, bad_cases, valid_record
-from services.simulator.run import reported_event_id
+from mro_edge.simulator.records import RECORD_TYPES, bad_cases, valid_record
+from mro_edge.simulator.run import reported_event_id
 from shared.contract import decode_record, idempotency_key, normalize
 from shared.ledger.keys import SigningKey
 from shared.ledger.entry import verify_chain
@@ -183,7 +183,7 @@ def crash_run(pipeline, broker, *, seconds: float, kills: int, rate: float, seed
     import threading
     import time
 
-    from services.simulator.run import Simulation
+    from mro_edge.simulator.run import Simulation
 
     rng = random.Random(seed)
     devices = [pipeline.device(kind, device_id) for kind, device_id in FLEET]

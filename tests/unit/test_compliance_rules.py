@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from services.simulator.records import sign_record, valid_record
+from mro_edge.simulator.records import sign_record, valid_record
 from shared.compliance import Compliance, MemoryState, Registry
 from shared.compliance.esign import signing_input, simulator_seed
 from shared.compliance.registry import merge, read_file_entries

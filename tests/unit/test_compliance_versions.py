@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.compliance import BASE, DefinitionError, compile_version, dry_run
 from shared.compliance.versions import read_definition
 from shared.contract import decode_record, normalize

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 import shared.contract
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.ledger.canonical import MAX_SAFE_INTEGER
 from shared.contract import (
     RECORD_TYPES,

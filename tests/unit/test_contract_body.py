@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.contract import (
     RECORD_TYPES,

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.ledger.canonical import canonical_json
 from shared.contract import RECORD_TYPES, ContractError, decode_record, idempotency_key, normalize
 from shared.contract.schema import collect_errors

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from services.simulator.records import valid_record
+from mro_edge.simulator.records import valid_record
 from shared.contract import check_rules, decode_record, normalize, record_from_body
 
 STATION, KIND, DEVICE = "HGR1", "torque_wrench", "tw-07"

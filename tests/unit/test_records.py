@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.simulator.records import RECORD_TYPES, BadCase, bad_cases, valid_record
+from mro_edge.simulator.records import RECORD_TYPES, BadCase, bad_cases, valid_record
 from shared.compliance import RULES as COMPLIANCE_RULES
 from shared.compliance import STATEFUL_RULES, VERSION_RULES, Compliance, MemoryState, load_registry
 from shared.compliance.settings import DEFAULT_REGISTRIES

@@ -4,7 +4,7 @@ Used by the simulator (what devices send), the tests (every valid record must pa
 one must fail exactly where it says) and the benchmarks. All randomness comes from the `rng`
 argument, so a seed reproduces a run, event ids included.
 
-People, aircraft and tools come from the registries (`services.simulator.fleet`): a valid
+People, aircraft and tools come from the registries (`mro_edge.simulator.fleet`): a valid
 record names a technician authorised for the work on that day, an aircraft whose hours and
 cycles grow with time, a calibrated wrench, and every sign-off (return to service, inspection,
 RII) carries the technicians' e-signatures, made with the simulator fleet's TEST keys.
@@ -19,7 +19,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from services.simulator.fleet import Fleet, airframe_times, fleet
+from mro_edge.simulator.fleet import Fleet, airframe_times, fleet
 from shared.compliance.esign import sign_body
 from shared.contract import RECORD_TYPES, decode_record, normalize
 from shared.ledger.keys import SigningKey

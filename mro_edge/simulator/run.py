@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.simulator.devices import SimulatedDevice
-from services.simulator.records import bad_cases, valid_record
+from mro_edge.simulator.devices import SimulatedDevice
+from mro_edge.simulator.records import bad_cases, valid_record
 from shared.runtime.config import Config
 from shared.contract import ContractError, decode_record
 
