@@ -16,7 +16,7 @@ switched to pass and the clock runs:
   these include noticing the link is back (one probe interval) and confirming the heads match.
 
 Beside it, as a reference, the gateway's raw ingest rate in the same run
-(`services.gateway.bench.bench_ingest`: one client posting pre-signed batches back to back).
+(`bench_ingest`: one client posting pre-signed batches back to back).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 
 from services.gateway.admin import register_edge
-from services.gateway.bench import bench_ingest, make_entries
 from shared.ledger.keys import SigningKey
 from shared.ledger.entry import export_row
 from shared.ledger.store import LEDGER_TABLE, SIGN_STAGE, encode_entry
@@ -44,6 +44,7 @@ from tests.brokers import start_broker
 from tests.edge import GatewayProc, TopicRecorder, database
 from tests.linkfault import LinkFault
 from tests.pipeline import Pipeline, wait_until
+from tests.support.gateway import ThreadedGateway, batch_body, make_entries
 
 TARGET_RATE = 5000
 PROBE_INTERVAL_S = 0.5
@@ -158,6 +159,29 @@ def drain_once(backend: str, n: int, root: Path, say) -> dict:
         f"{result['restored_to_all_at_gateway_s']:.2f} s, -> CONNECTED {result['restored_to_connected_s']:.2f} s "
         f"({' -> '.join(walked)})")
     return result
+
+
+def bench_ingest(db_url: str, n: int = 20_000, batch: int = 1000) -> float:
+    """Entries per second the gateway verifies and durably stores, ``batch`` entries per request."""
+    key = SigningKey.generate()
+    origin = f"bench/{uuid.uuid4().hex[:12]}"
+    token = register_edge(db_url, origin, key.public_pem())
+    entries = list(make_entries(key, origin, n))
+    bodies = [batch_body(entries[i : i + batch]) for i in range(0, n, batch)]
+    with ThreadedGateway(db_url) as gw, httpx.Client(
+        base_url=gw.url, timeout=120, headers={"Authorization": f"Bearer {token}",
+                                               "Content-Type": "application/json"}
+    ) as http:
+        start = time.perf_counter()
+        for body in bodies:
+            response = http.post("/v1/entries", content=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"the gateway refused a bench batch: {response.status_code} {response.text[:500]}")
+        elapsed = time.perf_counter() - start
+        head = http.get("/v1/head").json()
+    if head["seq"] != n - 1:
+        raise RuntimeError(f"the gateway holds up to seq {head['seq']}, expected {n - 1}")
+    return n / elapsed
 
 
 def run_drain_bench(n: int = 100_000, quick: bool = False, backends: tuple[str, ...] = ("sqlite", "postgresql"),

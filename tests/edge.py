@@ -76,7 +76,7 @@ def database(backend: str, tmp_path: Path):
         return
     import psycopg
 
-    from services.gateway.bench import scratch_postgres
+    from tests.support.gateway import scratch_postgres
 
     try:
         scratch = scratch_postgres(PG_ADMIN_URL)

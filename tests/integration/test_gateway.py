@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from services.gateway.admin import RegistrationError, register_edge
-from services.gateway.bench import ThreadedGateway, batch_body, free_port, make_entries
+from tests.brokers import free_port
+from tests.support.gateway import ThreadedGateway, batch_body, make_entries
 from services.gateway.server import create_app
 from services.gateway.storage import open_storage
 from shared.ledger.keys import SigningKey

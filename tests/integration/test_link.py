@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from services.gateway.bench import ThreadedGateway
+from tests.support.gateway import ThreadedGateway
 from tests.edge import EdgeStack, database
 from tests.linkfault import LinkFault
 from tests.pipeline import wait_until

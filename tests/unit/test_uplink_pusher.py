@@ -10,7 +10,7 @@ import sys
 
 import structlog
 
-from services.gateway.bench import make_entries
+from tests.support.gateway import make_entries
 from services.heartbeat.service import Heartbeat
 from services.heartbeat.state import Link
 from services.uplink.client import Head

@@ -1,0 +1,1 @@
+"""Harnesses the tests and `make bench` share: real components started in-process, never stand-ins."""
