@@ -26,6 +26,10 @@ class Topics:
     def receipt(self, device_id: str) -> str:
         return f"{self.root}/receipt/{device_id}"
 
+    @property
+    def receipt_all(self) -> str:
+        return f"{self.root}/receipt/+"
+
     def parse_device_in(self, topic: str) -> tuple[str, str] | None:
         """(device_kind, device_id) of an `in` topic, or None if the topic is not one."""
         parts = topic.split("/")
@@ -43,6 +47,10 @@ class Topics:
 
     def dlq(self, stage: str) -> str:
         return f"{self.root}/dlq/{stage}"
+
+    @property
+    def dlq_all(self) -> str:
+        return f"{self.root}/dlq/+"
 
     @property
     def alarm(self) -> str:
