@@ -10,6 +10,8 @@ import httpx
 from shared.runtime.config import Config
 from shared.runtime.messages import json_encode
 
+JSON_CONTENT = {"Content-Type": "application/json"}
+
 
 class GatewayError(Exception):
     """The gateway refused a batch for a reason retrying will not fix (fork, bad signature, auth).
@@ -22,7 +24,7 @@ class GatewayError(Exception):
         super().__init__(f"gateway refused the batch ({status}): {message}")
 
     @property
-    def head(self) -> "Head | None":
+    def head(self) -> Head | None:
         head = self.detail.get("head")
         return Head(head["seq"], head["hash"]) if isinstance(head, dict) else None
 
@@ -87,14 +89,39 @@ class GatewayClient:
     def push(self, rows: list[bytes]) -> Head:
         """POST a batch of ledger export rows (already JSON) in seq order; returns the new head."""
         payload = b'{"entries":[' + b",".join(rows) + b"]}"
-        body = self._call("POST", "/v1/entries", content=payload, headers={"Content-Type": "application/json"})
+        body = self._call("POST", "/v1/entries", content=payload, headers=JSON_CONTENT)
         return Head(body["head"]["seq"], body["head"]["hash"])
 
     def post_checkpoint(self, note: bytes) -> dict:
         """POST a signed checkpoint note; returns the gateway's answer with its cosignature."""
         payload = b'{"checkpoint":' + json_encode(note.decode("utf-8")) + b"}"
-        return self._call("POST", "/v1/checkpoints", content=payload, headers={"Content-Type": "application/json"})
+        return self._call("POST", "/v1/checkpoints", content=payload, headers=JSON_CONTENT)
 
     def head(self) -> Head:
         body = self._call("GET", "/v1/head")
         return Head(body["seq"], body["hash"])
+
+
+class GatewaySession:
+    """The gateway client, made when first needed and shared by the drain and the cosign."""
+
+    def __init__(self, config: Config, client: GatewayClient | None = None):
+        self.config = config
+        self._client = client
+
+    def client(self) -> GatewayClient:
+        if self._client is None:
+            self._client = GatewayClient(self.config.link.gateway_url, edge_token(self.config),
+                                         self.config.uplink.request_timeout_s)
+        return self._client
+
+    def refused(self, exc: GatewayError) -> None:
+        """401: the token is missing or not (any more) registered. Read it again next time, so a
+        token put in place by the operator works without a restart."""
+        if exc.status == 401:
+            self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

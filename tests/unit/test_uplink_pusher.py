@@ -10,29 +10,31 @@ import sys
 
 import structlog
 
-from tests.support.gateway import make_entries
 from services.heartbeat.service import Heartbeat
 from services.heartbeat.state import Link
 from services.uplink.client import Head
-from services.uplink.stage import ENTRIES, RETAINED_WAIT_S, Pusher
-from shared.runtime.config import load_config
-from shared.ledger.keys import SigningKey
+from services.uplink.link import RETAINED_WAIT_S
+from services.uplink.pusher import Pusher
+from services.uplink.store import ENTRIES, UPLINK_TABLES
 from shared.ledger.entry import GENESIS_PREV, export_row
+from shared.ledger.keys import SigningKey
 from shared.ledger.store import LEDGER_TABLE, encode_entry
+from shared.runtime.config import load_config
+from shared.runtime.messages import json_encode
 from shared.runtime.mqtt import Inbound
 from shared.runtime.stage import RUNTIME_TABLES
 from shared.runtime.store import Store, u64
-from shared.runtime.messages import json_encode
 from tests.pipeline import ROOT
+from tests.support.gateway import make_entries
 
 
 def config_for(tmp_path, **env):
-    return load_config(env={"MRO_DATA_DIR": str(tmp_path), "MRO_MQTT_USERNAME": "unit", "MRO_MQTT_PASSWORD": "x",
-                            **env})
+    return load_config(env={"MRO_DATA_DIR": str(tmp_path), "MRO_MQTT_USERNAME": "unit",
+                            "MRO_MQTT_PASSWORD": "x", **env})
 
 
 def make_store(tmp_path) -> Store:
-    return Store(tmp_path / "uplink", RUNTIME_TABLES + (ENTRIES,), map_size_mb=64)
+    return Store(tmp_path / "uplink", RUNTIME_TABLES + UPLINK_TABLES, map_size_mb=64)
 
 
 ENTRY_LIST = list(make_entries(SigningKey.generate(), "mro-edge/HGR1", 30))
@@ -51,19 +53,19 @@ def seqs_of(batch) -> list[int]:
 def test_batches_are_contiguous_from_the_acknowledged_seq_and_stop_at_a_gap(tmp_path) -> None:
     store = make_store(tmp_path)
     pusher = Pusher(config_for(tmp_path, MRO_UPLINK_BATCH="4"), store, structlog.get_logger())
-    assert pusher._next_batch() is None
+    assert pusher.drain.next_batch() is None
     put(store, [1, 2, 3])
-    assert pusher._next_batch() is None, "seq 0 is missing: nothing behind it may go"
+    assert pusher.drain.next_batch() is None, "seq 0 is missing: nothing behind it may go"
     put(store, [0, 5, 6, 7, 8, 9])
-    batch = pusher._next_batch()
+    batch = pusher.drain.next_batch()
     assert seqs_of(batch) == [0, 1, 2, 3], "batch size 4, in seq order"
     assert batch.rows == [json_encode(export_row(ENTRY_LIST[s])) for s in range(4)], "rows go out as stored"
-    pusher._acknowledge(Head(3, ENTRY_LIST[3].hash))
-    assert pusher._next_batch() is None, "seq 4 is missing: 5..9 are held back"
+    pusher.drain.acknowledge(Head(3, ENTRY_LIST[3].hash))
+    assert pusher.drain.next_batch() is None, "seq 4 is missing: 5..9 are held back"
     put(store, [4])
-    assert seqs_of(pusher._next_batch()) == [4, 5, 6, 7]
-    pusher._acknowledge(Head(7, ENTRY_LIST[7].hash))
-    assert seqs_of(pusher._next_batch()) == [8, 9]
+    assert seqs_of(pusher.drain.next_batch()) == [4, 5, 6, 7]
+    pusher.drain.acknowledge(Head(7, ENTRY_LIST[7].hash))
+    assert seqs_of(pusher.drain.next_batch()) == [8, 9]
     store.close()
 
 
@@ -72,15 +74,15 @@ def test_acknowledged_seq_is_durable_and_acknowledged_entries_are_dropped(tmp_pa
     pusher = Pusher(config_for(tmp_path), store, structlog.get_logger())
     assert pusher.acked == -1
     put(store, range(10))
-    pusher._acknowledge(Head(6, ENTRY_LIST[6].hash))
+    pusher.drain.acknowledge(Head(6, ENTRY_LIST[6].hash))
     assert store.count(ENTRIES) == 3
-    pusher._acknowledge(Head(4, ENTRY_LIST[4].hash))  # an older answer never moves it back
+    pusher.drain.acknowledge(Head(4, ENTRY_LIST[4].hash))  # an older answer never moves it back
     assert pusher.acked == 6
     store.close()
     store = make_store(tmp_path)
     again = Pusher(config_for(tmp_path), store, structlog.get_logger())
     assert again.acked == 6, "the acknowledged seq survives a restart"
-    assert seqs_of(again._next_batch()) == [7, 8, 9]
+    assert seqs_of(again.drain.next_batch()) == [7, 8, 9]
     store.close()
 
 
@@ -88,10 +90,10 @@ def test_stale_entries_below_the_acknowledged_seq_are_dropped(tmp_path) -> None:
     store = make_store(tmp_path)
     pusher = Pusher(config_for(tmp_path), store, structlog.get_logger())
     put(store, range(5))
-    pusher._acknowledge(Head(4, ENTRY_LIST[4].hash))
+    pusher.drain.acknowledge(Head(4, ENTRY_LIST[4].hash))
     put(store, [2, 3])  # arrived while the ack was being stored
-    assert store.count(ENTRIES) == 2 and pusher._next_batch() is None
-    pusher._drop_stale()
+    assert store.count(ENTRIES) == 2 and pusher.drain.next_batch() is None
+    pusher.drain.drop_stale()
     assert store.count(ENTRIES) == 0
     store.close()
 
@@ -107,16 +109,16 @@ def test_in_sync_needs_a_confirmed_gateway_head_equal_to_the_ledger(tmp_path) ->
     pusher = Pusher(config, store, structlog.get_logger())
     put(store, range(5))
     assert pusher.view()["in_sync"] is False and pusher.view()["backlog"] == 5
-    pusher._acknowledge(Head(4, ENTRY_LIST[4].hash))
+    pusher.drain.acknowledge(Head(4, ENTRY_LIST[4].hash))
     view = pusher.view()
     assert view["in_sync"] is True and view["backlog"] == 0 and view["local_head"] == 4
     pusher.set_link_state("ISOLATED")
     assert pusher.view()["in_sync"] is False, "a head from before the outage proves nothing"
     pusher.set_link_state("RECONCILING")
     assert pusher.view()["in_sync"] is False
-    pusher.gateway_head = Head(4, "f" * 64)
+    pusher.drain.gateway_head = Head(4, "f" * 64)
     assert pusher.view()["in_sync"] is False, "same seq, other hash: not in sync"
-    pusher.gateway_head = Head(4, ENTRY_LIST[4].hash)
+    pusher.drain.gateway_head = Head(4, ENTRY_LIST[4].hash)
     assert pusher.view()["in_sync"] is True
     pusher.stop()
     store.close()
@@ -154,7 +156,8 @@ def test_heartbeat_acts_only_on_the_newest_waiting_status(tmp_path) -> None:
     heartbeat = Heartbeat(config_for(tmp_path))
     heartbeat.state = Link.RECONCILING
     topic = heartbeat.topics.status("uplink")
-    old = {"service": "uplink", "state": "up", "in_sync": True, "link": "RECONCILING", "link_epoch": heartbeat.epoch}
+    old = {"service": "uplink", "state": "up", "in_sync": True, "link": "RECONCILING",
+           "link_epoch": heartbeat.epoch}
     now = {**old, "in_sync": False, "backlog": 3000}
     for status in (old, old, now):
         heartbeat.link.inbox.put(Inbound(topic, json_encode(status), 0, 0, 1))
@@ -170,8 +173,8 @@ def test_heartbeat_acts_only_on_the_newest_waiting_status(tmp_path) -> None:
 def test_pusher_calls_nothing_until_a_retained_state_says_the_link_is_usable(tmp_path) -> None:
     """A real HTTP peer (tests/linkfault.py answering 503, keeping every request line) stands
     in for the gateway: the pusher's only way to show a call."""
-    from tests.linkfault import LinkFault
     from tests.brokers import free_port
+    from tests.linkfault import LinkFault
 
     with LinkFault(free_port()) as proxy:
         proxy.set("http_error", status=503)
@@ -179,25 +182,25 @@ def test_pusher_calls_nothing_until_a_retained_state_says_the_link_is_usable(tmp
         pusher = Pusher(config_for(tmp_path, MRO_LINK_GATEWAY_URL=proxy.url, MRO_LINK_TOKEN="t",
                                    MRO_UPLINK_RETRY_ATTEMPTS="1"), store, structlog.get_logger())
         put(store, range(3))
-        assert pusher.link_state == "UNKNOWN" and not pusher.link_usable()
+        assert pusher.link.state == "UNKNOWN" and not pusher.link.usable()
         pusher.on_mqtt_connect()
-        pusher._step()
+        pusher.step()
         kept = lambda state, epoch: json_encode({"state": state, "epoch": epoch})  # noqa: E731
         # what the broker kept for our session while we were away: older than the retained state
         pusher.on_connectivity(Inbound("t", kept("CONNECTED", 10), 1, 1, 1, retain=False))
         pusher.on_connectivity(Inbound("t", kept("DEGRADED", 11), 1, 2, 1, retain=False))
-        pusher._step()
-        assert pusher.link_state == "UNKNOWN"
+        pusher.step()
+        assert pusher.link.state == "UNKNOWN"
         pusher.on_connectivity(Inbound("t", kept("ISOLATED", 12), 1, 3, 1, retain=True))
-        pusher._step()
-        assert pusher.link_state == "ISOLATED" and pusher.link_epoch == 12
+        pusher.step()
+        assert pusher.link.state == "ISOLATED" and pusher.link.epoch == 12
         pusher.on_connectivity(Inbound("t", kept("CONNECTED", 10), 1, 4, 1))
-        assert pusher.link_state == "ISOLATED", "an older epoch delivered late is ignored"
-        pusher._step()
+        assert pusher.link.state == "ISOLATED", "an older epoch delivered late is ignored"
+        pusher.step()
         assert proxy.requests_since(0) == [], "no call before the link was known to be usable"
         pusher.on_connectivity(Inbound("t", kept("RECONCILING", 13), 1, 5, 1))
         assert pusher.view()["link_epoch"] == 13 and pusher.view()["in_sync"] is False
-        pusher._step()
+        pusher.step()
         assert any(line.startswith("POST /v1/entries ") for line in proxy.requests_since(0))
         pusher.stop()
         store.close()
@@ -209,11 +212,11 @@ def test_pusher_takes_the_newest_kept_state_when_none_is_retained(tmp_path) -> N
     pusher.on_connectivity(Inbound("t", json_encode({"state": "DEGRADED", "epoch": 4}), 1, 1, 1))
     pusher.on_connectivity(Inbound("t", json_encode({"state": "ISOLATED", "epoch": 5}), 1, 2, 1))
     pusher.on_mqtt_connect()
-    pusher._adopt_pending_link_state()
-    assert pusher.link_state == "UNKNOWN", "the retained state may still be on its way"
-    pusher._connected_at -= RETAINED_WAIT_S
-    pusher._adopt_pending_link_state()
-    assert pusher.link_state == "ISOLATED" and pusher.link_epoch == 5
+    pusher.link.adopt_pending()
+    assert pusher.link.state == "UNKNOWN", "the retained state may still be on its way"
+    pusher.link._connected_at -= RETAINED_WAIT_S
+    pusher.link.adopt_pending()
+    assert pusher.link.state == "ISOLATED" and pusher.link.epoch == 5
     store.close()
 
 
@@ -223,14 +226,16 @@ def test_local_head_of_a_sign_store_without_its_ledger_table(tmp_path) -> None:
     Store(tmp_path / "sign", ("meta",), map_size_mb=64).close()
     store = make_store(tmp_path)
     pusher = Pusher(config_for(tmp_path), store, structlog.get_logger())
-    assert pusher.local_head() == Head(-1, GENESIS_PREV)
+    assert pusher.ledger.head() == Head(-1, GENESIS_PREV)
     assert pusher.view()["local_head"] == -1 and pusher.view()["backlog"] == 0
     # sign, in its own process (LMDB allows one handle per environment and process), makes the table
-    script = ("import sys; from shared.runtime.store import Store, u64; from shared.runtime.stage import RUNTIME_TABLES; "
-              "s = Store(sys.argv[1], RUNTIME_TABLES + ('ledger',), map_size_mb=64); t = s.env.begin(write=True); "
+    script = ("import sys; from shared.runtime.store import Store, u64; "
+              "from shared.runtime.stage import RUNTIME_TABLES; "
+              "s = Store(sys.argv[1], RUNTIME_TABLES + ('ledger',), map_size_mb=64); "
+              "t = s.env.begin(write=True); "
               "t.put(u64(0), bytes.fromhex(sys.argv[2]), db=s.table('ledger')); t.commit(); s.close()")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "sign"), encode_entry(ENTRY_LIST[0]).hex()],
                    check=True, cwd=ROOT, timeout=60)
-    assert pusher.local_head() == Head(0, ENTRY_LIST[0].hash), "the table is found once sign has made it"
+    assert pusher.ledger.head() == Head(0, ENTRY_LIST[0].hash), "the table is found once sign has made it"
     pusher.stop()
     store.close()
