@@ -9,7 +9,7 @@ Before the sign service appends anything it checks, in this order (``check_store
    (``keys/checkpoint.latest``, kept outside the LMDB file so that restoring an old copy of
    the store does not restore it too): fewer entries means a rollback (restored backup,
    SD-card image, VM snapshot), a different root at that size means another history (a fork);
-3. the store holds every entry the gateway has acknowledged (the uplink's ``acked_seq``).
+3. the store holds every entry the gateway has acknowledged (the uplink's ``acknowledged_count``).
 
 A failed check raises ``SignRefused`` whose message says what was found and how to recover;
 ``refuse`` publishes it as an alarm on ``mro/<station>/alarm`` first. Nothing is changed.
@@ -23,19 +23,16 @@ import shlex
 import time
 from collections.abc import Callable, Mapping
 
-import lmdb
-
+from services.uplink.store import UPLINK_STAGE, acknowledged_count
 from shared.ledger.checkpoint import CheckpointError, NoteError, open_checkpoint, split_note
 from shared.runtime.config import Config
 from shared.ledger.entry import GENESIS_PREV, entry_hash, parse_entry
 from shared.ledger.store import LEDGER_TABLE, decode_entry, latest_checkpoint_path, read_latest_checkpoint
 from shared.runtime.logs import get_logger
 from shared.ledger.merkle import MERKLE_TABLE, MerkleCorruptError, leaf_hash, lmdb_tree
-from shared.runtime.store import Store, StoreError, from_u64
+from shared.runtime.store import Store, from_u64
 from shared.runtime.messages import json_encode, utc_now
 
-UPLINK_STAGE = "uplink"
-UPLINK_ACKED = b"acked_seq"  # u64(seq + 1) in the uplink store's "meta" table
 _FILL_CHUNK = 10_000
 
 
@@ -168,25 +165,6 @@ def check_checkpoint(config: Config, count: int, root_at: Callable[[int], bytes]
             f"append; nothing was changed. Restore the newest backup of {store_dir} whose entries match that "
             f"checkpoint ('mro-edge audit export' then 'mro-edge audit verify' shows which entries differ). {accept}"))
     return cp.size
-
-
-def acknowledged_count(config: Config) -> int:
-    """Entries the gateway has acknowledged (the uplink's ``acked_seq`` + 1); 0 if unknown."""
-    path = config.stage_dir(UPLINK_STAGE)
-    if not (path / "data.mdb").exists():
-        return 0
-    try:
-        store = Store(path, ("meta",), readonly=True)
-    except (StoreError, lmdb.Error):
-        return 0
-    try:
-        with store.read() as txn:
-            raw = txn.get(UPLINK_ACKED, db=store.table("meta"))
-    except lmdb.Error:
-        return 0
-    finally:
-        store.close()
-    return from_u64(raw) if raw and len(raw) == 8 else 0
 
 
 def check_acknowledged(config: Config, count: int) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from services.sign.guard import LedgerDamagedError, LedgerRollbackError, SignRefused
 from services.sign.local import LocalSign, record_item
+from services.uplink.store import UPLINK_TABLES, UplinkStore
 from shared.ledger.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint, sign_checkpoint, split_note
 from shared.runtime.config import Config
 from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
@@ -197,9 +198,8 @@ def test_forked_history_at_the_same_size_is_refused(tmp_path):
 def test_behind_the_gateways_acknowledged_seq_is_refused(tmp_path):
     with open_sign(tmp_path) as sign:
         sign.append(items(5))
-    uplink = Store(tmp_path / "uplink", ("meta",), map_size_mb=16)
-    with uplink.write() as txn:
-        txn.put(b"acked_seq", u64(8), db=uplink.table("meta"))  # the gateway holds seq 0..7
+    uplink = Store(tmp_path / "uplink", UPLINK_TABLES, map_size_mb=16)
+    UplinkStore(uplink).acknowledge(8)  # the gateway holds seq 0..7
     uplink.close()
     sign = LocalSign(tmp_path)
     with pytest.raises(LedgerRollbackError, match="acknowledged entries up to seq 7") as info:
