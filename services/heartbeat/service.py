@@ -35,11 +35,13 @@ import httpx
 import msgspec
 
 from services.heartbeat.state import Link, Probe, Thresholds, after_probe, after_uplink
+from shared.runtime.alarms import alarm_payload
+from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.logs import configure_logging, get_logger
+from shared.runtime.messages import json_encode
 from shared.runtime.mqtt import MqttLink
 from shared.runtime.topics import Topics
-from shared.runtime.messages import json_encode, utc_now
 
 
 def first_epoch() -> int:
@@ -113,7 +115,8 @@ class Heartbeat:
         """The connectivity state, retained."""
         with self._lock:
             payload = json_encode({
-                "state": self.state, "since": self.since, "epoch": self.epoch, "last_probe_ms": self.last_probe_ms,
+                "state": self.state, "since": self.since, "epoch": self.epoch,
+                "last_probe_ms": self.last_probe_ms,
                 "backlog": self.uplink.get("backlog"), "last_acked_seq": self.uplink.get("acked_seq"),
                 "bad_probes": self.streak, "at": utc_now()})
             self._published_at = time.monotonic()
@@ -129,9 +132,8 @@ class Heartbeat:
     def _alarm(self, kind: str, detail: str) -> None:
         self.log.error("alarm", alarm=kind, detail=detail, link=str(self.state), epoch=self.epoch,
                        state_transition=f"ALARM_{kind.upper()}")
-        self.link.publish(self.topics.alarm, json_encode(
-            {"service": "heartbeat", "alarm": kind, "detail": detail, "link": self.state, "epoch": self.epoch,
-             "at": utc_now()}))
+        self.link.publish(self.topics.alarm, alarm_payload("heartbeat", kind, detail, link=self.state,
+                                                            epoch=self.epoch))
 
     def step(self) -> None:
         probe = self.probe()
@@ -148,7 +150,8 @@ class Heartbeat:
         """Timers: the DEGRADED alarm, the retained refresh, the service status."""
         now = time.monotonic()
         link = self.config.link
-        if self.state == Link.DEGRADED and not self._degraded_alarmed and now - self.entered > link.degraded_alarm_s:
+        degraded_too_long = self.state == Link.DEGRADED and now - self.entered > link.degraded_alarm_s
+        if degraded_too_long and not self._degraded_alarmed:
             self._degraded_alarmed = self._alarmed = True
             self._alarm("link_degraded", f"DEGRADED for more than {link.degraded_alarm_s:g} s "
                         f"({self.streak} bad probes in a row, last {self.last_probe_ms} ms)")
@@ -171,10 +174,12 @@ class Heartbeat:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
+            inbox = self.link.inbox
             try:
-                waiting = [self.link.inbox.get(timeout=remaining) if remaining > 0 else self.link.inbox.get_nowait()]
+                first = inbox.get(timeout=remaining) if remaining > 0 else inbox.get_nowait()
             except queue.Empty:
                 return
+            waiting = [first]
             while True:
                 try:
                     waiting.append(self.link.inbox.get_nowait())
@@ -214,7 +219,8 @@ class Heartbeat:
                     if isinstance(status.get("epoch"), int) and status["epoch"] > 0:
                         self.epoch = status["epoch"]
                     self.entered = time.monotonic()
-                    self._alarmed = self.state in (Link.ISOLATED, Link.RECONCILING)  # raised before the restart
+                    # its alarm was raised before the restart
+                    self._alarmed = self.state in (Link.ISOLATED, Link.RECONCILING)
                 self.log.info("link state resumed", state=str(self.state), epoch=self.epoch)
                 return True
         return False
