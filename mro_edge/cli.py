@@ -18,18 +18,11 @@ import time
 from importlib import import_module
 from pathlib import Path
 
+from services.registry import BY_NAME, Kind, service_names
 from shared.runtime.config import Config, ConfigError, load_config
-from shared.runtime.topics import DEVICE_KINDS
+from shared.runtime.topics import DEVICE_KINDS, Topics
 
 REFUSED_EXIT = 3  # shared.runtime.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
-
-STAGE_CLASSES = {
-    "ingest": "services.ingest.stage:Ingest",
-    "validate": "services.validate.stage:Validate",
-    "sign": "services.sign.stage:Sign",
-    "uplink": "services.uplink.stage:Uplink",
-}
-SERVICES = ("broker", "gateway", "heartbeat") + tuple(STAGE_CLASSES)
 # Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
 COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema")
 
@@ -43,17 +36,10 @@ class UserError(Exception):
     """A mistake the user can fix; printed without a traceback."""
 
 
-def _load(path: str):
-    module, _, name = path.partition(":")
-    return getattr(import_module(module), name)
-
-
 def cmd_service(config: Config, args) -> int:
     from mro_edge import lifeline
     from mro_edge.instance import InstanceBusy, hold_service_lock
-    from shared.runtime.logs import get_logger
-
-    from shared.runtime.logs import configure_logging
+    from shared.runtime.logs import configure_logging, get_logger
 
     configure_logging(args.name, config.station)  # JSON from the first line on; the service may refine it
     lifeline.start(get_logger(component="lifeline"))
@@ -64,24 +50,7 @@ def cmd_service(config: Config, args) -> int:
                            state_transition="REFUSED")
         print(f"mro-edge {args.name}: {exc}", file=sys.stderr, flush=True)
         return REFUSED_EXIT
-    if args.name == "broker":
-        from services.broker.service import run_broker
-
-        run_broker(config)
-        return 0
-    if args.name == "heartbeat":
-        from services.heartbeat.service import run_heartbeat
-
-        run_heartbeat(config)
-        return 0
-    if args.name == "gateway":
-        from services.gateway.server import run_gateway
-
-        run_gateway(config)
-        return 0
-    from shared.runtime.stage import run_stage
-
-    run_stage(_load(STAGE_CLASSES[args.name])(), config)
+    BY_NAME[args.name].run(config)
     return 0
 
 
@@ -99,19 +68,19 @@ def _login_hint(config: Config) -> str:
 
 
 def _where_to_look(config: Config, supervisor, log_file: Path | None, run_file: Path) -> str:
-    st = config.station
+    topics = Topics(config.station)
     sub = _sub_line(config, _login_hint(config))
     names = " ".join(c.name for c in supervisor.children)
     lines = [
-        f"mro-edge run: station {st}, data in {config.data_path.resolve()}",
+        f"mro-edge run: station {config.station}, data in {config.data_path.resolve()}",
         f"  runs     : {names}",
         f"  broker   : {config.mqtt.url}{' (embedded)' if supervisor.with_broker else ''}"
         f"    gateway: {config.link.gateway_url}",
         f"  logs     : {log_file} (JSON lines, rotated by size)" if log_file else "  logs     : JSON lines on stderr",
-        f"  receipts : {sub} -t 'mro/{st}/receipt/#'",
-        f"  status   : {sub} -t 'mro/{st}/status/#'",
-        f"  DLQ      : {sub} -t 'mro/{st}/dlq/#'",
-        f"  alarms   : {sub} -t 'mro/{st}/alarm'",
+        f"  receipts : {sub} -t '{topics.receipt_all}'",
+        f"  status   : {sub} -t '{topics.status_all}'",
+        f"  DLQ      : {sub} -t '{topics.dlq_all}'",
+        f"  alarms   : {sub} -t '{topics.alarm}'",
         "  commands : mro-edge status | mro-edge dlq list | mro-edge devices add ID --kind KIND --mosquitto-pub",
         f"             (they find this stack through {run_file})",
     ]
@@ -164,7 +133,7 @@ def cmd_run(config: Config, args) -> int:
     from mro_edge.endpoints import mark_stopped, write_run_file
     from mro_edge.instance import InstanceBusy, run_busy_message, run_lock, service_lock, services_busy_message
     from mro_edge.preflight import check_ports
-    from mro_edge.supervisor import PIPELINE, Console, LogSink, Supervisor, SupervisorError, summary_line
+    from mro_edge.supervisor import Console, LogSink, Supervisor, SupervisorError, run_services, summary_line
     from services.broker.credentials import BrokerCredentials
     from shared.runtime.logs import configure_logging, get_logger
     from shared.runtime.mqtt import service_credentials
@@ -175,8 +144,8 @@ def cmd_run(config: Config, args) -> int:
         lock = run_lock(config.data_path).acquire()
     except InstanceBusy as exc:
         raise UserError(run_busy_message(config.data_path, exc.holder)) from None
-    names = (("broker",) if not args.no_broker else ()) + (("gateway",) if not args.no_gateway else ()) + PIPELINE
-    busy = {name: holder for name in names if (holder := service_lock(config.data_path, name).holder())}
+    started = run_services(with_broker=not args.no_broker, with_gateway=not args.no_gateway)
+    busy = {s.name: holder for s in started if (holder := service_lock(config.data_path, s.name).holder())}
     if busy:
         raise UserError(services_busy_message(config.data_path, busy))
     ports = check_ports(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
@@ -244,7 +213,7 @@ def _credentials(config: Config):
 
 
 def _pub_line(config: Config, device_id: str, kind: str, password: str) -> str:
-    topic = f"mro/{config.station}/in/{kind}/{device_id}"
+    topic = Topics(config.station).device_in(kind, device_id)
     return " ".join(["mosquitto_pub", "-h", shlex.quote(config.mqtt.host), "-p", str(config.mqtt.port),
                      "-u", shlex.quote(device_id), "-P", shlex.quote(password), "-q", "1",
                      "-t", shlex.quote(topic)])
@@ -254,6 +223,7 @@ def cmd_devices(config: Config, args) -> int:
     from services.broker.credentials import reload_mosquitto
 
     store = _credentials(config)
+    topics = Topics(config.station)
     pid_file = Path(args.mosquitto_pid_file) if getattr(args, "mosquitto_pid_file", None) else None
     if args.action == "init":
         # Only the services' own user: device accounts are the operator's (`devices add`), and
@@ -265,11 +235,11 @@ def cmd_devices(config: Config, args) -> int:
     if args.action == "list":
         devices = store.devices()
         if args.json:
-            print(json.dumps([{"id": d, "kind": k, "publishes_to": f"mro/{config.station}/in/{k}/{d}"}
+            print(json.dumps([{"id": d, "kind": k, "publishes_to": topics.device_in(k, d)}
                               for d, k in sorted(devices.items())], indent=2))
         else:
             for device_id, kind in sorted(devices.items()):
-                print(f"{device_id:<24}{kind:<18}mro/{config.station}/in/{kind}/{device_id}")
+                print(f"{device_id:<24}{kind:<18}{topics.device_in(kind, device_id)}")
             print(f"{len(devices)} devices (ACL {store.acl_path})", file=sys.stderr)
         return 0
     if args.action == "remove":
@@ -292,18 +262,18 @@ def cmd_devices(config: Config, args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     reloaded = reload_mosquitto(pid_file)
-    topic = f"mro/{config.station}/in/{args.kind}/{args.id}"
+    topic = topics.device_in(args.kind, args.id)
     if args.mosquitto_pub:
         print(_pub_line(config, username, args.kind, password))
         print(f"append -m 'RECORD' (or -s < record.json); its receipts: {_sub_line(config, '')} "
-              f"-u {username} -P ... -t 'mro/{config.station}/receipt/{args.id}'", file=sys.stderr)
+              f"-u {username} -P ... -t '{topics.receipt(args.id)}'", file=sys.stderr)
     elif args.json:
         print(json.dumps({"username": username, "password": password, "publishes_to": topic,
-                          "receipts_on": f"mro/{config.station}/receipt/{args.id}",
+                          "receipts_on": topics.receipt(args.id),
                           "mosquitto_pub": _pub_line(config, username, args.kind, password)}))
     else:
         print(f"username: {username}\npassword: {password}\npublishes to: {topic}\n"
-              f"receipts on:  mro/{config.station}/receipt/{args.id}")
+              f"receipts on:  {topics.receipt(args.id)}")
     if not reloaded:
         print("(the embedded broker picks this up by itself; a Mosquitto needs SIGHUP: "
               "docker compose kill -s SIGHUP mosquitto)", file=sys.stderr)
@@ -327,7 +297,6 @@ def cmd_simulate(config: Config, args) -> int:
 def read_statuses(config: Config, wait_s: float) -> dict[str, dict]:
     """Retained status messages of every service, as the broker holds them now."""
     from shared.runtime.mqtt import MqttLink
-    from shared.runtime.topics import Topics
 
     topics = Topics(config.station)
     link = MqttLink(config, client_id=f"mro-status-{time.monotonic_ns()}", subscriptions=[(topics.status_all, 0)],
@@ -420,7 +389,7 @@ def cmd_dlq(config: Config, args) -> int:
     from shared.runtime.store import Store
 
     entries = []
-    for stage in STAGE_CLASSES:
+    for stage in service_names(Kind.STAGE):
         path = config.stage_dir(stage)
         if not (path / "data.mdb").exists():
             continue
@@ -443,7 +412,6 @@ def cmd_dlq(config: Config, args) -> int:
 
 def cmd_resume(config: Config, args) -> int:
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
-    from shared.runtime.topics import Topics
 
     link = MqttLink(config, client_id=f"mro-resume-{time.monotonic_ns()}", persistent=False)
     try:
@@ -488,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     service = sub.add_parser("service", help="one service in the foreground (what compose runs)")
-    service.add_argument("name", choices=SERVICES)
+    service.add_argument("name", choices=service_names())
     service.set_defaults(func=cmd_service)
 
     devices = sub.add_parser("devices", help="broker credentials for devices and services")
@@ -533,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.set_defaults(func=cmd_gateway)
 
     resume = sub.add_parser("resume", help="retry a frozen service now (after fixing the fault)")
-    resume.add_argument("name", choices=tuple(STAGE_CLASSES))
+    resume.add_argument("name", choices=service_names(Kind.STAGE))
     resume.set_defaults(func=cmd_resume)
 
     ledger = sub.add_parser("ledger", help="the signed ledger")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
-from shared.runtime.config import Config
 from services.broker.credentials import SERVICE_USER
+from shared.runtime.clock import utc_now
+from shared.runtime.config import Config
 from shared.runtime.files import write_atomic
 
 RUN_FILE = "run.json"
@@ -36,7 +36,7 @@ def run_file(config: Config) -> Path:
 def write_run_file(config: Config, **extra) -> Path:
     record = {
         "pid": os.getpid(),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_at": utc_now(),
         "station": config.station,
         "data_dir": str(config.data_path.resolve()),
         "mqtt_url": config.mqtt.url,
@@ -53,7 +53,7 @@ def write_run_file(config: Config, **extra) -> Path:
 def mark_stopped(config: Config) -> None:
     record = read_run_file(config)
     if record is not None and record.get("pid") == os.getpid():
-        record["stopped_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record["stopped_at"] = utc_now()
         write_atomic(run_file(config), (json.dumps(record, indent=2) + "\n").encode())
 
 

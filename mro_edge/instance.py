@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.runtime.clock import utc_now
+
 RUN_LOCK = "run.lock"
 SERVICE_LOCK = "service.lock"
 
@@ -88,7 +90,7 @@ class InstanceLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise InstanceBusy(f"{self.path} is locked", holder) from None
-        record = {"pid": os.getpid(), "what": self.what, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        record = {"pid": os.getpid(), "what": self.what, "since": utc_now(),
                   "argv": sys.argv[1:], **details}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)

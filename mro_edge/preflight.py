@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from shared.runtime.config import Config
 from shared.runtime.mqtt import mqtt_connack
-from shared.runtime.topics import DEVICE_KINDS
+from shared.runtime.topics import DEVICE_KINDS, Topics
 
 CONNACK_REASONS = {
     1: "unacceptable protocol version",
@@ -147,7 +147,8 @@ def probe_anonymous(config: Config, service_login: tuple[str, str], wait_s: floa
     from paho.mqtt.enums import CallbackAPIVersion
 
     probe = f"anonymous-probe-{secrets.token_hex(6)}"
-    topics = [f"mro/{config.station}/in/{kind}/{probe}" for kind in DEVICE_KINDS]
+    device_topics = Topics(config.station)
+    topics = [device_topics.device_in(kind, probe) for kind in DEVICE_KINDS]
     arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
     ready: queue.SimpleQueue[str] = queue.SimpleQueue()
 
@@ -159,7 +160,7 @@ def probe_anonymous(config: Config, service_login: tuple[str, str], wait_s: floa
         return c
 
     watcher = client("watch", service_login)
-    watcher.on_connect = lambda c, *_: c.subscribe(f"mro/{config.station}/in/+/{probe}", qos=0)
+    watcher.on_connect = lambda c, *_: c.subscribe(device_topics.device_in("+", probe), qos=0)
     watcher.on_subscribe = lambda *_: ready.put("watcher")
     watcher.on_message = lambda _c, _u, message: arrived.put(message.topic)
     anonymous = client("anon", None)

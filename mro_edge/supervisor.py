@@ -34,14 +34,15 @@ from pathlib import Path
 from typing import TextIO
 
 from mro_edge import lifeline
+from services.registry import SERVICES, Kind, Service, service_names
+from shared.runtime.alarms import alarm_payload
+from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.logs import get_logger
 from shared.runtime.mqtt import mqtt_connack
 from shared.runtime.stage import REFUSED_EXIT
 from shared.runtime.topics import Topics
 
-PIPELINE = ("ingest", "validate", "sign", "uplink", "heartbeat")
-STAGES = ("ingest", "validate", "sign", "uplink")
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0
 STARTUP_GRACE_S = 30.0  # before a child's first watchdog ping (imports on a busy box)
@@ -51,6 +52,13 @@ STATE_UP = "up"
 
 class SupervisorError(Exception):
     """The stack could not be started; the message says why."""
+
+
+def run_services(*, with_broker: bool, with_gateway: bool) -> tuple[Service, ...]:
+    """What `mro-edge run` starts, in start order: every service of the registry, but the
+    embedded broker and the reference gateway only when it is to run them."""
+    left_out = {kind for kind, wanted in ((Kind.BROKER, with_broker), (Kind.GATEWAY, with_gateway)) if not wanted}
+    return tuple(service for service in SERVICES if service.kind not in left_out)
 
 
 def wait_for_broker(config: Config, timeout_s: float = 20.0, alive: Callable[[], bool] = lambda: True) -> bool:
@@ -63,10 +71,6 @@ def wait_for_broker(config: Config, timeout_s: float = 20.0, alive: Callable[[],
         except OSError:
             time.sleep(0.1)
     return False
-
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Console:
@@ -130,7 +134,7 @@ class LogSink:
         if isinstance(event, dict):
             if "service" not in event or "at" not in event:  # e.g. the simulator's JSON progress lines
                 event = {"service": name, **event}
-                event.setdefault("at", _utc_now())
+                event.setdefault("at", utc_now())
                 text = json.dumps(event)
             self.write_line(text)
             if event.get("level") in ("error", "critical") and event.get("event") != "alarm":
@@ -141,7 +145,7 @@ class LogSink:
                     + (f"; see {self.path}" if self.path else ""))
             return
         self.write_line(json.dumps({"service": name, "level": "info", "event": "output", "text": text[:4000],
-                                    "at": _utc_now()}))
+                                    "at": utc_now()}))
         if text.startswith("mro-edge"):
             self.console.say(f"[{name}] {text}")
         elif text.startswith("Traceback"):
@@ -214,11 +218,14 @@ class Monitor:
                 self.statuses[message.topic.rsplit("/", 1)[1]] = payload
 
     def publish(self, topic: str, payload: dict, retain: bool = False) -> None:
-        if self.started:
-            self.link.publish(topic, json.dumps(payload).encode(), qos=1, retain=retain)
+        self._send(topic, json.dumps(payload).encode(), retain)
 
     def alarm(self, service: str, kind: str, detail: str) -> None:
-        self.publish(self.topics.alarm, {"service": service, "alarm": kind, "detail": detail, "at": _utc_now()})
+        self._send(self.topics.alarm, alarm_payload(service, kind, detail), retain=False)
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.started:
+            self.link.publish(topic, payload, qos=1, retain=retain)
 
     def stop(self, final: dict) -> None:
         if not self.started:
@@ -237,6 +244,7 @@ class Monitor:
 class Child:
     name: str
     argv: list[str]
+    service: Service | None = None  # None: a tool (`mro-edge simulate`), done once it exits with 0
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     backoff_s: float = 0.5
@@ -250,6 +258,10 @@ class Child:
     alive_at: float = 0.0
     pinged: bool = False
     reader: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> Kind | None:
+        return self.service.kind if self.service else None
 
     @property
     def pid(self) -> int | None:
@@ -274,8 +286,8 @@ class Supervisor:
         self.hung_after_s = float(config.supervisor.hung_after_s)
         self.log = get_logger(component="supervisor")
         cli = [sys.executable, "-m", "mro_edge"]
-        names = (("broker",) if with_broker else ()) + (("gateway",) if with_gateway else ()) + PIPELINE
-        self.children = [Child(name, cli + ["service", name]) for name in names]
+        self.children = [Child(s.name, cli + ["service", s.name], s)
+                         for s in run_services(with_broker=with_broker, with_gateway=with_gateway)]
         self.children += [Child(name, cli + argv) for name, argv in extra]
         self.watchdog_dir = config.data_path / "supervisor"
         for child in self.children:
@@ -358,7 +370,7 @@ class Supervisor:
         child.process = None
         child.last_exit = code
         self._changed = True
-        if child.name == "simulator" and code == 0:
+        if child.service is None and code == 0:
             child.state = "done"
             return
         if code == REFUSED_EXIT:
@@ -397,10 +409,10 @@ class Supervisor:
                        state_transition="HUNG")
         self.console.say(f"[run] {child.name} (pid {pid}) is hung: no watchdog ping for {silent_s:.0f} s; "
                          "killing and restarting it")
-        if self.monitor and child.name != "broker":
+        if self.monitor and child.kind is not Kind.BROKER:
             self.monitor.publish(self.monitor.topics.status(child.name),
                                  {"service": child.name, "state": "hung", "pid": pid, "detail": detail,
-                                  "at": _utc_now()}, retain=True)
+                                  "at": utc_now()}, retain=True)
             self.monitor.alarm(child.name, "hung", detail)
         child.process.kill()
         try:
@@ -418,10 +430,10 @@ class Supervisor:
     def _check_up(self, child: Child) -> None:
         if child.state != "starting":
             return
-        if child.name in PIPELINE:
+        if child.service is not None and child.service.publishes_status:
             status = self.monitor.statuses.get(child.name, {}) if self.monitor else {}
             up = status.get("pid") == child.pid and status.get("state") not in (None, "down", "hung")
-        elif child.name == "gateway":
+        elif child.kind is Kind.GATEWAY:
             from services.gateway.server import split_listen
 
             try:
@@ -441,7 +453,7 @@ class Supervisor:
     # ---- status -----------------------------------------------------------------------------
 
     def status_payload(self, state: str = "up") -> dict:
-        return {"service": "supervisor", "state": state, "pid": os.getpid(), "at": _utc_now(),
+        return {"service": "supervisor", "state": state, "pid": os.getpid(), "at": utc_now(),
                 "hung_after_s": self.hung_after_s, "children": {c.name: c.view() for c in self.children},
                 "warnings": [kind for kind, _ in self.warnings]}
 
@@ -496,8 +508,8 @@ class Supervisor:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Services first (they still need the broker to publish `down`), then the broker."""
-        services = [c for c in self.children if c.name != "broker"]
-        brokers = [c for c in self.children if c.name == "broker"]
+        services = [c for c in self.children if c.kind is not Kind.BROKER]
+        brokers = [c for c in self.children if c.kind is Kind.BROKER]
         self._end(services, timeout_s)
         if self.monitor:
             self.monitor.drain()
@@ -542,11 +554,12 @@ def summary_line(supervisor: Supervisor) -> Callable[[], str]:
             last.update(processed=processed, at=now)
         backlog = statuses.get("uplink", {}).get("backlog", "?")
         link = statuses.get("connectivity", {}).get("state", "?")
-        dlq = sum(int(statuses.get(s, {}).get("failed") or 0) for s in STAGES)
+        stages = service_names(Kind.STAGE)
+        dlq = sum(int(statuses.get(s, {}).get("failed") or 0) for s in stages)
         children = supervisor.children
         up = sum(1 for c in children if c.state in (STATE_UP, "done"))
         problems = [f"{c.name} {c.state}" for c in children if c.state not in (STATE_UP, "done")]
-        problems += [f"{s} frozen" for s in STAGES if statuses.get(s, {}).get("state") == "frozen"]
+        problems += [f"{s} frozen" for s in stages if statuses.get(s, {}).get("state") == "frozen"]
         text = (f"{time.strftime('%H:%M:%S')}  signed {rate}/s (total {processed if processed is not None else '?'})"
                 f"  backlog {backlog}  link {link}  DLQ {dlq}  services {up}/{len(children)} up")
         return text + (f"  ({', '.join(problems)})" if problems else "")

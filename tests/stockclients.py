@@ -31,21 +31,20 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mro_edge.simulator.records import valid_record
+from services.registry import SERVICES
 from shared.ledger.entry import parse_entry
 from shared.runtime.mqtt import mqtt_connack
 from shared.runtime.topics import Topics
 
 CLIENTS = ("mosquitto_pub", "paho")
 STATION = "HGR1"
-SERVICE_NAMES = ("ingest", "validate", "sign", "uplink", "heartbeat", "sign-alarm")
 _PUBLISH = re.compile(rb"sending PUBLISH \(d(\d), q\d, r\d, m(\d+),")
 _PUBACK = re.compile(rb"received PUBACK \(Mid: (\d+)")
 
 
 def service_client_ids(station: str = STATION) -> list[str]:
-    """The fixed client ids the services connect with (shared/runtime/stage.py: mro-<station>-<stage>;
-    services/heartbeat, services/sign/guard.py)."""
-    return [f"mro-{station}-{name}" for name in SERVICE_NAMES]
+    """The fixed client ids the services connect with (services/registry.py `mqtt_clients`)."""
+    return [f"mro-{station}-{name}" for service in SERVICES for name in service.mqtt_clients]
 
 
 def mosquitto_pub_binary() -> str:

@@ -28,19 +28,22 @@ import psutil
 import pytest
 import yaml
 
+from services.broker.credentials import BrokerCredentials
+from services.registry import SERVICES, Kind
 from shared.compliance.registry import RegistrySource, read_file_entries
 from shared.compliance.settings import compliance_settings
 from shared.runtime.config import load_config
-from services.broker.credentials import BrokerCredentials
 from shared.runtime.mqtt import mqtt_connack
 from tests.brokers import MOSQUITTO_CONF, REPO, free_port, mosquitto_binary, render_mosquitto_conf
 
-# The one list of compose services besides mosquitto, with their exact commands.
-PIPELINE = ("ingest", "validate", "sign")
+# The box's services of the registry (services/registry.py), one container each; compose runs
+# Mosquitto in place of the embedded broker.
+BOX = tuple(s.name for s in SERVICES if s.on_box and s.kind is not Kind.BROKER)
 LINK = ("uplink", "heartbeat")
+# The one list of compose services besides mosquitto, with their exact commands.
 COMMANDS = {
     "init": ["mro-edge", "devices", "init"],
-    **{name: ["mro-edge", "service", name] for name in PIPELINE + LINK},
+    **{name: ["mro-edge", "service", name] for name in BOX},
     "simulator": ["mro-edge", "simulate", "--duration", "0", "--rate", "5"],
 }
 ONE_SHOT = {"init"}
@@ -173,6 +176,21 @@ def shell_of(check: dict[str, Any]) -> str:
 
 # ---- the services and what they run ------------------------------------------------------------
 
+def test_compose_runs_every_box_service_of_the_registry_and_nothing_else(compose: dict[str, Any]) -> None:
+    """Each registry service on the box has its container (the broker's is Mosquitto), and every
+    `mro-edge service NAME` in compose names a registry service; off-box ones only in the demo."""
+    by_name = {s.name: s for s in SERVICES}
+    served = {command[2]: name for name, service in compose["services"].items()
+              if (command := service.get("command") or [])[:2] == ["mro-edge", "service"] and len(command) == 3}
+    assert set(served) <= set(by_name), f"compose runs services the registry does not know: {served}"
+    assert set(BOX) <= set(served), f"registry services without a container: {set(BOX) - set(served)}"
+    for name, container in served.items():
+        demo_only = compose["services"][container].get("profiles") == ["demo"]
+        assert demo_only == (not by_name[name].on_box), f"{name}: on the box iff outside the demo profile"
+    brokers = {s.name for s in SERVICES if s.kind is Kind.BROKER}
+    assert brokers and not brokers & set(served), "compose runs Mosquitto, not the embedded broker"
+    assert BROKER in compose["services"]
+
 def test_services_are_exactly_the_known_ones(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == set(COMMANDS) | {BROKER} | CENTRAL
     for name, expected in COMMANDS.items():
@@ -188,7 +206,7 @@ def test_production_starts_no_simulator_and_no_simulator_accounts(production: di
     """Without --profile demo: no simulator, no demo gateway, nothing depending on them, and
     the `init` command writes only the services' own login (run here for real)."""
     services = default_services(production)
-    assert set(services) == {"init", BROKER, *PIPELINE, *LINK}
+    assert set(services) == {"init", BROKER, *BOX}
     for name, service in services.items():
         assert not set(service.get("depends_on") or {}) & DEMO_ONLY, f"{name} needs a demo-only service"
         assert "simulat" not in " ".join(map(str, service.get("command") or [])), name

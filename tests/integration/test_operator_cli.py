@@ -20,6 +20,8 @@ import time
 import pytest
 
 from mro_edge.instance import run_lock, service_lock
+from mro_edge.supervisor import run_services
+from services.registry import Kind, service_names
 from shared.runtime.config import load_config
 from shared.runtime.mqtt import mqtt_connack
 from shared.runtime.topics import Topics
@@ -31,6 +33,8 @@ from tests.runstack import AnonymousMosquitto, RunProc, cli, cli_env, gone
 pytestmark = pytest.mark.timeout(300)
 
 HUNG_AFTER_S = 5
+# what `mro-edge run --no-broker` starts: the registry's services but the embedded broker
+RUN_NO_BROKER = {s.name for s in run_services(with_broker=False, with_gateway=True)}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,7 @@ def test_run_records_its_endpoints_and_the_cli_finds_them(stack):
     assert record["pid"] == stack.pid and record["service_secret"].endswith("broker/service.secret")
     statuses = status_json(stack)  # no MRO_MQTT_URL: the address comes from run.json
     children = stack.children()
-    for name in ("ingest", "validate", "sign", "uplink", "heartbeat", "gateway"):
+    for name in RUN_NO_BROKER:
         assert statuses[name]["state"] == "up", (name, statuses[name])
         assert statuses[name]["pid"] == children[name], name
     assert statuses["supervisor"]["pid"] == stack.pid
@@ -158,7 +162,7 @@ def test_every_log_line_is_json_uvicorn_included_and_the_console_summarises(stac
         for line in log.read_text().splitlines():
             events.append(json.loads(line))  # raises on a line that is not JSON
     assert any(e.get("logger", "").startswith("uvicorn") for e in events)
-    assert {e.get("service") for e in events} >= {"ingest", "validate", "sign", "uplink", "gateway", "run"}
+    assert {e.get("service") for e in events} >= {*service_names(Kind.STAGE), "gateway", "run"}
     summary = re.findall(r".*services \d+/\d+ up.*", stack.console())[-1]
     for word in ("signed", "/s", "backlog", "link", "DLQ"):
         assert word in summary, summary
@@ -250,7 +254,7 @@ def test_kill_9_of_run_takes_every_child_along(tmp_path):
     try:
         run = RunProc(data_dir, broker.url, "--no-broker").start()
         children = run.children()
-        assert set(children) == {"gateway", "ingest", "validate", "sign", "uplink", "heartbeat"}, children
+        assert set(children) == RUN_NO_BROKER, children
         run.kill()
         wait_until(lambda: all(gone(pid) for pid in children.values()), 30, 0.2,
                    f"every child of the killed run to end: {children}")

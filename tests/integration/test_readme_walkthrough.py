@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.ledger.keys import key_id, public_key_from_pem
+from services.registry import service_names
 from shared.ledger.entry import parse_export_line, verify_chain
+from shared.ledger.keys import key_id, public_key_from_pem
+from shared.runtime.topics import Topics
 from tests import readme
 from tests.brokers import free_port
 from tests.pipeline import ROOT
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.timeout(120)
 TITLE = "Sending a record by hand"
 STATION = "HGR1"
 DEVICE = "TQW-01"
-RECEIPTS = f"mro/{STATION}/receipt/{DEVICE}"
+RECEIPTS = Topics(STATION).receipt(DEVICE)
 MARK = "__walkthrough__"
 
 
@@ -207,7 +209,7 @@ def test_the_readme_walkthrough_works_as_pasted_on_a_real_stack(tmp_path):
         status = without_output(terminal.paste(status_cmd))
         rows = {line.split()[0]: line.split()[1] for line in status[1:] if line.strip()}
         assert status[0].split()[:2] == ["service", "state"], status
-        for name in ("ingest", "validate", "sign", "uplink", "heartbeat", "gateway", "broker"):
+        for name in service_names():
             assert rows.get(name) == "up", (name, status)
 
         dlq = json.loads("\n".join(without_output(terminal.paste(dlq_cmd))))
