@@ -22,7 +22,8 @@ from shared.runtime.config import Config
 from services.broker.credentials import BrokerCredentials
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.topics import Topics
-from shared.runtime.messages import json_encode, utc_now
+from shared.runtime.clock import utc_now
+from shared.runtime.messages import json_encode
 
 log = get_logger()
 

@@ -11,6 +11,13 @@ answers that as a re-send (content idempotency key), so nothing is recorded twic
 Reads and writes both run on the broker's event loop: a synced commit costs well under a
 millisecond on this class of disk, and handing it to a thread cost more (GIL hand-offs of up to
 the 5 ms switch interval) than it saved.
+
+LMDB reuses the pages a transaction freed only once a later transaction has committed. After
+ingest drained a full spool, the commit that deleted its entries freed nearly the whole map, and
+every append after it failed (MapFullError) and rolled back, so no later commit ever came and
+intake stalled for good. A commit that hits the map's end therefore first commits the spool's
+`next_seq` on its own, which makes those pages reusable, and tries once more. `next_seq` is
+kept in every append, so seqs never repeat, even after a restart with an empty spool.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import msgspec
 
 from shared.runtime.store import Store, from_u64, u64
 
 TABLE = "intake"
-
+META = "meta"
+NEXT_SEQ = b"next_seq"
 
 HEADROOM = 0.15  # of the map kept free, so that deleting (copy-on-write) is always possible
 
@@ -52,11 +61,14 @@ class Spool:
     """Append in groups, read in order, delete what the consumer acknowledged."""
 
     def __init__(self, path: Path, map_size_mb: int) -> None:
-        self.store = Store(path, (TABLE,), map_size_mb=map_size_mb)
+        self.store = Store(path, (TABLE, META), map_size_mb=map_size_mb)
         self._table = self.store.table(TABLE)
+        self._meta = self.store.table(META)
         with self.store.read() as txn:
             cursor = txn.cursor(db=self._table)
-            self.next_seq = from_u64(cursor.key()) + 1 if cursor.last() else 1
+            after_last = from_u64(cursor.key()) + 1 if cursor.last() else 1
+            recorded = txn.get(NEXT_SEQ, db=self._meta)
+            self.next_seq = max(after_last, from_u64(recorded) if recorded else 1)
             self.depth = txn.stat(self._table)["entries"]
         info = self.store.env.info()
         self._map_pages = info["map_size"] // self.store.env.stat()["psize"]
@@ -71,16 +83,32 @@ class Spool:
         Raises SpoolFull near the map's end, or lmdb.Error (a full disk), with nothing changed."""
         if entries and self._pages_used() > (1 - HEADROOM) * self._map_pages:
             raise SpoolFull(f"intake spool at {self.store.path} is full")
+        try:
+            removed = self._write(entries, deletes)
+        except lmdb.MapFullError:
+            self._release_freed_pages()
+            removed = self._write(entries, deletes)
         seqs = list(range(self.next_seq, self.next_seq + len(entries)))
+        self.next_seq += len(entries)
+        self.depth += len(entries) - removed
+        return seqs
+
+    def _write(self, entries: list[SpoolEntry], deletes: list[int]) -> int:
+        """The transaction itself; returns how many of `deletes` were present."""
         removed = 0
         with self.store.write() as txn:
             for seq in deletes:
                 removed += txn.delete(u64(seq), db=self._table)
-            for seq, entry in zip(seqs, entries):
+            for seq, entry in enumerate(entries, start=self.next_seq):
                 txn.put(u64(seq), _encode(entry), db=self._table, append=True)
-        self.next_seq += len(entries)
-        self.depth += len(entries) - removed
-        return seqs
+            if entries:
+                txn.put(NEXT_SEQ, u64(self.next_seq + len(entries)), db=self._meta)
+        return removed
+
+    def _release_freed_pages(self) -> None:
+        """A small commit of its own, after which LMDB may reuse what the last commit freed."""
+        with self.store.write() as txn:
+            txn.put(NEXT_SEQ, u64(self.next_seq), db=self._meta)
 
     def read_after(self, seq: int, limit: int) -> list[Spooled]:
         """Up to `limit` entries with a seq above `seq`, in order."""

@@ -286,7 +286,6 @@ def test_a_slow_consumer_pushes_back_on_the_publisher_and_nothing_is_dropped(tmp
         broker.kill()
 
 
-@pytest.mark.slow  # passes alone; failed inside the full suite twice (cause not yet found, see the closing note)
 def test_a_full_spool_withholds_pubacks_and_resumes_once_ingest_drains_it(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A spool that cannot grow (its LMDB map is 1 MB here; a full disk fails the same way):
