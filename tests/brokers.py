@@ -167,7 +167,8 @@ class BrokerProc:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-                raise RuntimeError(f"{self.kind} broker ignored signal {signum}:\n{self.log_tail()}") from None
+                raise RuntimeError(f"{self.kind} broker ignored signal {signum}:\n"
+                                   f"{self.log_tail()}") from None
         self._proc = None
 
     def log_tail(self, lines: int = 40) -> str:

@@ -69,6 +69,7 @@ class Client:
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> mqtt.ReasonCode:
         _, mid = self._c.subscribe(topic_filter, qos)
+        assert mid is not None, f"paho refused to send SUBSCRIBE for {topic_filter}"
         assert self._wait(lambda: mid in self._subacks, 5), f"no SUBACK for {topic_filter}"
         return self._subacks[mid][0]
 

@@ -119,14 +119,7 @@ class Connection:
         elif kind in (p.PUBREC, p.PUBCOMP):
             p.decode_packet_id(body)  # we never send QoS 2, so there is nothing to complete
         elif kind == p.SUBSCRIBE:
-            packet_id, filters = p.decode_subscribe(flags, body)
-            codes = self.broker.subscribe(session, filters)
-            self.send(p.suback(packet_id, codes))
-            granted = [(f, c) for (f, _), c in zip(filters, codes) if c != p.SUBACK_FAILURE]
-            for delivery in self.broker.retained_for(session, granted):
-                session.deliver(delivery)
-            if session.intake:
-                self.broker.pump_intake()
+            self._subscribe(session, *p.decode_subscribe(flags, body))
         elif kind == p.UNSUBSCRIBE:
             packet_id, topic_filters = p.decode_unsubscribe(flags, body)
             self.broker.unsubscribe(session, topic_filters)
@@ -135,6 +128,16 @@ class Connection:
             self.send(p.PINGRESP_PACKET)
         else:
             raise p.ProtocolError(f"unexpected packet type {kind}")
+
+    def _subscribe(self, session: Session, packet_id: int, filters: list[tuple[str, int]]) -> None:
+        """SUBACK first, then what is retained for the granted filters (and, for ingest, the spool)."""
+        codes = self.broker.subscribe(session, filters)
+        self.send(p.suback(packet_id, codes))
+        granted = [(f, c) for (f, _), c in zip(filters, codes, strict=True) if c != p.SUBACK_FAILURE]
+        for delivery in self.broker.retained_for(session, granted):
+            session.deliver(delivery)
+        if session.intake:
+            self.broker.pump_intake()
 
     def _connect(self, connect: p.Connect) -> None:
         code, session, present = self.broker.admit(self, connect)
@@ -150,7 +153,8 @@ class Connection:
         if session.username == SERVICE_USER:
             self.splitter.max_packet = self.broker.limits.service_max_packet
         if connect.will_topic is not None:
-            self.will = p.Publish(connect.will_topic, connect.will_payload, connect.will_qos, connect.will_retain)
+            self.will = p.Publish(connect.will_topic, connect.will_payload, connect.will_qos,
+                                  connect.will_retain)
         self.broker.counters.connections += 1
         log.debug("client connected", client_id=session.client_id, user=session.username,
                   session_present=present, state_transition="CLIENT_CONNECTED")
@@ -179,7 +183,8 @@ class Connection:
         full = broker.route(publish.topic, publish.payload, publish.qos, retain=publish.retain)
         self._acknowledge(session, publish)
         for target in full:
-            while target is not session and target.full and target.connection is not None and not self._closed:
+            while target is not session and target.full and target.connection is not None \
+                    and not self._closed:
                 await _wait(target.room)
 
     async def _wait_for_intake_room(self) -> None:

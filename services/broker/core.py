@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from services.broker import packets as p
-from services.broker.spool import Spool, SpoolEntry, SpoolFull
 from services.broker.credentials import SERVICE_USER, BrokerCredentials, topic_matches, valid_filter
+from services.broker.spool import Spool, SpoolEntry, SpoolFull
 from shared.runtime.logs import get_logger
 from shared.runtime.topics import Topics
 
@@ -56,6 +56,15 @@ class Limits:
     connect_timeout_s: float = 10.0
 
 
+@dataclass(frozen=True, slots=True)
+class Login:
+    """Who a CONNECT authenticated as, under which client id."""
+
+    username: str
+    password: str
+    client_id: str
+
+
 @dataclass(slots=True)
 class Delivery:
     topic: str
@@ -72,7 +81,8 @@ class Session:
                  "queue", "queued_bytes", "next_packet_id", "connection", "awaiting_release",
                  "disconnected_at", "dropped", "room", "broker")
 
-    def __init__(self, broker: Broker, client_id: str, username: str, password: str, persistent: bool) -> None:
+    def __init__(self, broker: Broker, client_id: str, username: str, password: str,
+                 persistent: bool) -> None:
         self.broker = broker
         self.client_id = client_id
         self.username = username
@@ -244,37 +254,47 @@ class Broker:
 
     def admit(self, connection: Connection, connect: p.Connect) -> tuple[int, Session | None, bool]:
         """(CONNACK code, session, session_present). Authenticates before touching any session."""
-        if connect.protocol_level not in (3, 4):
-            return p.BAD_PROTOCOL, None, False
-        username, password = connect.username, connect.password
-        if not username or password is None or not self.credentials.check(username, password):
-            return p.BAD_CREDENTIALS if username else p.NOT_AUTHORIZED, None, False
-        client_id = connect.client_id
-        if not client_id:
-            if not connect.clean_session:
-                return p.IDENTIFIER_REJECTED, None, False
-            client_id = f"auto-{id(connection):x}-{time.monotonic_ns()}"
-        if client_id.startswith("mro-") and username != SERVICE_USER:
-            return p.NOT_AUTHORIZED, None, False
-        existing = self.sessions.get(client_id)
-        if existing is not None and existing.username != username:
-            return p.IDENTIFIER_REJECTED, None, False
-        if connect.will_topic is not None and not self._allowed(username, client_id, connect.will_topic, 2):
+        code, login = self._authenticate(connection, connect)
+        if login is None:
+            return code, None, False
+        if connect.will_topic is not None and not self._allowed(login.username, login.client_id,
+                                                                connect.will_topic, 2):
             connect.will_topic = None  # Mosquitto 2.0: a will the ACL forbids is dropped, not refused
+        existing = self.sessions.get(login.client_id)
         if existing is not None and existing.connection is not None:
             self._take_over(existing)
         if existing is not None and (connect.clean_session or not existing.persistent):
             self.discard(existing)
             existing = None
         if existing is not None:
-            existing.password = password
+            existing.password = login.password
             existing.persistent = not connect.clean_session
             return p.ACCEPTED, existing, True
-        session = Session(self, client_id, username, password, not connect.clean_session)
-        self.sessions[client_id] = session
+        session = Session(self, login.client_id, login.username, login.password, not connect.clean_session)
+        self.sessions[login.client_id] = session
         if session.intake:
             self.spool_cursor = 0  # a new ingest session gets every entry not yet acknowledged
         return p.ACCEPTED, session, False
+
+    def _authenticate(self, connection: Connection, connect: p.Connect) -> tuple[int, Login | None]:
+        """The CONNACK code, and the login when it is ACCEPTED (a clean session without a client id
+        gets one made up). The reserved `mro-` ids and other users' sessions are refused here."""
+        if connect.protocol_level not in (3, 4):
+            return p.BAD_PROTOCOL, None
+        username, password = connect.username, connect.password
+        if not username or password is None or not self.credentials.check(username, password):
+            return (p.BAD_CREDENTIALS if username else p.NOT_AUTHORIZED), None
+        client_id = connect.client_id
+        if not client_id:
+            if not connect.clean_session:
+                return p.IDENTIFIER_REJECTED, None
+            client_id = f"auto-{id(connection):x}-{time.monotonic_ns()}"
+        if client_id.startswith("mro-") and username != SERVICE_USER:
+            return p.NOT_AUTHORIZED, None
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.username != username:
+            return p.IDENTIFIER_REJECTED, None
+        return p.ACCEPTED, Login(username, password, client_id)
 
     def _take_over(self, session: Session) -> None:
         """The same user connects again with this client id: the old connection goes, and its will
@@ -394,7 +414,8 @@ class Broker:
     @property
     def intake_blocked(self) -> bool:
         limits = self.limits
-        return len(self.pending) >= limits.max_uncommitted_total or self.spool.depth >= limits.max_spool_records
+        return (len(self.pending) >= limits.max_uncommitted_total
+                or self.spool.depth >= limits.max_spool_records)
 
     def spool_publish(self, connection: Connection, publish: p.Publish) -> None:
         self.pending.append(PendingPublish(connection, publish))

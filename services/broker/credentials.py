@@ -138,22 +138,13 @@ class Acl:
                 continue
             if keyword not in ("topic", "pattern") or not rest:
                 raise CredentialsError(f"{source}:{number}: cannot parse {line!r}")
-            access_word, _, topic = rest.partition(" ")
-            if topic.strip():
-                if access_word not in _ACCESS:
-                    raise CredentialsError(f"{source}:{number}: unknown access {access_word!r}")
-                access, topic = _ACCESS[access_word], topic.strip()
-            else:
-                access, topic = READ | WRITE, access_word
-            if not valid_filter(topic):
-                raise CredentialsError(f"{source}:{number}: invalid ACL topic {topic!r}")
-            rule = AclRule(access, topic)
+            rule = _parse_rule(rest, f"{source}:{number}")
             if keyword == "pattern":
                 acl.patterns.append(rule)
                 continue
             acl.users.setdefault(user, []).append(rule)
-            match = device_line.match(topic)
-            if user is not None and access == WRITE and match and match.group(2) == user:
+            match = device_line.match(rule.topic)
+            if user is not None and rule.access == WRITE and match and match.group(2) == user:
                 acl.devices[user] = match.group(1)
         return acl
 
@@ -167,12 +158,8 @@ class Acl:
                 return False
             ordered = [r for r in rules if r.access == DENY] + [r for r in rules if r.access != DENY]
             for rule in ordered:
-                pattern = rule.topic
-                if expand:
-                    if ("%u" in pattern and username is None) or ("%c" in pattern and client_id is None):
-                        continue
-                    pattern = pattern.replace("%u", username or "").replace("%c", client_id or "")
-                if topic.startswith("$") and not pattern.startswith("$"):
+                pattern = _expanded(rule.topic, username, client_id) if expand else rule.topic
+                if pattern is None or (topic.startswith("$") and not pattern.startswith("$")):
                     continue
                 if topic_matches(pattern, topic):
                     if rule.access == DENY:
@@ -180,6 +167,27 @@ class Acl:
                     if rule.access & access:
                         return True
         return False
+
+
+def _parse_rule(rest: str, where: str) -> AclRule:
+    """`[read|write|readwrite|deny] <topic>` after `topic` or `pattern`; no access word means readwrite."""
+    access_word, _, topic = rest.partition(" ")
+    if topic.strip():
+        if access_word not in _ACCESS:
+            raise CredentialsError(f"{where}: unknown access {access_word!r}")
+        access, topic = _ACCESS[access_word], topic.strip()
+    else:
+        access, topic = READ | WRITE, access_word
+    if not valid_filter(topic):
+        raise CredentialsError(f"{where}: invalid ACL topic {topic!r}")
+    return AclRule(access, topic)
+
+
+def _expanded(pattern: str, username: str | None, client_id: str | None) -> str | None:
+    """A `pattern` rule's topic with %u and %c filled in; None when it names one the client lacks."""
+    if ("%u" in pattern and username is None) or ("%c" in pattern and client_id is None):
+        return None
+    return pattern.replace("%u", username or "").replace("%c", client_id or "")
 
 
 _FileSig = tuple[int, int, int] | None

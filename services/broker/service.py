@@ -17,13 +17,13 @@ import socket
 from services.broker import packets as p
 from services.broker.connection import Connection
 from services.broker.core import Broker, Limits
-from services.broker.spool import Spool
-from shared.runtime.config import Config
 from services.broker.credentials import BrokerCredentials
-from shared.runtime.logs import configure_logging, get_logger
-from shared.runtime.topics import Topics
+from services.broker.spool import Spool
 from shared.runtime.clock import utc_now
+from shared.runtime.config import Config
+from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
+from shared.runtime.topics import Topics
 
 log = get_logger()
 
@@ -97,14 +97,7 @@ class BrokerServer:
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             now = loop.time()
-            for connection in list(self.connections):
-                idle = now - connection.last_seen
-                if connection.session is None and now - connection.opened > self.broker.limits.connect_timeout_s:
-                    connection.close()
-                elif connection.keepalive and idle > 1.5 * connection.keepalive:
-                    log.info("keep-alive expired", client_id=connection.session and connection.session.client_id,
-                             state_transition="CLIENT_TIMED_OUT")
-                    connection.close()
+            self._close_silent_connections(now)
             self.broker.refresh_credentials()
             self.broker.expire_sessions()
             self.broker.flush_deletes_soon()
@@ -112,8 +105,21 @@ class BrokerServer:
                 next_status = now + interval
                 self.publish_status("up")
 
+    def _close_silent_connections(self, now: float) -> None:
+        """No CONNECT within the connect timeout, or nothing heard for 1.5 keep-alive periods."""
+        connect_timeout_s = self.broker.limits.connect_timeout_s
+        for connection in list(self.connections):
+            session = connection.session
+            if session is None and now - connection.opened > connect_timeout_s:
+                connection.close()
+            elif connection.keepalive and now - connection.last_seen > 1.5 * connection.keepalive:
+                log.info("keep-alive expired", client_id=session and session.client_id,
+                         state_transition="CLIENT_TIMED_OUT")
+                connection.close()
+
     def publish_status(self, state: str) -> None:
-        status = {"service": "broker", "state": state, "pid": os.getpid(), "at": utc_now(), **self.broker.status()}
+        status = {"service": "broker", "state": state, "pid": os.getpid(), "at": utc_now(),
+                  **self.broker.status()}
         self.broker.publish_internal(p.Publish(self.topics.status("broker"), json_encode(status), 1, True))
 
     async def stop(self) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from services.broker.credentials import SERVICE_USER, BrokerCredentials
 from services.broker.service import PortInUseError, run_broker
 from shared.runtime.config import load_config
-from services.broker.credentials import SERVICE_USER, BrokerCredentials
 from shared.runtime.topics import Topics
 from tests.brokers import KINDS, BrokerProc, mqtt_connack, start_broker
 from tests.mqttclient import Client
@@ -74,7 +74,8 @@ def services(broker: BrokerProc, clients: Callable[..., Client], topic_filter: s
     return client
 
 
-def test_anonymous_and_wrong_passwords_are_refused(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+def test_anonymous_and_wrong_passwords_are_refused(broker: BrokerProc,
+                                                   clients: Callable[..., Client]) -> None:
     device, password = new_device(broker)
     assert mqtt_connack(broker.port, None, None) != 0
     assert mqtt_connack(broker.port, device, None) != 0
@@ -86,7 +87,8 @@ def test_anonymous_and_wrong_passwords_are_refused(broker: BrokerProc, clients: 
     assert clients(broker, (device, password)).connect() == 0
 
 
-def test_device_publishes_only_to_its_own_in_topic(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+def test_device_publishes_only_to_its_own_in_topic(broker: BrokerProc,
+                                                   clients: Callable[..., Client]) -> None:
     sink = services(broker, clients)
     login = new_device(broker, "torque_wrench")
     other, _ = new_device(broker, "tablet")
@@ -162,7 +164,8 @@ def test_will_cannot_bypass_the_acl(broker: BrokerProc, clients: Callable[..., C
     assert (T.stage_input("sign"), b"forged will") not in sink.seen()
 
 
-def test_devices_come_and_go_without_a_broker_restart(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+def test_devices_come_and_go_without_a_broker_restart(broker: BrokerProc,
+                                                      clients: Callable[..., Client]) -> None:
     sink = services(broker, clients)
     device_id = f"dev{next(_ids)}"
     first = broker.credentials.add_device(device_id, "rfid_reader")
@@ -222,9 +225,9 @@ def own_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broke
 
 
 def test_persistent_session_after_broker_kill(own_broker: BrokerProc, clients: Callable[..., Client]) -> None:
-    """Mosquitto restores sessions and queued messages from its last snapshot. The embedded broker keeps sessions in memory only: what
-    survives its crash is the intake spool, which only the ingest session reads
-    (tests/integration/test_embedded_broker.py)."""
+    """Mosquitto restores sessions and queued messages from its last snapshot. The embedded broker
+    keeps sessions in memory only: what survives its crash is the intake spool, which only the ingest
+    session reads (tests/integration/test_embedded_broker.py)."""
     broker = own_broker
     client_id = "stage-ingest"
     offline_subscriber(broker, clients, client_id)
@@ -239,6 +242,7 @@ def test_persistent_session_after_broker_kill(own_broker: BrokerProc, clients: C
     if broker.kind == "mosquitto":
         # mosquitto.conf saves every 250 changes; the compose launcher adds SIGUSR1 ("save
         # now") every 15 s, which is what bounds a trickle like this one
+        assert broker.pid is not None
         os.kill(broker.pid, signal.SIGUSR1)
         snapshot = broker.data_dir / "mosquitto" / "mosquitto.db"
         deadline = time.monotonic() + 10
@@ -273,7 +277,8 @@ def test_embedded_broker_names_the_taken_port(tmp_path: Path) -> None:
 
 
 def test_password_file_interoperates_with_mosquitto_passwd(tmp_path: Path) -> None:
-    """A user added by an operator with mosquitto_passwd logs in to the embedded broker and survives our rewrites."""
+    """A user added by an operator with mosquitto_passwd logs in to the embedded broker and survives
+    our rewrites."""
     credentials = BrokerCredentials(tmp_path / "broker", STATION)
     credentials.ensure_service_user()
     tool = shutil.which("mosquitto_passwd")

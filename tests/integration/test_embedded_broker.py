@@ -40,11 +40,12 @@ def device(broker: BrokerProc, device_id: str, kind: str = "tablet") -> tuple[st
     return login
 
 
-def mosquitto_pub(broker: BrokerProc, login: tuple[str, str], topic: str, lines: list[str], qos: int = 1) -> str:
+def mosquitto_pub(broker: BrokerProc, login: tuple[str, str], topic: str, lines: list[str],
+                  qos: int = 1) -> str:
     """Stock mosquitto_pub: one connection, every line a message, exits after the last PUBACK."""
-    done = subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-u", login[0], "-P", login[1], "-q", str(qos),
-                           "-l", "-t", topic, "-d"], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-u", login[0], "-P", login[1],
+                           "-q", str(qos), "-l", "-t", topic, "-d"], input="\n".join(lines) + "\n",
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -286,8 +287,8 @@ def test_a_slow_consumer_pushes_back_on_the_publisher_and_nothing_is_dropped(tmp
         broker.kill()
 
 
-def test_a_full_spool_withholds_pubacks_and_resumes_once_ingest_drains_it(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_spool_withholds_pubacks_and_resumes_once_ingest_drains_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A spool that cannot grow (its LMDB map is 1 MB here; a full disk fails the same way):
     publishes are not acknowledged, nothing acknowledged is lost, and intake resumes by itself
     once ingest has taken (and acknowledged) what the spool held."""

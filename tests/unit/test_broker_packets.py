@@ -4,6 +4,7 @@ malformed packets (property-based: the splitter must never hang, crash or mis-fr
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from services.broker import packets as p
 
-topics = st.text(st.characters(blacklist_characters="+#\0", blacklist_categories=("Cs",)), min_size=1, max_size=40)
+topics = st.text(st.characters(blacklist_characters="+#\0", blacklist_categories=["Cs"]), min_size=1,
+                 max_size=40)
 payloads = st.binary(max_size=3000)
 
 
@@ -63,7 +65,8 @@ def test_publishes_survive_any_split_of_the_stream(messages, data) -> None:
         last = cut
     decoded = [p.decode_publish(flags, body) for kind, flags, body in found]
     assert all(kind == p.PUBLISH for kind, _, _ in found)
-    assert [(m.topic, m.payload, m.qos, m.retain) for m in decoded] == [(t, b, q, r) for t, b, q, r, _ in messages]
+    assert [(m.topic, m.payload, m.qos, m.retain) for m in decoded] == [
+        (t, b, q, r) for t, b, q, r, _ in messages]
     assert [m.packet_id for m in decoded] == [i + 1 if q else 0 for i, (_, _, q, _, _) in enumerate(messages)]
 
 
@@ -74,14 +77,15 @@ def test_garbage_never_crashes_the_splitter_or_the_decoders(garbage: bytes) -> N
         packets = splitter.feed(garbage)
     except p.ProtocolError:
         return
+    decoders: dict[int, Callable[[int, bytes], object]] = {
+        p.CONNECT: lambda _flags, body: p.decode_connect(body), p.PUBLISH: p.decode_publish,
+        p.SUBSCRIBE: p.decode_subscribe, p.UNSUBSCRIBE: p.decode_unsubscribe,
+        p.PUBACK: lambda _flags, body: p.decode_packet_id(body)}
     for kind, flags, body in packets:
-        decoder = {p.CONNECT: lambda: p.decode_connect(body), p.PUBLISH: lambda: p.decode_publish(flags, body),
-                   p.SUBSCRIBE: lambda: p.decode_subscribe(flags, body),
-                   p.UNSUBSCRIBE: lambda: p.decode_unsubscribe(flags, body),
-                   p.PUBACK: lambda: p.decode_packet_id(body)}.get(kind)
+        decoder = decoders.get(kind)
         if decoder:
             try:
-                decoder()
+                decoder(flags, body)
             except p.ProtocolError:
                 pass
 
@@ -106,8 +110,8 @@ def test_connect_round_trips(client_id, username, password, clean, keepalive) ->
     [(kind, _, body)] = p.PacketSplitter(1 << 16).feed(packet)
     connect = p.decode_connect(body)
     assert kind == p.CONNECT
-    assert (connect.client_id, connect.username, connect.password, connect.clean_session, connect.keepalive) == (
-        client_id, username, password, clean, keepalive)
+    assert (connect.client_id, connect.username, connect.password, connect.clean_session,
+            connect.keepalive) == (client_id, username, password, clean, keepalive)
     assert (connect.will_topic, connect.will_payload, connect.will_qos, connect.will_retain) == (
         "mro/HGR1/status/x", b"down", 1, True)
 
