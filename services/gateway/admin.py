@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import secrets
 
-from services.gateway.server import _utc_now, token_sha256
+from services.gateway.server import token_sha256
 from services.gateway.storage import open_storage
 from shared.ledger.keys import KeyFormatError, key_id, public_key_from_pem
+from shared.runtime.clock import utc_now
 
 _ORIGIN = re.compile(r"^[\x21-\x7e]{1,200}$")
 
@@ -41,7 +42,7 @@ def register_edge(db_url: str, origin: str, pem_text: str) -> str:
             if others:
                 raise RegistrationError(f"key {kid} is already registered for origin {others[0]!r}; "
                                         "each edge signs its own chain with its own key")
-            now = _utc_now()
+            now = utc_now()
             tx.add_key(origin, kid, public, now)
             tx.add_token(origin, token_sha256(token), now)
             tx.ensure_head(origin, now)

@@ -26,22 +26,34 @@ without any registration: the old key vouched for it. A key the origin never had
 ``unknown_key``; a retired key, or a new key before its seq, is ``retired_key``; a rotation
 entry that is malformed or contradicts the schedule is ``bad_rotation``.
 
-The origin's Merkle tree (``tree.OriginTree``) grows in the same transaction as the entries.
+Steps 1 (the hash), 3 and 4 and the key schedule are ``shared.ledger.verify.check_entry``, the
+same check the edge's audit and chain verification run; this module only maps its refusals to
+the answers above and keeps the evidence. The origin's Merkle tree (``tree.OriginTree``) grows
+in the same transaction as the entries.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 import msgspec
 
 from services.gateway.storage import ForkEvidence, HeldEntry, NewEntry, Tx
 from services.gateway.tree import OriginTree
-from shared.ledger.keys import verify_digest_signature
-from shared.ledger.entry import GENESIS_PREV, KEY_ROTATION, LEDGER_VERSION, MAX_SEQ, Rotation, parse_entry, parse_rotation
+from shared.ledger.entry import MAX_SEQ, Rotation, SignedEntry, entry_hash
+from shared.ledger.verify import (
+    BEHIND,
+    FORK,
+    GAP,
+    UNKNOWN_KEY,
+    Chain,
+    CheckedEntry,
+    EntryRefused,
+    check_entry,
+)
+from shared.runtime.clock import utc_text
 
 
 class Row(msgspec.Struct, forbid_unknown_fields=True):
@@ -108,173 +120,159 @@ class BatchResult:
         return out
 
 
-def _window_start(recorded_at: datetime, window: timedelta) -> str:
-    """``recorded_at`` minus the window, in the entries' fixed-width form (so strings compare as times)."""
-    try:
-        start = recorded_at - window
-    except OverflowError:
-        return ""
-    return f"{start.year:04d}-{start.month:02d}-{start.day:02d}T{start.hour:02d}:{start.minute:02d}:" \
-           f"{start.second:02d}.{start.microsecond // 1000:03d}Z"
+class _Replay(Exception):
+    """The row is an entry already held: acknowledge it again, store nothing."""
 
 
-def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, now: str) -> BatchResult:
-    """Check and store ``raw_rows`` for ``origin`` inside ``tx``; the caller commits, then answers."""
-    head_seq, head_hash = tx.lock_head(origin, now)
-    result = BatchResult(origin, head_seq, head_hash)
-
+def _decode_rows(raw_rows: list[bytes]) -> tuple[list[Row], BatchError | None]:
+    """The rows up to the first that is not a ledger export row, and that row's error."""
     rows: list[Row] = []
-    decode_error: BatchError | None = None
     for index, raw in enumerate(raw_rows):
         try:
             rows.append(_row_decoder.decode(raw))
         except msgspec.DecodeError as exc:
-            decode_error = BatchError(422, "malformed_row", f"row {index} is not a ledger export row: {exc}", index)
-            break
+            return rows, BatchError(422, "malformed_row", f"row {index} is not a ledger export row: {exc}", index)
+    return rows, None
 
+
+def _signed(row: Row, index: int) -> SignedEntry:
+    try:
+        entry = row.entry.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _RowRefused(BatchError(422, "malformed_row", f"seq {row.seq}: the entry is not valid Unicode",
+                                     index, row.seq)) from None
+    return SignedEntry(row.seq, row.idempotency_key, entry, row.hash, bytes.fromhex(row.signature), row.kid)
+
+
+class _RowRefused(Exception):
+    def __init__(self, error: BatchError, fork: ForkEvidence | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.fork = fork
+
+
+def _same_as_held(held: HeldEntry | None, e: SignedEntry) -> bool:
+    return (held is not None and held.hash == e.hash == entry_hash(e.entry) and held.signature == e.signature
+            and held.idem == e.idem and held.kid == e.kid)
+
+
+def _fork(seq: int, index: int, e: SignedEntry, reason: str, held_hash: str, message: str,
+          **extra: str) -> _RowRefused:
+    evidence = ForkEvidence(seq, e.hash, reason, held_hash, e.kid, e.entry, e.signature)
+    return _RowRefused(BatchError(409, FORK, f"FORK at seq {seq}: {message}. The entry is kept as evidence and "
+                                             "refused; this origin's chain needs investigation.", index, seq,
+                                  {"held_hash": held_hash, **extra}), evidence)
+
+
+def _refusal(refused: EntryRefused, index: int, e: SignedEntry, held: HeldEntry | None,
+             origin: str) -> Exception:
+    """What a refusal of ``check_entry`` means for the gateway: a replay, or the row's error."""
+    seq = refused.seq
+    if refused.code == BEHIND:
+        if held is not None and held.hash == e.hash:
+            return _Replay()  # the same entry with another valid signature over it: nothing new to store
+        held_hash = held.hash if held is not None else ""
+        reason = f"a different entry (hash {held_hash}) is already held at seq {seq}"
+        return _fork(seq, index, e, reason, held_hash, f"{reason}; received hash {e.hash}", received_hash=e.hash)
+    if refused.code == FORK:
+        head_hash, prev = refused.context["held_hash"], refused.context["received_prev"]
+        reason = f"prev {prev} does not link to the held entry at seq {seq - 1} (hash {head_hash})"
+        return _fork(seq, index, e, reason, head_hash, reason, received_prev=prev)
+    if refused.code == GAP:
+        expected = refused.context["expected_seq"]
+        return _RowRefused(BatchError(409, GAP, f"seq {seq} does not follow the head: expected seq {expected}",
+                                      index, seq, {"expected_seq": expected}))
+    message = f"seq {seq}: {refused.reason}"
+    if refused.code == UNKNOWN_KEY:
+        message += f", which is not registered for origin {origin!r} (mro-edge gateway register-edge)"
+    extra = {"kid": refused.context["kid"]} if "kid" in refused.context else {}
+    return _RowRefused(BatchError(422, refused.code, message, index, seq, extra))
+
+
+def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, now: str) -> BatchResult:
+    """Check and store ``raw_rows`` for ``origin`` inside ``tx``; the caller commits, then answers.
+
+    Each row is ``shared.ledger.verify.check_entry`` against the origin's chain as held; a row
+    the gateway already holds (same hash, signature, idem, kid) is a replay and is not checked again.
+    """
+    head_seq, head_hash = tx.lock_head(origin, now)
+    result = BatchResult(origin, head_seq, head_hash)
+    rows, decode_error = _decode_rows(raw_rows)
     if not rows:
         result.error = decode_error
         return result
 
-    schedule = tx.key_schedule(origin)
-    rotations: list[Rotation] = []
+    chain = Chain(tx.key_schedule(origin), next_seq=head_seq + 1, prev=head_hash, origin=origin)
     held = tx.held(origin, sorted({r.seq for r in rows if r.seq <= head_seq}))
     history = tx.idem_history(origin, (r.idempotency_key for r in rows))
     new: list[NewEntry] = []
+    rotations: list[Rotation] = []
+
+    def vet_rotation(rotation: Rotation) -> None:
+        others = [o for o in tx.origins_of_kid(rotation.new_kid) if o != origin]
+        if others:
+            raise ValueError(f"key {rotation.new_kid} is registered for origin {others[0]!r}")
+
     error: BatchError | None = None
-
     for index, row in enumerate(rows):
-        seq = row.seq
         try:
-            entry = row.entry.encode("utf-8")
-        except UnicodeEncodeError:
-            error = BatchError(422, "malformed_row", f"seq {seq}: the entry is not valid Unicode", index, seq)
-            break
-        digest = hashlib.sha256(entry).hexdigest()
-        if digest != row.hash:
-            error = BatchError(422, "hash_mismatch", f"seq {seq}: hash is not SHA-256 of the entry bytes", index, seq)
-            break
-        signature = bytes.fromhex(row.signature)
-        stored = held.get(seq) if seq <= result.head_seq else None
-        if (
-            stored is not None
-            and stored.hash == digest
-            and stored.signature == signature
-            and stored.idem == row.idempotency_key
-            and stored.kid == row.kid
-        ):
-            result.replayed += 1
-            if stored.duplicate_of is not None:
-                result.duplicates.append({"seq": seq, "duplicate_of": stored.duplicate_of})
-            continue
-
-        try:
-            parsed = parse_entry(entry)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            error = BatchError(422, "malformed_entry", f"seq {seq}: the entry bytes are not a ledger entry: {exc}",
-                               index, seq)
-            break
-        if parsed.v != LEDGER_VERSION:
-            error = BatchError(422, "unsupported_version",
-                               f"seq {seq}: ledger version {parsed.v}; this gateway knows {LEDGER_VERSION}", index, seq)
-            break
-        try:
-            recorded_at = datetime.fromisoformat(parsed.recorded_at)
-        except ValueError:
-            error = BatchError(422, "malformed_entry",
-                               f"seq {seq}: recorded_at {parsed.recorded_at!r} is not a valid time", index, seq)
-            break
-        if parsed.origin != origin:
-            error = BatchError(422, "wrong_origin",
-                               f"seq {seq}: the entry belongs to origin {parsed.origin!r} but this token is bound "
-                               f"to {origin!r}", index, seq)
-            break
-        if (parsed.seq, parsed.idem, parsed.kid) != (seq, row.idempotency_key, row.kid):
-            error = BatchError(422, "row_mismatch",
-                               f"seq {seq}: the entry bytes say seq={parsed.seq} idem={parsed.idem} "
-                               f"kid={parsed.kid}, the row says seq={seq} idem={row.idempotency_key} "
-                               f"kid={row.kid}", index, seq)
-            break
-        if row.kid not in schedule.keys:
-            error = BatchError(422, "unknown_key",
-                               f"seq {seq}: signed with key {row.kid}, which is not registered for origin "
-                               f"{origin!r} (mro-edge gateway register-edge)", index, seq, {"kid": row.kid})
-            break
-        try:
-            public = schedule.key_for(row.kid, seq)
-        except ValueError as exc:
-            error = BatchError(422, "retired_key", f"seq {seq}: {exc}", index, seq, {"kid": row.kid})
-            break
-        if not verify_digest_signature(public, entry, signature):
-            error = BatchError(422, "bad_signature",
-                               f"seq {seq}: the signature is not valid for key {row.kid}", index, seq,
-                               {"kid": row.kid})
-            break
-
-        if seq <= result.head_seq:
-            if stored is not None and stored.hash == digest:
-                # Same entry, another valid signature over it: nothing new to store.
-                result.replayed += 1
-                if stored.duplicate_of is not None:
-                    result.duplicates.append({"seq": seq, "duplicate_of": stored.duplicate_of})
-                continue
-            held_hash = stored.hash if stored is not None else ""
-            reason = f"a different entry (hash {held_hash}) is already held at seq {seq}"
-            result.fork = ForkEvidence(seq, digest, reason, held_hash, row.kid, entry, signature)
-            error = BatchError(409, "fork",
-                               f"FORK at seq {seq}: {reason}; received hash {digest}. The entry is kept as "
-                               f"evidence and refused; this origin's chain needs investigation.", index, seq,
-                               {"held_hash": held_hash, "received_hash": digest})
-            break
-        if seq > result.head_seq + 1:
-            expected = result.head_seq + 1
-            error = BatchError(409, "gap", f"seq {seq} does not follow the head: expected seq {expected}",
-                               index, seq, {"expected_seq": expected})
-            break
-        if parsed.prev != result.head_hash:
-            if seq == 0:
-                error = BatchError(422, "malformed_entry", f"seq 0: prev must be {GENESIS_PREV}", index, seq)
-                break
-            reason = (f"prev {parsed.prev} does not link to the held entry at seq {seq - 1} "
-                      f"(hash {result.head_hash})")
-            result.fork = ForkEvidence(seq, digest, reason, result.head_hash, row.kid, entry, signature)
-            error = BatchError(409, "fork",
-                               f"FORK at seq {seq}: {reason}. The entry is kept as evidence and refused; "
-                               f"this origin's chain needs investigation.", index, seq,
-                               {"held_hash": result.head_hash, "received_prev": parsed.prev})
-            break
-
-        if parsed.type == KEY_ROTATION:
+            signed = _signed(row, index)
+            stored = held.get(row.seq) if row.seq <= result.head_seq else None
+            if _same_as_held(stored, signed):
+                raise _Replay()
             try:
-                rotation = parse_rotation(parsed)
-                others = [o for o in tx.origins_of_kid(rotation.new_kid) if o != origin]
-                if others:
-                    raise ValueError(f"key {rotation.new_kid} is registered for origin {others[0]!r}")
-                schedule.apply(rotation)
-            except ValueError as exc:
-                error = BatchError(422, "bad_rotation", f"seq {seq}: key rotation refused: {exc}", index, seq,
-                                   {"kid": row.kid})
-                break
-            rotations.append(rotation)
-
-        duplicate_of = None
-        earlier = history.get(row.idempotency_key)
-        if earlier:
-            start = _window_start(recorded_at, window)
-            inside = [s for s, at in earlier if at >= start]
-            if inside:
-                duplicate_of = inside[0]
-                result.duplicates.append({"seq": seq, "duplicate_of": duplicate_of})
-        history.setdefault(row.idempotency_key, []).append((seq, parsed.recorded_at))
-        new.append(NewEntry(seq, digest, row.idempotency_key, row.kid, parsed.recorded_at, entry, signature,
-                            duplicate_of))
-        held[seq] = HeldEntry(seq, digest, row.idempotency_key, row.kid, signature, duplicate_of)
-        result.head_seq, result.head_hash = seq, digest
+                checked = check_entry(chain, signed, vet_rotation=vet_rotation)
+            except EntryRefused as refused:
+                raise _refusal(refused, index, signed, stored, origin) from None
+        except _Replay:
+            _count_replay(result, held[row.seq])
+            continue
+        except _RowRefused as refused:
+            error, result.fork = refused.error, refused.fork
+            break
+        if checked.rotation is not None:
+            rotations.append(checked.rotation)
+        added = _new_entry(checked, history, window, result)
+        new.append(added)
+        held[added.seq] = HeldEntry(added.seq, added.hash, added.idem, added.kid, added.signature,
+                                    added.duplicate_of)
+        result.head_seq, result.head_hash = added.seq, added.hash
         result.accepted += 1
 
-    if error is None:
-        error = decode_error
-    result.error = error
+    result.error = error or decode_error
+    _store(tx, origin, result, new, rotations, now)
+    return result
+
+
+def _count_replay(result: BatchResult, stored: HeldEntry) -> None:
+    result.replayed += 1
+    if stored.duplicate_of is not None:
+        result.duplicates.append({"seq": stored.seq, "duplicate_of": stored.duplicate_of})
+
+
+def _new_entry(checked: CheckedEntry, history: dict[str, list[tuple[int, str]]], window: timedelta,
+               result: BatchResult) -> NewEntry:
+    """The row to store, flagged as a business duplicate of the first earlier entry of the origin with
+    its idempotency key recorded inside the window before it."""
+    e, recorded_at = checked.signed, checked.entry.recorded_at
+    duplicate_of = None
+    earlier = history.get(e.idem)
+    if earlier:
+        try:
+            start = utc_text(checked.recorded_at - window)
+        except OverflowError:
+            start = ""
+        inside = [s for s, at in earlier if at >= start]
+        if inside:
+            duplicate_of = inside[0]
+            result.duplicates.append({"seq": e.seq, "duplicate_of": duplicate_of})
+    history.setdefault(e.idem, []).append((e.seq, recorded_at))
+    return NewEntry(e.seq, e.hash, e.idem, e.kid, recorded_at, e.entry, e.signature, duplicate_of)
+
+
+def _store(tx: Tx, origin: str, result: BatchResult, new: list[NewEntry], rotations: list[Rotation],
+           now: str) -> None:
+    """The accepted prefix, its Merkle leaves, the new head and rotations, and any fork evidence."""
     if new:
         tx.insert_entries(origin, new, now)
         tx.set_head(origin, result.head_seq, result.head_hash, now)
@@ -285,4 +283,3 @@ def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, 
             tx.add_rotation(origin, rotation, now)
     if result.fork is not None:
         tx.insert_fork(origin, result.fork, now)
-    return result

@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from starlette.routing import Route
 from services.gateway.checkpoints import Cosigner, accept_checkpoint, checkpoint_decoder
 from services.gateway.ingest import batch_decoder, ingest_batch
 from services.gateway.storage import Storage, StorageError, check_url, open_storage
+from shared.runtime.clock import utc_now
 from shared.runtime.logs import get_logger
 
 MAX_BATCH_ENTRIES = 10_000
@@ -80,11 +81,6 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"gateway listen {listen!r} must look like HOST:PORT, e.g. 127.0.0.1:8443")
     return host, int(port)
-
-
-def _utc_now() -> str:
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def _json(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -207,7 +203,7 @@ class Gateway:
         def store():
             assert self.storage is not None
             with self.storage.transaction() as tx:
-                return ingest_batch(tx, origin, rows, self.window, _utc_now())
+                return ingest_batch(tx, origin, rows, self.window, utc_now())
 
         try:
             result = await anyio.to_thread.run_sync(store)
@@ -237,7 +233,7 @@ class Gateway:
         def check():
             assert self.storage is not None and self.cosigner is not None
             with self.storage.transaction() as tx:
-                return accept_checkpoint(tx, origin, note, self.cosigner, _utc_now())
+                return accept_checkpoint(tx, origin, note, self.cosigner, utc_now())
 
         try:
             result = await anyio.to_thread.run_sync(check)

@@ -23,16 +23,15 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.ledger.entry import KeySchedule, Rotation
+from shared.ledger.entry import GENESIS_PREV, KeySchedule, Rotation
 
-GENESIS_HASH = "0" * 64
 SCHEMA_VERSION = "1"
 
 # Written once for both backends; {blob} and {bigint} are filled per backend.
@@ -231,13 +230,13 @@ class Tx(ABC):
     def ensure_head(self, origin: str, now: str) -> None:
         self._exec(
             "INSERT INTO heads (origin, seq, hash, updated_at) VALUES (?, -1, ?, ?) ON CONFLICT DO NOTHING",
-            (origin, GENESIS_HASH, now),
+            (origin, GENESIS_PREV, now),
         )
 
     # -- the chain
     def head(self, origin: str) -> tuple[int, str]:
         rows = self._rows("SELECT seq, hash FROM heads WHERE origin = ?", (origin,))
-        return (int(rows[0][0]), rows[0][1]) if rows else (-1, GENESIS_HASH)
+        return (int(rows[0][0]), rows[0][1]) if rows else (-1, GENESIS_PREV)
 
     def lock_head(self, origin: str, now: str) -> tuple[int, str]:
         """The head, held against other writers of this origin until the transaction ends."""

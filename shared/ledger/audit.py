@@ -55,7 +55,14 @@ from shared.ledger.checkpoint import (
     sign_checkpoint,
     split_note,
 )
-from shared.runtime.config import Config
+from shared.ledger.entry import (
+    ExportLineError,
+    LedgerEntry,
+    SignedEntry,
+    entry_hash,
+    export_line,
+    parse_export_line,
+)
 from shared.ledger.keys import (
     KeyFileError,
     KeyFormatError,
@@ -65,28 +72,8 @@ from shared.ledger.keys import (
     public_key_from_pem,
     public_key_to_pem,
 )
-from shared.ledger.entry import (
-    ChainVerifier,
-    ExportLineError,
-    LedgerEntry,
-    LedgerVerifyError,
-    SignedEntry,
-    entry_hash,
-    export_line,
-    parse_export_line,
-)
-from shared.ledger.store import (
-    CHECKPOINTS_TABLE,
-    LEDGER_TABLE,
-    decode_entry,
-    latest_checkpoint_path,
-    open_ledger,
-    read_latest_checkpoint,
-)
-from shared.runtime.store import from_u64
 from shared.ledger.merkle import (
     EMPTY_ROOT,
-    MERKLE_TABLE,
     Frontier,
     MerkleCorruptError,
     MerkleTree,
@@ -94,6 +81,23 @@ from shared.ledger.merkle import (
     lmdb_tree,
     verify_inclusion,
 )
+from shared.ledger.store import (
+    CHECKPOINTS_TABLE,
+    LedgerReadError,
+    LedgerView,
+    latest_checkpoint_path,
+    open_ledger,
+    read_latest_checkpoint,
+)
+from shared.ledger.verify import (
+    ChainVerifier,
+    HistoryClaim,
+    LedgerVerifyError,
+    RolledBack,
+    check_length,
+    check_roots,
+)
+from shared.runtime.config import Config
 
 __all__ = ["AuditError", "export_audit", "verify_audit"]
 
@@ -122,7 +126,7 @@ class AuditError(Exception):
 # -- shared helpers ------------------------------------------------------------------------------
 
 class _Chain:
-    """Streaming chain check with the seq of the first problem (``shared.ledger.entry.ChainVerifier``).
+    """Streaming chain check with the seq of the first problem (``shared.ledger.verify.check_entry``).
 
     The verifier is created at the first entry, trusting the key that signed it (or, with
     ``trusted``, only those keys); later keys must come from rotation entries.
@@ -146,17 +150,15 @@ class _Chain:
                 anchors = {e.kid: self.available[e.kid]} if e.kid in self.available else {}
             self.verifier = ChainVerifier(anchors)
         try:
-            parsed = self.verifier.check(e)
+            checked = self.verifier.check(e)
         except LedgerVerifyError as exc:
             raise AuditError(exc.seq, exc.reason) from None
+        parsed = checked.entry
         if self.origin is None:
-            self.origin = parsed.origin
-        elif parsed.origin != self.origin:
-            raise AuditError(parsed.seq, f"entry names origin {parsed.origin!r}, the ledger is {self.origin!r}")
+            self.origin = self.verifier.chain.origin = parsed.origin
         self.kids.setdefault(e.kid, self.verifier.schedule.keys[e.kid])
-        for r in self.verifier.schedule.rotations[-1:]:
-            if r.seq == parsed.seq:
-                self.kids.setdefault(r.new_kid, r.new_public)
+        if checked.rotation is not None:
+            self.kids.setdefault(checked.rotation.new_kid, checked.rotation.new_public)
         return parsed
 
     @property
@@ -179,22 +181,17 @@ class _Chain:
         return out
 
 
-def _ledger_entries(txn, db) -> Iterator[SignedEntry]:
-    """The stored rows in key order; an unreadable row is reported with the seq its key names."""
-    cursor = txn.cursor(db=db)
-    expect = 0
+def _ledger_entries(view: LedgerView) -> Iterator[SignedEntry]:
+    """The stored rows in seq order; an unreadable row is reported with the seq its key names."""
+    read = -1
     try:
-        if not cursor.first():
-            return
-        for key, value in cursor:
-            seq = from_u64(key) if len(key) == 8 else expect
-            try:
-                yield decode_entry(value)
-            except (ValueError, TypeError) as exc:
-                raise AuditError(seq, f"the stored row is unreadable (damaged store): {exc}") from None
-            expect = seq + 1
+        for e in view.entries():
+            read = e.seq
+            yield e
+    except LedgerReadError as exc:
+        raise AuditError(exc.seq, exc.reason) from None
     except lmdb.Error as exc:
-        raise AuditError(expect, f"LMDB cannot read the ledger table after seq {expect - 1}: {exc}") from None
+        raise AuditError(read + 1, f"LMDB cannot read the ledger table after seq {read}: {exc}") from None
 
 
 def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[str, Any]]) -> str:  # noqa: C901
@@ -322,7 +319,8 @@ def export_audit(
         tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o755)
         try:
-            summary = _export(store, config, _Chain(available, trusted), private, tmp, wanted)
+            with store.snapshot() as view:
+                summary = _export(view, config, _Chain(available, trusted), private, tmp, wanted)
             if out.exists():
                 out.rmdir()
             os.rename(tmp, out)
@@ -335,45 +333,41 @@ def export_audit(
     return summary
 
 
-def _stored_checkpoint(store, txn, config: Config, count: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
-    """(the sign service's note over exactly ``count`` entries or None, [(where, note)] of every newer
-    or equal checkpoint it knows of: they must not exceed ``count``)."""
-    seen: list[tuple[str, bytes]] = []
+def _history_claims(view: LedgerView, config: Config) -> tuple[bytes | None, list[HistoryClaim]]:
+    """(the newest stored checkpoint note if it covers exactly the entries held, else None; the sizes
+    and roots it and ``keys/checkpoint.latest`` vouch for: none may exceed the store)."""
+    claims: list[HistoryClaim] = []
+    newest = view.newest_checkpoint()
     exact = None
-    if store.has(CHECKPOINTS_TABLE):
-        cursor = txn.cursor(db=store.table(CHECKPOINTS_TABLE))
-        if cursor.last():
-            note = bytes(cursor.value())
-            seen.append((f"the newest checkpoint in {CHECKPOINTS_TABLE}", note))
-            if from_u64(cursor.key()) == count:
-                exact = note
+    if newest is not None:
+        size, note = newest
+        where = f"the newest checkpoint in {CHECKPOINTS_TABLE}"
+        cp = _read_checkpoint_text(note, where)
+        claims.append(HistoryClaim(where, cp.size, cp.root))
+        exact = note if size == view.size() else None
     latest = read_latest_checkpoint(latest_checkpoint_path(config))
     if latest is not None:
-        seen.append((str(latest_checkpoint_path(config)), latest))
-    return exact, seen
+        where = str(latest_checkpoint_path(config))
+        cp = _read_checkpoint_text(latest, where)
+        claims.append(HistoryClaim(where, cp.size, cp.root))
+    return exact, claims
 
 
-def _export(store, config: Config, chain: _Chain, private: dict[str, SigningKey], tmp: Path,
+def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, SigningKey], tmp: Path,
             wanted: list[int]) -> dict[str, Any]:
-    try:
-        merkle_db = store.table(MERKLE_TABLE)
-    except KeyError:
-        merkle_db = None
     with ExitStack() as stack:
-        txn = stack.enter_context(store.read())
-        ledger_db = store.table(LEDGER_TABLE)
-        count = txn.stat(ledger_db)["entries"]
+        count = view.size()
         for s in wanted:
             if not 0 <= s < count:
                 raise ValueError(f"seq {s} is not in the ledger (it holds seq 0..{count - 1})")
-        stored_note, signed_before = _stored_checkpoint(store, txn, config, count)
-        for where, note in signed_before:
-            cp = _read_checkpoint_text(note, where)
-            if cp.size > count:
-                raise AuditError(count, f"ROLLBACK: the ledger holds {count} entries but {where} was signed over "
-                                        f"{cp.size}: the store was restored from an older copy (see the sign "
-                                        "service's alarm for the recovery)")
-        stored = lmdb_tree(txn, merkle_db, write=False) if merkle_db is not None else None
+        stored_note, claims = _history_claims(view, config)
+        try:
+            check_length(count, claims)
+        except RolledBack as found:
+            raise AuditError(count, f"ROLLBACK: the ledger holds {count} entries but {found.claim.where} was "
+                                    f"signed over {found.claim.size}: the store was restored from an older copy "
+                                    "(see the sign service's alarm for the recovery)") from None
+        stored = view.tree()
         try:
             stored_size = stored.size() if stored is not None else 0
         except MerkleCorruptError as exc:
@@ -385,13 +379,13 @@ def _export(store, config: Config, chain: _Chain, private: dict[str, SigningKey]
 
         frontier = Frontier()
         wanted_set = set(wanted)
-        roots: dict[int, bytes] = {}
-        checked_sizes = {_read_checkpoint_text(n, w).size for w, n in signed_before}
+        roots: dict[int, bytes] = {0: EMPTY_ROOT}
+        checked_sizes = {claim.size for claim in claims}
         examples: list[dict[str, Any]] = []
         (tmp / PROOFS).mkdir()
         seq = 0
         with open(tmp / ENTRIES, "wb") as f:
-            for e in _ledger_entries(txn, ledger_db):
+            for e in _ledger_entries(view):
                 chain.check(e)
                 seq = chain.seq - 1
                 leaf = leaf_hash(e.entry)
@@ -418,11 +412,12 @@ def _export(store, config: Config, chain: _Chain, private: dict[str, SigningKey]
         if seq != count:
             raise AuditError(seq, f"the ledger table lists {count} entries but {seq} were read")
         root = frontier.root()
-        for where, note in signed_before:
-            cp = _read_checkpoint_text(note, where)
-            if cp.size and roots.get(cp.size) != cp.root:
-                raise AuditError(None, f"FORK: {where} (size {cp.size}) was signed over other entries than the "
-                                       f"store's first {cp.size}: the store holds another history")
+        try:
+            check_roots(claims, roots.__getitem__, count)
+        except RolledBack as found:
+            where, size = found.claim.where, found.claim.size
+            raise AuditError(None, f"FORK: {where} (size {size}) was signed over other entries than the "
+                                   f"store's first {size}: the store holds another history") from None
         tree = stored if use_stored else scratch
         if use_stored:
             try:
@@ -497,7 +492,7 @@ def _signature_by(note: str, name: str, public: bytes) -> bytes:
 
 
 def _scratch_tree(stack: ExitStack) -> MerkleTree:
-    """A throwaway on-disk tree (bounded memory) for ledgers whose store has no Merkle table yet."""
+    """A throwaway on-disk tree (bounded memory) for proofs when the store has no Merkle table."""
     path = stack.enter_context(tempfile.TemporaryDirectory(prefix="mro-audit-"))
     env = lmdb.open(path, map_size=1 << 40, sync=False, metasync=False, lock=False, max_dbs=1)
     stack.callback(env.close)
@@ -588,7 +583,7 @@ def verify_audit(
     """Verify an export directory; returns a report dict, raises ``AuditError`` at the first problem.
 
     Checks, streaming: every row parses; the hash chain, seqs and every entry signature
-    (``shared.ledger.entry.ChainVerifier``: the first entry's key from ledger-key.pem / keys/*.pem /
+    (``shared.ledger.verify.check_entry``: the first entry's key from ledger-key.pem / keys/*.pem /
     ``extra_public_keys``, later keys only through key_rotation entries, retired keys refused);
     one origin; the Merkle root of entries 0..size-1 equals the signed checkpoint's, whose
     signature must verify under the key the chain has current at that size (= ledger-key.pem);

@@ -11,24 +11,25 @@ Key rotation is itself an entry: ``type`` ``key_rotation``, body ``{new_kid, new
 only the new key may sign; the old one is retired for good (``KeySchedule``). A verifier thus
 needs only the first key out of band: the chain carries the rest of its key history.
 
-Pure functions only; storage (LMDB) lives elsewhere.
+Pure functions only; checking an entry against a chain is ``shared.ledger.verify``, storage
+(LMDB) is ``shared.ledger.store``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
 from shared.ledger.canonical import canonical_json, sha256_hex
-from shared.ledger.keys import PUBLIC_KEY_BYTES, LedgerSigner, key_id, verify_digest_signature
+from shared.ledger.keys import PUBLIC_KEY_BYTES, LedgerSigner, key_id
 
 LEDGER_VERSION = 1
-GENESIS_PREV = "0" * 64
+GENESIS_PREV = "0" * 64  # the prev of seq 0, and the hash of an empty chain's head
 MAX_SEQ = 2**53 - 1
 KEY_ROTATION = "key_rotation"
 _ROTATION_FIELDS = {"new_kid", "new_public_key", "effective_seq"}
@@ -72,15 +73,6 @@ class SignedEntry(msgspec.Struct, frozen=True):
     kid: str
 
 
-class LedgerVerifyError(Exception):
-    """The chain is broken at ``seq``; ``reason`` says how. Verification stops at the first break."""
-
-    def __init__(self, seq: int, reason: str) -> None:
-        super().__init__(f"seq {seq}: {reason}")
-        self.seq = seq
-        self.reason = reason
-
-
 class ExportLineError(ValueError):
     """A JSON Lines export row is not well formed."""
 
@@ -104,7 +96,7 @@ def entry_bytes(
 ) -> bytes:
     """The canonical bytes of a new entry; ValueError if a field is out of its declared form.
 
-    ``recorded_at`` is RFC 3339 UTC with ``Z`` and milliseconds (``shared.runtime.messages.utc_now()``).
+    ``recorded_at`` is RFC 3339 UTC with ``Z`` and milliseconds (``shared.runtime.clock.utc_now()``).
     """
     fields = {
         "v": LEDGER_VERSION,
@@ -139,7 +131,7 @@ def sign_entry(key: LedgerSigner, entry: bytes, seq: int, idem: str) -> SignedEn
     """Hash and sign ``entry``, refusing bytes whose own seq/idem/kid disagree with the row's.
 
     The check costs one JSON decode and makes it impossible to store a row that
-    ``verify_chain`` would later reject for a mismatch.
+    ``shared.ledger.verify.check_entry`` would later reject for a mismatch.
     """
     parsed = parse_entry(entry)
     if (parsed.seq, parsed.idem, parsed.kid) != (seq, idem, key.kid):
@@ -232,8 +224,8 @@ class KeySchedule:
                              f"from seq {retired[0]} on")
         return public
 
-    def apply(self, rotation: Rotation) -> None:
-        """Take up a rotation whose entry verified; ValueError if it contradicts the schedule."""
+    def check(self, rotation: Rotation) -> None:
+        """ValueError if ``rotation`` contradicts the schedule; nothing changes."""
         pending = [r for r in self.rotations if r.effective_seq > rotation.seq]
         if pending:
             raise ValueError(f"a rotation while the one at seq {pending[-1].seq} has not taken effect")
@@ -242,107 +234,15 @@ class KeySchedule:
         known = self.keys.get(rotation.new_kid)
         if known is not None and known != rotation.new_public:
             raise ValueError(f"the rotation's key {rotation.new_kid} differs from the known key of that kid")
-        if known is None:
+
+    def apply(self, rotation: Rotation) -> None:
+        """Take up a rotation whose entry verified; ValueError if it contradicts the schedule."""
+        self.check(rotation)
+        if rotation.new_kid not in self.keys:
             self.keys[rotation.new_kid] = rotation.new_public
             self.valid_from[rotation.new_kid] = rotation.effective_seq
         self.retired_from[rotation.old_kid] = (rotation.effective_seq, rotation.seq)
         self.rotations.append(rotation)
-
-    def signer_after(self, seq: int) -> str | None:
-        """The kid the latest rotation says signs ``seq`` (None before any rotation)."""
-        for r in reversed(self.rotations):
-            if r.effective_seq <= seq:
-                return r.new_kid
-        return None
-
-
-class ChainVerifier:
-    """Streaming verification of a chain, one entry at a time (``verify_chain`` in a loop).
-
-    Per entry: seq continuity, hash == SHA-256(entry bytes), the bytes decode to an entry whose
-    seq/idem/kid agree with the row, ``prev`` links to the previous entry's hash, the key named
-    by ``kid`` may sign this seq (``KeySchedule``) and its signature verifies; a ``key_rotation``
-    entry must be well formed and is then taken up. LedgerVerifyError at the first problem.
-    """
-
-    def __init__(self, public_keys: Mapping[str, bytes], *, expect_first_seq: int = 0,
-                 prev: str = GENESIS_PREV) -> None:
-        self.schedule = KeySchedule(public_keys)
-        self.seq = expect_first_seq
-        self.prev = prev
-
-    def check(self, e: SignedEntry) -> LedgerEntry:
-        seq, prev = self.seq, self.prev
-        if e.seq != seq:
-            raise LedgerVerifyError(
-                seq,
-                f"found seq {e.seq} where seq {seq} belongs (entry missing, duplicated, inserted or reordered)",
-            )
-        if e.hash != entry_hash(e.entry):
-            raise LedgerVerifyError(seq, "hash does not match SHA-256 of the entry bytes")
-        try:
-            parsed = parse_entry(e.entry)
-        except ValueError as exc:
-            raise LedgerVerifyError(seq, f"entry bytes are not a well-formed ledger entry: {exc}") from None
-        if parsed.v != LEDGER_VERSION:
-            raise LedgerVerifyError(
-                seq, f"entry has ledger version {parsed.v}, this verifier knows {LEDGER_VERSION}"
-            )
-        if parsed.seq != e.seq:
-            raise LedgerVerifyError(seq, f"entry bytes say seq {parsed.seq}")
-        if parsed.idem != e.idem:
-            raise LedgerVerifyError(seq, "entry bytes carry a different idempotency key than the row")
-        if parsed.kid != e.kid:
-            raise LedgerVerifyError(seq, f"entry bytes name key {parsed.kid} but the row names {e.kid}")
-        if parsed.prev != prev:
-            if seq == 0:
-                raise LedgerVerifyError(seq, "prev is not the genesis value")
-            raise LedgerVerifyError(seq, f"prev does not match hash of seq {seq - 1}")
-        try:
-            public = self.schedule.key_for(e.kid, seq)
-        except ValueError as exc:
-            raise LedgerVerifyError(seq, str(exc)) from None
-        if not verify_digest_signature(public, e.entry, e.signature):
-            raise LedgerVerifyError(seq, f"signature is not valid for key {e.kid}")
-        if parsed.type == KEY_ROTATION:
-            try:
-                self.schedule.apply(parse_rotation(parsed))
-            except ValueError as exc:
-                raise LedgerVerifyError(seq, f"key rotation refused: {exc}") from None
-        self.prev = e.hash
-        self.seq = seq + 1
-        return parsed
-
-
-def verify_chain(
-    entries: Iterable[SignedEntry],
-    public_keys: Mapping[str, bytes],
-    *,
-    expect_first_seq: int = 0,
-    prev: str = GENESIS_PREV,
-    expect_count: int | None = None,
-) -> int:
-    """Verify a run of entries in order, streaming; return how many were verified.
-
-    ``expect_first_seq``/``prev`` let a verifier resume from a trusted point (e.g. a checkpoint)
-    instead of genesis. Checks per entry: see ``ChainVerifier``; key rotations are honoured, so
-    ``public_keys`` needs only the keys trusted at the start (later ones come from rotation
-    entries, and a rotated-out key is refused from its rotation's ``effective_seq`` on).
-    A chain cut short at its tail looks valid on its own; pass ``expect_count`` (e.g. from a
-    signed checkpoint) to catch that. Raises LedgerVerifyError at the first bad seq.
-    ``public_keys`` maps kid -> raw 32-byte key; a kid that is not the key's own is a ValueError.
-    """
-    verifier = ChainVerifier(public_keys, expect_first_seq=expect_first_seq, prev=prev)
-    for e in entries:
-        if expect_count is not None and verifier.seq - expect_first_seq >= expect_count:
-            raise LedgerVerifyError(verifier.seq, f"entry beyond the expected {expect_count} entries")
-        verifier.check(e)
-    count = verifier.seq - expect_first_seq
-    if expect_count is not None and count < expect_count:
-        raise LedgerVerifyError(
-            verifier.seq, f"missing: the chain ends after {count} of {expect_count} expected entries"
-        )
-    return count
 
 
 def export_row(e: SignedEntry) -> dict:
@@ -366,7 +266,7 @@ def parse_export_line(line: bytes) -> SignedEntry:
     """Inverse of ``export_line``; strict, so one row has exactly one valid spelling.
 
     Strictness (lowercase hex, no stray whitespace, no unknown fields) means any edit of an
-    exported row either fails here or changes a value that ``verify_chain`` then rejects.
+    exported row either fails here or changes a value that ``check_entry`` then rejects.
     """
     body = line[:-1] if line.endswith(b"\n") else line
     if not (body.startswith(b"{") and body.endswith(b"}")):
@@ -384,3 +284,16 @@ def parse_export_line(line: bytes) -> SignedEntry:
         signature=bytes.fromhex(row.signature),
         kid=row.kid,
     )
+
+
+_MOVED_TO_VERIFY = ("ChainVerifier", "LedgerVerifyError", "verify_chain")
+
+
+def __getattr__(name: str) -> Any:
+    """Names that moved to ``shared.ledger.verify``, importable from here until every caller imports them
+    from there (a module attribute hook, PEP 562: a plain re-export would be an import cycle)."""
+    if name in _MOVED_TO_VERIFY:
+        from shared.ledger import verify
+
+        return getattr(verify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -232,7 +232,7 @@ class MerkleTree:
             while i & 1:
                 left = get(pack(b"m", level, i - 1))
                 if left is None or len(left) != HASH_SIZE:
-                    self.node(level, i - 1)  # raises with the details
+                    left = self.node(level, i - 1)  # raises with the details
                 h = _sha256(b"\x01" + left + h).digest()
                 i >>= 1
                 level += 1

@@ -17,7 +17,11 @@ ALARM_DETAIL_MAX = 500
 _encode = msgspec.json.Encoder().encode
 
 
-def alarm_payload(service: str, kind: str, detail: str, **context: Any) -> bytes:
-    """JSON `{"service", "alarm", "detail", "at", ...context}` for the alarm topic."""
-    return _encode({"service": service, "alarm": kind, "detail": detail[:ALARM_DETAIL_MAX], "at": utc_now(),
+def alarm_payload(service: str, kind: str, detail: str, *, detail_max: int = ALARM_DETAIL_MAX,
+                  **context: Any) -> bytes:
+    """JSON `{"service", "alarm", "detail", "at", ...context}` for the alarm topic.
+
+    `detail_max` is larger only for a detail that is itself the recovery procedure (the sign
+    stage's refusals), which an operator must read whole."""
+    return _encode({"service": service, "alarm": kind, "detail": detail[:detail_max], "at": utc_now(),
                     **context})

@@ -19,7 +19,8 @@ import pytest
 
 from mro_edge.simulator.records import valid_record
 from shared.ledger.keys import LedgerKeyFiles
-from shared.ledger.entry import KEY_ROTATION, parse_entry, verify_chain
+from shared.ledger.entry import KEY_ROTATION, parse_entry
+from shared.ledger.verify import verify_chain
 from shared.runtime.mqtt import MqttLink
 from shared.runtime.topics import Topics
 from tests.brokers import start_broker

@@ -29,7 +29,8 @@ from tests.support.gateway import ThreadedGateway, batch_body, make_entries
 from services.gateway.server import create_app
 from services.gateway.storage import open_storage
 from shared.ledger.keys import SigningKey
-from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry, verify_chain
+from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry
+from shared.ledger.verify import verify_chain
 from tests.edge import database
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,6 @@ from shared.ledger.entry import (
     GENESIS_PREV,
     LEDGER_VERSION,
     ExportLineError,
-    LedgerVerifyError,
     SignedEntry,
     entry_bytes,
     entry_hash,
@@ -28,8 +27,8 @@ from shared.ledger.entry import (
     parse_entry,
     parse_export_line,
     sign_entry,
-    verify_chain,
 )
+from shared.ledger.verify import LedgerVerifyError, verify_chain
 
 KEY = SigningKey(bytes(range(32)))
 KEYS = {KEY.kid: KEY.public_bytes}
