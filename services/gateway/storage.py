@@ -361,7 +361,8 @@ class Tx(ABC):
             (origin, from_seq, limit),
         )
         names = [c.strip() for c in _ENTRY_COLUMNS.split(",")]
-        return [{k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in zip(names, r)} for r in rows]
+        return [{k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in zip(names, r, strict=True)}
+                for r in rows]
 
     def count_entries(self, origin: str) -> int:
         return int(self._rows("SELECT COUNT(*) FROM entries WHERE origin = ?", (origin,))[0][0])
@@ -372,7 +373,8 @@ class Tx(ABC):
             (origin,),
         )
         names = ("seq", "hash", "reason", "held_hash", "kid", "entry", "signature")
-        return [{k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in zip(names, r)} for r in rows]
+        return [{k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in zip(names, r, strict=True)}
+                for r in rows]
 
 
 class Storage(ABC):
@@ -381,7 +383,7 @@ class Storage(ABC):
     placeholder = "?"
     blob = "BLOB"
     bigint = "INTEGER"
-    tx_class = Tx
+    tx_class: type[Tx]
 
     def __init__(self, pool_size: int = 4) -> None:
         self._pool: queue.LifoQueue = queue.LifoQueue()
@@ -448,7 +450,7 @@ class Storage(ABC):
     def _discard(self, conn: Any) -> None:
         try:
             conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may itself fail; nothing to do
+        except Exception:
             pass
 
     # statement that serializes concurrent first starts (CREATE TABLE IF NOT EXISTS is not

@@ -194,7 +194,7 @@ def _ledger_entries(view: LedgerView) -> Iterator[SignedEntry]:
         raise AuditError(read + 1, f"LMDB cannot read the ledger table after seq {read}: {exc}") from None
 
 
-def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[str, Any]]) -> str:  # noqa: C901
+def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[str, Any]]) -> str:
     lines = [
         "For auditors: checking this ledger export",
         "=========================================",
@@ -389,7 +389,7 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
                 chain.check(e)
                 seq = chain.seq - 1
                 leaf = leaf_hash(e.entry)
-                if seq < stored_size:
+                if stored is not None and seq < stored_size:
                     try:
                         if stored.node(0, seq) != leaf:
                             raise AuditError(seq, "the stored Merkle leaf differs from the entry's leaf hash")
@@ -419,7 +419,7 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
             raise AuditError(None, f"FORK: {where} (size {size}) was signed over other entries than the "
                                    f"store's first {size}: the store holds another history") from None
         tree = stored if use_stored else scratch
-        if use_stored:
+        if stored is not None and use_stored:
             try:
                 if stored.root(count) != root:
                     raise AuditError(None, f"the stored Merkle tree's root at size {count} differs from the root "
@@ -428,6 +428,7 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
                 raise AuditError(None, f"stored Merkle tree: {exc}") from None
         for ex in examples:
             s = ex["seq"]
+            assert tree is not None  # requested proofs: the stored tree, else the scratch one
             proof = tree.inclusion_proof(s, count)
             if not verify_inclusion(bytes.fromhex(ex["leaf_hash"]), s, count, proof, root):
                 raise AuditError(s, "the inclusion proof built for this entry does not verify")

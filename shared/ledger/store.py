@@ -211,6 +211,9 @@ class LedgerReader(Store):
         self.close()
 
 
+LedgerStore = LedgerReader  # the name the uplink still imports; remove when it says LedgerReader
+
+
 def open_ledger(config: Config) -> LedgerReader:
     """The sign stage's store, read-only: safe beside the running sign service (LMDB MVCC)."""
     return LedgerReader(config.stage_dir(SIGN_STAGE))

@@ -18,8 +18,8 @@ import time
 import pytest
 
 from mro_edge.simulator.records import valid_record
-from shared.ledger.keys import LedgerKeyFiles
 from shared.ledger.entry import KEY_ROTATION, parse_entry
+from shared.ledger.keys import LedgerKeyFiles
 from shared.ledger.verify import verify_chain
 from shared.runtime.mqtt import MqttLink
 from shared.runtime.topics import Topics

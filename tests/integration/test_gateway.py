@@ -24,14 +24,14 @@ import pytest
 import yaml
 
 from services.gateway.admin import RegistrationError, register_edge
-from tests.brokers import free_port
-from tests.support.gateway import ThreadedGateway, batch_body, make_entries
 from services.gateway.server import create_app
 from services.gateway.storage import open_storage
-from shared.ledger.keys import SigningKey
 from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry
+from shared.ledger.keys import SigningKey
 from shared.ledger.verify import verify_chain
+from tests.brokers import free_port
 from tests.edge import database
+from tests.support.gateway import ThreadedGateway, batch_body, make_entries
 
 ROOT = Path(__file__).resolve().parents[2]
 ZEROS = "0" * 64

@@ -5,7 +5,7 @@ that match the entries it holds and extend the last one it accepted, and its cos
 must verify with our code and with stock OpenSSL. The fixtures (a gateway per database
 backend, an edge registered at it) are those of test_gateway.py.
 """
-# ruff: noqa: F811  (pytest fixtures imported from test_gateway are parameters of the tests)
+
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from shared.ledger.checkpoint import (
     verified_cosignatures,
     verify_cosignature,
 )
-from shared.ledger.keys import SigningKey
 from shared.ledger.entry import KEY_ROTATION, SignedEntry, entry_bytes, rotation_body, sign_entry
+from shared.ledger.keys import SigningKey
 from shared.ledger.merkle import Frontier, leaf_hash
-from tests.integration.test_gateway import Edge, _entry_with, db_url, edge, gateway  # noqa: F401 - fixtures
+from tests.integration.test_gateway import Edge, _entry_with, db_url, edge, gateway
 
 
 def checkpoint_of(entries: list[SignedEntry], origin: str, key: SigningKey) -> str:

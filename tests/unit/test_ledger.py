@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.ledger.canonical import canonical_json, sha256_hex
-from shared.ledger.keys import SigningKey
 from shared.ledger.entry import (
     GENESIS_PREV,
     LEDGER_VERSION,
@@ -28,6 +27,7 @@ from shared.ledger.entry import (
     parse_export_line,
     sign_entry,
 )
+from shared.ledger.keys import SigningKey
 from shared.ledger.verify import LedgerVerifyError, verify_chain
 
 KEY = SigningKey(bytes(range(32)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import lmdb
@@ -138,7 +138,7 @@ def ref_proof(m: int, d: tuple[bytes, ...]) -> list[bytes]:
     return ref_subproof(m, d, True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def data(n: int) -> tuple[bytes, ...]:
     return tuple(f"entry {i}".encode() * (i % 3 + 1) for i in range(n))
 
