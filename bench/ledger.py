@@ -2,7 +2,7 @@
 
 ``run_ledger_bench(quick=False)`` measures, on real LMDB stores in a temporary directory:
 
-- appends/s through the sign stage's real handler (``services.sign.local.LocalSign``: entry
+- appends/s through the sign stage's real handler (``tests.support.sign.LocalSign``: entry
   bytes, Ed25519 signature, Merkle leaf and nodes, outbox row, receipts; one synced LMDB
   transaction per batch of ``stage.batch_max`` records), and the Merkle tree's own share;
 - at 1,000,000 entries: inclusion and consistency proof size (hashes, bytes), build time and
@@ -26,7 +26,7 @@ from typing import Any
 
 import lmdb
 
-from services.sign.local import LocalSign, record_item
+from tests.support.sign import LocalSign, record_item
 from shared.ledger.audit import export_audit, verify_audit
 from shared.runtime.config import Config
 from shared.ledger.merkle import leaf_hash, lmdb_tree, verify_consistency, verify_inclusion

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
+
+import msgspec
 
 from services.sign.guard import (
     LedgerDamagedError,
@@ -32,7 +35,6 @@ from services.sign.guard import (
 )
 from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.ledger.checkpoint import Checkpoint, sign_checkpoint
-from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
 from shared.ledger.entry import (
     GENESIS_PREV,
     KEY_ROTATION,
@@ -44,6 +46,8 @@ from shared.ledger.entry import (
     rotation_body,
     sign_entry,
 )
+from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
+from shared.ledger.merkle import MERKLE_TABLE, MerkleTree, leaf_hash, lmdb_tree
 from shared.ledger.store import (
     CHECKPOINTS_TABLE,
     LEDGER_TABLE,
@@ -53,10 +57,12 @@ from shared.ledger.store import (
     latest_checkpoint_path,
     write_latest_checkpoint,
 )
-from shared.ledger.merkle import MERKLE_TABLE, MerkleTree, leaf_hash, lmdb_tree
-from shared.runtime.stage import Stage, UnitOfWork
-from shared.runtime.store import from_u64, u64
-from shared.runtime.messages import DeviceReceipt, Item, Outcome, Outcomes, json_encode, utc_now
+from shared.runtime.clock import utc_now
+from shared.runtime.handler import Stage
+from shared.runtime.messages import SignedRow, ValidatedRecord, json_encode, record_body
+from shared.runtime.store import u64
+from shared.runtime.verdicts import Recorded, Verdict
+from shared.runtime.work import UnitOfWork
 
 CHECKPOINT_POLL_S = 0.2
 
@@ -74,10 +80,27 @@ def next_signer(head: SignedEntry | None, first_kid: str) -> str:
     return head.kid
 
 
-class Sign(Stage):
+@dataclass
+class _Batch:
+    """Where the batch appends: the next seq, the previous hash, the signing key, the leaves so far."""
+
+    seq: int
+    prev: str
+    key: SigningKey
+    tree: MerkleTree
+    leaves: list[bytes] = field(default_factory=list)
+
+
+def _row(signed: SignedEntry) -> msgspec.Raw:
+    return msgspec.Raw(json_encode(export_row(signed)))
+
+
+class Sign(Stage[ValidatedRecord]):
     name = "sign"
+    input_type = ValidatedRecord
     downstream = "uplink"
     tables = SIGN_TABLES
+    accepted_state = "SIGNED"
     refuse = staticmethod(refuse)  # alarm + log before a refusal propagates (replaceable in tests)
     run_checkpointer = True  # False: checkpoints only on demand (``Checkpointer.tick``), e.g. in tools
 
@@ -108,10 +131,7 @@ class Sign(Stage):
         self._keys: dict[str, SigningKey] = {k.kid: k for k in (current, *([pending] if pending else []))}
         self._current = current
         self._key_lock = threading.Lock()
-        count, filled_from = check_tree(store)
-        if filled_from != count:
-            self.log.warning("Merkle tree built for an existing ledger", entries=count,
-                             state_transition="MERKLE_FILLED")
+        count = check_tree(store)
         with store.read() as txn:
             cursor = txn.cursor(db=store.table(LEDGER_TABLE))
             head = decode_entry(cursor.value()) if cursor.last() else None
@@ -139,86 +159,75 @@ class Sign(Stage):
                     retired = self._current.kid
                     key = self._current = self.key_files.complete_rotation(kid)
                     self._keys = {kid: key}  # the retired key is dropped: it never signs again
-                    self.log.info("key rotation complete", kid=kid, retired=retired, state_transition="KEY_ROTATED")
+                    self.log.info("key rotation complete", kid=kid, retired=retired,
+                                  state_transition="KEY_ROTATED")
         if key is None:
             raise KeyFileError(
-                f"the ledger's next entry must be signed by key {kid} (its head is seq {head.seq if head else '-'}), "
-                f"but {self.key_files.dir} does not hold that key: restore ledger.key of {kid} from your key backup. "
+                f"the ledger's next entry must be signed by key {kid} "
+                f"(its head is seq {head.seq if head else '-'}), but {self.key_files.dir} does not hold "
+                f"that key: restore ledger.key of {kid} from your key backup. "
                 "The service never signs with a key the ledger did not introduce.")
         return key
 
     # -- appending
-    def handle(self, items: list[Item], uow: UnitOfWork) -> None:
+    def begin(self, uow: UnitOfWork) -> None:
+        """The batch's chain head and signing key, from committed state; a staged key takes over
+        with a rotation entry first."""
         last = uow.last(LEDGER_TABLE)
         head = decode_entry(last[1]) if last else None
         seq, prev = (head.seq + 1, head.hash) if head else (0, GENESIS_PREV)
         key = self.signer(head)
         tree = MerkleTree(lambda k: uow.get(MERKLE_TABLE, k), lambda k, v: uow.put(MERKLE_TABLE, k, v))
         if tree.size() != seq:
-            raise LedgerDamagedError("ledger_damaged", f"the Merkle tree covers {tree.size()} entries but the "
-                                     f"ledger holds {seq}: refusing to append")
-        leaves: list[bytes] = []
+            raise LedgerDamagedError("ledger_damaged", f"the Merkle tree covers {tree.size()} entries but "
+                                     f"the ledger holds {seq}: refusing to append")
+        self._batch = _Batch(seq, prev, key, tree)
         pending = self.key_files.pending()
-        if pending is not None and pending.kid != key.kid and items:
+        if pending is not None and pending.kid != key.kid:
             if pending.kid in self._retired_kids():
-                raise KeyFileError(f"{self.key_files.next_path} holds key {pending.kid}, which this ledger used "
-                                   "before: a retired key never signs again; stage a fresh one (mro-edge keys rotate)")
-            signed = self._append_rotation(key, pending, seq, prev, uow)
-            leaves.append(leaf_hash(signed.entry))
-            seq, prev, key = seq + 1, signed.hash, pending
+                raise KeyFileError(f"{self.key_files.next_path} holds key {pending.kid}, which this ledger "
+                                   "used before: a retired key never signs again; stage a fresh one "
+                                   "(mro-edge keys rotate)")
+            self._append_rotation(key, pending, uow)
+            self._batch.key = pending
             self._keys[pending.kid] = pending
-        recorded: list[Outcome] = []
-        for item in items:
-            prior = uow.seen(item.key)
-            if prior is not None:
-                if item.data.get("resend"):
-                    self._answer_resend(item, from_u64(prior), uow, recorded)
-                continue
-            body = item.data["body"]
-            if body.get("type") == KEY_ROTATION:
-                raise ValueError("a device record may not claim the ledger's own key_rotation type")
-            entry = entry_bytes(origin=self.origin, seq=seq, prev=prev, idem=item.key, kid=key.kid,
-                                recorded_at=utc_now(), type=body["type"], body=body)
-            signed = sign_entry(key, entry, seq, item.key)
-            uow.put(LEDGER_TABLE, u64(seq), encode_entry(signed), append=True)
-            leaves.append(leaf_hash(entry))
-            uow.remember(item.key, u64(seq))
-            uow.forward(item.key, {"event_id": body["event_id"], "row": export_row(signed)})
-            if item.data["device"].get("kind") != "service":
-                uow.device_receipt(item.data["device"]["id"],
-                                   DeviceReceipt("recorded", utc_now(), body["event_id"], item.key, seq=seq))
-            uow.transition(body["event_id"], item.key, "SIGNED", seq=seq)
-            recorded.append(Outcome(item.key, "recorded", seq=seq))
-            seq, prev = seq + 1, signed.hash
-        tree.extend(leaves)
-        if recorded:
-            uow.publish(uow.topics.outcomes, json_encode(Outcomes(recorded)))
+
+    def judge(self, item: ValidatedRecord, uow: UnitOfWork) -> Verdict:
+        record = item.record
+        signed = self._append(item.key, record.type, record_body(record), uow)
+        return Recorded(signed.seq, SignedRow(item.key, record.event_id, signed.seq, _row(signed)))
+
+    def finish(self, uow: UnitOfWork) -> None:
+        self._batch.tree.extend(self._batch.leaves)
+
+    def _append(self, idem: str, entry_type: str, body: dict, uow: UnitOfWork,
+                key: SigningKey | None = None) -> SignedEntry:
+        batch = self._batch
+        signer = key or batch.key
+        entry = entry_bytes(origin=self.origin, seq=batch.seq, prev=batch.prev, idem=idem, kid=signer.kid,
+                            recorded_at=utc_now(), type=entry_type, body=body)
+        signed = sign_entry(signer, entry, batch.seq, idem)
+        uow.put(LEDGER_TABLE, u64(batch.seq), encode_entry(signed), append=True)
+        batch.leaves.append(leaf_hash(entry))
+        batch.seq, batch.prev = batch.seq + 1, signed.hash
+        return signed
 
     def _retired_kids(self) -> set[str]:
         """kids of ``keys/retired/ledger.<kid>.key`` and ``.pub.pem``: keys that never sign again."""
         return {p.name.split(".")[1] for p in (self.key_files.dir / "retired").glob("ledger.*")}
 
-    def _append_rotation(self, old: SigningKey, new: SigningKey, seq: int, prev: str, uow: UnitOfWork) -> SignedEntry:
+    def _append_rotation(self, old: SigningKey, new: SigningKey, uow: UnitOfWork) -> None:
+        seq = self._batch.seq
         body = rotation_body(new.public_bytes, seq + 1)
         idem = sha256_hex(canonical_json({"key_rotation": body, "origin": self.origin}))
-        entry = entry_bytes(origin=self.origin, seq=seq, prev=prev, idem=idem, kid=old.kid, recorded_at=utc_now(),
-                            type=KEY_ROTATION, body=body)
-        signed = sign_entry(old, entry, seq, idem)
-        uow.put(LEDGER_TABLE, u64(seq), encode_entry(signed), append=True)
-        uow.forward(idem, {"event_id": None, "row": export_row(signed)})
-        uow.transition(None, idem, "KEY_ROTATION_APPENDED", seq=seq, old_kid=old.kid, new_kid=new.kid)
-        return signed
-
-    def _answer_resend(self, item: Item, seq: int, uow: UnitOfWork, recorded: list[Outcome]) -> None:
-        """A device asked again about a record already in the ledger: tell it (and ingest) the seq."""
-        body = item.data["body"]
-        uow.device_receipt(item.data["device"]["id"],
-                           DeviceReceipt("duplicate", utc_now(), body["event_id"], item.key, seq=seq))
-        recorded.append(Outcome(item.key, "recorded", seq=seq))
+        signed = self._append(idem, KEY_ROTATION, body, uow, key=old)
+        uow.forward(SignedRow(idem, None, seq, _row(signed)))
+        uow.note(None, idem, "KEY_ROTATION_APPENDED", seq=seq, old_kid=old.kid, new_kid=new.kid)
 
     def status_extra(self) -> dict:
         cp = getattr(self, "checkpointer", None)
-        return {"checkpoint_size": cp.size if cp else None, "rotation_pending": self.key_files.next_path.exists()}
+        return {"checkpoint_size": cp.size if cp else None,
+                "rotation_pending": self.key_files.next_path.exists()}
 
     def close(self) -> None:
         cp = getattr(self, "checkpointer", None)
@@ -256,14 +265,14 @@ class Checkpointer(threading.Thread):
             self.join(timeout=10)
         try:
             self.tick(final=True)
-        except Exception as exc:  # noqa: BLE001 - stopping anyway; the next start checkpoints
+        except Exception as exc:
             self.log.error("final checkpoint failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
                 self.tick()
-            except Exception as exc:  # noqa: BLE001 - keep checkpointing; the next tick retries
+            except Exception as exc:
                 self.log.error("checkpoint failed", error=f"{type(exc).__name__}: {str(exc)[:200]}",
                                state_transition="CHECKPOINT_FAILED")
                 self._halt.wait(5.0)

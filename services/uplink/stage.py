@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from services.uplink.pusher import Pusher
 from services.uplink.store import ENTRIES, UPLINK_TABLES
-from shared.runtime.messages import Item, json_encode
-from shared.runtime.stage import Stage, UnitOfWork
+from shared.runtime.handler import Stage
+from shared.runtime.messages import SignedRow
 from shared.runtime.store import u64
 from shared.runtime.topics import Topics
+from shared.runtime.verdicts import Recorded, Verdict
+from shared.runtime.work import UnitOfWork
 
 
-class Uplink(Stage):
+class Uplink(Stage[SignedRow]):
     name = "uplink"
+    input_type = SignedRow
     tables = UPLINK_TABLES
+    accepted_state = "UPLINK_QUEUED"
 
     def notice_topics(self, topics: Topics) -> tuple[str, ...]:
         return (topics.status("connectivity"),)
@@ -37,18 +41,15 @@ class Uplink(Stage):
     def close(self) -> None:
         self.pusher.stop()
 
-    def handle(self, items: list[Item], uow: UnitOfWork) -> None:
-        acked = self.pusher.acked
-        for item in items:
-            if uow.seen(item.key) is not None:
-                continue
-            row = item.data["row"]
-            seq = row["seq"]
-            uow.remember(item.key, u64(seq))
-            if seq <= acked:
-                continue  # the gateway already holds it (re-sent after our ack was stored)
-            uow.put(ENTRIES, u64(seq), json_encode(row))
-            uow.transition(item.data.get("event_id"), item.key, "UPLINK_QUEUED", seq=seq)
+    def begin(self, uow: UnitOfWork) -> None:
+        self.acked = self.pusher.acked
+
+    def judge(self, item: SignedRow, uow: UnitOfWork) -> Verdict:
+        if item.seq > self.acked:  # else the gateway already holds it (re-sent after our ack was stored)
+            uow.put(ENTRIES, u64(item.seq), bytes(item.row))
+        return Recorded(item.seq)
+
+    def finish(self, uow: UnitOfWork) -> None:
         self.pusher.wake.set()
 
     def status_extra(self) -> dict:

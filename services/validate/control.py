@@ -45,13 +45,25 @@ from shared.compliance.updates import UpdateRefused, apply_update, verify_update
 from shared.compliance.versions import BASE, ContractVersion, DefinitionError, compile_version, dry_run
 from shared.contract import RECORD_TYPES, idempotency_key
 from shared.ledger.keys import KeyFormatError, public_key_from_pem
+from shared.contract.scalars import stored_hook
+from shared.runtime.alarms import alarm_payload
+from shared.runtime.clock import utc_now
 from shared.runtime.logs import get_logger
+from shared.runtime.messages import (
+    SERVICE_KIND,
+    DeviceRef,
+    ReceivedRecord,
+    SchemaChange,
+    ValidatedRecord,
+    item_encoder,
+    json_encode,
+)
+from shared.runtime.poison import reject_poison
 from shared.runtime.store import Store, StoreError, from_u64, u64
-from shared.runtime.messages import Item, item_encoder, json_encode, utc_now
 
 NON_CRITICAL = frozenset({"torque_event", "part_receipt"})
 COMMAND_TTL_S = 300
-CONTROL_DEVICE = {"kind": "service", "id": "validate"}
+CONTROL_DEVICE = DeviceRef(SERVICE_KIND, "validate")
 TABLE = "compliance"
 HELD_TABLE = "held"
 _STATE = b"schema/state"
@@ -59,7 +71,7 @@ _OVERLAY = b"registry/overlay"
 _SERIAL = b"registry/serial"
 _RECORD_TYPES = frozenset(RECORD_TYPES)
 
-_item_decoder = msgspec.json.Decoder(Item)
+_held_decoder = msgspec.json.Decoder(ReceivedRecord, dec_hook=stored_hook)
 
 
 def schema_topic(topics) -> str:
@@ -172,35 +184,38 @@ class SchemaControl:
 
     # --- held records ------------------------------------------------------------------------------
 
-    def hold(self, item: Item, uow) -> None:
+    def hold(self, item: ReceivedRecord, uow) -> None:
         state = msgspec.structs.replace(self.state, held_next=self.state.held_next + 1)
         uow.put(HELD_TABLE, u64(self.state.held_next), item_encoder.encode(item))
         self._save(uow, state)
 
-    def _release(self, uow, rejected: list) -> int:
+    def _release(self, uow) -> int:
+        """Judge every held record under the version now in force and settle it with its verdict."""
         state = self.state
         released = 0
         for held_id in range(state.held_first, state.held_next):
             raw = uow.get(HELD_TABLE, u64(held_id))
             if raw is None:
                 continue
-            item = _item_decoder.decode(raw)
+            item = _held_decoder.decode(raw)
             uow.delete(HELD_TABLE, u64(held_id))
             try:
-                self.stage.judge(item, uow, rejected, may_hold=False)
+                verdict = self.stage.judge(item, uow, may_hold=False)
             except Exception as exc:  # one broken record must not keep the others held
-                self.stage.reject_broken(item, exc, uow, rejected)
+                reject_poison(uow, item, exc)
+            else:
+                uow.settle(item, verdict)
             released += 1
         self._save(uow, msgspec.structs.replace(self.state, held_first=state.held_next))
         return released
 
     # --- notices -----------------------------------------------------------------------------------
 
-    def notice(self, topic: str, payload: bytes, uow, rejected: list) -> None:
+    def notice(self, topic: str, payload: bytes, uow) -> None:
         if topic == registry_topic(uow.topics):
             self._registry_update(payload, uow)
         elif topic == schema_topic(uow.topics):
-            self._command(payload, uow, rejected)
+            self._command(payload, uow)
 
     def _registry_update(self, payload: bytes, uow) -> None:
         raw_serial = uow.get(TABLE, _SERIAL)
@@ -239,7 +254,7 @@ class SchemaControl:
         except (OSError, KeyFormatError, UnicodeDecodeError) as exc:
             raise UpdateRefused(f"the authority key {path} is unreadable: {exc}") from None
 
-    def _command(self, payload: bytes, uow, rejected: list) -> None:
+    def _command(self, payload: bytes, uow) -> None:
         try:
             command = msgspec.json.decode(payload)
             if not isinstance(command, dict):
@@ -261,7 +276,7 @@ class SchemaControl:
             handler = _COMMANDS.get(command.get("command"))
             if handler is None:
                 raise CommandError(f"unknown command {str(command.get('command'))[:40]!r}")
-            reply = handler(self, command, uow, rejected)
+            reply = handler(self, command, uow)
             reply["ok"] = True
         except CommandError as exc:
             reply = {"ok": False, "message": str(exc)}
@@ -288,10 +303,10 @@ class SchemaControl:
 
     # --- schema commands ---------------------------------------------------------------------------
 
-    def cmd_status(self, command, uow, rejected) -> dict:
+    def cmd_status(self, command, uow) -> dict:
         return {"message": "status"}
 
-    def cmd_stage(self, command, uow, rejected) -> dict:
+    def cmd_stage(self, command, uow) -> dict:
         try:
             version = compile_version(command.get("definition"))
         except DefinitionError as exc:
@@ -304,12 +319,12 @@ class SchemaControl:
         report = self._dry_run(version, command, uow)
         return {"message": f"staged {version.version}; {report['summary']}", "dry_run": report}
 
-    def cmd_dry_run(self, command, uow, rejected) -> dict:
+    def cmd_dry_run(self, command, uow) -> dict:
         version = self._staged()
         report = self._dry_run(version, command, uow)
         return {"message": report["summary"], "dry_run": report}
 
-    def cmd_activate(self, command, uow, rejected) -> dict:
+    def cmd_activate(self, command, uow) -> dict:
         version = self._staged()
         override = bool(command.get("override"))
         reason = str(command.get("reason") or "").strip()
@@ -330,14 +345,14 @@ class SchemaControl:
             state, active=version.definition, active_since=utc_now(), history=history, staged=None,
             staged_at=None, dry_run=None, **_closed()))
         event_id = self._forward(body, uow)
-        released = self._release(uow, rejected)
+        released = self._release(uow)
         self.log.warning("contract version activated", state_transition=f"SCHEMA_{action.upper()}",
                          version=version.version, previous=previous, released=released,
                          failed_ppm=report["report"]["failed_ppm"])
         return {"message": f"{version.version} is active ({action}); {released} held record(s) released",
                 "ledger_event_id": event_id, "released": released, "dry_run": report}
 
-    def cmd_rollback(self, command, uow, rejected) -> dict:
+    def cmd_rollback(self, command, uow) -> dict:
         state = self.state
         reason = str(command.get("reason") or "").strip() or None
         if state.staged:
@@ -360,7 +375,7 @@ class SchemaControl:
             raise CommandError(f"nothing to roll back: nothing is staged and {self._active.version} is the base")
         self._save(uow, new)
         event_id = self._forward(body, uow)
-        released = self._release(uow, rejected)
+        released = self._release(uow)
         self.log.warning("contract version rolled back", state_transition="SCHEMA_ROLLBACK",
                          withdrawn=withdrawn, active=self._active.version, released=released)
         return {"message": f"{message}; {released} held record(s) released", "ledger_event_id": event_id,
@@ -417,15 +432,13 @@ class SchemaControl:
 
     def _forward(self, body: dict, uow) -> str:
         key = idempotency_key(body)
-        uow.remember(key, b"validated")
-        uow.forward(key, {"body": body, "device": CONTROL_DEVICE, "received_at": utc_now()})
+        uow.forward(ValidatedRecord(key, msgspec.convert(body, SchemaChange), CONTROL_DEVICE))
         uow.note(body["event_id"], key, "SCHEMA_CHANGE_FORWARDED", action=body["action"])
         return body["event_id"]
 
     def _alarm(self, uow, kind: str, detail: str) -> None:
         self.log.error("alarm", alarm=kind, detail=detail[:300], state_transition=f"ALARM_{kind.upper()}")
-        uow.publish(uow.topics.alarm, json_encode({"service": self.stage.name, "alarm": kind,
-                                                   "detail": detail[:500], "at": utc_now()}))
+        uow.publish(uow.topics.alarm, alarm_payload(self.stage.name, kind, detail))
 
 
 class CommandError(Exception):

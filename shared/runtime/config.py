@@ -176,8 +176,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
     _split_url(config.mqtt.url)
     if config.mqtt.password and not config.mqtt.username:
-        raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) is not: "
-                          "set both, or neither to use the service login in $MRO_DATA_DIR/broker/service.secret")
+        raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) "
+                          "is not: set both, or neither to use the service login in "
+                          "$MRO_DATA_DIR/broker/service.secret")
     if not config.link.gateway_url:
         config.link.gateway_url = local_gateway_url(config.gateway.listen)
     return config

@@ -60,7 +60,8 @@ class _NeverRaises:
             pass
 
 
-def configure_logging(service: str, station: str, level: str | None = None, *, stream: TextIO | None = None) -> None:
+def configure_logging(service: str, station: str, level: str | None = None, *,
+                      stream: TextIO | None = None) -> None:
     """JSON lines on `stream` (stderr) for structlog and for every standard-library logger."""
     stream = _NeverRaises(stream or sys.stderr)
     number = _level_number(level)
@@ -77,7 +78,8 @@ def configure_logging(service: str, station: str, level: str | None = None, *, s
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="at"),
     ]
     structlog.configure(
-        processors=stamped + [_scrub, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        processors=stamped + [_scrub, structlog.processors.format_exc_info,
+                              structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
@@ -114,7 +116,8 @@ def _log_uncaught() -> None:
     def thread_excepthook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is SystemExit:
             return
-        structlog.get_logger().critical("uncaught exception in thread", thread=getattr(args.thread, "name", None),
+        structlog.get_logger().critical("uncaught exception in thread",
+                                        thread=getattr(args.thread, "name", None),
                                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
                                         state_transition="CRASHED")
 

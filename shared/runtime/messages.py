@@ -1,33 +1,154 @@
-"""Internal stage traffic on `mro/<station>/pipeline/...` and device receipts.
+"""What travels between the stages on `mro/<station>/pipeline/...`, and the device receipt.
 
-Pipeline messages carry many records each (a batch from the upstream outbox). Each record
-travels with its idempotency key, which is also what a downstream receipt names.
+Every hop has its own msgspec Struct with a version tag (`"type": "received/1"` ...), so a
+reader of any stage knows exactly what it gets and a format change is explicit:
+
+    ingest --ReceivedRecord--> validate --ValidatedRecord--> sign --SignedRow--> uplink
+
+A `FateQuery` may ride the same hop instead of a record: a device sent the record again and
+the stage before does not know its final fate (see `shared.runtime.delivery`). A pipeline
+message (`Envelope`) carries many items of one hop, each with its idempotency key, which is
+also what the downstream `StageReceipt` names. `Outcomes` tell ingest the final fate of
+records. `Fate` is what each stage keeps under a key in its `seen` table.
+
+`DeviceReceipt` is device contract v1 and is public: it has no tag and its JSON never changes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from shared.runtime.clock import utc_from_epoch, utc_now
+from shared.contract import Record
+from shared.contract.errors import FieldError
+from shared.contract.scalars import enc_hook, stored_hook
 
-__all__ = ["utc_from_epoch", "utc_now"]  # re-exported until every caller imports shared.runtime.clock
+
+class DeviceRef(msgspec.Struct, frozen=True):
+    """Who sent a record: a device from the fleet, or `service` for the box's own records."""
+
+    kind: str
+    id: str
 
 
-class Item(msgspec.Struct, frozen=True):
-    """One record between stages: its idempotency key and the stage-specific data."""
+SERVICE_KIND = "service"
+
+
+class SchemaChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type",
+                   tag="schema_change"):
+    """The ledger record of a contract-version activation, override or rollback (validate's own).
+
+    `definition` and `dry_run` are operator documents (`shared.compliance.versions`), kept as given."""
+
+    schema: str
+    event_id: str
+    station: str
+    action: str
+    version: str
+    previous: str
+    at: str
+    command_id: str
+    operator: str
+    withdrawn: str | None = None
+    definition: dict[str, Any] | None = None
+    definition_sha256: str | None = None
+    dry_run: dict[str, Any] | None = None
+    reason: str | None = None
+
+    @property
+    def type(self) -> str:
+        return "schema_change"
+
+
+class ReceivedRecord(msgspec.Struct, frozen=True, tag="received/1"):
+    """ingest -> validate: a record that passed device contract v1, as the device stated it."""
 
     key: str
-    data: dict[str, Any]
+    record: Record
+    received_at: str
+    device: DeviceRef
+
+    @property
+    def event_id(self) -> str:
+        return self.record.event_id
 
 
-class Envelope(msgspec.Struct):
+class ValidatedRecord(msgspec.Struct, frozen=True, tag="validated/1"):
+    """validate -> sign: a record judged valid and compliant, to be appended to the ledger."""
+
+    key: str
+    record: Record | SchemaChange
+    device: DeviceRef
+
+    @property
+    def event_id(self) -> str:
+        return self.record.event_id
+
+
+class SignedRow(msgspec.Struct, frozen=True, tag="signed/1"):
+    """sign -> uplink: one ledger entry in its public export form (`shared.ledger.entry.export_row`),
+    encoded once by sign and carried byte for byte to the gateway."""
+
+    key: str
+    event_id: str | None
+    seq: int
+    row: msgspec.Raw
+
+    @property
+    def device(self) -> None:
+        """Entries are the box's: no device waits for a receipt about them."""
+        return None
+
+
+class FateQuery(msgspec.Struct, frozen=True, tag="query/1"):
+    """A device asked again about `key`; the stage that knows the record's final fate answers it."""
+
+    key: str
+    event_id: str
+    device: DeviceRef
+
+
+Item = TypeVar("Item")
+
+
+class Envelope(msgspec.Struct, Generic[Item]):
+    """One pipeline message: a batch of one hop's items from the stage `source`."""
+
     source: str
     items: list[Item]
 
 
-class StageReceipt(msgspec.Struct):
+FateStatus = Literal["received", "validated", "held", "recorded", "rejected"]
+
+
+class Fate(msgspec.Struct, frozen=True, omit_defaults=True, tag="fate/1"):
+    """What a stage knows about a record it holds (its `seen` value): received / validated (passed
+    on), held, recorded at `seq`, or rejected with `errors`."""
+
+    status: FateStatus
+    seq: int | None = None
+    errors: list[FieldError] | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in ("recorded", "rejected")
+
+
+class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The final fate of one record, told to ingest so it can answer re-sends of it."""
+
+    key: str
+    status: Literal["recorded", "rejected"]
+    seq: int | None = None
+    errors: list[FieldError] | None = None
+
+
+class Outcomes(msgspec.Struct, frozen=True, tag="outcomes/1"):
+    outcomes: list[Outcome]
+
+
+class StageReceipt(msgspec.Struct, frozen=True, tag="stage-receipt/1"):
     """Sent by a stage to its upstream after commit: these keys are now durable here."""
 
     stage: str
@@ -35,34 +156,33 @@ class StageReceipt(msgspec.Struct):
 
 
 class DeviceReceipt(msgspec.Struct, omit_defaults=True):
-    """`mro/<station>/receipt/<device_id>` (device contract v1)."""
+    """`mro/<station>/receipt/<device_id>` (device contract v1, public: no tag)."""
 
     status: str
     at: str
     event_id: str | None = None
     idempotency_key: str | None = None
     seq: int | None = None
-    errors: list[dict[str, Any]] | None = None
-
-
-class Outcome(msgspec.Struct, omit_defaults=True):
-    """Final fate of a record, told to ingest so it can answer re-sends of it."""
-
-    key: str
-    status: str
-    seq: int | None = None
-    errors: list[dict[str, Any]] | None = None
-
-
-class Outcomes(msgspec.Struct):
-    outcomes: list[Outcome]
+    errors: list[FieldError] | None = None
 
 
 json_encode = msgspec.json.Encoder().encode
-item_encoder = msgspec.json.Encoder()
-envelope_decoder = msgspec.json.Decoder(Envelope)
+item_encoder = msgspec.json.Encoder(enc_hook=enc_hook)
 stage_receipt_decoder = msgspec.json.Decoder(StageReceipt)
 outcomes_decoder = msgspec.json.Decoder(Outcomes)
+fate_encode = msgspec.msgpack.Encoder().encode
+fate_decode = msgspec.msgpack.Decoder(Fate).decode
+
+
+def record_body(record: Record | SchemaChange) -> dict[str, Any]:
+    """The canonical body of a record as it is signed (`shared.contract.normalize`, also for
+    the box's own records)."""
+    return msgspec.to_builtins(record, enc_hook=enc_hook)
+
+
+def envelope_decoder(item_type: Any) -> msgspec.json.Decoder:
+    """The decoder of a pipeline message whose items are `item_type` (a hop type or a union)."""
+    return msgspec.json.Decoder(Envelope[item_type], dec_hook=stored_hook)
 
 
 def encode_envelope(source: str, encoded_items: list[bytes]) -> bytes:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared.runtime.config import Config
 from services.broker.credentials import topic_matches
+from shared.runtime.config import Config
 from shared.runtime.logs import get_logger
 
 FATAL_EXIT = 70  # EX_SOFTWARE: not REFUSED_EXIT (3), so the supervisor restarts the service
@@ -130,7 +130,7 @@ class MqttLink:
         def guarded(*args) -> None:
             try:
                 callback(*args)
-            except BaseException as exc:  # noqa: BLE001 - anything that would end the network thread
+            except BaseException as exc:  # anything that would end the network thread
                 self.fatal(name, exc)
         return guarded
 
@@ -148,7 +148,7 @@ class MqttLink:
         for hook in self.on_connect_hooks:
             try:
                 hook()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 self.fatal(f"on_connect hook {_name(hook)}", exc)
 
     def _on_disconnect(self, _client, _userdata, _flags, _reason_code, _properties) -> None:
@@ -158,7 +158,8 @@ class MqttLink:
         was_contested = self.contested
         self._drops.append(time.monotonic())
         if self.contested and not was_contested:
-            self._trouble("session_contested", f"disconnected {CONTESTED_DROPS} times within {CONTESTED_WINDOW_S:.0f} s: "
+            self._trouble("session_contested",
+                          f"disconnected {CONTESTED_DROPS} times within {CONTESTED_WINDOW_S:.0f} s: "
                           "another client is probably using this service's client id")
 
     @property
@@ -178,7 +179,7 @@ class MqttLink:
         if handler := self.direct.get(message.topic):
             try:
                 handler(message.payload)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 self.fatal(f"handler {_name(handler)} of {message.topic}", exc)
             if message.qos:
                 self.client.ack(message.mid, message.qos)
@@ -188,7 +189,7 @@ class MqttLink:
         if watcher := self.watch.get(message.topic):
             try:
                 watcher(inbound)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 self.fatal(f"handler {_name(watcher)} of {message.topic}", exc)
             if message.qos:
                 self.client.ack(message.mid, message.qos)
@@ -209,7 +210,8 @@ class MqttLink:
         dropped, never handed to the stage, so it cannot freeze it."""
         self.unsolicited += 1
         if self.unsolicited == 1 or self.unsolicited % 1000 == 0:
-            get_logger().warning("message on a topic this service never subscribed to; dropped", topic=message.topic,
+            get_logger().warning("message on a topic this service never subscribed to; dropped",
+                                 topic=message.topic,
                                  count=self.unsolicited, state_transition="UNSOLICITED_DROPPED")
         if message.qos:
             self.client.ack(message.mid, message.qos)
@@ -252,7 +254,8 @@ def fatal_exit(callback: str, exc: BaseException) -> None:
         frames = traceback.extract_tb(exc.__traceback__)
         get_logger().critical(
             "mqtt callback raised; exiting so the service is restarted", callback=callback,
-            error=type(exc).__name__, detail=str(exc)[:200], where=[f"{f.filename}:{f.lineno}:{f.name}" for f in frames[-6:]],
+            error=type(exc).__name__, detail=str(exc)[:200],
+            where=[f"{f.filename}:{f.lineno}:{f.name}" for f in frames[-6:]],
             exit_code=FATAL_EXIT, state_transition="FATAL")
         sys.stderr.flush()
         sys.stdout.flush()

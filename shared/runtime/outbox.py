@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from itertools import takewhile
 
-from shared.runtime.store import Store, from_u64, u64
 from shared.runtime.messages import encode_envelope
+from shared.runtime.store import Store, from_u64, u64
 
 OUTBOX_TABLES = ("outbox", "outbox_keys")
 _NEXT_ID = b"outbox_next_id"
@@ -78,12 +79,19 @@ class Outbox:
     def pump(self) -> int:
         """Publish overdue and new rows; returns how many records went out."""
         now = time.monotonic()
-        due = []
-        for row_id, sent_at in self._in_flight.items():
-            if now - sent_at < self.redeliver_after_s:
-                break
-            due.append(row_id)
-        room = self.max_in_flight - len(self._in_flight) + len(due)
+        overdue = takewhile(lambda row: now - row[1] >= self.redeliver_after_s, self._in_flight.items())
+        due = [row_id for row_id, _ in overdue]  # in send order: the first one not overdue ends it
+        rows = self._read(due, room=self.max_in_flight - len(self._in_flight) + len(due))
+        for start in range(0, len(rows), self.batch):
+            chunk = rows[start : start + self.batch]
+            self._publish(self.topic, encode_envelope(self.source, [value for _, value in chunk]))
+            for row_id, _ in chunk:
+                self._in_flight[row_id] = now
+                self._in_flight.move_to_end(row_id)
+        return len(rows)
+
+    def _read(self, due: list[int], room: int) -> list[tuple[int, bytes]]:
+        """The overdue rows still owed, then as many never sent as there is room for."""
         rows: list[tuple[int, bytes]] = []
         with self.store.read() as txn:
             for row_id in due:
@@ -93,20 +101,12 @@ class Outbox:
                 else:
                     rows.append((row_id, value))
             room -= len(rows)
-            if room > 0:
-                cursor = txn.cursor(db=self._rows)
-                if cursor.set_range(u64(self._next_unsent)):
-                    for raw_id, value in cursor:
-                        row_id = from_u64(raw_id)
-                        rows.append((row_id, value))
-                        self._next_unsent = row_id + 1
-                        room -= 1
-                        if room <= 0:
-                            break
-        for start in range(0, len(rows), self.batch):
-            chunk = rows[start : start + self.batch]
-            self._publish(self.topic, encode_envelope(self.source, [value for _, value in chunk]))
-            for row_id, _ in chunk:
-                self._in_flight[row_id] = now
-                self._in_flight.move_to_end(row_id)
-        return len(rows)
+            cursor = txn.cursor(db=self._rows)
+            if room > 0 and cursor.set_range(u64(self._next_unsent)):
+                for raw_id, value in cursor:
+                    rows.append((from_u64(raw_id), value))
+                    self._next_unsent = from_u64(raw_id) + 1
+                    room -= 1
+                    if room <= 0:
+                        break
+        return rows

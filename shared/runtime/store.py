@@ -32,7 +32,8 @@ class StoreError(Exception):
 class Store:
     """Named tables in one LMDB environment under `$MRO_DATA_DIR/<stage>/`."""
 
-    def __init__(self, path: Path, tables: tuple[str, ...], *, map_size_mb: int = 4096, readonly: bool = False):
+    def __init__(self, path: Path, tables: tuple[str, ...], *, map_size_mb: int = 4096,
+                 readonly: bool = False):
         self.path = Path(path)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)

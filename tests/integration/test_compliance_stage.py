@@ -1,5 +1,5 @@
 """The validate stage's compliance boundaries with its real runtime and real LMDB, no broker:
-batches go through `StageRuntime._commit` exactly as they do in the service (one transaction per
+batches go through `StageRuntime.commit` exactly as they do in the service (one transaction per
 batch, notices first), so state, held records, replies and ledger items are the committed ones."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import random
 import time
 from datetime import UTC, datetime, timedelta
 
-import msgspec
 import pytest
 
 from bench.compliance import synthetic_bodies, write_ledger
@@ -22,10 +21,18 @@ from shared.runtime.config import load_config
 from shared.contract import decode_record, idempotency_key, normalize
 from shared.ledger.keys import SigningKey
 from shared.runtime.mqtt import Inbound
-from shared.runtime.stage import StageRuntime
+from shared.runtime.stage import Batch, StageRuntime
 from shared.runtime.store import from_u64
 from shared.runtime.topics import Topics
-from shared.runtime.messages import Item, utc_now
+from shared.runtime.clock import utc_now
+from shared.runtime.messages import (
+    DeviceRef,
+    FateQuery,
+    ReceivedRecord,
+    ValidatedRecord,
+    envelope_decoder,
+    record_body,
+)
 
 STATION = "HGR1"
 AUTHORITY = SigningKey(bytes(range(7, 39)))
@@ -66,8 +73,8 @@ class Harness:
 
     def commit(self, items=(), notices=()):
         inbound = [Inbound(topic, payload, 1, 0, 0) for topic, payload in notices]
-        uows = self.runtime._commit(list(items), [], inbound, [])
-        self.outgoing = [(t, p) for u in uows for t, p, _, _ in u.outgoing]
+        uows = self.runtime.commit(Batch(inputs=list(items), notices=inbound))
+        self.outgoing = [(t, p) for u in uows for t, p, _, _ in u.messages()]
         self.transitions = [t for u in uows for t in u.transitions]
         return uows
 
@@ -78,7 +85,10 @@ class Harness:
             return [(k, v) for k, v in txn.cursor(db=store.table(name))]
 
     def forwarded(self) -> list[dict]:
-        return [msgspec.json.decode(v)["data"] for _, v in self.table("outbox")]
+        """The bodies of the records owed to sign."""
+        rows = b",".join(v for _, v in self.table("outbox"))
+        envelope = envelope_decoder(ValidatedRecord).decode(b'{"source":"validate","items":[' + rows + b"]}")
+        return [record_body(validated.record) for validated in envelope.items]
 
     def dlq(self) -> list[dict]:
         return [json.loads(v) for _, v in self.table("dlq")]
@@ -93,7 +103,7 @@ class Harness:
         return [(t.correlation_id, t.state) for t in self.transitions]
 
     # inputs
-    def item(self, record_type=None, kind="tablet", device_id="TAB-12", edit=None, occurred=None) -> Item:
+    def item(self, record_type=None, kind="tablet", device_id="TAB-12", edit=None, occurred=None) -> ReceivedRecord:
         data = valid_record(self.rng, station=STATION, device_kind=kind, device_id=device_id,
                             record_type=record_type, occurred_at=occurred)
         if edit:
@@ -102,12 +112,10 @@ class Harness:
                 sign_record(data)  # signatures follow the edited content
         return self.item_of(data)
 
-    def item_of(self, data: dict) -> Item:
+    def item_of(self, data: dict) -> ReceivedRecord:
         kind, device_id = data["device"]["kind"], data["device"]["id"]
-        body = normalize(decode_record(json.dumps(data).encode(), station=STATION, device_kind=kind,
-                                       device_id=device_id))
-        return Item(idempotency_key(body), {"body": body, "received_at": utc_now(),
-                                            "device": {"kind": kind, "id": device_id}})
+        record = decode_record(json.dumps(data).encode(), station=STATION, device_kind=kind, device_id=device_id)
+        return ReceivedRecord(idempotency_key(normalize(record)), record, utc_now(), DeviceRef(kind, device_id))
 
     def schema(self, command, **fields):
         payload = json.dumps({"command": command, "id": f"c{time.monotonic_ns()}", "sent_at": utc_now(),
@@ -128,7 +136,7 @@ def test_valid_records_are_compliance_checked_and_forwarded(stage):
     assert len(stage.forwarded()) == 90 and stage.dlq() == []
     states = stage.states()
     for item in items:
-        event_id = item.data["body"]["event_id"]
+        event_id = item.event_id
         assert states.index((event_id, "VALIDATED")) < states.index((event_id, "COMPLIANCE_CHECKED"))
     processed = from_u64(dict(stage.table("meta"))[b"processed"])
     assert processed == 90  # one count per record, not per transition
@@ -213,7 +221,7 @@ def test_signed_registry_update_is_applied_atomically_and_persisted(stage):
     stage.restart()  # persisted in the stage's LMDB, on top of the files
     second = by_new_technician(stage)
     stage.commit([second])
-    assert stage.forwarded()[-1]["body"]["event_id"] == second.data["body"]["event_id"]
+    assert stage.forwarded()[-1]["event_id"] == second.event_id
     suspend = {"serial": 2, "issued_at": utc_now(),
                "technicians": {"upsert": [new_technician(status="suspended")]}}
     push(stage, sign_update(suspend, AUTHORITY), "r2")
@@ -311,10 +319,10 @@ def test_drift_holds_non_critical_writes_while_sign_offs_flow_then_rollback_clea
 
     sign_off = stage.item("maintenance_action", edit=no_hours)
     stage.commit([torque, receipt, sign_off])
-    forwarded = [d["body"]["event_id"] for d in stage.forwarded()]
-    assert forwarded == [sign_off.data["body"]["event_id"]]  # judged on the active mro.record/1
+    forwarded = [d["event_id"] for d in stage.forwarded()]
+    assert forwarded == [sign_off.event_id]  # judged on the active mro.record/1
     assert stage.dlq() == []
-    assert {s for e, s in stage.states() if e == torque.data["body"]["event_id"]} == {"HELD"}
+    assert {s for e, s in stage.states() if e == torque.event_id} == {"HELD"}
     assert len(stage.table("held")) == 2
 
     refused = stage.schema("activate")
@@ -322,14 +330,14 @@ def test_drift_holds_non_critical_writes_while_sign_offs_flow_then_rollback_clea
     assert refused["state"]["breaker"] == "open"
 
     # a re-send of a held record is neither forwarded nor rejected
-    stage.commit([Item(torque.key, dict(torque.data, resend=True))])
+    stage.commit([FateQuery(torque.key, torque.event_id, torque.device)])
     assert len(stage.forwarded()) == 1
 
     reply = stage.schema("rollback", reason="devices not ready for hours on every action")
     assert reply["ok"] and reply["released"] == 2
     assert reply["state"]["breaker"] == "closed" and reply["state"]["staged"] is None
-    bodies = [d["body"] for d in stage.forwarded()]
-    assert {b["event_id"] for b in bodies} >= {torque.data["body"]["event_id"], receipt.data["body"]["event_id"]}
+    bodies = stage.forwarded()
+    assert {b["event_id"] for b in bodies} >= {torque.event_id, receipt.event_id}
     [change] = [b for b in bodies if b["type"] == "schema_change"]
     assert change["action"] == "rollback" and change["withdrawn"] == "mro.record/2"
     assert change["dry_run"]["failed"] > 0 and change["reason"].startswith("devices")
@@ -344,7 +352,7 @@ def test_override_activates_logged_and_the_new_version_is_enforced(stage, histor
     assert stage.schema("activate", override=True)["ok"] is False  # no reason given
     reply = stage.schema("activate", override=True, reason="CAMO accepts: tablets updated tonight")
     assert reply["ok"] and reply["state"]["active"] == "mro.record/2" and reply["released"] == 1
-    changes = [d["body"] for d in stage.forwarded() if d["body"]["type"] == "schema_change"]
+    changes = [d for d in stage.forwarded() if d["type"] == "schema_change"]
     assert [c["action"] for c in changes] == ["override"]
     assert changes[0]["reason"].startswith("CAMO") and changes[0]["previous"] == "mro.record/1"
 
@@ -362,7 +370,7 @@ def test_override_activates_logged_and_the_new_version_is_enforced(stage, histor
     assert stage.schema("status")["state"]["active"] == "mro.record/2"
     reply = stage.schema("rollback")
     assert reply["ok"] and reply["state"]["active"] == "mro.record/1"
-    actions = [d["body"]["action"] for d in stage.forwarded() if d["body"]["type"] == "schema_change"]
+    actions = [d["action"] for d in stage.forwarded() if d["type"] == "schema_change"]
     assert actions == ["override", "rollback"]
 
 
@@ -371,7 +379,7 @@ def test_activation_within_tolerance(stage, history):
     assert reply["dry_run"]["within_tolerance"] and reply["state"]["breaker"] == "closed"
     reply = stage.schema("activate")
     assert reply["ok"] and reply["state"]["active"] == "mro.record/2"
-    [change] = [d["body"] for d in stage.forwarded() if d["body"]["type"] == "schema_change"]
+    [change] = [d for d in stage.forwarded() if d["type"] == "schema_change"]
     assert change["action"] == "activate" and change["dry_run"]["sample"] == 400
     assert change["definition_sha256"] and change["event_id"]
 

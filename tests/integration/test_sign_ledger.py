@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.sign.guard import LedgerDamagedError, LedgerRollbackError, SignRefused
-from services.sign.local import LocalSign, record_item
+from tests.support.sign import LocalSign, record_item
 from services.uplink.store import UPLINK_TABLES, UplinkStore
 from shared.ledger.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint, sign_checkpoint, split_note
 from shared.runtime.config import Config

@@ -498,7 +498,7 @@ def test_auditors_doc_commands_verify_one_record_and_one_checkpoint(exported, tm
 # -- a ledger written by the sign stage itself: stored checkpoints, rotations, rollback ----------------
 
 def test_rotated_ledger_exports_and_verifies_from_its_first_key(tmp_path):
-    from services.sign.local import LocalSign, record_item
+    from tests.support.sign import LocalSign, record_item
     from shared.ledger.keys import LedgerKeyFiles
 
     data = tmp_path / "data"
@@ -538,7 +538,7 @@ def test_rotated_ledger_exports_and_verifies_from_its_first_key(tmp_path):
 
 
 def test_export_of_a_rolled_back_store_is_refused(tmp_path):
-    from services.sign.local import LocalSign, record_item
+    from tests.support.sign import LocalSign, record_item
 
     data = tmp_path / "data"
     with LocalSign(data).open() as sign:

@@ -1,8 +1,9 @@
 """The sign stage's handler against a real store, without MQTT: benchmarks, tests and tools.
 
 ``LocalSign`` builds what ``shared.runtime.stage.StageRuntime`` gives a stage (the store with the
-runtime's tables, an outbox, topics, a logger) minus the broker link, so ``Sign.open`` and
-``Sign.handle`` run exactly as in the service: one LMDB write transaction per batch.
+runtime's tables, an outbox, topics, a logger) minus the broker link, so ``Sign.open`` and the
+batch (``shared.runtime.delivery.run_batch``) run exactly as in the service: one LMDB write
+transaction per batch.
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ from types import SimpleNamespace
 from typing import Any
 
 from services.sign.stage import Sign
+from shared.contract import record_from_body
 from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.runtime.config import Config
+from shared.runtime.delivery import run_batch
 from shared.runtime.logs import get_logger
+from shared.runtime.messages import DeviceRef, ValidatedRecord
 from shared.runtime.outbox import Outbox
-from shared.runtime.stage import RUNTIME_TABLES, UnitOfWork
+from shared.runtime.stage import RUNTIME_TABLES
 from shared.runtime.store import Store
 from shared.runtime.topics import Topics
-from shared.runtime.messages import Item
+from shared.runtime.work import LmdbUnitOfWork
 
 
-def record_item(i: int, station: str = "HGR1", device: str = "TQW-01") -> Item:
+def record_item(i: int, station: str = "HGR1", device: str = "TQW-01") -> ValidatedRecord:
     """A validated torque record as the validate stage hands it to sign (key = idempotency key)."""
     body = {
         "schema": "mro.record/1", "type": "torque_event", "event_id": str(uuid.UUID(int=i + 1, version=4)),
@@ -32,10 +36,11 @@ def record_item(i: int, station: str = "HGR1", device: str = "TQW-01") -> Item:
         "aircraft": {"registration": "N123AB", "serial_number": "4567", "type": "A320"}, "ata": "32-11",
         "technician": {"cert_no": "A1234567", "cert_kind": "FAA-AP"},
         "tool": {"serial_number": "TW-88812", "calibration_due": "2027-06-30"},
-        "fastener_ref": "NAS1351-4-12", "torque_nm": "24.6", "torque_min_nm": "23.0", "torque_max_nm": "26.0",
+        "fastener_ref": "NAS1351-4-12", "torque_nm": "24.6", "torque_min_nm": "23", "torque_max_nm": "26",
         "result": "OK", "tightening_id": i,
     }
-    return Item(sha256_hex(canonical_json(body)), {"body": body, "device": {"id": device}})
+    key = sha256_hex(canonical_json(body))
+    return ValidatedRecord(key, record_from_body(body), DeviceRef("torque_wrench", device))
 
 
 class LocalSign:
@@ -58,17 +63,17 @@ class LocalSign:
         self.opened = False
 
     def open(self, *, checkpointer: bool = False) -> LocalSign:
-        """``Sign.open`` (start-up checks); the checkpoint thread only if asked (``checkpoint()`` otherwise)."""
+        """``Sign.open`` (start-up checks); the checkpoint thread only if asked (else ``checkpoint()``)."""
         self.stage.run_checkpointer = checkpointer
         self.stage.open(self.runtime)
         self.opened = True
         return self
 
-    def append(self, items: list[Item]) -> list[Any]:
+    def append(self, items: list[ValidatedRecord]) -> list[Any]:
         with self.store.write() as txn:
-            uow = UnitOfWork(self.runtime, txn)
-            self.stage.handle(items, uow)
-        self.published.extend((topic, payload) for topic, payload, _, _ in uow.outgoing)
+            uow = LmdbUnitOfWork(self.stage, self.runtime.topics, self.store, txn, self.runtime.outbox)
+            run_batch(self.stage, items, uow)
+        self.published.extend((topic, payload) for topic, payload, _, _ in uow.messages())
         return uow.transitions
 
     def checkpoint(self, *, force: bool = True) -> bytes | None:

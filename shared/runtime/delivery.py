@@ -1,0 +1,185 @@
+"""The runtime owns delivery: dedupe, fates, receipts and outcomes, for every stage alike.
+
+One batch (`run_batch`), inside its transaction:
+
+1. the intake stage `admit`s each device publish (a record with its key, or a rejection);
+2. a key with a known fate is not judged again: a record redelivered between stages is
+   dropped (it was handled), a re-send from a device is answered (`answer`);
+3. every other record gets the handler's verdict, and `settle` acts on it.
+
+What each verdict sends (device receipts only for fleet devices, never for the box's own
+records; `outcomes` go to ingest, which keeps the final fate to answer later re-sends):
+
+=========  ==================  ===========  ======================  ===============
+verdict    fate in `seen`      downstream   device receipt          outcome notice
+=========  ==================  ===========  ======================  ===============
+Accepted   received/validated  output       `received` (intake)     -
+Recorded   recorded, seq       output       `recorded`, seq         recorded, seq
+Rejected   rejected, errors    -            `rejected`, errors      rejected
+Held       held                -            -                       -
+=========  ==================  ===========  ======================  ===============
+
+Durability: fates, outbox rows and DLQ reports commit with the batch. Device receipts and
+outcome notices are published after the commit, best effort: a device that missed its receipt
+sends the record again, and that re-send is answered from the fate (ingest answers
+`duplicate`; while ingest does not know the final fate yet, the re-send travels on as a
+`FateQuery` to the stage that does, which answers the device and sends the outcome again).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+
+from shared.contract.errors import FieldError
+from shared.runtime.clock import utc_now
+from shared.runtime.messages import (
+    SERVICE_KIND,
+    DeviceReceipt,
+    DeviceRef,
+    Fate,
+    FateQuery,
+    Outcome,
+    json_encode,
+    outcomes_decoder,
+)
+from shared.runtime.verdicts import Accepted, Held, Recorded, Rejected, Verdict
+
+if TYPE_CHECKING:
+    from shared.runtime.handler import DeviceMessage, IntakeStage, Stage
+    from shared.runtime.work import UnitOfWork
+
+
+class Routed(Protocol):
+    """What the runtime reads of any hop message."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def event_id(self) -> str | None: ...
+
+    @property
+    def device(self) -> DeviceRef | None: ...
+
+
+def run_batch(stage: Stage, inputs: list[Any], uow: UnitOfWork) -> None:
+    """One batch of a stage's inputs (device publishes for the intake stage, hop items otherwise)."""
+    stage.begin(uow)
+    intake = stage.consumes == "devices"
+    for item in inputs:
+        if intake:
+            item = admit(stage, item, uow)  # type: ignore[arg-type]
+            if item is None:
+                continue
+        fate = uow.fate(item.key)
+        if isinstance(item, FateQuery) or (intake and fate is not None):
+            answer(uow, item, fate)
+        elif fate is None:
+            settle(uow, item, stage.judge(item, uow))
+    stage.finish(uow)
+
+
+def admit(stage: IntakeStage, message: DeviceMessage, uow: UnitOfWork) -> Any:
+    """The record of a device publish, or None once its rejection is settled."""
+    admitted = stage.admit(message)
+    if isinstance(admitted, Rejected):
+        reject(uow, admitted.report, device_of_topic(uow, message.topic))
+        return None
+    return admitted
+
+
+def device_of_topic(uow: UnitOfWork, topic: str) -> DeviceRef | None:
+    parsed = uow.topics.parse_device_in(topic)
+    return DeviceRef(*parsed) if parsed else None
+
+
+def settle(uow: UnitOfWork, item: Routed, verdict: Verdict) -> None:
+    """Store the fate the verdict gives `item` and send what it owes (see the table above)."""
+    stage = uow.stage
+    key, event_id, device = item.key, item.event_id, item.device
+    match verdict:
+        case Accepted(output=output, log=log):
+            uow.set_fate(key, Fate(stage.accepted_as))
+            uow.forward(output)
+            if stage.consumes == "devices":
+                receipt(uow, device, DeviceReceipt("received", utc_now(), event_id, key))
+            finished(uow, event_id, key, stage.accepted_state, **log)
+        case Recorded(seq=seq, output=output):
+            uow.set_fate(key, Fate("recorded", seq))
+            if output is not None:
+                uow.forward(output)
+            receipt(uow, device, DeviceReceipt("recorded", utc_now(), event_id, key, seq=seq))
+            outcome(uow, device, Outcome(key, "recorded", seq=seq))
+            finished(uow, event_id, key, stage.accepted_state, seq=seq)
+        case Rejected(report=report):
+            errors = reject(uow, report, device)
+            uow.set_fate(key, Fate("rejected", errors=errors))
+            outcome(uow, device, Outcome(key, "rejected", errors=errors))
+        case Held(reason=reason):
+            uow.set_fate(key, Fate("held"))
+            uow.note(event_id, key, "HELD", reason=reason)
+
+
+def answer(uow: UnitOfWork, query: Routed, fate: Fate | None) -> None:
+    """A device sent `query.key` again: tell it the record's fate, or pass the question on to
+    the stage that will know it. A held record is not answered until it is settled."""
+    intake = uow.stage.consumes == "devices"
+    key, event_id, device = query.key, query.event_id, query.device
+    if fate is None:
+        uow.note(event_id, key, "QUERY_UNKNOWN")  # this store does not know the record (not its stage's)
+        return
+    if fate.status == "recorded":
+        receipt(uow, device, DeviceReceipt("duplicate", utc_now(), event_id, key, seq=fate.seq))
+        if not intake:
+            outcome(uow, device, Outcome(key, "recorded", seq=fate.seq))
+    elif fate.status == "rejected":
+        receipt(uow, device, DeviceReceipt("rejected", utc_now(), event_id, key, errors=fate.errors))
+        if not intake:
+            outcome(uow, device, Outcome(key, "rejected", errors=fate.errors))
+    elif fate.status != "held":
+        if device is not None and event_id is not None and uow.stage.downstream:
+            uow.forward(FateQuery(key, event_id, device))
+        if intake:
+            receipt(uow, device, DeviceReceipt("duplicate", utc_now(), event_id, key))
+    if intake:
+        finished(uow, event_id, key, "DUPLICATE")
+
+
+def reject(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None) -> list[FieldError]:
+    """Keep the error report in the stage's DLQ, publish it to the DLQ topic and tell the device."""
+    encoded = json_encode(report)
+    uow.keep_report(encoded)
+    uow.publish(uow.topics.dlq(uow.stage.name), encoded)
+    errors = msgspec.convert(report["errors"], list[FieldError])
+    receipt(uow, device, DeviceReceipt("rejected", utc_now(), report.get("event_id"),
+                                       report.get("idempotency_key"), errors=errors))
+    uow.failed += 1
+    uow.note(report.get("event_id"), report.get("idempotency_key"), "REJECTED",
+             rules=[error.rule for error in errors])
+    return errors
+
+
+def apply_outcomes(uow: UnitOfWork, payload: bytes) -> None:
+    """Outcome notices at the intake stage: remember each record's final fate for its re-sends."""
+    for told in outcomes_decoder.decode(payload).outcomes:
+        fate = uow.fate(told.key)
+        if fate is not None and not fate.final:
+            uow.set_fate(told.key, Fate(told.status, told.seq, told.errors))
+
+
+def receipt(uow: UnitOfWork, device: DeviceRef | None, message: DeviceReceipt) -> None:
+    if device is not None and device.kind != SERVICE_KIND:
+        uow.publish(uow.topics.receipt(device.id), json_encode(message))
+
+
+def outcome(uow: UnitOfWork, device: DeviceRef | None, told: Outcome) -> None:
+    if device is not None and device.kind != SERVICE_KIND:
+        uow.outcomes.append(told)
+
+
+def finished(uow: UnitOfWork, event_id: str | None, key: str, state: str, **extra: Any) -> None:
+    """A state change that finishes this stage's work on a record (counted as processed)."""
+    uow.note(event_id, key, state, **extra)
+    uow.processed += 1

@@ -1,0 +1,143 @@
+"""The unit of work: what a handler may do inside one batch transaction.
+
+Reads and writes of the stage's own tables, notes for the log, messages to publish after the
+commit, records the stage originates itself (`forward`) and verdicts on records settled
+outside `judge` (`settle`, e.g. held records released by an operator command). Everything
+that leaves the process leaves after the commit.
+
+`UnitOfWork` keeps the delivery logic independent of where the tables live:
+`LmdbUnitOfWork` is the service's (one synced LMDB write transaction), and
+`shared.runtime.testing.MemoryUnitOfWork` keeps them in dicts for tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+
+from shared.runtime import delivery
+from shared.runtime.messages import (
+    Fate,
+    Outcome,
+    Outcomes,
+    fate_decode,
+    fate_encode,
+    item_encoder,
+    json_encode,
+)
+from shared.runtime.outbox import Outbox
+from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.topics import Topics
+from shared.runtime.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from shared.runtime.handler import Stage
+
+SEEN, DLQ = "seen", "dlq"
+
+
+@dataclass
+class Transition:
+    correlation_id: str | None
+    key: str | None
+    state: str
+    extra: dict[str, Any]
+
+
+class UnitOfWork(ABC):
+    def __init__(self, stage: Stage, topics: Topics):
+        self.stage = stage
+        self.topics = topics
+        self.outgoing: list[tuple[str, bytes, int, bool]] = []
+        self.transitions: list[Transition] = []
+        self.outcomes: list[Outcome] = []
+        self.processed = 0
+        self.failed = 0
+
+    # storage (the stage's tables and the runtime's)
+    @abstractmethod
+    def get(self, table: str, key: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    def put(self, table: str, key: bytes, value: bytes, *, append: bool = False) -> None: ...
+
+    @abstractmethod
+    def delete(self, table: str, key: bytes) -> None: ...
+
+    @abstractmethod
+    def last(self, table: str) -> tuple[bytes, bytes] | None: ...
+
+    @abstractmethod
+    def owe(self, key: str, encoded_item: bytes) -> None:
+        """An outbox row for the downstream stage (a no-op while `key` is still owed)."""
+
+    # fates: the runtime's dedupe state, one typed value per idempotency key
+    def fate(self, key: str) -> Fate | None:
+        raw = self.get(SEEN, key.encode())
+        return fate_decode(raw) if raw is not None else None
+
+    def set_fate(self, key: str, fate: Fate) -> None:
+        self.put(SEEN, key.encode(), fate_encode(fate))
+
+    def keep_report(self, encoded: bytes) -> None:
+        last = self.last(DLQ)
+        self.put(DLQ, u64(from_u64(last[0]) + 1 if last else 0), encoded, append=True)
+
+    # what handlers use
+    def forward(self, output: Any) -> None:
+        """Owe a record the stage originates itself (a schema change, a key rotation) downstream."""
+        self.owe(output.key, item_encoder.encode(output))
+
+    def settle(self, item: Any, verdict: Verdict) -> None:
+        """Act on a verdict reached outside `judge` (a held record released) exactly as on one from it."""
+        delivery.settle(self, item, verdict)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.outgoing.append((topic, payload, qos, retain))
+
+    def note(self, correlation_id: str | None, key: str | None, state: str, **extra: Any) -> None:
+        """A state change for the log (written after commit); not counted as processed."""
+        self.transitions.append(Transition(correlation_id, key, state, extra))
+
+    def messages(self) -> list[tuple[str, bytes, int, bool]]:
+        """What to publish once the transaction has committed: the stage's messages, then one
+        outcome notice for every final fate reached in it."""
+        if not self.outcomes:
+            return self.outgoing
+        return [*self.outgoing, (self.topics.outcomes, json_encode(Outcomes(self.outcomes)), 1, False)]
+
+
+class LmdbUnitOfWork(UnitOfWork):
+    """The service's unit of work: one synced LMDB write transaction of the stage's store."""
+
+    def __init__(self, stage: Stage, topics: Topics, store: Store, txn: lmdb.Transaction,
+                 outbox: Outbox | None):
+        super().__init__(stage, topics)
+        self._store = store
+        self._txn = txn
+        self._outbox = outbox
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        return self._txn.get(key, db=self._store.table(table))
+
+    def put(self, table: str, key: bytes, value: bytes, *, append: bool = False) -> None:
+        self._txn.put(key, value, db=self._store.table(table), append=append)
+
+    def delete(self, table: str, key: bytes) -> None:
+        self._txn.delete(key, db=self._store.table(table))
+
+    def last(self, table: str) -> tuple[bytes, bytes] | None:
+        cursor = self._txn.cursor(db=self._store.table(table))
+        return (cursor.key(), cursor.value()) if cursor.last() else None
+
+    def owe(self, key: str, encoded_item: bytes) -> None:
+        if self._outbox is None:
+            raise RuntimeError(f"the {self.stage.name} stage has no downstream to forward {key} to")
+        self._outbox.add(self._txn, key, encoded_item)
+
+    def settle_receipts(self, keys: list[str]) -> list[int]:
+        """Free the outbox rows a downstream receipt names; their ids go to `Outbox.forget` after commit."""
+        return self._outbox.settle(self._txn, keys) if self._outbox and keys else []
