@@ -120,7 +120,7 @@ def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dic
     from services.validate.control import operator_name
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
     from shared.runtime.topics import Topics
-    from shared.runtime.messages import utc_now
+    from shared.runtime.clock import utc_now
 
     topics = Topics(config.station)
     command_id = uuid.uuid4().hex
