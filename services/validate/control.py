@@ -273,7 +273,7 @@ class SchemaControl:
             if age > COMMAND_TTL_S:
                 raise CommandError(f"the command was sent at {command.get('sent_at')}, more than "
                                    f"{COMMAND_TTL_S} s ago; send it again")
-            handler = _COMMANDS.get(command.get("command"))
+            handler = _COMMANDS.get(str(command.get("command")))
             if handler is None:
                 raise CommandError(f"unknown command {str(command.get('command'))[:40]!r}")
             reply = handler(self, command, uow)

@@ -34,6 +34,7 @@ import msgspec
 
 from shared.contract.errors import FieldError
 from shared.runtime.clock import utc_now
+from shared.runtime.handler import IntakeStage
 from shared.runtime.messages import (
     SERVICE_KIND,
     DeviceReceipt,
@@ -47,7 +48,7 @@ from shared.runtime.messages import (
 from shared.runtime.verdicts import Accepted, Held, Recorded, Rejected, Verdict
 
 if TYPE_CHECKING:
-    from shared.runtime.handler import DeviceMessage, IntakeStage, Stage
+    from shared.runtime.handler import DeviceMessage, Stage
     from shared.runtime.work import UnitOfWork
 
 
@@ -67,10 +68,10 @@ class Routed(Protocol):
 def run_batch(stage: Stage, inputs: list[Any], uow: UnitOfWork) -> None:
     """One batch of a stage's inputs (device publishes for the intake stage, hop items otherwise)."""
     stage.begin(uow)
-    intake = stage.consumes == "devices"
+    intake = isinstance(stage, IntakeStage)
     for item in inputs:
-        if intake:
-            item = admit(stage, item, uow)  # type: ignore[arg-type]
+        if isinstance(stage, IntakeStage):
+            item = admit(stage, item, uow)
             if item is None:
                 continue
         fate = uow.fate(item.key)

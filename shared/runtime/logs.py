@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -63,15 +63,16 @@ class _NeverRaises:
 def configure_logging(service: str, station: str, level: str | None = None, *,
                       stream: TextIO | None = None) -> None:
     """JSON lines on `stream` (stderr) for structlog and for every standard-library logger."""
-    stream = _NeverRaises(stream or sys.stderr)
+    safe = _NeverRaises(stream or sys.stderr)
     number = _level_number(level)
+
     def identity(_logger, _method, event_dict: dict) -> dict:
         # also on lines from other threads, which do not share the main thread's context
         event_dict.setdefault("service", service)
         event_dict.setdefault("station", station)
         return event_dict
 
-    stamped = [
+    stamped: list[Any] = [
         structlog.contextvars.merge_contextvars,
         identity,
         structlog.processors.add_log_level,
@@ -81,13 +82,13 @@ def configure_logging(service: str, station: str, level: str | None = None, *,
         processors=stamped + [_scrub, structlog.processors.format_exc_info,
                               structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(number),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(safe),  # type: ignore[arg-type]  # a TextIO in all but name
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service, station=station)
 
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(safe)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=stamped + [structlog.stdlib.add_logger_name, _scrub],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as paho
@@ -69,7 +69,7 @@ def set_nodelay(client: paho.Client) -> None:
     """paho leaves Nagle on: a PUBACK followed by a small publish then waits for the peer's
     delayed ACK (~40 ms per hop). Records are small and latency matters, so turn it off."""
     sock = client.socket()
-    if sock is not None:
+    if isinstance(sock, socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -80,7 +80,7 @@ class MqttLink:
         self,
         config: Config,
         client_id: str,
-        subscriptions: list[tuple[str, int]] = (),
+        subscriptions: Sequence[tuple[str, int]] = (),
         *,
         will: tuple[str, bytes] | None = None,
         persistent: bool = True,
@@ -119,7 +119,7 @@ class MqttLink:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        client.reconnect_delay_set(min_delay=0.2, max_delay=5)  # type: ignore[arg-type]  # paho takes floats
         client.on_connect = self._guarded("on_connect", self._on_connect)
         client.on_disconnect = self._guarded("on_disconnect", self._on_disconnect)
         client.on_message = self._guarded("on_message", self._on_message)

@@ -50,7 +50,7 @@ class LocalSign:
         self.config = config if isinstance(config, Config) else Config(data_dir=str(config))
         self.stage = Sign()
         self.alarms: list[Exception] = []
-        self.stage.refuse = lambda _config, exc: self.alarms.append(exc)
+        self.stage.refuse = lambda config, exc: self.alarms.append(exc)  # type: ignore[method-assign]
         self.published: list[tuple[str, bytes]] = []
         store = Store(self.config.stage_dir("sign"), RUNTIME_TABLES + Sign.tables, map_size_mb=map_size_mb)
         topics = Topics(self.config.station)

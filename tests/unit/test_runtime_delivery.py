@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import msgspec
@@ -72,9 +73,10 @@ def test_ingest_holds_a_new_record_and_answers_its_resends_with_what_it_knows(in
     data = device_record(1)
     uow = ingest_batch(ingest, tables, publish(data))
     [received] = uow.forwarded_as(ReceivedRecord)
-    assert received.key == idempotency_key(normalize(received.record)) and received.device == DeviceRef("tablet",
-                                                                                                        "TAB-12")
-    assert [(d, r.status, r.event_id) for d, r in uow.receipts()] == [("TAB-12", "received", data["event_id"])]
+    assert received.key == idempotency_key(normalize(received.record))
+    assert received.device == DeviceRef("tablet", "TAB-12")
+    assert [(d, r.status, r.event_id) for d, r in uow.receipts()] == [("TAB-12", "received",
+                                                                       data["event_id"])]
     assert tables.fate(received.key) == Fate("received") and uow.processed == 1
 
     tables.outbox.clear()  # validate receipted it
@@ -123,7 +125,7 @@ def test_a_received_record_crosses_the_hop_unchanged(seed, kind):
 # -- validate -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def validate(tmp_path) -> Validate:
+def validate(tmp_path) -> Iterator[Validate]:
     config = load_config(env={"MRO_DATA_DIR": str(tmp_path), "MRO_STATION": STATION,
                               "MRO_MQTT_URL": "mqtt://127.0.0.1:9"})
     runtime = StageRuntime(Validate(), config)
