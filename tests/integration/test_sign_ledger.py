@@ -106,17 +106,17 @@ def test_checkpoints_are_signed_after_commit_and_kept(tmp_path):
         store.close()
 
 
-def test_store_from_before_the_tree_gets_it_built_once(tmp_path):
+def test_store_whose_tree_is_gone_is_refused_not_rebuilt(tmp_path):
     with open_sign(tmp_path) as sign:
         sign.append(items(40))
         with sign.store.write() as txn:
             txn.drop(sign.store.table(MERKLE_TABLE), delete=False)
-    with open_sign(tmp_path) as sign:
-        assert sign.alarms == []
-        with sign.store.read() as txn:
-            assert lmdb_tree(txn, sign.store.table(MERKLE_TABLE), write=False).size() == 40
-        sign.append(items(2))
-    assert verify_chain(entries(tmp_path), {first_key(tmp_path).kid: first_key(tmp_path).public_bytes}) == 42
+    sign = LocalSign(tmp_path)
+    with pytest.raises(LedgerDamagedError, match="covers 0 entries but the ledger table holds 40") as info:
+        sign.open()
+    assert sign.alarms == [info.value]
+    sign.close()
+    assert verify_chain(entries(tmp_path), {first_key(tmp_path).kid: first_key(tmp_path).public_bytes}) == 40
 
 
 def test_tree_that_disagrees_with_the_ledger_is_refused_not_repaired(tmp_path):
