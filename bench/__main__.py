@@ -79,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(repeatable; for tuning experiments)")
     parser.add_argument("--device-nagle", action="store_true",
                         help="leave Nagle's algorithm on in the bench's device clients (paho's default)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="where the stores go (default: a temp dir)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where the stores go (default: a temp dir)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs, stores) afterwards")
     parser.add_argument("--json", type=Path, default=OUT, help=f"where to write the figures (default {OUT})")
     return parser.parse_args(argv)
@@ -144,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             cleanup(root)
     if results:
         print(summary([r for r in results if "error" not in r]))
-    extra = run_other_parts(parts, args.quick, say, intake={"brokers": kinds, "rate": args.rate, "seed": args.seed,
-                                                            "latency_s": args.latency_seconds})
+    extra = run_other_parts(
+        parts,
+        args.quick,
+        say,
+        intake={"brokers": kinds, "rate": args.rate, "seed": args.seed, "latency_s": args.latency_seconds},
+    )
     report = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),

@@ -21,17 +21,26 @@ from pathlib import Path
 from mro_edge.simulator.records import valid_record
 from shared.compliance import Compliance, MemoryState, compile_version, dry_run, load_registry
 from shared.compliance.settings import DEFAULT_REGISTRIES
-from shared.runtime.config import load_config
 from shared.contract import check_rules, decode_record, idempotency_key, normalize, record_from_body
+from shared.runtime.config import load_config
 
 STATION = "HGR1"
-FLEET = (("tablet", "TAB-12"), ("torque_wrench", "TQW-07"), ("rfid_reader", "RFID-01"), ("barcode_scanner", "BCS-03"))
+FLEET = (
+    ("tablet", "TAB-12"),
+    ("torque_wrench", "TQW-07"),
+    ("rfid_reader", "RFID-01"),
+    ("barcode_scanner", "BCS-03"),
+)
 DRIFT_VERSION = {
     "version": "mro.record/2",
     "title": "bench: hours on every maintenance action, structured work orders",
-    "require": [{"field": "aircraft_hours", "types": ["maintenance_action"]},
-                {"field": "aircraft.type", "types": ["*"]}],
-    "pattern": [{"field": "work_order_id", "types": ["*"], "regex": "^(WO-[0-9]{4}-[0-9]{6}|TLB/[0-9]{6}/[0-9])$"}],
+    "require": [
+        {"field": "aircraft_hours", "types": ["maintenance_action"]},
+        {"field": "aircraft.type", "types": ["*"]},
+    ],
+    "pattern": [
+        {"field": "work_order_id", "types": ["*"], "regex": "^(WO-[0-9]{4}-[0-9]{6}|TLB/[0-9]{6}/[0-9])$"}
+    ],
 }
 
 
@@ -44,15 +53,17 @@ def synthetic_bodies(count: int, *, seed: int = 2026, start: datetime | None = N
         kind, device_id = FLEET[index % len(FLEET)]
         data = valid_record(rng, station=STATION, device_kind=kind, device_id=device_id,
                             occurred_at=start + timedelta(seconds=index * 0.5))
-        record = decode_record(json.dumps(data).encode(), station=STATION, device_kind=kind, device_id=device_id)
+        record = decode_record(
+            json.dumps(data).encode(), station=STATION, device_kind=kind, device_id=device_id
+        )
         bodies.append(normalize(record))
     return bodies
 
 
 def write_ledger(data_dir: Path, bodies, *, origin: str = f"mro-edge/{STATION}") -> int:
     """A sign-stage LMDB ledger in `data_dir/sign` holding `bodies` as signed, chained entries."""
-    from shared.ledger.keys import SigningKey
     from shared.ledger.entry import GENESIS_PREV, entry_bytes, sign_entry
+    from shared.ledger.keys import SigningKey
     from shared.ledger.store import LEDGER_TABLE, encode_entry
     from shared.runtime.store import Store, u64
 
@@ -115,7 +126,9 @@ def run_compliance_bench(quick: bool = False, out=print) -> dict:
     def no_signatures(record, body, received, state):
         return everything(record, body, received, state, unsigned)
 
-    rejected = sum(1 for r, b, rec in records if check_rules(r, received_at=rec) or full.judge(r, b, None).errors)
+    rejected = sum(
+        1 for r, b, rec in records if check_rules(r, received_at=rec) or full.judge(r, b, None).errors
+    )
     _throughput(records[:500], everything, 1)  # warm up
     figures = {
         "records": len(records) * repeat,

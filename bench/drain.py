@@ -34,12 +34,12 @@ from pathlib import Path
 import httpx
 
 from services.gateway.admin import register_edge
-from shared.ledger.keys import SigningKey
 from shared.ledger.entry import export_row
+from shared.ledger.keys import SigningKey
 from shared.ledger.store import LEDGER_TABLE, SIGN_STAGE, encode_entry
+from shared.runtime.messages import json_encode
 from shared.runtime.stage import RUNTIME_TABLES
 from shared.runtime.store import Store, u64
-from shared.runtime.messages import json_encode
 from tests.brokers import start_broker
 from tests.edge import GatewayProc, TopicRecorder, database
 from tests.linkfault import LinkFault
@@ -135,10 +135,14 @@ def drain_once(backend: str, n: int, root: Path, say) -> dict:
                 done = now
                 break
             if now - restored > 600:
-                raise RuntimeError(f"the drain stalled at seq {seq} of {n - 1}:\n{pipeline.log_tail('uplink')}")
+                raise RuntimeError(
+                    f"the drain stalled at seq {seq} of {n - 1}:\n{pipeline.log_tail('uplink')}"
+                )
             time.sleep(POLL_S)
         wait_until(lambda: state() == "CONNECTED", 120, 0.01, "CONNECTED after the drain")
-        connected = next(m.at for m in recorder.of(topic) if m.at >= restored and m.payload["state"] == "CONNECTED")
+        connected = next(
+            m.at for m in recorder.of(topic) if m.at >= restored and m.payload["state"] == "CONNECTED"
+        )
         walked = [m.payload["state"] for m in recorder.of(topic) if m.at >= restored]
         walked = [s for i, s in enumerate(walked) if i == 0 or walked[i - 1] != s]
         first_at, first_seq = first
@@ -155,9 +159,12 @@ def drain_once(backend: str, n: int, root: Path, say) -> dict:
             "probe_interval_s": PROBE_INTERVAL_S,
         }
         pipeline.stop()
-    say(f"  {backend}: drain {result['drain_rate']:,} entries/s; restored -> all {n:,} at the gateway "
-        f"{result['restored_to_all_at_gateway_s']:.2f} s, -> CONNECTED {result['restored_to_connected_s']:.2f} s "
-        f"({' -> '.join(walked)})")
+    say(
+        f"  {backend}: drain {result['drain_rate']:,} entries/s; restored -> all {n:,} at the gateway "
+        f"{result['restored_to_all_at_gateway_s']:.2f} s, "
+        f"-> CONNECTED {result['restored_to_connected_s']:.2f} s "
+        f"({' -> '.join(walked)})"
+    )
     return result
 
 
@@ -176,7 +183,9 @@ def bench_ingest(db_url: str, n: int = 20_000, batch: int = 1000) -> float:
         for body in bodies:
             response = http.post("/v1/entries", content=body)
             if response.status_code != 200:
-                raise RuntimeError(f"the gateway refused a bench batch: {response.status_code} {response.text[:500]}")
+                raise RuntimeError(
+                    f"the gateway refused a bench batch: {response.status_code} {response.text[:500]}"
+                )
         elapsed = time.perf_counter() - start
         head = http.get("/v1/head").json()
     if head["seq"] != n - 1:
@@ -184,8 +193,9 @@ def bench_ingest(db_url: str, n: int = 20_000, batch: int = 1000) -> float:
     return n / elapsed
 
 
-def run_drain_bench(n: int = 100_000, quick: bool = False, backends: tuple[str, ...] = ("sqlite", "postgresql"),
-                    say=print) -> dict:
+def run_drain_bench(
+    n: int = 100_000, quick: bool = False, backends: tuple[str, ...] = ("sqlite", "postgresql"), say=print
+) -> dict:
     """Drain throughput per backend (and the gateway's raw ingest rate beside it)."""
     if quick:
         n = min(n, 20_000)
@@ -198,7 +208,9 @@ def run_drain_bench(n: int = 100_000, quick: bool = False, backends: tuple[str, 
             with database(backend, root / backend / "raw") as db_url:
                 raw_n = min(n, 20_000)
                 result["gateway_raw_ingest_rate"] = round(bench_ingest(db_url, raw_n, batch=2000))
-            say(f"  {backend}: gateway raw ingest (reference) {result['gateway_raw_ingest_rate']:,} entries/s")
+            say(
+                f"  {backend}: gateway raw ingest (reference) {result['gateway_raw_ingest_rate']:,} entries/s"
+            )
             result["meets_target"] = result["drain_rate"] >= TARGET_RATE
             results[backend] = result
     finally:

@@ -24,8 +24,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mro_edge.simulator.records import valid_record
-from shared.runtime.topics import Topics
 from shared.runtime.messages import StageReceipt, json_encode
+from shared.runtime.topics import Topics
 
 FLEET = (("rfid_reader", "BENCH-RFID-01"), ("barcode_scanner", "BENCH-BCS-01"),
          ("torque_wrench", "BENCH-TQW-01"), ("tablet", "BENCH-TAB-01"))
@@ -69,7 +69,9 @@ class Fleet:
         fleet = list(self.devices.values())
         while len(out) < n:
             device = fleet[len(out) % len(fleet)]
-            record = valid_record(rng, station=self.station, device_kind=device.kind, device_id=device.device_id)
+            record = valid_record(
+                rng, station=self.station, device_kind=device.kind, device_id=device.device_id
+            )
             content = json.dumps({k: v for k, v in record.items() if k != "event_id"}, sort_keys=True)
             if content in contents:
                 continue

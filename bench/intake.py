@@ -39,11 +39,22 @@ from bench.monitor import StageProbe
 from bench.raw import raw_throughput
 from bench.stats import percentiles
 from tests.pipeline import Pipeline
-from tests.stockclients import BurstRunner, make_records, paho_burst, receipts_watcher, register_devices, settle
+from tests.stockclients import (
+    BurstRunner,
+    make_records,
+    paho_burst,
+    receipts_watcher,
+    register_devices,
+    settle,
+)
 
 FLEET = (("rfid_reader", "INTAKE-RFID"), ("barcode_scanner", "INTAKE-BCS"), ("torque_wrench", "INTAKE-TQW"),
          ("tablet", "INTAKE-TAB"))
-SETTINGS = {"MRO_LOG_LEVEL": "WARNING", "MRO_STAGE_REDELIVER_AFTER_S": "15", "MRO_STAGE_STATUS_INTERVAL_S": "2"}
+SETTINGS = {
+    "MRO_LOG_LEVEL": "WARNING",
+    "MRO_STAGE_REDELIVER_AFTER_S": "15",
+    "MRO_STAGE_STATUS_INTERVAL_S": "2",
+}
 # (raw messages, end-to-end records, broker kills per mode)
 FULL = {"mosquitto": (20_000, 12_000, 3), "embedded": (12_000, 6_000, 3)}
 QUICK = {"mosquitto": (5_000, 2_000, 1), "embedded": (2_000, 1_000, 1)}
@@ -143,10 +154,14 @@ def _timings(results, receipts: Receipts, probe: StageProbe, base: int) -> dict:
     received = {e: receipts.get(e, "received") for e in sent}
     window = [max(0.0, received[e] - puback[e]) * 1000 for e in puback if received[e] is not None]
     return {
-        "n": len(sent), "acked": len(puback), "recorded": sum(1 for v in recorded.values() if v),
+        "n": len(sent),
+        "acked": len(puback),
+        "recorded": sum(1 for v in recorded.values() if v),
         "ledger_added": probe.ledger() - base,
         "complete": len(puback) == len(sent) and all(recorded[e] for e in puback),
-        "offered_rate": round(len(sent) / max(1e-9, max(sent.values()) - min(sent.values())), 1) if sent else 0,
+        "offered_rate": round(len(sent) / max(1e-9, max(sent.values()) - min(sent.values())), 1)
+        if sent
+        else 0,
         "puback": _ms((sent[e], puback[e]) for e in puback),
         "publish_received": _ms((sent[e], received[e]) for e in sent),
         "publish_recorded": _ms((sent[e], recorded[e]) for e in sent),
@@ -154,7 +169,9 @@ def _timings(results, receipts: Receipts, probe: StageProbe, base: int) -> dict:
     }
 
 
-def broker_kills(broker, pipeline, devices, kills: int, rng: random.Random, seen: set, ingest_down: bool) -> dict:
+def broker_kills(
+    broker, pipeline, devices, kills: int, rng: random.Random, seen: set, ingest_down: bool
+) -> dict:
     """mosquitto_pub bursts (4 x 500 records in bursts of 100); one kill -9 of the broker at a
     random moment in them, restart; what was PUBACKed and never reached the ledger."""
     per_kill = []
@@ -201,7 +218,9 @@ def run_one(kind: str, root: Path, *, quick: bool, rate: float, latency_s: float
         watcher = receipts_watcher(broker, receipts)
         broker_proc = psutil.Process(broker.pid)
         cpu0 = sum(broker_proc.cpu_times()[:2])
-        say(f"[intake/{kind}] end-to-end: {e2e_n} records, mosquitto_pub bursts of {BURST} from 4 devices ...")
+        say(
+            f"[intake/{kind}] end-to-end: {e2e_n} records, mosquitto_pub bursts of {BURST} from 4 devices ..."
+        )
         result["e2e"] = end_to_end(broker, pipeline, probe, devices, e2e_n, rng, seen)
         result["e2e"]["broker_cpu_us_per_record"] = round(
             1e6 * (sum(broker_proc.cpu_times()[:2]) - cpu0) / max(1, result["e2e"]["ledger_added"]))
@@ -209,13 +228,18 @@ def run_one(kind: str, root: Path, *, quick: bool, rate: float, latency_s: float
         say(f"[intake/{kind}] latency: paho at {rate:g} records/s for {latency_s:g} s ...")
         result["latency"] = paced(broker, devices, receipts, rate, latency_s, rng, seen, probe)
         say(f"[intake/{kind}] PUBACK -> ingest commit window at full speed ...")
-        result["burst_window"] = full_speed(broker, devices, receipts, 2000 if not quick else 800, rng, seen, probe)
+        result["burst_window"] = full_speed(
+            broker, devices, receipts, 2000 if not quick else 800, rng, seen, probe
+        )
         watcher.stop()
         watcher = None
         probe.close()  # settle() reads the ledger itself: LMDB allows one env per file per process
         probe = None
         for mode, down in (("ingest_running", False), ("ingest_down", True)):
-            say(f"[intake/{kind}] {kills} broker kill -9 during mosquitto_pub bursts, {mode.replace('_', ' ')} ...")
+            say(
+                f"[intake/{kind}] {kills} broker kill -9 during mosquitto_pub bursts, "
+                f"{mode.replace('_', ' ')} ..."
+            )
             result[f"kill_{mode}"] = broker_kills(broker, pipeline, devices, kills, rng, seen, down)
         return result
     finally:
@@ -263,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--latency-seconds", type=float, default=None)
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--mosquitto-conf", type=Path, default=None,
-                        help="run Mosquitto with this file instead of config/mosquitto/mosquitto.conf (tuning)")
+    parser.add_argument(
+        "--mosquitto-conf",
+        type=Path,
+        default=None,
+        help="run Mosquitto with this file instead of config/mosquitto/mosquitto.conf (tuning)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.mosquitto_conf:

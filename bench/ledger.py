@@ -26,10 +26,10 @@ from typing import Any
 
 import lmdb
 
-from tests.support.sign import LocalSign, record_item
 from shared.ledger.audit import export_audit, verify_audit
-from shared.runtime.config import Config
 from shared.ledger.merkle import leaf_hash, lmdb_tree, verify_consistency, verify_inclusion
+from shared.runtime.config import Config
+from tests.support.sign import LocalSign, record_item
 
 BATCH = 1000
 

@@ -80,8 +80,16 @@ def raw_throughput(broker, n: int, topic: str, timeout_s: float = 120.0) -> dict
         elapsed = time.perf_counter() - start
     finally:
         pair.close()
-    return {"n": n, "bytes": RECORD_BYTES, "received": got, "complete": complete, "seconds": elapsed,
-            "queued_s": queued, "rate": got / elapsed if elapsed else 0.0, "publisher_inflight": PUBLISHER_INFLIGHT}
+    return {
+        "n": n,
+        "bytes": RECORD_BYTES,
+        "received": got,
+        "complete": complete,
+        "seconds": elapsed,
+        "queued_s": queued,
+        "rate": got / elapsed if elapsed else 0.0,
+        "publisher_inflight": PUBLISHER_INFLIGHT,
+    }
 
 
 def raw_latency(broker, rate: float, seconds: float, topic: str) -> dict:

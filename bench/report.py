@@ -22,7 +22,9 @@ def verdicts(result: dict) -> dict:
     e2e, lat, rss = result.get("e2e"), result.get("latency"), result.get("peak_rss_mb", {})
     out = {
         "records_per_s": None if not e2e else e2e["complete"] and e2e["rate"] >= TARGET_RATE[kind],
-        "p99_ms": None if not lat else lat["complete"] and (lat["recorded"]["p99_ms"] or 1e9) <= TARGET_P99_MS,
+        "p99_ms": None
+        if not lat
+        else lat["complete"] and (lat["recorded"]["p99_ms"] or 1e9) <= TARGET_P99_MS,
     }
     rss_names = list(SERVICES) + ([f"broker({kind})"] if kind == "embedded" else [])
     for name in rss_names:
@@ -47,16 +49,26 @@ def broker_table(result: dict) -> str:
                                 f"{rl['received']}/{rl['n']} msgs at {rl['rate']:g}/s", ""))
     if e2e:
         ratio = e2e["rate"] / raw["rate"] if raw and raw["rate"] else 0.0
-        lines.append(row.format(f"end-to-end ({e2e['ledger_added']:,}/{e2e['n']:,} records)",
-                                f"{e2e['rate']:,.0f} rec/s",
-                                f"{ratio:.1%} of raw; target >= {TARGET_RATE[kind]:,.0f}", mark(v["records_per_s"])))
+        lines.append(
+            row.format(
+                f"end-to-end ({e2e['ledger_added']:,}/{e2e['n']:,} records)",
+                f"{e2e['rate']:,.0f} rec/s",
+                f"{ratio:.1%} of raw; target >= {TARGET_RATE[kind]:,.0f}",
+                mark(v["records_per_s"]),
+            )
+        )
         done = e2e["stage_done_s"]
         lines.append("    all held by: " + ", ".join(f"{s} {done[s]:.1f} s" for s in SERVICES if s in done)
                      + f"  (publishing queued in {e2e['publish_queued_s']:.1f} s; "
                      f"recorded receipts {e2e['recorded_receipts']:,}; resends {e2e['device_resends']})")
-        lines.append("    commits: " + ", ".join(
-            f"{s} {e2e['commits'][s]:,} ({e2e['records_per_commit'][s]} rec/commit, largest {e2e['largest_commit'][s]:,})"
-            for s in SERVICES))
+        lines.append(
+            "    commits: "
+            + ", ".join(
+                f"{s} {e2e['commits'][s]:,} ({e2e['records_per_commit'][s]} rec/commit, "
+                f"largest {e2e['largest_commit'][s]:,})"
+                for s in SERVICES
+            )
+        )
         lines.append("    CPU % (us/record): " + ", ".join(
             f"{k} {p:.0f} ({e2e['cpu_us_per_record'].get(k, 0)})" for k, p in e2e["cpu_pct"].items())
             + f"; machine busy {e2e['system_busy_pct']:.0f}% of {_ncpu()} cores"
@@ -90,7 +102,9 @@ def broker_table(result: dict) -> str:
 def summary(results: list[dict]) -> str:
     lines = ["", "=== summary " + "=" * 84]
     row = "{:<10} {:>14} {:>8} {:>7} {:>18} {:>7} {:>26} {:>7}"
-    lines.append(row.format("broker", "records/s", "of raw", "", "p99 @load (ms)", "", "max service RSS (MB)", ""))
+    lines.append(
+        row.format("broker", "records/s", "of raw", "", "p99 @load (ms)", "", "max service RSS (MB)", "")
+    )
     for result in results:
         kind, v = result["broker"], verdicts(result)
         e2e, lat, raw = result.get("e2e"), result.get("latency"), result.get("raw")
@@ -143,34 +157,68 @@ def intake_table(result: dict) -> str:
         return "\n".join(lines + [f"    failed: {result['error']}"])
     v = intake_verdicts(result)
     row = "{:<36} {:>22}  {:<32} {}"
-    raw, e2e, lat, win = result.get("raw"), result.get("e2e"), result.get("latency"), result.get("burst_window")
+    raw, e2e, lat, win = (
+        result.get("raw"),
+        result.get("e2e"),
+        result.get("latency"),
+        result.get("burst_window"),
+    )
     if raw:
         lines.append(row.format("raw broker QoS1 pub->sub", f"{raw['rate']:,.0f} msg/s",
                                 f"{raw['n']:,} x {raw['bytes']} B (same run)", ""))
     if e2e:
         ratio = e2e["rate"] / raw["rate"] if raw and raw["rate"] else 0.0
-        lines.append(row.format(f"publish->ledger ({e2e['ledger_added']:,}/{e2e['n']:,})", f"{e2e['rate']:,.0f} rec/s",
-                                f"{ratio:.2f} x raw; target >= {TARGET_INTAKE_RATIO}", mark(v["ratio"])))
-        lines.append(f"    mosquitto_pub bursts of 500: {e2e['bursts']} connections, all PUBACKs in "
-                     f"{e2e['puback_all_s']:.1f} s ({e2e['puback_rate']:,.0f}/s), ledger done at {e2e['seconds']:.1f} s; "
-                     f"broker CPU {e2e['broker_cpu_us_per_record']} us/record; failed bursts {e2e['burst_errors']}")
+        lines.append(
+            row.format(
+                f"publish->ledger ({e2e['ledger_added']:,}/{e2e['n']:,})",
+                f"{e2e['rate']:,.0f} rec/s",
+                f"{ratio:.2f} x raw; target >= {TARGET_INTAKE_RATIO}",
+                mark(v["ratio"]),
+            )
+        )
+        lines.append(
+            f"    mosquitto_pub bursts of 500: {e2e['bursts']} connections, all PUBACKs in "
+            f"{e2e['puback_all_s']:.1f} s ({e2e['puback_rate']:,.0f}/s), "
+            f"ledger done at {e2e['seconds']:.1f} s; "
+            f"broker CPU {e2e['broker_cpu_us_per_record']} us/record; failed bursts {e2e['burst_errors']}"
+        )
     if lat:
         rec, pub, recv = lat["publish_recorded"], lat["puback"], lat["publish_received"]
-        lines.append(row.format("publish->recorded p50/p99", f"{_ms(rec['p50_ms'])} / {_ms(rec['p99_ms'])} ms",
-                                f"{rec['count']:,}/{lat['n']:,} at {lat['offered_rate']:g}/s; "
-                                f"<= {TARGET_INTAKE_RECORDED_P99_MS:g}", mark(v["recorded_p99_ms"])))
+        lines.append(
+            row.format(
+                "publish->recorded p50/p99",
+                f"{_ms(rec['p50_ms'])} / {_ms(rec['p99_ms'])} ms",
+                f"{rec['count']:,}/{lat['n']:,} at {lat['offered_rate']:g}/s; "
+                f"<= {TARGET_INTAKE_RECORDED_P99_MS:g}",
+                mark(v["recorded_p99_ms"]),
+            )
+        )
         lines.append(row.format("PUBACK p50/p99", f"{_ms(pub['p50_ms'])} / {_ms(pub['p99_ms'])} ms",
                                 f"paho on_publish; <= {TARGET_PUBACK_P99_MS:g}", mark(v["puback_p99_ms"])))
-        lines.append(f"    publish->received (ingest commit) p50/p99 {_ms(recv['p50_ms'])} / {_ms(recv['p99_ms'])} ms")
+        lines.append(
+            f"    publish->received (ingest commit) p50/p99 {_ms(recv['p50_ms'])} / {_ms(recv['p99_ms'])} ms"
+        )
         w = lat["window"]
-        lines.append(row.format("PUBACK->ingest commit p50/p99/max" if kind == "embedded"
-                                else "PUBACKed, not in ingest: p50/p99/max",
-                                f"{_ms(w['p50_ms'])}/{_ms(w['p99_ms'])}/{_ms(w['max_ms'])} ms",
-                                "at the paced rate" + ("; already in the spool" if kind == "embedded" else ""), ""))
+        lines.append(
+            row.format(
+                "PUBACK->ingest commit p50/p99/max"
+                if kind == "embedded"
+                else "PUBACKed, not in ingest: p50/p99/max",
+                f"{_ms(w['p50_ms'])}/{_ms(w['p99_ms'])}/{_ms(w['max_ms'])} ms",
+                "at the paced rate" + ("; already in the spool" if kind == "embedded" else ""),
+                "",
+            )
+        )
     if win:
         w = win["window"]
-        lines.append(row.format("  the same in a full-speed burst", f"{_ms(w['p50_ms'])}/{_ms(w['p99_ms'])}/{_ms(w['max_ms'])} ms",
-                                f"{win['acked']:,} records, 4 paho devices", ""))
+        lines.append(
+            row.format(
+                "  the same in a full-speed burst",
+                f"{_ms(w['p50_ms'])}/{_ms(w['p99_ms'])}/{_ms(w['max_ms'])} ms",
+                f"{win['acked']:,} records, 4 paho devices",
+                "",
+            )
+        )
     for mode in ("ingest_running", "ingest_down"):
         k = result.get(f"kill_{mode}")
         if k:

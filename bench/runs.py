@@ -73,14 +73,24 @@ class _Phase:
         ncpu = psutil.cpu_count() or 1
         return {
             "cpu_s": self.cpu_s,
-            "cpu_us_per_record": {k: round(1e6 * v / records) for k, v in self.cpu_s.items()} if records else {},
+            "cpu_us_per_record": {k: round(1e6 * v / records) for k, v in self.cpu_s.items()}
+            if records
+            else {},
             "cpu_pct": {k: round(100 * v / self.seconds, 1) for k, v in self.cpu_s.items()},
             "system_busy_pct": round(100 * self.system_busy, 1),
-            "unattributed_cpu_pct": round(max(0.0, 100 * (self.system_busy * ncpu)
-                                                 - sum(100 * v / self.seconds for v in self.cpu_s.values())), 1),
+            "unattributed_cpu_pct": round(
+                max(
+                    0.0,
+                    100 * (self.system_busy * ncpu)
+                    - sum(100 * v / self.seconds for v in self.cpu_s.values()),
+                ),
+                1,
+            ),
             "commits": self.commits,
             "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in self.sampler.peaks.get(self.name, {}).items()},
-            "peak_anon_mb": {k: round(v / 2**20, 1) for k, v in self.sampler.anon_peaks.get(self.name, {}).items()},
+            "peak_anon_mb": {
+                k: round(v / 2**20, 1) for k, v in self.sampler.anon_peaks.get(self.name, {}).items()
+            },
         }
 
 
@@ -165,8 +175,12 @@ def latency(fleet: Fleet, probe: StageProbe, sampler: ProcessSampler, rate: floa
         reached, _, value = wait_progress(probe.ledger, base_ledger + n, stall_s=STALL_S, cap_s=300,
                                           on_stall=fleet.resend)
     _count_receipts(fleet, list(sent_at), "recorded", wait_s=10 if reached else 0)
-    recorded = [(fleet.arrived(e, "recorded") - t) * 1000 for e, t in sent_at.items() if fleet.arrived(e, "recorded")]
-    received = [(fleet.arrived(e, "received") - t) * 1000 for e, t in sent_at.items() if fleet.arrived(e, "received")]
+    recorded = [
+        (fleet.arrived(e, "recorded") - t) * 1000 for e, t in sent_at.items() if fleet.arrived(e, "recorded")
+    ]
+    received = [
+        (fleet.arrived(e, "received") - t) * 1000 for e, t in sent_at.items() if fleet.arrived(e, "received")
+    ]
     return {
         "n": n,
         "offered_rate": round(offered, 1),
@@ -198,7 +212,9 @@ def run_broker(kind: str, plan: Plan, root: Path, say) -> dict:
         say(f"[{kind}] raw QoS1 reference: {plan.raw_n} x 700 B ...")
         result["raw"] = raw_throughput(broker, plan.raw_n, "mro/HGR1/pipeline/bench/raw")
         say(f"[{kind}] raw latency at {plan.rate:g} msg/s for {plan.raw_latency_s:g} s ...")
-        result["raw_latency"] = raw_latency(broker, plan.rate, plan.raw_latency_s, "mro/HGR1/pipeline/bench/lat")
+        result["raw_latency"] = raw_latency(
+            broker, plan.rate, plan.raw_latency_s, "mro/HGR1/pipeline/bench/lat"
+        )
         if plan.uplink_stub:
             stub = UplinkStub(broker, "HGR1")
         pipeline = Pipeline(broker, data_dir, **{**PIPELINE_SETTINGS, **plan.stage_env})
@@ -216,7 +232,10 @@ def run_broker(kind: str, plan: Plan, root: Path, say) -> dict:
         idle = sampler.memory()
         result["idle_rss_mb"] = {k: round(rss / 2**20, 1) for k, (rss, _) in idle.items()}
         result["idle_anon_mb"] = {k: round(anon / 2**20, 1) for k, (_, anon) in idle.items()}
-        say(f"[{kind}] end-to-end: {plan.e2e_n} records from {len(fleet.devices)} devices, as fast as they go ...")
+        say(
+            f"[{kind}] end-to-end: {plan.e2e_n} records from {len(fleet.devices)} devices, "
+            "as fast as they go ..."
+        )
         result["e2e"] = end_to_end(fleet, probe, sampler, plan.e2e_n, rng)
         if not result["e2e"]["complete"]:
             say(f"[{kind}] ledger stuck at {result['e2e']['ledger_added']}/{plan.e2e_n}: records lost")

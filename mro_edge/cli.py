@@ -76,12 +76,15 @@ def _where_to_look(config: Config, supervisor, log_file: Path | None, run_file: 
         f"  runs     : {names}",
         f"  broker   : {config.mqtt.url}{' (embedded)' if supervisor.with_broker else ''}"
         f"    gateway: {config.link.gateway_url}",
-        f"  logs     : {log_file} (JSON lines, rotated by size)" if log_file else "  logs     : JSON lines on stderr",
+        f"  logs     : {log_file} (JSON lines, rotated by size)"
+        if log_file
+        else "  logs     : JSON lines on stderr",
         f"  receipts : {sub} -t '{topics.receipt_all}'",
         f"  status   : {sub} -t '{topics.status_all}'",
         f"  DLQ      : {sub} -t '{topics.dlq_all}'",
         f"  alarms   : {sub} -t '{topics.alarm}'",
-        "  commands : mro-edge status | mro-edge dlq list | mro-edge devices add ID --kind KIND --mosquitto-pub",
+        "  commands : mro-edge status | mro-edge dlq list "
+        "| mro-edge devices add ID --kind KIND --mosquitto-pub",
         f"             (they find this stack through {run_file})",
     ]
     return "\n".join(lines)
@@ -118,40 +121,70 @@ def _check_broker(config: Config, login: tuple[str, str], *, allow_anonymous: bo
         message = anonymous_message(config, anonymous.delivered)
         if not allow_anonymous:
             raise UserError(message)
-        detail = (f"operator override --allow-anonymous-broker: the broker at {config.mqtt.url} lets anonymous "
-                  f"clients publish device records ({anonymous.delivered})")
+        detail = (
+            f"operator override --allow-anonymous-broker: the broker at {config.mqtt.url} lets anonymous "
+            f"clients publish device records ({anonymous.delivered})"
+        )
         get_logger(component="run").warning("anonymous broker accepted by override", detail=detail,
                                             state_transition="OVERRIDE_ANONYMOUS_BROKER")
         return [("anonymous_broker", detail)]
     if anonymous.connects:
-        get_logger(component="run").warning("broker accepts anonymous connections (they cannot publish device "
-                                             "records)", broker=config.mqtt.url)
+        get_logger(component="run").warning(
+            "broker accepts anonymous connections (they cannot publish device records)",
+            broker=config.mqtt.url,
+        )
     return []
+
+
+def _take_data_dir(config: Config, args):
+    """The run lock of the data directory, once nothing else runs there and every port is free;
+    else UserError saying who is in the way."""
+    from mro_edge import instance
+    from mro_edge.preflight import check_ports
+    from mro_edge.supervisor import run_services
+
+    try:
+        lock = instance.run_lock(config.data_path).acquire()
+    except instance.InstanceBusy as exc:
+        raise UserError(instance.run_busy_message(config.data_path, exc.holder)) from None
+    started = run_services(with_broker=not args.no_broker, with_gateway=not args.no_gateway)
+    busy = {s.name: holder for s in started
+            if (holder := instance.service_lock(config.data_path, s.name).holder())}
+    if busy:
+        lock.release()
+        raise UserError(instance.services_busy_message(config.data_path, busy))
+    ports = check_ports(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
+                        argv=sys.argv[1:] if sys.argv[1:2] == ["run"] else ["run"])
+    if ports:
+        lock.release()
+        raise UserError(ports)
+    return lock
+
+
+def _children_env(config: Config) -> dict[str, str]:
+    """The environment of every child: the endpoints this run settled on."""
+    return dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station,
+                MRO_MQTT_URL=config.mqtt.url, MRO_LINK_GATEWAY_URL=config.link.gateway_url,
+                MRO_GATEWAY_LISTEN=config.gateway.listen)
+
+
+def _ready_message(supervisor, not_up: list, log_file: Path | None) -> str:
+    if not_up:
+        return (f"mro-edge is running, but not yet up: {', '.join(f'{c.name} ({c.state})' for c in not_up)}"
+                f" (see {log_file or 'the log'}). Ctrl-C stops everything.")
+    return f"mro-edge is running: {len(supervisor.children)} services up. Ctrl-C stops everything."
 
 
 def cmd_run(config: Config, args) -> int:
     from mro_edge.endpoints import mark_stopped, write_run_file
-    from mro_edge.instance import InstanceBusy, run_busy_message, run_lock, service_lock, services_busy_message
-    from mro_edge.preflight import check_ports
-    from mro_edge.supervisor import Console, LogSink, Supervisor, SupervisorError, run_services, summary_line
+    from mro_edge.supervisor import Console, LogSink, Supervisor, SupervisorError, summary_line
     from services.broker.credentials import BrokerCredentials
     from shared.runtime.logs import configure_logging, get_logger
     from shared.runtime.mqtt import service_credentials
 
     config.data_dir = str(config.data_path.resolve())
     config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        lock = run_lock(config.data_path).acquire()
-    except InstanceBusy as exc:
-        raise UserError(run_busy_message(config.data_path, exc.holder)) from None
-    started = run_services(with_broker=not args.no_broker, with_gateway=not args.no_gateway)
-    busy = {s.name: holder for s in started if (holder := service_lock(config.data_path, s.name).holder())}
-    if busy:
-        raise UserError(services_busy_message(config.data_path, busy))
-    ports = check_ports(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
-                        argv=sys.argv[1:] if sys.argv[1:2] == ["run"] else ["run"])
-    if ports:
-        raise UserError(ports)
+    lock = _take_data_dir(config, args)
 
     console = Console()
     log_file = None if args.log_stderr else config.data_path / "logs" / "mro-edge.log"
@@ -166,13 +199,10 @@ def cmd_run(config: Config, args) -> int:
         warnings = _check_broker(config, login, allow_anonymous=args.allow_anonymous_broker, embedded=False)
     if not args.no_gateway:
         _register_with_own_gateway(config)
-    extra = []
-    if args.simulate:
-        extra.append(("simulator", ["simulate", "--rate", str(args.rate), "--duration", "0"]))
-    env = dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station, MRO_MQTT_URL=config.mqtt.url,
-               MRO_LINK_GATEWAY_URL=config.link.gateway_url, MRO_GATEWAY_LISTEN=config.gateway.listen)
-    supervisor = Supervisor(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway, extra=extra,
-                            env=env, console=console, sink=sink, warnings=warnings)
+    simulator = ("simulator", ["simulate", "--rate", str(args.rate), "--duration", "0"])
+    supervisor = Supervisor(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
+                            extra=[simulator] if args.simulate else [], env=_children_env(config),
+                            console=console, sink=sink, warnings=warnings)
     run_file = write_run_file(config, embedded_broker=not args.no_broker, local_gateway=not args.no_gateway,
                               log_file=str(log_file) if log_file else None)
     console.say(_where_to_look(config, supervisor, log_file, run_file))
@@ -187,11 +217,7 @@ def cmd_run(config: Config, args) -> int:
             supervisor.warnings = warnings + found
 
     def on_ready(not_up) -> None:
-        if not_up:
-            console.say(f"mro-edge is running, but not yet up: {', '.join(f'{c.name} ({c.state})' for c in not_up)}"
-                        f" (see {log_file or 'the log'}). Ctrl-C stops everything.")
-        else:
-            console.say(f"mro-edge is running: {len(supervisor.children)} services up. Ctrl-C stops everything.")
+        console.say(_ready_message(supervisor, not_up, log_file))
 
     try:
         supervisor.supervise(after_broker=after_broker, on_ready=on_ready, summary=summary_line(supervisor))
@@ -219,49 +245,63 @@ def _pub_line(config: Config, device_id: str, kind: str, password: str) -> str:
                      "-t", shlex.quote(topic)])
 
 
-def cmd_devices(config: Config, args) -> int:
+def _mosquitto_pid_file(args) -> Path | None:
+    return Path(args.mosquitto_pid_file) if args.mosquitto_pid_file else None
+
+
+def cmd_devices_init(config: Config, args) -> int:
+    """Only the services' own user: device accounts are the operator's (`devices add`), and the
+    simulator makes its fleet's accounts itself when it starts."""
+    store = _credentials(config)
+    user, _ = store.ensure_service_user()
+    print(f"service user {user} ready; {len(store.devices())} devices; "
+          f"password file {store.passwd_path}, ACL {store.acl_path}")
+    return 0
+
+
+def cmd_devices_list(config: Config, args) -> int:
+    store = _credentials(config)
+    topics = Topics(config.station)
+    devices = sorted(store.devices().items())
+    if args.json:
+        print(json.dumps([{"id": d, "kind": k, "publishes_to": topics.device_in(k, d)} for d, k in devices],
+                         indent=2))
+        return 0
+    for device_id, kind in devices:
+        print(f"{device_id:<24}{kind:<18}{topics.device_in(kind, device_id)}")
+    print(f"{len(devices)} devices (ACL {store.acl_path})", file=sys.stderr)
+    return 0
+
+
+def cmd_devices_remove(config: Config, args) -> int:
     from services.broker.credentials import reload_mosquitto
 
     store = _credentials(config)
-    topics = Topics(config.station)
-    pid_file = Path(args.mosquitto_pid_file) if getattr(args, "mosquitto_pid_file", None) else None
-    if args.action == "init":
-        # Only the services' own user: device accounts are the operator's (`devices add`), and
-        # the simulator makes its fleet's accounts itself when it starts.
-        user, _ = store.ensure_service_user()
-        print(f"service user {user} ready; {len(store.devices())} devices; "
-              f"password file {store.passwd_path}, ACL {store.acl_path}")
-        return 0
-    if args.action == "list":
-        devices = store.devices()
-        if args.json:
-            print(json.dumps([{"id": d, "kind": k, "publishes_to": topics.device_in(k, d)}
-                              for d, k in sorted(devices.items())], indent=2))
-        else:
-            for device_id, kind in sorted(devices.items()):
-                print(f"{device_id:<24}{kind:<18}{topics.device_in(kind, device_id)}")
-            print(f"{len(devices)} devices (ACL {store.acl_path})", file=sys.stderr)
-        return 0
-    if args.action == "remove":
-        if args.id not in store.devices():
-            raise UserError(f"no device {args.id!r} in {store.acl_path} (see mro-edge devices list)")
-        try:
-            store.remove_device(args.id)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        reloaded = reload_mosquitto(pid_file)
-        print(f"removed {args.id}: it can no longer log in")
-        if not reloaded:
-            print("(the embedded broker drops it by itself; a Mosquitto needs SIGHUP: "
-                  "docker compose kill -s SIGHUP mosquitto)", file=sys.stderr)
-        return 0
+    if args.id not in store.devices():
+        raise UserError(f"no device {args.id!r} in {store.acl_path} (see mro-edge devices list)")
+    try:
+        store.remove_device(args.id)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    reloaded = reload_mosquitto(_mosquitto_pid_file(args))
+    print(f"removed {args.id}: it can no longer log in")
+    if not reloaded:
+        print("(the embedded broker drops it by itself; a Mosquitto needs SIGHUP: "
+              "docker compose kill -s SIGHUP mosquitto)", file=sys.stderr)
+    return 0
+
+
+def cmd_devices_add(config: Config, args) -> int:
+    from services.broker.credentials import reload_mosquitto
+
     if args.kind not in DEVICE_KINDS:
         raise UserError(f"--kind must be one of {', '.join(DEVICE_KINDS)}")
     try:
-        username, password = store.add_device(args.id, args.kind)
+        username, password = _credentials(config).add_device(args.id, args.kind)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    reloaded = reload_mosquitto(pid_file)
+    reloaded = reload_mosquitto(_mosquitto_pid_file(args))
+    topics = Topics(config.station)
     topic = topics.device_in(args.kind, args.id)
     if args.mosquitto_pub:
         print(_pub_line(config, username, args.kind, password))
@@ -299,8 +339,12 @@ def read_statuses(config: Config, wait_s: float) -> dict[str, dict]:
     from shared.runtime.mqtt import MqttLink
 
     topics = Topics(config.station)
-    link = MqttLink(config, client_id=f"mro-status-{time.monotonic_ns()}", subscriptions=[(topics.status_all, 0)],
-                    persistent=False)
+    link = MqttLink(
+        config,
+        client_id=f"mro-status-{time.monotonic_ns()}",
+        subscriptions=[(topics.status_all, 0)],
+        persistent=False,
+    )
     link.start(wait_s=10)
     statuses: dict[str, dict] = {}
     deadline = time.monotonic() + wait_s
@@ -362,8 +406,10 @@ def cmd_status(config: Config, args) -> int:
     print(f"{'service':<14}{'state':<13}{'queue':>7}{'processed':>11}{'failed':>8}  detail")
     for name, st in sorted(rows.items()):
         detail = "  ".join(f"{key}={st[key]}" for key in STATUS_DETAIL if st.get(key) is not None)
-        print(f"{name:<14}{st.get('state', '?'):<13}{st.get('queue_depth', ''):>7}{st.get('processed', ''):>11}"
-              f"{st.get('failed', ''):>8}  {detail}")
+        print(
+            f"{name:<14}{st.get('state', '?'):<13}{st.get('queue_depth', ''):>7}{st.get('processed', ''):>11}"
+            f"{st.get('failed', ''):>8}  {detail}"
+        )
     return 0
 
 
@@ -418,7 +464,9 @@ def cmd_resume(config: Config, args) -> int:
         link.start(wait_s=10)
     except BrokerUnavailable as exc:
         raise UserError(str(exc)) from None
-    link.client.publish(Topics(config.station).control(args.name), b'{"command":"resume"}', qos=1).wait_for_publish(5)
+    link.client.publish(
+        Topics(config.station).control(args.name), b'{"command":"resume"}', qos=1
+    ).wait_for_publish(5)
     link.stop()
     print(f"asked {args.name} to resume; watch `mro-edge status` for its state")
     return 0
@@ -443,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole stack: embedded broker and every service, supervised")
-    run.add_argument("--no-broker", action="store_true", help="use the broker at MRO_MQTT_URL (e.g. Mosquitto)")
+    run.add_argument(
+        "--no-broker", action="store_true", help="use the broker at MRO_MQTT_URL (e.g. Mosquitto)"
+    )
     run.add_argument("--no-gateway", action="store_true",
                      help="do not start the reference gateway; push to MRO_LINK_GATEWAY_URL")
     run.add_argument("--simulate", action="store_true", help="also run device simulators")
@@ -451,8 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-anonymous-broker", action="store_true",
                      help="start even though the broker lets anonymous clients publish device records "
                           "(logged, and alarmed on mro/<station>/alarm)")
-    run.add_argument("--log-stderr", action="store_true",
-                     help="JSON log lines on stderr instead of $MRO_DATA_DIR/logs/mro-edge.log (no console summary)")
+    run.add_argument(
+        "--log-stderr",
+        action="store_true",
+        help="JSON log lines on stderr instead of $MRO_DATA_DIR/logs/mro-edge.log (no console summary)",
+    )
     run.set_defaults(func=cmd_run)
 
     service = sub.add_parser("service", help="one service in the foreground (what compose runs)")
@@ -461,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="broker credentials for devices and services")
     dsub = devices.add_subparsers(dest="action", required=True)
-    dsub.add_parser("init", help="create the service user, password file and ACL").set_defaults(func=cmd_devices)
+    init = dsub.add_parser("init", help="create the service user, password file and ACL")
+    init.set_defaults(func=cmd_devices_init)
     add = dsub.add_parser("add", help="create (or rotate) a device's credentials")
     add.add_argument("id")
     add.add_argument("--kind", required=True, choices=DEVICE_KINDS)
@@ -469,14 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--mosquitto-pub", action="store_true",
                      help="print a ready mosquitto_pub command for this device (append -m 'RECORD')")
     add.add_argument("--mosquitto-pid-file", help="send SIGHUP to this Mosquitto so it re-reads the files")
-    add.set_defaults(func=cmd_devices)
+    add.set_defaults(func=cmd_devices_add)
     listing = dsub.add_parser("list", help="registered devices, their kind and topic")
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_devices)
+    listing.set_defaults(func=cmd_devices_list)
     remove = dsub.add_parser("remove", help="delete a device's login and ACL lines")
     remove.add_argument("id")
     remove.add_argument("--mosquitto-pid-file", help="send SIGHUP to this Mosquitto so it re-reads the files")
-    remove.set_defaults(func=cmd_devices)
+    remove.set_defaults(func=cmd_devices_remove)
 
     simulate = sub.add_parser("simulate", help="simulated devices sending realistic records; checks receipts")
     simulate.add_argument("--rate", type=float, default=20.0, help="records per second")
@@ -534,7 +588,9 @@ def _prepare_client(config: Config, args) -> None:
     from mro_edge.preflight import BrokerProblem, check_login
 
     key = (args.command, getattr(args, "action", None))
-    needs_data = key not in NO_DATA_DIR and not (key == ("gateway", "register-edge") and config.gateway.db_url)
+    needs_data = key not in NO_DATA_DIR and not (
+        key == ("gateway", "register-edge") and config.gateway.db_url
+    )
     needs_broker = key in NEEDS_BROKER or (args.command == "schema" and key != ("schema", "check"))
     try:
         if needs_data:

@@ -37,8 +37,10 @@ def _current(config: Config):
 
     files = _key_files(config)
     if not files.current_path.exists():
-        raise _user_error(f"no ledger key in {files.dir}: run 'mro-edge keys generate', or start the sign service "
-                          "once (mro-edge run), or check MRO_DATA_DIR")
+        raise _user_error(
+            f"no ledger key in {files.dir}: run 'mro-edge keys generate', or start the sign service "
+            "once (mro-edge run), or check MRO_DATA_DIR"
+        )
     try:
         return files.current(create=False)
     except KeyFileError as exc:
@@ -138,9 +140,12 @@ def cmd_keys_rotate(config: Config, args) -> int:
     except KeyFileError as exc:
         raise _user_error(str(exc)) from None
     print(f"rotation staged: {old.kid} -> {new.kid} ({_key_files(config).next_path}, mode 0600)")
-    print("the sign service appends a key_rotation entry signed by the old key with its next record and signs "
-          "everything after it with the new key; the gateway accepts the new key from that entry on. "
-          "'mro-edge keys show' shows it pending until then.", file=sys.stderr)
+    print(
+        "the sign service appends a key_rotation entry signed by the old key with its next record and signs "
+        "everything after it with the new key; the gateway accepts the new key from that entry on. "
+        "'mro-edge keys show' shows it pending until then.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -192,7 +197,9 @@ def cmd_audit_verify(config: Config, args) -> int:
     if not Path(args.dir).is_dir():
         raise _user_error(f"{args.dir} is not a directory (an export of 'mro-edge audit export')")
     try:
-        trusted = [public_key_from_pem(Path(p).read_text()) for p in args.trusted_key] if args.trusted_key else None
+        trusted = (
+            [public_key_from_pem(Path(p).read_text()) for p in args.trusted_key] if args.trusted_key else None
+        )
         known = [Path(p).read_bytes() for p in args.known_checkpoint or ()]
     except (OSError, KeyFormatError) as exc:
         raise _user_error(str(exc)) from None
@@ -209,10 +216,12 @@ def cmd_audit_verify(config: Config, args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"OK: {report['entries']} entries of {report['origin']}, hash chain and every signature verified "
-              f"(keys {', '.join(report['kids']) or '-'}), Merkle root {report['root']} matches the checkpoint "
-              f"signed by {report['kid']}, {report['proofs']} inclusion proofs, "
-              f"{report['known_checkpoints']} known checkpoints consistent")
+        print(
+            f"OK: {report['entries']} entries of {report['origin']}, hash chain and every signature verified "
+            f"(keys {', '.join(report['kids']) or '-'}), Merkle root {report['root']} matches the checkpoint "
+            f"signed by {report['kid']}, {report['proofs']} inclusion proofs, "
+            f"{report['known_checkpoints']} known checkpoints consistent"
+        )
         if trusted is None:
             print("the keys were taken from the export itself: confirm the kid of seq 0's key out of band, "
                   "or pass --trusted-key", file=sys.stderr)
@@ -227,15 +236,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = ksub.add_parser("show", help="current and pending key, retired keys, rotations, last checkpoint")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_keys_show)
-    ksub.add_parser("rotate", help="stage a new key; the sign service appends the signed rotation and switches"
-                    ).set_defaults(func=cmd_keys_rotate)
+    ksub.add_parser(
+        "rotate", help="stage a new key; the sign service appends the signed rotation and switches"
+    ).set_defaults(func=cmd_keys_rotate)
     export = ksub.add_parser("export-public", help="public key as PEM (SubjectPublicKeyInfo)")
     export.add_argument("--next", action="store_true", help="the key of the pending rotation instead")
     export.set_defaults(func=cmd_keys_export_public)
 
     audit = subparsers.add_parser("audit", help="audit exports: everything an auditor needs, and its check")
     asub = audit.add_subparsers(dest="action", required=True)
-    aexp = asub.add_parser("export", help="entries, signatures, checkpoint, keys and proofs into a new directory")
+    aexp = asub.add_parser(
+        "export", help="entries, signatures, checkpoint, keys and proofs into a new directory"
+    )
     aexp.add_argument("--out", required=True, help="a new (or empty) directory")
     aexp.add_argument("--seq", type=int, nargs="+", action="extend", metavar="N",
                       help="also write per-record files and an inclusion proof for these seqs")

@@ -48,7 +48,9 @@ def register(subparsers) -> None:
     rsub = registry.add_subparsers(dest="action", required=True)
     sign = rsub.add_parser("sign", help="(authority, offline) sign an update file with the authority key")
     sign.add_argument("file", help='JSON file holding the update: {"serial": N, "technicians": {...}, ...}')
-    sign.add_argument("--key", required=True, help="the authority's Ed25519 private key (PKCS#8 PEM, mode 0600)")
+    sign.add_argument(
+        "--key", required=True, help="the authority's Ed25519 private key (PKCS#8 PEM, mode 0600)"
+    )
     sign.set_defaults(func=cmd_registry_sign)
     push = rsub.add_parser("push", help="send a signed update to the validate service")
     push.add_argument("file", help="signed update (output of `mro-edge registry sign`)")
@@ -61,7 +63,9 @@ def _common(parser, *, sample: bool = False) -> None:
         parser.add_argument("--sample", type=int, default=None,
                             help="records to replay (default [compliance] dry_run_sample)")
     parser.add_argument("--json", action="store_true", help="print the service's answer as JSON")
-    parser.add_argument("--timeout", type=float, default=ANSWER_TIMEOUT_S, help="seconds to wait for the answer")
+    parser.add_argument(
+        "--timeout", type=float, default=ANSWER_TIMEOUT_S, help="seconds to wait for the answer"
+    )
     parser.set_defaults(func=cmd_schema)
 
 
@@ -102,7 +106,9 @@ def cmd_schema(config, args) -> int:
         command["sample"] = args.sample
     if args.action == "activate":
         if args.override and not args.reason.strip():
-            raise _user_error("--override needs --reason TEXT: why the drift is acceptable (it goes into the ledger)")
+            raise _user_error(
+                "--override needs --reason TEXT: why the drift is acceptable (it goes into the ledger)"
+            )
         command["override"] = bool(args.override)
     if args.action in ("activate", "rollback") and args.reason.strip():
         command["reason"] = args.reason.strip()
@@ -118,9 +124,9 @@ def cmd_schema(config, args) -> int:
 
 def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dict:
     from services.validate.control import operator_name
+    from shared.runtime.clock import utc_now
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
     from shared.runtime.topics import Topics
-    from shared.runtime.clock import utc_now
 
     topics = Topics(config.station)
     command_id = uuid.uuid4().hex
@@ -165,15 +171,17 @@ def _print_reply(reply: dict) -> None:
     if state:
         staged = f", staged {state['staged']}" if state.get("staged") else ""
         since = f" since {state.get('breaker_since')}" if state.get("breaker") == "open" else ""
-        print(f"contract {state.get('active')}{staged}; breaker {state.get('breaker')}{since}; "
-              f"{state.get('held', 0)} record(s) held; tolerance {state.get('tolerance_ppm', 0) / 10_000:.2f} %")
+        print(
+            f"contract {state.get('active')}{staged}; breaker {state.get('breaker')}{since}; "
+            f"{state.get('held', 0)} record(s) held; tolerance {state.get('tolerance_ppm', 0) / 10_000:.2f} %"
+        )
     if reply.get("ledger_event_id"):
         print(f"ledger entry (schema_change) event_id {reply['ledger_event_id']}")
 
 
 def cmd_registry_sign(config, args) -> int:
-    from shared.ledger.canonical import CanonicalError
     from shared.compliance.updates import UpdateRefused, check_changes, sign_update
+    from shared.ledger.canonical import CanonicalError
     from shared.ledger.keys import KeyFileError, SigningKey
 
     try:
@@ -181,7 +189,9 @@ def cmd_registry_sign(config, args) -> int:
     except (OSError, ValueError) as exc:
         raise _user_error(f"cannot read the update {args.file}: {exc}") from None
     if not isinstance(update, dict) or type(update.get("serial")) is not int:
-        raise _user_error('the update must be a JSON object with an integer "serial" (greater than the last one)')
+        raise _user_error(
+            'the update must be a JSON object with an integer "serial" (greater than the last one)'
+        )
     try:
         check_changes(update)
         key = SigningKey.load(Path(args.key))

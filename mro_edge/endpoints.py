@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from services.broker.credentials import SERVICE_USER
@@ -65,14 +66,14 @@ def read_run_file(config: Config) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def apply_run_file(config: Config, env: dict[str, str] | None = None) -> dict | None:
+def apply_run_file(config: Config, env: Mapping[str, str] | None = None) -> dict | None:
     """Take the running stack's endpoints into `config` where no MRO_* variable says otherwise."""
-    env = os.environ if env is None else env
+    environ = os.environ if env is None else env
     record = read_run_file(config)
     if record is None:
         return None
     for key, (variable, setter) in _FIELDS.items():
-        if variable not in env and record.get(key):
+        if variable not in environ and record.get(key):
             setter(config, record[key])
     return record
 
@@ -81,18 +82,20 @@ def service_secret_path(config: Config) -> Path:
     return config.data_path.resolve() / "broker" / "service.secret"
 
 
-def require_data_dir(config: Config, env: dict[str, str] | None = None) -> None:
-    env = os.environ if env is None else env
+def require_data_dir(config: Config, env: Mapping[str, str] | None = None) -> None:
+    environ = os.environ if env is None else env
     path = config.data_path
     if path.is_dir():
         return
-    if "MRO_DATA_DIR" in env:
+    if "MRO_DATA_DIR" in environ:
         source = "MRO_DATA_DIR"
     else:
-        source = f"data_dir in {env.get('MRO_CONFIG') or 'config/edge.toml'}"
+        source = f"data_dir in {environ.get('MRO_CONFIG') or 'config/edge.toml'}"
     raise NoDataDir(
         f"no data directory at {path.resolve()} ({source} = {config.data_dir!r}, relative to {Path.cwd()}); "
-        "nothing was created. Run this from where `mro-edge run` runs, or set MRO_DATA_DIR to its data directory")
+        "nothing was created. Run this from where `mro-edge run` runs, "
+        "or set MRO_DATA_DIR to its data directory"
+    )
 
 
 def client_login(config: Config, record: dict | None) -> None:
@@ -112,5 +115,7 @@ def client_login(config: Config, record: dict | None) -> None:
         raise NoDataDir(f"the stack in {config.data_path.resolve()} logs in to its broker as "
                         f"{record['mqtt_username']!r} (MRO_MQTT_USERNAME): set MRO_MQTT_USERNAME and "
                         "MRO_MQTT_PASSWORD for this command too")
-    raise NoDataDir(f"no service login in {secret} (has `mro-edge run` or `mro-edge devices init` run with this "
-                    "data directory?): set MRO_MQTT_USERNAME and MRO_MQTT_PASSWORD, or MRO_DATA_DIR")
+    raise NoDataDir(
+        f"no service login in {secret} (has `mro-edge run` or `mro-edge devices init` run with this "
+        "data directory?): set MRO_MQTT_USERNAME and MRO_MQTT_PASSWORD, or MRO_DATA_DIR"
+    )

@@ -135,24 +135,32 @@ def describe(holder: dict) -> str:
         text += f", since {holder['since']}"
     supervisor = holder.get("supervisor_pid")
     if supervisor:
-        text += f", under mro-edge run pid {supervisor}" + ("" if pid_alive(supervisor) else ", which is gone")
+        text += f", under mro-edge run pid {supervisor}" + (
+            "" if pid_alive(supervisor) else ", which is gone"
+        )
     return text + ")"
 
 
 def run_busy_message(data_path: Path, holder: dict) -> str:
     pid = holder.get("pid")
-    return (f"data directory {Path(data_path).resolve()} is in use by {describe(holder)}. Only one mro-edge run "
-            f"per data directory: stop that one first (Ctrl-C in its terminal, or kill {pid or 'its pid'}), "
-            "or give this one its own MRO_DATA_DIR")
+    return (
+        f"data directory {Path(data_path).resolve()} is in use by {describe(holder)}. Only one mro-edge run "
+        f"per data directory: stop that one first (Ctrl-C in its terminal, or kill {pid or 'its pid'}), "
+        "or give this one its own MRO_DATA_DIR"
+    )
 
 
 def services_busy_message(data_path: Path, busy: dict[str, dict]) -> str:
     lines = [f"data directory {Path(data_path).resolve()} is in use: "
              + "; ".join(f"{name} already runs as {describe(holder)}" for name, holder in busy.items())]
-    pids = sorted({h.get("supervisor_pid") if pid_alive(h.get("supervisor_pid")) else h.get("pid")
-                   for h in busy.values()} - {None})
-    lines.append(f"stop {'them' if len(busy) > 1 else 'it'} first (kill {' '.join(map(str, pids)) or 'the pid above'}),"
-                 " or give this one its own MRO_DATA_DIR")
+    in_the_way = (h.get("supervisor_pid") if pid_alive(h.get("supervisor_pid")) else h.get("pid")
+                  for h in busy.values())
+    pids = sorted({int(pid) for pid in in_the_way if pid})
+    lines.append(
+        f"stop {'them' if len(busy) > 1 else 'it'} first "
+        f"(kill {' '.join(map(str, pids)) or 'the pid above'}),"
+        " or give this one its own MRO_DATA_DIR"
+    )
     return ". ".join(lines)
 
 
@@ -171,9 +179,11 @@ def hold_service_lock(data_path: Path, service: str) -> InstanceLock:
     running = run_lock(data_path).holder()
     if running is not None and running.get("pid") not in (supervisor_pid, None):
         raise InstanceBusy(
-            f"data directory {Path(data_path).resolve()} is managed by {describe(running)}, which runs its own "
-            f"{service}: stop that first (Ctrl-C in its terminal, or kill {running.get('pid')}), or give this one "
-            "its own MRO_DATA_DIR", running)
+            f"data directory {Path(data_path).resolve()} is managed by {describe(running)}, "
+            f"which runs its own {service}: stop that first (Ctrl-C in its terminal, "
+            f"or kill {running.get('pid')}), or give this one its own MRO_DATA_DIR",
+            running,
+        )
     lock = service_lock(data_path, service)
     try:
         return lock.acquire(supervisor_pid=supervisor_pid)

@@ -57,7 +57,9 @@ def start(log=None) -> None:
         print("mro-edge: the mro-edge run that started this service is gone; exiting", file=sys.stderr)
         os._exit(ORPHAN_EXIT)
     watchdog_file = os.environ.get("MRO_WATCHDOG_FILE") or None
-    threading.Thread(target=_watch, args=(parent, armed, watchdog_file, log), name="lifeline", daemon=True).start()
+    threading.Thread(
+        target=_watch, args=(parent, armed, watchdog_file, log), name="lifeline", daemon=True
+    ).start()
 
 
 def _watch(parent: int, armed: bool, watchdog_file: str | None, log) -> None:

@@ -17,6 +17,7 @@ import queue
 import secrets
 import shlex
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.runtime.config import Config
@@ -82,10 +83,10 @@ def _next_free(host: str, port: int, avoid: set[int]) -> int:
 
 
 def check_ports(config: Config, *, with_broker: bool, with_gateway: bool, argv: list[str],
-                env: dict[str, str] | None = None) -> str | None:
+                env: Mapping[str, str] | None = None) -> str | None:
     """None if every port is free; else one message naming all taken ports and one command that
     moves them all to free ones (the uplink follows MRO_GATEWAY_LISTEN unless its URL is set)."""
-    env = os.environ if env is None else env
+    environ = os.environ if env is None else env
     wanted = listeners(config, with_broker=with_broker, with_gateway=with_gateway)
     taken = [item for item in wanted if not port_free(item.host, item.port)]
     if not taken:
@@ -96,9 +97,9 @@ def check_ports(config: Config, *, with_broker: bool, with_gateway: bool, argv: 
         port = _next_free(item.host, item.port, avoid)
         avoid.add(port)
         moves.append(f"{item.env}={item.value.format(port=port)}")
-        if item.env == "MRO_GATEWAY_LISTEN" and "MRO_LINK_GATEWAY_URL" in env:
+        if item.env == "MRO_GATEWAY_LISTEN" and "MRO_LINK_GATEWAY_URL" in environ:
             moves.append(f"MRO_LINK_GATEWAY_URL=http://{item.value.format(port=port)}")
-    command = "make run" if env.get("MAKELEVEL") else "mro-edge " + " ".join(shlex.quote(a) for a in argv)
+    command = "make run" if environ.get("MAKELEVEL") else "mro-edge " + " ".join(shlex.quote(a) for a in argv)
     names = ", ".join(f"{item.host}:{item.port} ({item.what})" for item in taken)
     others = []
     if any(item.env == "MRO_MQTT_URL" for item in taken):
@@ -116,15 +117,20 @@ def check_login(config: Config, username: str | None, password: str | None, *, h
         code = mqtt_connack(config.mqtt.port, username, password, timeout=3.0, host=config.mqtt.host)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise BrokerProblem(f"no MQTT broker answers at {url} ({reason.lower()}): start it, or set MRO_MQTT_URL "
-                            "to its address" + (f"; {hint}" if hint else ""), unreachable=True) from None
+        raise BrokerProblem(
+            f"no MQTT broker answers at {url} ({reason.lower()}): start it, or set MRO_MQTT_URL "
+            "to its address" + (f"; {hint}" if hint else ""),
+            unreachable=True,
+        ) from None
     if code == 0:
         return
     reason = CONNACK_REASONS.get(code, f"refused with CONNACK code {code}")
     who = f"user {username!r}" if username else "an anonymous login"
     if code in (4, 5):
-        advice = ("set MRO_MQTT_USERNAME and MRO_MQTT_PASSWORD to a login of that broker, or give it the services' "
-                  f"password file ({config.data_path.resolve() / 'broker' / 'passwd'})")
+        advice = (
+            "set MRO_MQTT_USERNAME and MRO_MQTT_PASSWORD to a login of that broker, or give it the services' "
+            f"password file ({config.data_path.resolve() / 'broker' / 'passwd'})"
+        )
     else:
         advice = "check the broker's log"
     raise BrokerProblem(f"the broker at {url} refused {who}: {reason} (CONNACK {code}); {advice}")
@@ -136,12 +142,16 @@ class AnonymousProbe:
     delivered: str | None = None  # the device topic an anonymous publish got through on
 
 
+def _anonymous_connects(config: Config) -> bool:
+    try:
+        return mqtt_connack(config.mqtt.port, None, None, timeout=3.0, host=config.mqtt.host) == 0
+    except OSError:
+        return False
+
+
 def probe_anonymous(config: Config, service_login: tuple[str, str], wait_s: float = 2.0) -> AnonymousProbe:
     """Try it: an anonymous CONNECT, then anonymous publishes a service subscriber watches for."""
-    try:
-        if mqtt_connack(config.mqtt.port, None, None, timeout=3.0, host=config.mqtt.host) != 0:
-            return AnonymousProbe(False)
-    except OSError:
+    if not _anonymous_connects(config):
         return AnonymousProbe(False)
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -164,7 +174,9 @@ def probe_anonymous(config: Config, service_login: tuple[str, str], wait_s: floa
     watcher.on_subscribe = lambda *_: ready.put("watcher")
     watcher.on_message = lambda _c, _u, message: arrived.put(message.topic)
     anonymous = client("anon", None)
-    anonymous.on_connect = lambda _c, _u, _f, code, _p: ready.put("anonymous" if not code.is_failure else "refused")
+    anonymous.on_connect = lambda _c, _u, _f, code, _p: ready.put(
+        "anonymous" if not code.is_failure else "refused"
+    )
     result = AnonymousProbe(True)
     try:
         watcher.connect(config.mqtt.host, config.mqtt.port, keepalive=10)
@@ -185,14 +197,16 @@ def probe_anonymous(config: Config, service_login: tuple[str, str], wait_s: floa
             try:
                 c.disconnect()
                 c.loop_stop()
-            except Exception:  # noqa: BLE001 - closing a probe client must never mask the answer
+            except Exception:  # closing a probe client must never mask the answer
                 pass
     return result
 
 
 def anonymous_message(config: Config, topic: str) -> str:
-    return (f"the broker at {config.mqtt.url} lets anonymous clients publish device records (an anonymous "
-            f"publish on {topic} was delivered): anyone on the network could record data as any device. "
-            "Refuse anonymous clients (Mosquitto: allow_anonymous false, with password_file and acl_file as in "
-            "config/mosquitto/mosquitto.conf), or, knowingly, start with --allow-anonymous-broker "
-            "(logged and alarmed on mro/<station>/alarm)")
+    return (
+        f"the broker at {config.mqtt.url} lets anonymous clients publish device records (an anonymous "
+        f"publish on {topic} was delivered): anyone on the network could record data as any device. "
+        "Refuse anonymous clients (Mosquitto: allow_anonymous false, with password_file and acl_file as in "
+        "config/mosquitto/mosquitto.conf), or, knowingly, start with --allow-anonymous-broker "
+        "(logged and alarmed on mro/<station>/alarm)"
+    )

@@ -57,11 +57,15 @@ class SupervisorError(Exception):
 def run_services(*, with_broker: bool, with_gateway: bool) -> tuple[Service, ...]:
     """What `mro-edge run` starts, in start order: every service of the registry, but the
     embedded broker and the reference gateway only when it is to run them."""
-    left_out = {kind for kind, wanted in ((Kind.BROKER, with_broker), (Kind.GATEWAY, with_gateway)) if not wanted}
+    left_out = {
+        kind for kind, wanted in ((Kind.BROKER, with_broker), (Kind.GATEWAY, with_gateway)) if not wanted
+    }
     return tuple(service for service in SERVICES if service.kind not in left_out)
 
 
-def wait_for_broker(config: Config, timeout_s: float = 20.0, alive: Callable[[], bool] = lambda: True) -> bool:
+def wait_for_broker(
+    config: Config, timeout_s: float = 20.0, alive: Callable[[], bool] = lambda: True
+) -> bool:
     """Until the broker answers an MQTT CONNECT (any answer: it is up and speaking MQTT)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
@@ -102,19 +106,25 @@ class LogSink:
     """The children's output: one JSON object per line (other lines are wrapped into one), into
     a size-rotated file written only by the supervisor, or onto stderr."""
 
-    def __init__(self, path: Path | None, console: Console, *, max_bytes: int = 20 << 20, backups: int = 5) -> None:
+    def __init__(
+        self, path: Path | None, console: Console, *, max_bytes: int = 20 << 20, backups: int = 5
+    ) -> None:
         self.path = path
         self.console = console
         self._handler: RotatingFileHandler | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+            self._handler = RotatingFileHandler(
+                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
             self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._lock = threading.Lock()
 
     def write_line(self, line: str) -> None:
         if self._handler is not None:
-            self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
+            self._handler.handle(
+                logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"})
+            )
             return
         with self._lock:
             try:
@@ -149,7 +159,9 @@ class LogSink:
         if text.startswith("mro-edge"):
             self.console.say(f"[{name}] {text}")
         elif text.startswith("Traceback"):
-            self.console.once_in_a_while((name, "traceback"), f"[{name}] crashed; the traceback is in {self.path}")
+            self.console.once_in_a_while(
+                (name, "traceback"), f"[{name}] crashed; the traceback is in {self.path}"
+            )
 
     def stream(self) -> TextIO:
         """A text stream for the supervisor's own structlog lines."""
@@ -191,9 +203,13 @@ class Monitor:
         self.statuses: dict[str, dict] = {}
         self.alarms: queue.SimpleQueue[dict] = queue.SimpleQueue()
         down = json.dumps({"service": "supervisor", "state": "down", "pid": os.getpid()}).encode()
-        self.link = MqttLink(config, client_id=f"mro-{config.station}-supervisor",
-                             subscriptions=[(self.topics.status_all, 0), (self.topics.alarm, 0)], persistent=False,
-                             will=(self.topics.status("supervisor"), down))
+        self.link = MqttLink(
+            config,
+            client_id=f"mro-{config.station}-supervisor",
+            subscriptions=[(self.topics.status_all, 0), (self.topics.alarm, 0)],
+            persistent=False,
+            will=(self.topics.status("supervisor"), down),
+        )
         self.started = False
 
     def start(self) -> None:
@@ -377,14 +393,21 @@ class Supervisor:
             child.state = "refused"
             self.log.error("service refused to start; not restarted", child=child.name, exit_code=code,
                            state_transition="REFUSED")
-            self.console.say(f"[run] {child.name} refused to start (its reason is above); not restarting it until "
-                             "the cause is fixed and mro-edge run is started again")
+            self.console.say(
+                f"[run] {child.name} refused to start (its reason is above); not restarting it until "
+                "the cause is fixed and mro-edge run is started again"
+            )
             return
         child.state = "restarting"
         child.restarts += 1
         child.restart_at = now + child.backoff_s
-        self.log.warning("service exited; restarting", child=child.name, exit_code=code, backoff_s=child.backoff_s,
-                         state_transition="RESTARTING")
+        self.log.warning(
+            "service exited; restarting",
+            child=child.name,
+            exit_code=code,
+            backoff_s=child.backoff_s,
+            state_transition="RESTARTING",
+        )
         self.console.say(f"[run] {child.name} exited with {code}; restarting in {child.backoff_s:.1f} s")
         child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
 
@@ -402,8 +425,11 @@ class Supervisor:
 
     def _hung(self, child: Child, silent_s: float, now: float) -> None:
         pid = child.process.pid
-        detail = (f"no watchdog ping from {child.name} (pid {pid}) for {silent_s:.0f} s "
-                  f"(limit supervisor.hung_after_s = {self.hung_after_s:g} s): stopped or stuck; killed and restarted")
+        detail = (
+            f"no watchdog ping from {child.name} (pid {pid}) for {silent_s:.0f} s "
+            f"(limit supervisor.hung_after_s = {self.hung_after_s:g} s): "
+            "stopped or stuck; killed and restarted"
+        )
         child.hung += 1
         self.log.error("service hung", child=child.name, pid=pid, silent_s=round(silent_s, 1),
                        state_transition="HUNG")
@@ -459,7 +485,9 @@ class Supervisor:
 
     def _publish_status(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.monitor and (force or self._changed or now - self._status_at >= self.config.stage.status_interval_s):
+        if self.monitor and (
+            force or self._changed or now - self._status_at >= self.config.stage.status_interval_s
+        ):
             self.monitor.publish(self.monitor.topics.status("supervisor"), self.status_payload(), retain=True)
             self._status_at, self._changed = now, False
 
@@ -560,8 +588,11 @@ def summary_line(supervisor: Supervisor) -> Callable[[], str]:
         up = sum(1 for c in children if c.state in (STATE_UP, "done"))
         problems = [f"{c.name} {c.state}" for c in children if c.state not in (STATE_UP, "done")]
         problems += [f"{s} frozen" for s in stages if statuses.get(s, {}).get("state") == "frozen"]
-        text = (f"{time.strftime('%H:%M:%S')}  signed {rate}/s (total {processed if processed is not None else '?'})"
-                f"  backlog {backlog}  link {link}  DLQ {dlq}  services {up}/{len(children)} up")
+        total = processed if processed is not None else "?"
+        text = (
+            f"{time.strftime('%H:%M:%S')}  signed {rate}/s (total {total})"
+            f"  backlog {backlog}  link {link}  DLQ {dlq}  services {up}/{len(children)} up"
+        )
         return text + (f"  ({', '.join(problems)})" if problems else "")
 
     return line

@@ -54,11 +54,18 @@ SERVICES: tuple[Service, ...] = (
     Service("broker", Kind.BROKER, "services.broker.service:run_broker", on_box=True),
     Service("gateway", Kind.GATEWAY, "services.gateway.server:run_gateway", on_box=False),
     Service("ingest", Kind.STAGE, "services.ingest.stage:Ingest", on_box=True, mqtt_clients=("ingest",)),
-    Service("validate", Kind.STAGE, "services.validate.stage:Validate", on_box=True, mqtt_clients=("validate",)),
+    Service(
+        "validate", Kind.STAGE, "services.validate.stage:Validate", on_box=True, mqtt_clients=("validate",)
+    ),
     Service("sign", Kind.STAGE, "services.sign.stage:Sign", on_box=True, mqtt_clients=("sign", "sign-alarm")),
     Service("uplink", Kind.STAGE, "services.uplink.stage:Uplink", on_box=True, mqtt_clients=("uplink",)),
-    Service("heartbeat", Kind.MONITOR, "services.heartbeat.service:run_heartbeat", on_box=True,
-            mqtt_clients=("heartbeat",)),
+    Service(
+        "heartbeat",
+        Kind.MONITOR,
+        "services.heartbeat.service:run_heartbeat",
+        on_box=True,
+        mqtt_clients=("heartbeat",),
+    ),
 )
 BY_NAME = {service.name: service for service in SERVICES}
 

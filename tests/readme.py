@@ -32,7 +32,9 @@ def shell_blocks(title: str) -> list[str]:
 def block_with(title: str, needle: str) -> str:
     """The one ```sh block of a section that contains `needle`."""
     found = [b for b in shell_blocks(title) if needle in b]
-    assert len(found) == 1, f"README.md section {title!r}: {len(found)} ```sh blocks contain {needle!r}, not 1"
+    assert len(found) == 1, (
+        f"README.md section {title!r}: {len(found)} ```sh blocks contain {needle!r}, not 1"
+    )
     return found[0]
 
 

@@ -25,7 +25,11 @@ RUNNING = "mro-edge is running"
 
 def cli_env(data_dir: Path, mqtt_url: str, **settings: str) -> dict[str, str]:
     # neither our settings nor make's (`make test` sets MAKELEVEL, which changes run's advice)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MRO_") and k not in ("MAKELEVEL", "MAKEFLAGS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MRO_") and k not in ("MAKELEVEL", "MAKEFLAGS")
+    }
     env.update(MRO_DATA_DIR=str(data_dir), MRO_MQTT_URL=mqtt_url, MRO_LOG_LEVEL="INFO", PYTHONPATH=str(ROOT),
                MRO_GATEWAY_LISTEN=f"127.0.0.1:{free_port()}", MRO_STAGE_STATUS_INTERVAL_S="1",
                MRO_LINK_PROBE_INTERVAL_S="1")
@@ -33,7 +37,9 @@ def cli_env(data_dir: Path, mqtt_url: str, **settings: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mro_edge", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -113,8 +113,15 @@ class Burst:
     sent_at: dict[str, float] = field(default_factory=dict)
 
 
-def mosquitto_pub_burst(port: int, device: StockDevice, records: list[tuple[str, bytes]], *,
-                        client_id: str | None = None, persistent: bool = False, timeout_s: float = 60.0) -> Burst:
+def mosquitto_pub_burst(
+    port: int,
+    device: StockDevice,
+    records: list[tuple[str, bytes]],
+    *,
+    client_id: str | None = None,
+    persistent: bool = False,
+    timeout_s: float = 60.0,
+) -> Burst:
     """`mosquitto_pub -d -l -q 1` with one line per record on stdin; PUBACKed ids from its trace."""
     burst = Burst("mosquitto_pub", device.device_id, [e for e, _ in records])
     command = [mosquitto_pub_binary(), "-d", "-h", "127.0.0.1", "-p", str(port), "-u", device.login[0],
@@ -248,8 +255,10 @@ class BurstRunner:
         self.burst_timeout_s = burst_timeout_s
         self.bursts: list[Burst] = []
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(d, i), daemon=True, name=f"burst-{d.device_id}")
-                         for i, d in enumerate(devices)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(d, i), daemon=True, name=f"burst-{d.device_id}")
+            for i, d in enumerate(devices)
+        ]
 
     def _run(self, device: StockDevice, offset: int) -> None:
         records = self.records[device.device_id]
@@ -258,9 +267,13 @@ class BurstRunner:
             try:
                 result = burst(client, self.broker.port, device, records[start:start + self.burst_size],
                                timeout_s=self.burst_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - reported with the burst, never silently lost
-                result = Burst(client, device.device_id, [e for e, _ in records[start:start + self.burst_size]],
-                               error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # reported with the burst, never silently lost
+                result = Burst(
+                    client,
+                    device.device_id,
+                    [e for e, _ in records[start : start + self.burst_size]],
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             with self._lock:
                 self.bursts.append(result)
             if self.pause_s:

@@ -43,7 +43,9 @@ class Sent:
         for receipt in self.receipts:
             if receipt["status"] in FINAL:
                 return receipt
-            if receipt["status"] == "duplicate" and (receipt.get("seq") is not None or self.expect == "duplicate"):
+            if receipt["status"] == "duplicate" and (
+                receipt.get("seq") is not None or self.expect == "duplicate"
+            ):
                 return receipt
         return None
 

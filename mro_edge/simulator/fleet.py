@@ -55,12 +55,18 @@ class Fleet:
         if t.suspended_on(day):
             return []
         auths = t.authorisations_on(day, chapter)
-        maintain = any("maintain" in a.privileges and ("*" in a.actions or action is None or action in a.actions)
-                       for a in auths)
+        maintain = any(
+            "maintain" in a.privileges and ("*" in a.actions or action is None or action in a.actions)
+            for a in auths
+        )
         if role == "maintain":
             allowed = None if maintain else set()
         elif role == "certify":
-            allowed = RELEASE_KINDS[chapter] if maintain and any("certify" in a.privileges for a in auths) else set()
+            allowed = (
+                RELEASE_KINDS[chapter]
+                if maintain and any("certify" in a.privileges for a in auths)
+                else set()
+            )
         else:
             allowed = (inspection_kinds(inspection_type or "RII", chapter)
                        if any(role in a.privileges for a in auths) else set())

@@ -23,6 +23,7 @@ from mro_edge.simulator.fleet import Fleet, airframe_times, fleet
 from shared.compliance.esign import sign_body
 from shared.contract import RECORD_TYPES, decode_record, normalize
 from shared.ledger.keys import SigningKey
+from shared.runtime.clock import utc_text
 
 __all__ = ["RECORD_TYPES", "BadCase", "bad_cases", "sign_record", "valid_record"]
 
@@ -35,7 +36,17 @@ _TYPES_BY_KIND: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
 }
 _FAMILIES = {"A320-214": "A320", "A321-211": "A320", "A319-112": "A320", "B737-800": "B737", "B737-8": "B737",
              "ATR72-600": "ATR72"}
-_INSPECTION_TYPES = ("DAILY", "WEEKLY", "A_CHECK", "C_CHECK", "RII", "ANNUAL", "100HR", "PROGRESSIVE", "PROGRAM")
+_INSPECTION_TYPES = (
+    "DAILY",
+    "WEEKLY",
+    "A_CHECK",
+    "C_CHECK",
+    "RII",
+    "ANNUAL",
+    "100HR",
+    "PROGRESSIVE",
+    "PROGRAM",
+)
 _SIGN_OPTIONAL_SHARE = 0.3  # records that need no signature but carry one anyway
 
 _ATA = {
@@ -134,7 +145,7 @@ def valid_record(rng: random.Random, *, station: str, device_kind: str, device_i
         "schema": "mro.record/1",
         "type": record_type,
         "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        "occurred_at": _rfc3339(occurred_at),
+        "occurred_at": utc_text(occurred_at),
         "station": station,
         "device": {"kind": device_kind, "id": device_id},
         "work_order_id": _work_order(rng, occurred_at.year),
@@ -468,20 +479,6 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False).encode()
 
 
-def _rfc3339(moment: datetime) -> str:
-    moment = moment.astimezone(UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False).encode()
-
-
-def _rfc3339(moment: datetime) -> str:
-    moment = moment.astimezone(UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
-
-
 def _work_order(rng: random.Random, year: int) -> str:
     if rng.random() < 0.7:
         return f"WO-{year}-{rng.randint(1, 999999):06d}"
@@ -489,8 +486,17 @@ def _work_order(rng: random.Random, year: int) -> str:
 
 
 
-def _person(rng: random.Random, ships: Fleet, role: str, chapter: str, day, *, signing: bool, exclude: str = "",
-            **criteria) -> dict | None:
+def _person(
+    rng: random.Random,
+    ships: Fleet,
+    role: str,
+    chapter: str,
+    day,
+    *,
+    signing: bool,
+    exclude: str = "",
+    **criteria,
+) -> dict | None:
     people = [p for p in ships.people(role, chapter, day, signing=signing, **criteria) if p[0] != exclude]
     if not people:
         return None
@@ -516,7 +522,9 @@ def _maintenance_action(rng: random.Random, ships: Fleet, record: dict, family: 
     return release
 
 
-def _inspection(rng: random.Random, ships: Fleet, record: dict, family: str, ata: str, occurred: datetime) -> bool:
+def _inspection(
+    rng: random.Random, ships: Fleet, record: dict, family: str, ata: str, occurred: datetime
+) -> bool:
     inspection_type = rng.choice(_INSPECTION_TYPES)
     record["inspection_type"] = inspection_type
     record["findings"] = rng.sample(_FINDINGS, rng.choice((0, 0, 1, 2, 3)))
@@ -537,7 +545,9 @@ def _inspection(rng: random.Random, ships: Fleet, record: dict, family: str, ata
     return True
 
 
-def _part_record(rng: random.Random, ships: Fleet, record: dict, family: str, ata: str, occurred: datetime) -> bool:
+def _part_record(
+    rng: random.Random, ships: Fleet, record: dict, family: str, ata: str, occurred: datetime
+) -> bool:
     part_number, position = rng.choice(_PARTS)
     part: dict[str, Any] = {
         "cage": rng.choice(_CAGES),
@@ -570,7 +580,9 @@ def _part_record(rng: random.Random, ships: Fleet, record: dict, family: str, at
     return False
 
 
-def _torque_event(rng: random.Random, ships: Fleet, record: dict, family: str, ata: str, occurred: datetime) -> bool:
+def _torque_event(
+    rng: random.Random, ships: Fleet, record: dict, family: str, ata: str, occurred: datetime
+) -> bool:
     fastener, low, high = rng.choice(_TORQUE_SPECS)
     if rng.random() < 0.9:
         torque = min(max(round(rng.uniform(low, high), 1), low), high)
@@ -578,7 +590,10 @@ def _torque_event(rng: random.Random, ships: Fleet, record: dict, family: str, a
         torque = round(high * rng.uniform(1.03, 1.15), 1) if rng.random() < 0.5 else round(low * 0.9, 1)
     day = occurred.astimezone(UTC).date()
     tool = rng.choice(ships.tools(day))
-    record["tool"] = {"serial_number": tool.serial_number, "calibration_due": tool.calibration_due.isoformat()}
+    record["tool"] = {
+        "serial_number": tool.serial_number,
+        "calibration_due": tool.calibration_due.isoformat(),
+    }
     record["fastener_ref"] = fastener
     record["torque_nm"] = torque
     record["torque_min_nm"] = low

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from mro_edge.simulator.devices import SimulatedDevice
 from mro_edge.simulator.records import bad_cases, valid_record
-from shared.runtime.config import Config
 from shared.contract import ContractError, decode_record
+from shared.runtime.config import Config
 
 DEFAULT_FLEET = (("rfid_reader", "RFID-01"), ("torque_wrench", "TQW-07"), ("tablet", "TAB-12"),
                  ("barcode_scanner", "BCS-03"))
@@ -127,7 +127,9 @@ class Simulation:
                 self._valid_sent.pop(0)
             report.valid += 1
 
-    def run(self, *, rate: float, duration_s: float, grace_s: float = 60.0, progress=None) -> SimulationReport:
+    def run(
+        self, *, rate: float, duration_s: float, grace_s: float = 60.0, progress=None
+    ) -> SimulationReport:
         start = time.monotonic()
         sent = 0
         while (elapsed := time.monotonic() - start) < duration_s and not self.stop.is_set():

@@ -22,8 +22,14 @@ def test_a_fresh_clone_collects_every_test_with_nothing_beside_it(tmp_path: Path
                    timeout=120, capture_output=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clone"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "MRO_"))}
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                            cwd=clone, env=env, capture_output=True, text=True, timeout=280)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     summary = result.stdout.strip().splitlines()[-1]

@@ -112,7 +112,9 @@ def render(env_file: Path, *, profile: str | None = None, extra: str = "",
 
 def rendered(env_file: Path, **kwargs) -> dict[str, Any]:
     result = render(env_file, **kwargs)
-    assert result.returncode == 0, f"docker-compose config rejected compose.yaml with {env_file}:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"docker-compose config rejected compose.yaml with {env_file}:\n{result.stderr}"
+    )
     return yaml.safe_load(result.stdout)
 
 
@@ -180,8 +182,11 @@ def test_compose_runs_every_box_service_of_the_registry_and_nothing_else(compose
     """Each registry service on the box has its container (the broker's is Mosquitto), and every
     `mro-edge service NAME` in compose names a registry service; off-box ones only in the demo."""
     by_name = {s.name: s for s in SERVICES}
-    served = {command[2]: name for name, service in compose["services"].items()
-              if (command := service.get("command") or [])[:2] == ["mro-edge", "service"] and len(command) == 3}
+    served = {
+        command[2]: name
+        for name, service in compose["services"].items()
+        if (command := service.get("command") or [])[:2] == ["mro-edge", "service"] and len(command) == 3
+    }
     assert set(served) <= set(by_name), f"compose runs services the registry does not know: {served}"
     assert set(BOX) <= set(served), f"registry services without a container: {set(BOX) - set(served)}"
     for name, container in served.items():
@@ -202,7 +207,9 @@ def test_services_are_exactly_the_known_ones(compose: dict[str, Any]) -> None:
         assert (service.get("profiles") == ["demo"]) == (name in DEMO_ONLY), name
 
 
-def test_production_starts_no_simulator_and_no_simulator_accounts(production: dict[str, Any], tmp_path: Path) -> None:
+def test_production_starts_no_simulator_and_no_simulator_accounts(
+    production: dict[str, Any], tmp_path: Path
+) -> None:
     """Without --profile demo: no simulator, no demo gateway, nothing depending on them, and
     the `init` command writes only the services' own login (run here for real)."""
     services = default_services(production)
@@ -236,7 +243,9 @@ def test_app_services_read_the_operator_site_never_the_image_registries(producti
         assert env["MRO_COMPLIANCE_REGISTRIES_DIR"] == "/site/registries", name
         volumes = mounts(service)
         assert Path(volumes["/site"]) == site, name
-        assert any(v.endswith("/site:ro") for v in service["volumes"]), f"{name} must mount the site read-only"
+        assert any(v.endswith("/site:ro") for v in service["volumes"]), (
+            f"{name} must mount the site read-only"
+        )
         assert volumes["/data/broker"] == mounts(production["services"][BROKER])["/mosquitto/auth"], name
         assert not any("registries" in source for source in volumes.values()), name
         if name not in ONE_SHOT:
@@ -268,7 +277,9 @@ def test_the_demo_site_is_the_shipped_example(compose: dict[str, Any]) -> None:
     simulator's records (and the README's sample) refer to."""
     for name in COMMANDS:
         assert Path(mounts(compose["services"][name])["/site"]) == REPO / "config", name
-    assert (REPO / "config" / "edge.toml").is_file() and (REPO / "config" / "registries" / "technicians.toml").is_file()
+    assert (REPO / "config" / "edge.toml").is_file() and (
+        REPO / "config" / "registries" / "technicians.toml"
+    ).is_file()
 
 
 def test_compose_refuses_to_render_without_station_or_gateway(tmp_path: Path) -> None:
@@ -339,7 +350,9 @@ def test_images_are_pinned_to_exact_versions(compose: dict[str, Any]) -> None:
             assert image == f"mro-edge:{version}", f"{name}: the image of this very version"
     dockerfile = (REPO / "Dockerfile").read_text().splitlines()
     # both stages (build, run) on the one base image, pinned to an exact patch release
-    assert [line.split()[1] for line in dockerfile if line.startswith("FROM ")] == ["python:3.11.13-slim-bookworm"] * 2
+    assert [line.split()[1] for line in dockerfile if line.startswith("FROM ")] == [
+        "python:3.11.13-slim-bookworm"
+    ] * 2
     assert "-c constraints.txt" in "\n".join(dockerfile), "the Dockerfile installs the locked versions"
 
 
@@ -354,7 +367,9 @@ def test_every_container_rotates_its_logs(compose: dict[str, Any]) -> None:
         "one logging anchor for every service"
 
 
-def test_mosquitto_is_published_only_where_the_operator_says(production: dict[str, Any], tmp_path: Path) -> None:
+def test_mosquitto_is_published_only_where_the_operator_says(
+    production: dict[str, Any], tmp_path: Path
+) -> None:
     assert production["services"][BROKER]["ports"] == ["127.0.0.1:1883:1883/tcp"], "loopback by default"
     config = rendered(ENV_EXAMPLE, tmp=tmp_path, extra="MRO_MQTT_BIND=10.20.30.40\nMRO_MQTT_PORT=18830")
     assert config["services"][BROKER]["ports"] == ["10.20.30.40:18830:1883/tcp"]
@@ -373,8 +388,12 @@ def test_mosquitto_runs_the_config_the_tests_run(compose: dict[str, Any]) -> Non
     directives = conf_directives()
     assert directives["allow_anonymous"] == "false"
     for key in ("password_file", "acl_file"):
-        assert str(Path(directives[key]).parent) in volumes, f"{key} {directives[key]} is not in a mounted volume"
-        assert str(Path(directives[key]).parent) == "/mosquitto/auth", "deploy/mosquitto/*.sh watch /mosquitto/auth"
+        assert str(Path(directives[key]).parent) in volumes, (
+            f"{key} {directives[key]} is not in a mounted volume"
+        )
+        assert str(Path(directives[key]).parent) == "/mosquitto/auth", (
+            "deploy/mosquitto/*.sh watch /mosquitto/auth"
+        )
     assert directives["persistence"] == "true"
     assert directives["persistence_location"].rstrip("/") in volumes
     assert directives["listener"].split()[0] == "1883", "deploy/mosquitto/healthcheck.sh probes 1883"
@@ -405,7 +424,9 @@ def test_health_checks_are_cheap_and_under_an_init(compose: dict[str, Any]) -> N
         env = service["environment"]
         assert env["MRO_SUPERVISOR_PID"] == "1" and env["MRO_WATCHDOG_FILE"].startswith("/tmp/"), name
         assert "/tmp" in service["tmpfs"], f"{name}: the watchdog file's once-a-second mtime goes to a tmpfs"
-        assert int(env["MRO_WATCHDOG_STALE_S"]) >= 30, f"{name}: not stricter than mro-edge run's hung_after_s"
+        assert int(env["MRO_WATCHDOG_STALE_S"]) >= 30, (
+            f"{name}: not stricter than mro-edge run's hung_after_s"
+        )
     assert len(app_checks) == 1, "one health check for every app service"
     assert "tmpfs" in compose["services"][BROKER] and "/tmp" in compose["services"][BROKER]["tmpfs"]
 
@@ -431,7 +452,9 @@ def _container_init(outer: subprocess.Popen[bytes], timeout: float = 10) -> psut
     raise AssertionError("tini did not start its child in the new PID namespace")
 
 
-def _exec(init: psutil.Process, command: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def _exec(
+    init: psutil.Process, command: list[str], env: dict[str, str], timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """`docker exec`: run `command` inside the namespace of `init`, never outside it."""
     nsenter = need_tool("nsenter")
     inside = subprocess.run([nsenter, "-t", str(init.pid), "-p", "-m", "--", "readlink", "/proc/self/ns/pid"],
@@ -457,12 +480,22 @@ def test_app_health_check_passes_then_kills_a_hung_service(compose: dict[str, An
     service = compose["services"]["ingest"]
     stale_s = 3  # compose says 60; the same check with a shorter limit, to keep the test short
     env = {k: v for k, v in os.environ.items() if not k.startswith("MRO_")}
-    env.update({k: v for k, v in service["environment"].items() if k.startswith("MRO_WATCHDOG") or k == "MRO_SUPERVISOR_PID"},
-               MRO_WATCHDOG_FILE=str(tmp_path / "mro-watchdog"), MRO_WATCHDOG_STALE_S=str(stale_s),
-               MRO_DATA_DIR=str(tmp_path / "data"), MRO_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",
-               MRO_STATION="HGR1")
+    env.update(
+        {
+            k: v
+            for k, v in service["environment"].items()
+            if k.startswith("MRO_WATCHDOG") or k == "MRO_SUPERVISOR_PID"
+        },
+        MRO_WATCHDOG_FILE=str(tmp_path / "mro-watchdog"),
+        MRO_WATCHDOG_STALE_S=str(stale_s),
+        MRO_DATA_DIR=str(tmp_path / "data"),
+        MRO_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",
+        MRO_STATION="HGR1",
+    )
     check = ["sh", "-c", shell_of(service["healthcheck"])]
-    outer = _in_container([sys.executable, "-m", "mro_edge", "service", "broker"], env, tmp_path / "service.log")
+    outer = _in_container(
+        [sys.executable, "-m", "mro_edge", "service", "broker"], env, tmp_path / "service.log"
+    )
     try:
         init = _container_init(outer)
         deadline = time.monotonic() + 30
@@ -542,7 +575,9 @@ def test_mosquitto_follows_device_changes_and_its_health_check_restarts_it(tmp_p
         (broker,) = [p for p in shell.children() if p.name() == "mosquitto"]
         reloads = log.read_text().count("Reloading config")
         init.send_signal(signal.SIGHUP)  # docker compose kill -s SIGHUP mosquitto
-        _until(lambda: log.read_text().count("Reloading config") > reloads, 5, "SIGHUP passed on to mosquitto")
+        _until(
+            lambda: log.read_text().count("Reloading config") > reloads, 5, "SIGHUP passed on to mosquitto"
+        )
         assert broker.is_running() and code(*service) == 0
 
         broker.send_signal(signal.SIGSTOP)  # alive, but answers nothing

@@ -87,8 +87,13 @@ def test_a_standalone_service_holds_its_store(tmp_path):
     data_dir = tmp_path / "data"
     broker = start_broker("mosquitto", data_dir)
     env = cli_env(data_dir, broker.url)
-    first = subprocess.Popen([*_python_m(), "service", "ingest"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [*_python_m(), "service", "ingest"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         holder = wait_until(lambda: service_lock(data_dir, "ingest").holder(), 30, 0.1, "ingest's lock")
         assert holder["pid"] == first.pid
@@ -154,7 +159,9 @@ def test_no_secret_on_the_console_in_run_json_status_or_logs(stack):
 
 
 def test_every_log_line_is_json_uvicorn_included_and_the_console_summarises(stack):
-    wait_until(lambda: len(re.findall(r"services \d+/\d+ up", stack.console())) >= 2, 30, 0.5, "summary lines")
+    wait_until(
+        lambda: len(re.findall(r"services \d+/\d+ up", stack.console())) >= 2, 30, 0.5, "summary lines"
+    )
     logs = sorted((stack.data_dir / "logs").glob("mro-edge.log*"))
     assert logs
     events = []
@@ -197,17 +204,25 @@ def test_devices_add_prints_a_ready_mosquitto_pub_line_then_list_and_remove(stac
         time.sleep(0.5)
         published = subprocess.run([*argv, "-m", "{}"], capture_output=True, text=True, timeout=30)
         assert published.returncode == 0, published.stderr
-        wait_until(lambda: any(r.get("status") == "rejected" for r in receipts), 30, 0.2, "a rejected receipt")
+        wait_until(
+            lambda: any(r.get("status") == "rejected" for r in receipts), 30, 0.2, "a rejected receipt"
+        )
     finally:
         device.loop_stop()
         device.disconnect()
 
     listed = json.loads(cli("devices", "list", "--json", env=env).stdout)
-    assert {"id": "TQW-77", "kind": "torque_wrench", "publishes_to": "mro/HGR1/in/torque_wrench/TQW-77"} in listed
+    assert {
+        "id": "TQW-77",
+        "kind": "torque_wrench",
+        "publishes_to": "mro/HGR1/in/torque_wrench/TQW-77",
+    } in listed
     removed = cli("devices", "remove", "TQW-77", "--mosquitto-pid-file", pid_file, env=env)
     assert removed.returncode == 0, removed.stderr
     assert "TQW-77" not in cli("devices", "list", env=env).stdout
-    wait_until(lambda: mqtt_connack(stack.broker.port, "TQW-77", password) != 0, 10, 0.2, "the login to be gone")
+    wait_until(
+        lambda: mqtt_connack(stack.broker.port, "TQW-77", password) != 0, 10, 0.2, "the login to be gone"
+    )
     again = cli("devices", "remove", "TQW-77", env=env)
     assert again.returncode == 2 and "no device 'TQW-77'" in again.stderr
 
@@ -222,12 +237,25 @@ def test_a_stopped_child_is_reported_hung_alarmed_killed_and_restarted(stack):
     old = stack.children()["sign"]
     os.kill(old, signal.SIGSTOP)
     try:
-        hung = wait_until(lambda: [r.payload for r in recorder.of(topics.status("sign"))
-                                   if r.payload.get("state") == "hung"], HUNG_AFTER_S + 30, 0.2, "status hung")
+        hung = wait_until(
+            lambda: [
+                r.payload for r in recorder.of(topics.status("sign")) if r.payload.get("state") == "hung"
+            ],
+            HUNG_AFTER_S + 30,
+            0.2,
+            "status hung",
+        )
         assert hung[0]["pid"] == old
-        alarm = wait_until(lambda: [r.payload for r in recorder.of(topics.alarm)
-                                    if r.payload.get("alarm") == "hung" and r.payload.get("service") == "sign"],
-                           10, 0.2, "the hung alarm")
+        alarm = wait_until(
+            lambda: [
+                r.payload
+                for r in recorder.of(topics.alarm)
+                if r.payload.get("alarm") == "hung" and r.payload.get("service") == "sign"
+            ],
+            10,
+            0.2,
+            "the hung alarm",
+        )
         assert f"pid {old}" in alarm[0]["detail"]
         wait_until(lambda: gone(old), 15, 0.2, "the hung sign to be killed")
 
@@ -277,13 +305,17 @@ def test_taken_ports_are_reported_together_with_one_command_that_fixes_them(tmp_
         listener.listen()
         taken.append(listener)
     mqtt_port, gateway_port = (s.getsockname()[1] for s in taken)
-    env = cli_env(tmp_path / "data", f"mqtt://127.0.0.1:{mqtt_port}", MRO_GATEWAY_LISTEN=f"127.0.0.1:{gateway_port}")
+    env = cli_env(
+        tmp_path / "data", f"mqtt://127.0.0.1:{mqtt_port}", MRO_GATEWAY_LISTEN=f"127.0.0.1:{gateway_port}"
+    )
     try:
         result = cli("run", "--simulate", env=env)
         assert result.returncode == 2
         message = result.stderr
-        assert f"127.0.0.1:{mqtt_port} (MQTT broker)" in message and f"127.0.0.1:{gateway_port} (reference gateway)" \
-            in message, message
+        assert (
+            f"127.0.0.1:{mqtt_port} (MQTT broker)" in message
+            and f"127.0.0.1:{gateway_port} (reference gateway)" in message
+        ), message
         fix = re.search(r"MRO_MQTT_URL=mqtt://127\.0\.0\.1:(\d+) MRO_GATEWAY_LISTEN=127\.0\.0\.1:(\d+) "
                         r"mro-edge run --simulate", message)
         assert fix, message
@@ -305,7 +337,9 @@ def test_an_unreachable_broker_is_one_line_and_nothing_runs(tmp_path):
     result = cli("run", "--no-broker", env=cli_env(tmp_path / "data", closed))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"mro-edge: no MQTT broker answers at {closed}"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"mro-edge: no MQTT broker answers at {closed}"), (
+        result.stderr
+    )
     assert "running" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "run.json").exists()
 
@@ -353,12 +387,28 @@ def test_a_broker_open_to_anonymous_publishers_is_refused_unless_overridden(tmp_
         run = RunProc(data_dir, broker.url, "--no-broker", "--no-gateway", "--allow-anonymous-broker")
         try:
             run.start()
-            alarms = wait_until(lambda: [r.payload for r in recorder.of(Topics("HGR1").alarm)
-                                         if r.payload.get("alarm") == "anonymous_broker"], 20, 0.2, "the alarm")
+            alarms = wait_until(
+                lambda: [
+                    r.payload
+                    for r in recorder.of(Topics("HGR1").alarm)
+                    if r.payload.get("alarm") == "anonymous_broker"
+                ],
+                20,
+                0.2,
+                "the alarm",
+            )
             assert "--allow-anonymous-broker" in alarms[0]["detail"]
             assert "[alarm] anonymous_broker" in run.console()
-            supervisor = wait_until(lambda: [r.payload for r in recorder.of(Topics("HGR1").status("supervisor"))
-                                             if r.payload.get("state") == "up"], 20, 0.2, "the supervisor status")
+            supervisor = wait_until(
+                lambda: [
+                    r.payload
+                    for r in recorder.of(Topics("HGR1").status("supervisor"))
+                    if r.payload.get("state") == "up"
+                ],
+                20,
+                0.2,
+                "the supervisor status",
+            )
             assert supervisor[-1]["warnings"] == ["anonymous_broker"]
             log = (data_dir / "logs" / "mro-edge.log").read_text()
             assert "OVERRIDE_ANONYMOUS_BROKER" in log

@@ -112,7 +112,9 @@ def wait_for_receipts(terminal: Terminal, since: int, until, what: str, timeout_
     deadline = time.monotonic() + timeout_s
     while not until(found := [r for r in terminal.receipts() if "probe" not in r][since:]):
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout_s} s; receipts: {found}\nstderr:\n{terminal.errors()}")
+            raise AssertionError(
+                f"no {what} after {timeout_s} s; receipts: {found}\nstderr:\n{terminal.errors()}"
+            )
         time.sleep(0.1)
     return found
 
@@ -218,7 +220,9 @@ def test_the_readme_walkthrough_works_as_pasted_on_a_real_stack(tmp_path):
         assert reports[0]["event_id"] == new_event_id
 
         terminal.paste(export_cmd)
-        rows = [parse_export_line(line) for line in (work / "ledger.jsonl").read_bytes().splitlines(keepends=True)]
+        rows = [
+            parse_export_line(line) for line in (work / "ledger.jsonl").read_bytes().splitlines(keepends=True)
+        ]
         assert rows and rows[-1].seq == seq, [r.seq for r in rows]
 
         terminal.paste(key_cmd)
