@@ -27,11 +27,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, cast
 
 from mro_edge import lifeline
 from services.registry import SERVICES, Kind, Service, service_names
@@ -164,8 +164,9 @@ class LogSink:
             )
 
     def stream(self) -> TextIO:
-        """A text stream for the supervisor's own structlog lines."""
-        return _LineStream(self.write_line)
+        """A text stream for the supervisor's own structlog lines (its logger calls only write
+        and flush)."""
+        return cast(TextIO, _LineStream(self.write_line))
 
     def close(self) -> None:
         if self._handler is not None:
@@ -260,6 +261,7 @@ class Monitor:
 class Child:
     name: str
     argv: list[str]
+    watchdog: Path  # the file the child's lifeline touches every second
     service: Service | None = None  # None: a tool (`mro-edge simulate`), done once it exits with 0
     process: subprocess.Popen | None = None
     started_at: float = 0.0
@@ -269,7 +271,6 @@ class Child:
     hung: int = 0
     last_exit: int | None = None
     state: str = "starting"  # starting | up | hung | restarting | refused | done | stopped
-    watchdog: Path | None = None
     seen_mtime: float | None = None
     alive_at: float = 0.0
     pinged: bool = False
@@ -290,9 +291,9 @@ class Child:
 
 class Supervisor:
     def __init__(self, config: Config, *, with_broker: bool, with_gateway: bool = False,
-                 extra: list[tuple[str, list[str]]] = (), env: dict[str, str] | None = None,
+                 extra: Sequence[tuple[str, list[str]]] = (), env: dict[str, str] | None = None,
                  console: Console | None = None, sink: LogSink | None = None,
-                 warnings: list[tuple[str, str]] = ()) -> None:
+                 warnings: Sequence[tuple[str, str]] = ()) -> None:
         self.config = config
         self.with_broker = with_broker
         self.env = dict(os.environ if env is None else env)
@@ -302,23 +303,24 @@ class Supervisor:
         self.hung_after_s = float(config.supervisor.hung_after_s)
         self.log = get_logger(component="supervisor")
         cli = [sys.executable, "-m", "mro_edge"]
-        self.children = [Child(s.name, cli + ["service", s.name], s)
-                         for s in run_services(with_broker=with_broker, with_gateway=with_gateway)]
-        self.children += [Child(name, cli + argv) for name, argv in extra]
         self.watchdog_dir = config.data_path / "supervisor"
-        for child in self.children:
-            child.watchdog = self.watchdog_dir / f"{child.name}.alive"
+        self.children = [Child(s.name, cli + ["service", s.name], self._watchdog(s.name), s)
+                         for s in run_services(with_broker=with_broker, with_gateway=with_gateway)]
+        self.children += [Child(name, cli + argv, self._watchdog(name)) for name, argv in extra]
         self.monitor: Monitor | None = None
         self._stopping = False
         self._status_at = 0.0
         self._changed = True
+
+    def _watchdog(self, name: str) -> Path:
+        return self.watchdog_dir / f"{name}.alive"
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
 
     # ---- processes --------------------------------------------------------------------------
 
-    def _spawn(self, child: Child) -> None:
+    def _spawn(self, child: Child) -> subprocess.Popen:
         self.watchdog_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         env = dict(self.env, MRO_SUPERVISOR_PID=str(os.getpid()), MRO_WATCHDOG_FILE=str(child.watchdog))
         try:
@@ -336,6 +338,7 @@ class Supervisor:
         child.reader.start()
         self._changed = True
         self.log.info("service started", child=child.name, pid=child.process.pid, state_transition="STARTED")
+        return child.process
 
     def _pump(self, name: str, stream) -> None:
         for raw in iter(stream.readline, b""):
@@ -348,8 +351,8 @@ class Supervisor:
         rest = self.children
         if self.with_broker:
             broker = self.children[0]
-            self._spawn(broker)
-            if not wait_for_broker(self.config, alive=lambda: broker.process.poll() is None):
+            process = self._spawn(broker)
+            if not wait_for_broker(self.config, alive=lambda: process.poll() is None):
                 host, port = self.config.mqtt.host, self.config.mqtt.port
                 raise SupervisorError(f"the embedded broker did not start listening on {host}:{port}"
                                       + (f"; its log is in {self.sink.path}" if self.sink.path else ""))
@@ -424,7 +427,10 @@ class Supervisor:
             self._hung(child, now - child.alive_at, now)
 
     def _hung(self, child: Child, silent_s: float, now: float) -> None:
-        pid = child.process.pid
+        process = child.process
+        if process is None:
+            return
+        pid = process.pid
         detail = (
             f"no watchdog ping from {child.name} (pid {pid}) for {silent_s:.0f} s "
             f"(limit supervisor.hung_after_s = {self.hung_after_s:g} s): "
@@ -440,9 +446,9 @@ class Supervisor:
                                  {"service": child.name, "state": "hung", "pid": pid, "detail": detail,
                                   "at": utc_now()}, retain=True)
             self.monitor.alarm(child.name, "hung", detail)
-        child.process.kill()
+        process.kill()
         try:
-            child.process.wait(10)
+            process.wait(10)
         except subprocess.TimeoutExpired:
             pass
         child.process = None
@@ -523,6 +529,8 @@ class Supervisor:
             self.stop()
 
     def _show_alarms(self) -> None:
+        if self.monitor is None:
+            return
         while True:
             try:
                 alarm = self.monitor.alarms.get_nowait()

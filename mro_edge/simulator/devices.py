@@ -75,7 +75,7 @@ class SimulatedDevice:
         client.username_pw_set(*credentials)
         client.max_inflight_messages_set(200)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(0.2, 3)
+        client.reconnect_delay_set(0.2, 3)  # type: ignore[arg-type]  # paho takes float seconds; its hint says int
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *_: self._connected.clear()
         client.on_message = self._on_receipt

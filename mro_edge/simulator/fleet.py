@@ -59,17 +59,18 @@ class Fleet:
             "maintain" in a.privileges and ("*" in a.actions or action is None or action in a.actions)
             for a in auths
         )
+        allowed: frozenset[str] | None
         if role == "maintain":
-            allowed = None if maintain else set()
+            allowed = None if maintain else frozenset()
         elif role == "certify":
             allowed = (
                 RELEASE_KINDS[chapter]
                 if maintain and any("certify" in a.privileges for a in auths)
-                else set()
+                else frozenset()
             )
         else:
             allowed = (inspection_kinds(inspection_type or "RII", chapter)
-                       if any(role in a.privileges for a in auths) else set())
+                       if any(role in a.privileges for a in auths) else frozenset())
         return [kind for kind, certs in sorted(t.certificates.items())
                 if any(c.valid_on(day) for c in certs) and (allowed is None or kind in allowed)]
 
