@@ -294,7 +294,8 @@ class Tx(ABC):
         return [Rotation(int(seq), old, new, bytes(public), int(eff)) for seq, old, new, public, eff in rows]
 
     def key_schedule(self, origin: str) -> KeySchedule:
-        """Registered keys of ``origin``, then every accepted rotation in seq order (shared.ledger.entry.KeySchedule)."""
+        """Registered keys of ``origin``, then every accepted rotation in seq order
+        (shared.ledger.entry.KeySchedule)."""
         rotations = self.rotations(origin)
         introduced = {r.new_kid for r in rotations}
         schedule = KeySchedule({kid: pub for kid, pub in self.keys(origin).items() if kid not in introduced})
@@ -469,7 +470,8 @@ class Storage(ABC):
             )
             version = tx._rows("SELECT value FROM gateway_meta WHERE key = 'schema_version'")[0][0]
         if version != SCHEMA_VERSION:
-            raise StorageError(f"the gateway database has schema version {version}; this gateway knows {SCHEMA_VERSION}")
+            raise StorageError(f"the gateway database has schema version {version}; "
+                               f"this gateway knows {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._closed = True

@@ -30,15 +30,15 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
 from shared.contract.types import ATA_CHAPTERS, Action, CertKind
 
 Privilege = Literal["maintain", "certify", "inspect", "rii"]
-PRIVILEGES: tuple[str, ...] = Privilege.__args__
-ANY = "*"
+PRIVILEGES: tuple[str, ...] = get_args(Privilege)
+ANY: Final = "*"
 
 KINDS: dict[str, tuple[str, str]] = {
     # registry name -> (key in the file, key field of an entry)
@@ -55,10 +55,11 @@ class RegistryError(Exception):
 
 
 class _Entry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    pass
+    """A registry entry: closed and immutable. Subclasses restate `frozen` (msgspec inherits it,
+    type checkers only see it where it is written) and `kw_only` (which does not inherit)."""
 
 
-class Certificate(_Entry, kw_only=True):
+class Certificate(_Entry, frozen=True, kw_only=True):
     """One certificate or licence category held: FAA mechanic certificates have no expiry
     (leave `expires` out); an IA expires on 31 March of odd years; a Part-66 licence after 5 years."""
 
@@ -70,7 +71,7 @@ class Certificate(_Entry, kw_only=True):
         return self.issued <= day and (self.expires is None or day <= self.expires)
 
 
-class Authorisation(_Entry, kw_only=True):
+class Authorisation(_Entry, frozen=True, kw_only=True):
     """The repair station's authorisation of one person (company authorisation / certifying
     staff scope): which ATA chapters, which privileges, which maintenance actions, when."""
 
@@ -88,7 +89,7 @@ class Authorisation(_Entry, kw_only=True):
         return ANY in self.chapters or chapter in self.chapters
 
 
-class TechnicianEntry(_Entry, kw_only=True):
+class TechnicianEntry(_Entry, frozen=True, kw_only=True):
     cert_no: Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9][A-Z0-9-]{3,19}$")]
     name: str = ""
     status: Literal["active", "suspended"] = "active"
@@ -98,7 +99,7 @@ class TechnicianEntry(_Entry, kw_only=True):
     authorisations: list[Authorisation] = msgspec.field(default_factory=list)
 
 
-class AircraftEntry(_Entry, kw_only=True):
+class AircraftEntry(_Entry, frozen=True, kw_only=True):
     registration: str
     serial_number: str
     type: str
@@ -106,14 +107,14 @@ class AircraftEntry(_Entry, kw_only=True):
     airworthiness_review_expires: date | None = None
 
 
-class ToolEntry(_Entry, kw_only=True):
+class ToolEntry(_Entry, frozen=True, kw_only=True):
     serial_number: str
     description: str = ""
     calibrated_on: date | None = None
     calibration_due: date
 
 
-class LifeLimitedPart(_Entry, kw_only=True):
+class LifeLimitedPart(_Entry, frozen=True, kw_only=True):
     part_number: str
     description: str = ""
     limit_cycles: int | None = None

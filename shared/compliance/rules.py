@@ -11,6 +11,7 @@ changes commit in the record's own transaction) or `MemoryState` in tests and to
 from __future__ import annotations
 
 from bisect import bisect_right, insort
+from collections.abc import Callable
 from datetime import date
 from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
@@ -82,7 +83,7 @@ class State(Protocol):
 class MemoryState:
     """`State` in a dict (tests, dry runs, benchmarks)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.tables: dict[str, dict[bytes, bytes]] = {}
 
     def get(self, table: str, key: bytes) -> bytes | None:
@@ -107,7 +108,32 @@ class _PartState(msgspec.Struct, array_like=True):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_part = msgspec.msgpack.Decoder(_PartState).decode
-_decode_times = msgspec.msgpack.Decoder(list[tuple[int, str | None, int | None]]).decode
+_Reading = tuple[int, str | None, int | None]  # (occurred_at in microseconds, hours text, cycles)
+_Seen = tuple[int, str, Decimal | int]  # (occurred_at in microseconds, value as shown, value to compare)
+_decode_times = msgspec.msgpack.Decoder(list[_Reading]).decode
+
+
+def _hours_of(reading: _Reading) -> tuple[str, Decimal] | None:
+    return None if reading[1] is None else (reading[1], Decimal(reading[1]))
+
+
+def _cycles_of(reading: _Reading) -> tuple[str, int] | None:
+    return None if reading[2] is None else (str(reading[2]), reading[2])
+
+
+def _neighbours(readings: list[_Reading], position: int,
+                value_of: Callable[[_Reading], tuple[str, Decimal | int] | None]) -> tuple[_Seen | None, _Seen | None]:
+    """The nearest readings before and from `position` (in time order) that carry the value `value_of` reads."""
+    before = after = None
+    for reading in reversed(readings[:position]):
+        if (value := value_of(reading)) is not None:
+            before = (reading[0], *value)
+            break
+    for reading in readings[position:]:
+        if (value := value_of(reading)) is not None:
+            after = (reading[0], *value)
+            break
+    return before, after
 
 
 def _micros(moment) -> int:
@@ -256,7 +282,8 @@ class Compliance:
         needed = "rii" if rii else "inspect"
         if not any(needed in a.privileges for a in authorisations):
             what = "required inspection items (RII)" if rii else "inspections"
-            errors.append(FieldError("$.inspector.cert_no", "rii_not_authorised" if rii else "inspection_not_authorised",
+            rule = "rii_not_authorised" if rii else "inspection_not_authorised"
+            errors.append(FieldError("$.inspector.cert_no", rule,
                                      f"an inspector authorised for {what} at ATA {chapter} on {day}",
                                      describe(inspector_block.cert_no)))
         kinds = inspection_kinds(record.inspection_type, chapter)
@@ -393,22 +420,21 @@ class Compliance:
         hours = quantity_text(record.aircraft_hours) if record.aircraft_hours is not UNSET else None
         cycles = record.aircraft_cycles if record.aircraft_cycles is not UNSET else None
         position = bisect_right([r[0] for r in readings], at)
-        for index, (name, value, unit) in enumerate((("aircraft_hours", hours, "hours"),
-                                                     ("aircraft_cycles", cycles, "cycles"))):
-            if value is None:
-                continue
-            column = index + 1
-            before = next((r for r in reversed(readings[:position]) if r[column] is not None), None)
-            after = next((r for r in readings[position:] if r[column] is not None), None)
-            number = Decimal(value) if index == 0 else value
-            if before is not None and number < (Decimal(before[column]) if index == 0 else before[column]):
+        measured: list[tuple[str, str, str, Decimal | int, Callable[[_Reading], tuple[str, Decimal | int] | None]]] = []
+        if hours is not None:
+            measured.append(("aircraft_hours", "hours", hours, Decimal(hours), _hours_of))
+        if cycles is not None:
+            measured.append(("aircraft_cycles", "cycles", str(cycles), cycles, _cycles_of))
+        for name, unit, shown, number, value_of in measured:
+            before, after = _neighbours(readings, position, value_of)
+            if before is not None and number < before[2]:
                 errors.append(FieldError(f"$.{name}", f"{name}_decreased",
-                                         f"at least {before[column]} {unit}, recorded for "
-                                         f"{aircraft.registration} at {_text(before[0])}", str(value)))
-            elif after is not None and number > (Decimal(after[column]) if index == 0 else after[column]):
+                                         f"at least {before[1]} {unit}, recorded for "
+                                         f"{aircraft.registration} at {_text(before[0])}", shown))
+            elif after is not None and number > after[2]:
                 errors.append(FieldError(f"$.{name}", f"{name}_decreased",
-                                         f"at most {after[column]} {unit}, recorded for {aircraft.registration} "
-                                         f"at the later time {_text(after[0])}", str(value)))
+                                         f"at most {after[1]} {unit}, recorded for {aircraft.registration} "
+                                         f"at the later time {_text(after[0])}", shown))
         insort(readings, (at, hours, cycles), key=lambda r: r[0])
         writes.append((TIMES_TABLE, key, _encode(readings[-TIMES_KEPT:])))
 

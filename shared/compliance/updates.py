@@ -23,8 +23,8 @@ from typing import Any
 
 import msgspec
 
-from shared.ledger.canonical import CanonicalError, canonical_json
 from shared.compliance.registry import KINDS, RegistryError, convert_entry
+from shared.ledger.canonical import CanonicalError, canonical_json
 from shared.ledger.keys import SigningKey, key_id, verify_digest_signature
 
 

@@ -50,9 +50,9 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.contract.errors import FieldError, describe
-from shared.contract.types import RECORD_CLASSES, SCHEMA
+from shared.contract.types import RECORD_CLASSES, RECORD_TYPES, SCHEMA
+from shared.ledger.canonical import canonical_json, sha256_hex
 
 BASE_VERSION = SCHEMA
 _VERSION = re.compile(r"^mro\.record/([1-9][0-9]{0,5})$")
@@ -64,7 +64,7 @@ _KEYS = {
     "allow": {"field", "types", "values"},
     "max_length": {"field", "types", "max"},
 }
-_BY_TAG = {cls.__struct_config__.tag: cls for cls in RECORD_CLASSES}
+_BY_TAG = dict(zip(RECORD_TYPES, RECORD_CLASSES, strict=True))
 _MISSING = object()
 
 
@@ -130,7 +130,7 @@ class ContractVersion:
         return self.definition.get("title", "")
 
     def check(self, body: dict[str, Any]) -> list[FieldError]:
-        checks = self.checks.get(body.get("type"))
+        checks = self.checks.get(body.get("type", ""))
         if not checks:
             return []
         errors = []
@@ -145,6 +145,7 @@ class ContractVersion:
                     errors.append(FieldError(check.json_path, "schema_required", check.expected, None))
                 continue
             if check.kind == "pattern":
+                assert check.regex is not None, "_check gives every pattern check its regex"
                 if type(value) is str and check.regex.search(value) is None:
                     errors.append(FieldError(check.json_path, "schema_pattern", check.expected, describe(value)))
             elif check.kind == "allow":
@@ -268,7 +269,7 @@ def _unwrap(t: mi.Type) -> mi.Type:
         if isinstance(t, mi.Metadata):
             t = t.type
         elif isinstance(t, mi.UnionType):
-            inner = [x for x in t.types if not isinstance(x, mi.UnsetType | mi.NoneType)]
+            inner = [x for x in t.types if not isinstance(x, mi.NoneType)]  # inspect already drops UnsetType
             if len(inner) != 1:
                 return t
             t = inner[0]

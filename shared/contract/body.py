@@ -12,12 +12,12 @@ from typing import Any
 
 import msgspec
 
-from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.contract.decode import from_msgspec
 from shared.contract.errors import ContractError
 from shared.contract.scalars import enc_hook, stored_hook
 from shared.contract.schema import readable_event_id
 from shared.contract.types import Record
+from shared.ledger.canonical import canonical_json, sha256_hex
 
 
 def normalize(record: Record) -> dict:

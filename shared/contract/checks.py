@@ -24,7 +24,7 @@ def check_rules(record: Record, *, received_at: datetime, clock_skew_s: int = 30
     if received_at.tzinfo is None:
         raise ValueError("received_at must be timezone-aware")
     errors = []
-    occurred = record.occurred_at
+    occurred: datetime = record.occurred_at  # as a plain datetime, so it subtracts from received_at
     received = timestamp_text(received_at.astimezone(UTC))
     if occurred - received_at > timedelta(seconds=clock_skew_s):
         errors.append(FieldError("$.occurred_at", "occurred_in_future",

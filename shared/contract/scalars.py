@@ -75,7 +75,9 @@ def _bounded(number: Decimal) -> Quantity:
     if not number:
         return Quantity(_ZERO)
     number = number.normalize(_EXACT)
-    if number.as_tuple().exponent < -QUANTITY_MAX_FRACTION_DIGITS:
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int), "NaN and infinities cannot pass the bounds above"
+    if exponent < -QUANTITY_MAX_FRACTION_DIGITS:
         raise RuleViolation("precision", f"at most {QUANTITY_MAX_FRACTION_DIGITS} digits after the point")
     return Quantity(format(number, "f"))
 

@@ -26,7 +26,7 @@ from shared.contract.scalars import (
     parse_quantity,
     parse_timestamp,
 )
-from shared.contract.types import RECORD_CLASSES, SCHEMA, UUID_PATTERN, RecordBase
+from shared.contract.types import RECORD_CLASSES, RECORD_TYPES, SCHEMA, UUID_PATTERN, RecordBase
 
 MAX_ERRORS = 100  # enough to fix any honest record; bounds the work a hostile one can cause
 
@@ -34,8 +34,19 @@ _MISSING = object()
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UUID = re.compile(UUID_PATTERN)
 _CUSTOM = {Quantity: (parse_quantity, QUANTITY_EXPECTED), UtcTimestamp: (parse_timestamp, TIMESTAMP_EXPECTED)}
-_BY_TAG: dict[str, mi.StructType] = {cls.__struct_config__.tag: mi.type_info(cls) for cls in RECORD_CLASSES}
-_COMMON = mi.type_info(RecordBase)
+
+
+def _struct_info(cls: type[msgspec.Struct]) -> mi.StructType:
+    """`msgspec.inspect` of a Struct class, which is always a StructType (typed as any Type)."""
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType), f"{cls.__name__} is not a Struct"
+    return info
+
+
+_BY_TAG: dict[str, mi.StructType] = {
+    tag: _struct_info(cls) for tag, cls in zip(RECORD_TYPES, RECORD_CLASSES, strict=True)
+}
+_COMMON = _struct_info(RecordBase)
 _ANY_RECORD_FIELD = frozenset({"type"}.union(*({f.encode_name for f in s.fields} for s in _BY_TAG.values())))
 
 
@@ -112,8 +123,8 @@ def _names(struct: mi.StructType) -> frozenset[str]:
 
 
 @cache
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.encode_name for f in mi.type_info(cls).fields)
+def _field_names(cls: type[msgspec.Struct]) -> frozenset[str]:
+    return frozenset(f.encode_name for f in _struct_info(cls).fields)
 
 
 def _struct(obj: dict, struct: mi.StructType, path: str, errors: list[FieldError],
@@ -153,23 +164,9 @@ def _problem(value: Any, t: mi.Type, path: str, errors: list[FieldError],
     """(rule, expected) for a value that breaks its type, None if it is fine (or recursed into)."""
     kind = type(value)
     if isinstance(t, mi.StrType):
-        if kind is not str:
-            return "type", hints.description or _expected(t)
-        if t.min_length is not None and len(value) < t.min_length:
-            return "min_length", f"at least {t.min_length} character(s)"
-        if t.max_length is not None and len(value) > t.max_length:
-            return "max_length", f"at most {t.max_length} characters"
-        if t.pattern is not None and not _regex(t.pattern).search(value):
-            return hints.rule or "pattern", hints.description or f"text matching {t.pattern}"
-        return None
+        return _text_problem(value, t, hints)
     if isinstance(t, mi.IntType):
-        if kind is not int:
-            return "type", _expected(t)
-        if t.ge is not None and value < t.ge:
-            return "minimum", f"an integer >= {t.ge}"
-        if t.le is not None and value > t.le:
-            return "maximum", f"an integer <= {t.le}"
-        return None
+        return _int_problem(value, t)
     if isinstance(t, mi.BoolType):
         return None if kind is bool else ("type", "true or false")
     if isinstance(t, mi.LiteralType):
@@ -190,6 +187,28 @@ def _problem(value: Any, t: mi.Type, path: str, errors: list[FieldError],
         _struct(value, t, path, errors, _names(t))
         return None
     return _scalar_problem(value, t)
+
+
+def _text_problem(value: Any, t: mi.StrType, hints: _Hints) -> tuple[str, str] | None:
+    if type(value) is not str:
+        return "type", hints.description or _expected(t)
+    if t.min_length is not None and len(value) < t.min_length:
+        return "min_length", f"at least {t.min_length} character(s)"
+    if t.max_length is not None and len(value) > t.max_length:
+        return "max_length", f"at most {t.max_length} characters"
+    if t.pattern is not None and not _regex(t.pattern).search(value):
+        return hints.rule or "pattern", hints.description or f"text matching {t.pattern}"
+    return None
+
+
+def _int_problem(value: Any, t: mi.IntType) -> tuple[str, str] | None:
+    if type(value) is not int:
+        return "type", _expected(t)
+    if t.ge is not None and value < t.ge:
+        return "minimum", f"an integer >= {t.ge}"
+    if t.le is not None and value > t.le:
+        return "maximum", f"an integer <= {t.le}"
+    return None
 
 
 def _scalar_problem(value: Any, t: mi.Type) -> tuple[str, str] | None:
@@ -218,7 +237,7 @@ def _expected(t: mi.Type) -> str:
     if isinstance(t, mi.BoolType):
         return "true or false"
     if isinstance(t, mi.LiteralType):
-        return "one of " + ", ".join(t.values)
+        return "one of " + ", ".join(str(v) for v in t.values)
     if isinstance(t, mi.ListType):
         limit = f"at most {t.max_length} " if t.max_length is not None else ""
         return f"a list of {limit}items, each {_expected(t.item_type)}"

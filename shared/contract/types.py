@@ -32,8 +32,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from shared.ledger.canonical import MAX_SAFE_INTEGER
 from shared.contract.scalars import Quantity, UtcTimestamp
+from shared.ledger.canonical import MAX_SAFE_INTEGER
 from shared.runtime.topics import DEVICE_KINDS
 
 SCHEMA = "mro.record/1"
@@ -112,34 +112,35 @@ Condition = Literal["NEW", "SERVICEABLE", "OVERHAULED", "REPAIRED", "INSPECTED",
                     "SCRAP"]
 RemovalReason = Literal["SCHEDULED", "UNSCHEDULED", "ROBBERY", "MODIFICATION"]
 TorqueResult = Literal["OK", "NOK"]
-DeviceKind = Literal[DEVICE_KINDS]
+DeviceKind = Literal[DEVICE_KINDS]  # type: ignore[valid-type]  # a runtime tuple: one list of kinds, in topics
 
 
 class _Contract(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Every contract object is closed (unknown fields are errors) and immutable once decoded.
 
     `kw_only` does not inherit, so each class that adds required fields after optional ones
-    repeats it."""
+    repeats it. `frozen` does inherit, but every subclass states it too: type checkers only
+    treat a Struct as frozen when its own class says so."""
 
 
-class Device(_Contract):
+class Device(_Contract, frozen=True):
     kind: DeviceKind
     id: DeviceId
 
 
-class Aircraft(_Contract):
+class Aircraft(_Contract, frozen=True):
     registration: Registration
     serial_number: AircraftSerial
     type: AircraftType | UnsetType = UNSET
 
 
-class Technician(_Contract):
+class Technician(_Contract, frozen=True):
     cert_no: CertNo
     cert_kind: CertKind
     signature: Signature | UnsetType = UNSET
 
 
-class Part(_Contract):
+class Part(_Contract, frozen=True):
     cage: Cage
     part_number: PartIdent
     serial_number: PartIdent
@@ -149,12 +150,12 @@ class Part(_Contract):
     csn: Count | UnsetType = UNSET
 
 
-class Tool(_Contract):
+class Tool(_Contract, frozen=True):
     serial_number: PartIdent
     calibration_due: date
 
 
-class RecordBase(_Contract, tag_field="type", kw_only=True):
+class RecordBase(_Contract, tag_field="type", frozen=True, kw_only=True):
     """Fields every record type carries; `type` is the tag that selects the subclass."""
 
     schema: Literal["mro.record/1"]
@@ -170,10 +171,10 @@ class RecordBase(_Contract, tag_field="type", kw_only=True):
 
     @property
     def type(self) -> str:
-        return self.__struct_config__.tag
+        return _tag(type(self))
 
 
-class MaintenanceAction(RecordBase, tag="maintenance_action", kw_only=True):
+class MaintenanceAction(RecordBase, tag="maintenance_action", frozen=True, kw_only=True):
     action: Action
     description: Description
     data_reference: DataReference
@@ -182,31 +183,31 @@ class MaintenanceAction(RecordBase, tag="maintenance_action", kw_only=True):
     aircraft_cycles: Count | UnsetType = UNSET
 
 
-class Inspection(RecordBase, tag="inspection", kw_only=True):
+class Inspection(RecordBase, tag="inspection", frozen=True, kw_only=True):
     inspection_type: InspectionType
     findings: Annotated[list[Finding], Meta(max_length=50)]
     airworthy: bool
     inspector: Technician | UnsetType = UNSET
 
 
-class _PartRecord(RecordBase, kw_only=True):
+class _PartRecord(RecordBase, frozen=True, kw_only=True):
     part: Part
     position: Position | UnsetType = UNSET
 
 
-class PartRemoval(_PartRecord, tag="part_removal", kw_only=True):
+class PartRemoval(_PartRecord, tag="part_removal", frozen=True, kw_only=True):
     removal_reason: RemovalReason
 
 
-class PartInstallation(_PartRecord, tag="part_installation"):
+class PartInstallation(_PartRecord, tag="part_installation", frozen=True):
     pass
 
 
-class PartReceipt(_PartRecord, tag="part_receipt"):
+class PartReceipt(_PartRecord, tag="part_receipt", frozen=True):
     pass
 
 
-class TorqueEvent(RecordBase, tag="torque_event", kw_only=True):
+class TorqueEvent(RecordBase, tag="torque_event", frozen=True, kw_only=True):
     tool: Tool
     fastener_ref: PartIdent
     torque_nm: Quantity
@@ -217,6 +218,13 @@ class TorqueEvent(RecordBase, tag="torque_event", kw_only=True):
     angle_deg: Quantity | UnsetType = UNSET
 
 
+def _tag(cls: type[RecordBase]) -> str:
+    """The record type name: msgspec types a tag as str | int | None, every record here has a string one."""
+    tag = cls.__struct_config__.tag
+    assert isinstance(tag, str), f"{cls.__name__} is not a tagged record type"
+    return tag
+
+
 Record = MaintenanceAction | Inspection | PartRemoval | PartInstallation | PartReceipt | TorqueEvent
 RECORD_CLASSES: tuple[type[RecordBase], ...] = Record.__args__
-RECORD_TYPES: tuple[str, ...] = tuple(cls.__struct_config__.tag for cls in RECORD_CLASSES)
+RECORD_TYPES: tuple[str, ...] = tuple(_tag(cls) for cls in RECORD_CLASSES)

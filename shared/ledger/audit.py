@@ -357,84 +357,24 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
             wanted: list[int]) -> dict[str, Any]:
     with ExitStack() as stack:
         count = view.size()
-        for s in wanted:
-            if not 0 <= s < count:
-                raise ValueError(f"seq {s} is not in the ledger (it holds seq 0..{count - 1})")
+        _check_wanted(wanted, count)
         stored_note, claims = _history_claims(view, config)
-        try:
-            check_length(count, claims)
-        except RolledBack as found:
-            raise AuditError(count, f"ROLLBACK: the ledger holds {count} entries but {found.claim.where} was "
-                                    f"signed over {found.claim.size}: the store was restored from an older copy "
-                                    "(see the sign service's alarm for the recovery)") from None
+        _refuse_rollback(count, claims)
         stored = view.tree()
-        try:
-            stored_size = stored.size() if stored is not None else 0
-        except MerkleCorruptError as exc:
-            raise AuditError(None, f"stored Merkle tree: {exc}") from None
+        stored_size = _stored_tree_size(stored)
         use_stored = stored is not None and stored_size >= count
-        scratch: MerkleTree | None = None
-        if wanted and not use_stored:
-            scratch = _scratch_tree(stack)
-
-        frontier = Frontier()
-        wanted_set = set(wanted)
-        roots: dict[int, bytes] = {0: EMPTY_ROOT}
-        checked_sizes = {claim.size for claim in claims}
-        examples: list[dict[str, Any]] = []
+        scratch = _scratch_tree(stack) if wanted and not use_stored else None
         (tmp / PROOFS).mkdir()
-        seq = 0
-        with open(tmp / ENTRIES, "wb") as f:
-            for e in _ledger_entries(view):
-                chain.check(e)
-                seq = chain.seq - 1
-                leaf = leaf_hash(e.entry)
-                if stored is not None and seq < stored_size:
-                    try:
-                        if stored.node(0, seq) != leaf:
-                            raise AuditError(seq, "the stored Merkle leaf differs from the entry's leaf hash")
-                    except MerkleCorruptError as exc:
-                        raise AuditError(seq, f"stored Merkle tree: {exc}") from None
-                frontier.append(leaf)
-                if frontier.size in checked_sizes:
-                    roots[frontier.size] = frontier.root()
-                if scratch is not None:
-                    scratch.append(leaf)
-                f.write(export_line(e))
-                if seq in wanted_set:
-                    (tmp / PROOFS / f"{seq}.entry").write_bytes(e.entry)
-                    (tmp / PROOFS / f"{seq}.sig").write_bytes(e.signature)
-                    (tmp / PROOFS / f"{seq}.pem").write_text(public_key_to_pem(chain.kids[e.kid]))
-                    examples.append({"seq": seq, "hash": e.hash, "leaf_hash": leaf.hex(), "kid": e.kid})
-            f.flush()
-            os.fsync(f.fileno())
+        frontier, roots, examples = _write_entries(view, chain, tmp, set(wanted), {claim.size for claim in claims},
+                                                   stored, stored_size, scratch)
         seq = chain.seq
         if seq != count:
             raise AuditError(seq, f"the ledger table lists {count} entries but {seq} were read")
         root = frontier.root()
-        try:
-            check_roots(claims, roots.__getitem__, count)
-        except RolledBack as found:
-            where, size = found.claim.where, found.claim.size
-            raise AuditError(None, f"FORK: {where} (size {size}) was signed over other entries than the "
-                                   f"store's first {size}: the store holds another history") from None
-        tree = stored if use_stored else scratch
+        _refuse_fork(claims, roots, count)
         if stored is not None and use_stored:
-            try:
-                if stored.root(count) != root:
-                    raise AuditError(None, f"the stored Merkle tree's root at size {count} differs from the root "
-                                           "recomputed from the entries: an interior node of the tree is damaged")
-            except MerkleCorruptError as exc:
-                raise AuditError(None, f"stored Merkle tree: {exc}") from None
-        for ex in examples:
-            s = ex["seq"]
-            assert tree is not None  # requested proofs: the stored tree, else the scratch one
-            proof = tree.inclusion_proof(s, count)
-            if not verify_inclusion(bytes.fromhex(ex["leaf_hash"]), s, count, proof, root):
-                raise AuditError(s, "the inclusion proof built for this entry does not verify")
-            doc = {"seq": s, "tree_size": count, "leaf_hash": ex["leaf_hash"],
-                   "proof": [p.hex() for p in proof], "root": root.hex()}
-            (tmp / PROOFS / f"{s}.json").write_text(json.dumps(doc, indent=1) + "\n")
+            _check_stored_root(stored, count, root)
+        _write_proofs(tmp, stored if use_stored else scratch, examples, count, root)
 
     origin = chain.origin or config.origin
     note_text, signer_kid = _export_checkpoint(stored_note, Checkpoint(origin, count, root), chain, private)
@@ -458,6 +398,103 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
         "merkle": "stored" if use_stored else "recomputed",
         "checkpoint": "stored" if stored_note is not None and note_text.encode() == stored_note else "signed",
     }
+
+
+def _check_wanted(wanted: list[int], count: int) -> None:
+    for s in wanted:
+        if not 0 <= s < count:
+            raise ValueError(f"seq {s} is not in the ledger (it holds seq 0..{count - 1})")
+
+
+def _refuse_rollback(count: int, claims: list[HistoryClaim]) -> None:
+    """No checkpoint may vouch for more entries than the store holds."""
+    try:
+        check_length(count, claims)
+    except RolledBack as found:
+        raise AuditError(count, f"ROLLBACK: the ledger holds {count} entries but {found.claim.where} was "
+                                f"signed over {found.claim.size}: the store was restored from an older copy "
+                                "(see the sign service's alarm for the recovery)") from None
+
+
+def _refuse_fork(claims: list[HistoryClaim], roots: dict[int, bytes], count: int) -> None:
+    """Every checkpoint must sign the root of the store's own first entries."""
+    try:
+        check_roots(claims, roots.__getitem__, count)
+    except RolledBack as found:
+        where, size = found.claim.where, found.claim.size
+        raise AuditError(None, f"FORK: {where} (size {size}) was signed over other entries than the "
+                               f"store's first {size}: the store holds another history") from None
+
+
+def _stored_tree_size(stored: MerkleTree | None) -> int:
+    try:
+        return stored.size() if stored is not None else 0
+    except MerkleCorruptError as exc:
+        raise AuditError(None, f"stored Merkle tree: {exc}") from None
+
+
+def _write_entries(view: LedgerView, chain: _Chain, tmp: Path, wanted: set[int], checked_sizes: set[int],
+                   stored: MerkleTree | None, stored_size: int,
+                   scratch: MerkleTree | None) -> tuple[Frontier, dict[int, bytes], list[dict[str, Any]]]:
+    """Check and write every entry to ``ENTRIES``, and the proof inputs of the ``wanted`` ones.
+
+    Returns the frontier over all leaves, the roots at ``checked_sizes`` (and 0), and one example
+    per wanted entry; the leaves also go into ``scratch`` when proofs need a tree of their own."""
+    frontier = Frontier()
+    roots: dict[int, bytes] = {0: EMPTY_ROOT}
+    examples: list[dict[str, Any]] = []
+    with open(tmp / ENTRIES, "wb") as f:
+        for e in _ledger_entries(view):
+            chain.check(e)
+            seq = chain.seq - 1
+            leaf = leaf_hash(e.entry)
+            if stored is not None and seq < stored_size:
+                _check_stored_leaf(stored, seq, leaf)
+            frontier.append(leaf)
+            if frontier.size in checked_sizes:
+                roots[frontier.size] = frontier.root()
+            if scratch is not None:
+                scratch.append(leaf)
+            f.write(export_line(e))
+            if seq in wanted:
+                (tmp / PROOFS / f"{seq}.entry").write_bytes(e.entry)
+                (tmp / PROOFS / f"{seq}.sig").write_bytes(e.signature)
+                (tmp / PROOFS / f"{seq}.pem").write_text(public_key_to_pem(chain.kids[e.kid]))
+                examples.append({"seq": seq, "hash": e.hash, "leaf_hash": leaf.hex(), "kid": e.kid})
+        f.flush()
+        os.fsync(f.fileno())
+    return frontier, roots, examples
+
+
+def _check_stored_leaf(stored: MerkleTree, seq: int, leaf: bytes) -> None:
+    try:
+        if stored.node(0, seq) != leaf:
+            raise AuditError(seq, "the stored Merkle leaf differs from the entry's leaf hash")
+    except MerkleCorruptError as exc:
+        raise AuditError(seq, f"stored Merkle tree: {exc}") from None
+
+
+def _check_stored_root(stored: MerkleTree, count: int, root: bytes) -> None:
+    try:
+        if stored.root(count) != root:
+            raise AuditError(None, f"the stored Merkle tree's root at size {count} differs from the root "
+                                   "recomputed from the entries: an interior node of the tree is damaged")
+    except MerkleCorruptError as exc:
+        raise AuditError(None, f"stored Merkle tree: {exc}") from None
+
+
+def _write_proofs(tmp: Path, tree: MerkleTree | None, examples: list[dict[str, Any]], count: int,
+                  root: bytes) -> None:
+    """One verified inclusion proof per example, as ``PROOFS/<seq>.json``."""
+    for ex in examples:
+        s = ex["seq"]
+        assert tree is not None  # requested proofs: the stored tree, else the scratch one
+        proof = tree.inclusion_proof(s, count)
+        if not verify_inclusion(bytes.fromhex(ex["leaf_hash"]), s, count, proof, root):
+            raise AuditError(s, "the inclusion proof built for this entry does not verify")
+        doc = {"seq": s, "tree_size": count, "leaf_hash": ex["leaf_hash"],
+               "proof": [p.hex() for p in proof], "root": root.hex()}
+        (tmp / PROOFS / f"{s}.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _export_checkpoint(stored: bytes | None, cp: Checkpoint, chain: _Chain,
