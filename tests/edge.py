@@ -29,13 +29,13 @@ from pathlib import Path
 
 import httpx
 
+from mro_edge.simulator.records import valid_record
 from services.gateway.admin import register_edge
 from services.gateway.storage import open_storage
-from mro_edge.simulator.records import valid_record
-from shared.runtime.config import Config
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.ledger.keys import SigningKey
 from shared.ledger.entry import SignedEntry, verify_chain
+from shared.ledger.keys import SigningKey
+from shared.runtime.config import Config
 from shared.runtime.mqtt import MqttLink
 from shared.runtime.topics import Topics
 from tests.brokers import free_port, start_broker
@@ -368,7 +368,7 @@ class EdgeStack:
             for event_id, payload in records:
                 device.send(event_id, payload)
 
-        threads = [threading.Thread(target=publish, args=(d, r)) for d, r in zip(devices, per_device)]
+        threads = [threading.Thread(target=publish, args=(d, r)) for d, r in zip(devices, per_device, strict=True)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -442,5 +442,5 @@ class EdgeStack:
 
 
 def assert_legal_walk(walked: list[str]) -> None:
-    for before, after in zip(walked, walked[1:]):
+    for before, after in zip(walked, walked[1:], strict=False):
         assert (before, after) in LEGAL, f"illegal transition {before} -> {after} in {walked}"

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,102 +24,14 @@ import yaml
 
 from services.gateway.admin import RegistrationError, register_edge
 from services.gateway.server import create_app
-from services.gateway.storage import open_storage
-from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry
+from shared.ledger.entry import SignedEntry
 from shared.ledger.keys import SigningKey
-from shared.ledger.verify import verify_chain
 from tests.brokers import free_port
-from tests.edge import database
-from tests.support.gateway import ThreadedGateway, batch_body, make_entries
+from tests.support.gateway import batch_body
+from tests.support.gateway_edge import Edge, entry_with
 
 ROOT = Path(__file__).resolve().parents[2]
 ZEROS = "0" * 64
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    with database(request.param, tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-def gateway(db_url):
-    with ThreadedGateway(db_url) as gw:
-        yield gw
-
-
-class Edge:
-    """One edge box: its key, origin, token and the chain it has signed so far."""
-
-    def __init__(self, db_url: str, base_url: str, origin: str | None = None, key: SigningKey | None = None):
-        self.db_url = db_url
-        self.key = key or SigningKey.generate()
-        self.origin = origin or f"mro-edge/T{uuid.uuid4().hex[:8]}"
-        self.token = register_edge(db_url, self.origin, self.key.public_pem())
-        self.http = httpx.Client(base_url=base_url, timeout=60,
-                                 headers={"Authorization": f"Bearer {self.token}"})
-        self.chain: list[SignedEntry] = []
-
-    def extend(self, count: int, **kwargs) -> list[SignedEntry]:
-        prev = self.chain[-1].hash if self.chain else GENESIS_PREV
-        new = list(make_entries(self.key, self.origin, count, start_seq=len(self.chain), prev=prev, **kwargs))
-        self.chain.extend(new)
-        return new
-
-    def post(self, entries: list[SignedEntry], token: str | None = None) -> httpx.Response:
-        headers = {"Content-Type": "application/json"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        return self.http.post("/v1/entries", content=batch_body(entries), headers=headers)
-
-    def head(self) -> dict:
-        response = self.http.get("/v1/head")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def stored(self) -> list[dict]:
-        storage = open_storage(self.db_url, pool_size=1)
-        try:
-            with storage.transaction(write=False) as tx:
-                return tx.entries(self.origin, 0, 1_000_000)
-        finally:
-            storage.close()
-
-    def forks(self) -> list[dict]:
-        storage = open_storage(self.db_url, pool_size=1)
-        try:
-            with storage.transaction(write=False) as tx:
-                return tx.forks(self.origin)
-        finally:
-            storage.close()
-
-    def verify_stored(self, expect_count: int) -> None:
-        """The stored chain is exactly our first ``expect_count`` entries, byte for byte, and verifies."""
-        rows = self.stored()
-        signed = [SignedEntry(r["seq"], r["idem"], r["entry"], r["hash"], r["signature"], r["kid"]) for r in rows]
-        assert verify_chain(signed, {self.key.kid: self.key.public_bytes}, expect_count=expect_count) == expect_count
-        assert [s.entry for s in signed] == [e.entry for e in self.chain[:expect_count]]
-
-    def close(self) -> None:
-        self.http.close()
-
-
-@pytest.fixture
-def edge(db_url, gateway):
-    e = Edge(db_url, gateway.url)
-    yield e
-    e.close()
-
-
-def _entry_with(key: SigningKey, origin: str, seq: int, prev: str, body: dict, idem: str | None = None,
-                recorded_at: str = "2025-01-01T12:00:00.000Z") -> SignedEntry:
-    idem = idem or uuid.uuid4().hex * 2
-    data = entry_bytes(origin=origin, seq=seq, prev=prev, idem=idem, kid=key.kid, recorded_at=recorded_at,
-                       type="maintenance_action", body=body)
-    return sign_entry(key, data, seq, idem)
-
-
-# ------------------------------------------------------------------------------------------------
 
 
 def test_health_and_empty_head(edge, gateway):
@@ -190,7 +101,7 @@ def test_refuses_forged_signatures_and_unknown_keys(edge):
 
     # Signed by a key that was never registered for this origin.
     stranger = SigningKey.generate()
-    unknown = _entry_with(stranger, edge.origin, 5, batch[4].hash, {"x": "y"})
+    unknown = entry_with(stranger, edge.origin, 5, batch[4].hash, {"x": "y"})
     r = edge.post([unknown])
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "unknown_key" and r.json()["error"]["kid"] == stranger.kid
@@ -222,7 +133,7 @@ def test_refuses_a_fork_and_keeps_the_evidence(edge):
     assert edge.post(batch).status_code == 200
 
     # A different, validly signed entry at a seq already held.
-    other = _entry_with(edge.key, edge.origin, 5, batch[4].hash, {"different": "entry"})
+    other = entry_with(edge.key, edge.origin, 5, batch[4].hash, {"different": "entry"})
     r = edge.post([other])
     assert r.status_code == 409
     error = r.json()["error"]
@@ -231,7 +142,7 @@ def test_refuses_a_fork_and_keeps_the_evidence(edge):
     assert r.json()["head"] == {"seq": 9, "hash": batch[9].hash}
 
     # The next seq, validly signed, but linked to something other than the held head.
-    stray = _entry_with(edge.key, edge.origin, 10, other.hash, {"after": "the fork"})
+    stray = entry_with(edge.key, edge.origin, 10, other.hash, {"after": "the fork"})
     r = edge.post([stray])
     assert r.status_code == 409 and r.json()["error"]["code"] == "fork" and r.json()["error"]["seq"] == 10
 
@@ -315,7 +226,7 @@ def test_register_edge_adds_keys_and_tokens(db_url, gateway):
         new_key = SigningKey.generate()
         second_token = register_edge(db_url, edge.origin, new_key.public_pem())
         assert second_token != edge.token
-        nxt = _entry_with(new_key, edge.origin, 3, edge.chain[-1].hash, {"rotated": "key"})
+        nxt = entry_with(new_key, edge.origin, 3, edge.chain[-1].hash, {"rotated": "key"})
         r = edge.post([nxt], token=second_token)
         assert r.status_code == 200 and r.json()["head"]["seq"] == 3
         assert edge.head()["seq"] == 3  # the first token still works

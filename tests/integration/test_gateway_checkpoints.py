@@ -3,7 +3,7 @@
 Edges sign real C2SP checkpoints over real chains; the gateway must cosign exactly the ones
 that match the entries it holds and extend the last one it accepted, and its cosignatures
 must verify with our code and with stock OpenSSL. The fixtures (a gateway per database
-backend, an edge registered at it) are those of test_gateway.py.
+backend, an edge registered at it) are in tests/integration/conftest.py.
 """
 
 
@@ -31,7 +31,7 @@ from shared.ledger.checkpoint import (
 from shared.ledger.entry import KEY_ROTATION, SignedEntry, entry_bytes, rotation_body, sign_entry
 from shared.ledger.keys import SigningKey
 from shared.ledger.merkle import Frontier, leaf_hash
-from tests.integration.test_gateway import Edge, _entry_with, db_url, edge, gateway
+from tests.support.gateway_edge import Edge, entry_with
 
 
 def checkpoint_of(entries: list[SignedEntry], origin: str, key: SigningKey) -> str:
@@ -132,7 +132,7 @@ def test_forked_checkpoint_is_refused_and_kept_as_evidence(db_url, edge):
 def _rechain(edge: Edge, after: SignedEntry, count: int):
     prev, seq = after.hash, after.seq + 1
     for i in range(count):
-        e = _entry_with(edge.key, edge.origin, seq, prev, {"forked": i})
+        e = entry_with(edge.key, edge.origin, seq, prev, {"forked": i})
         prev, seq = e.hash, seq + 1
         yield e
 
@@ -174,12 +174,12 @@ def test_key_rotation_is_honoured(db_url, gateway, edge):
     assert r.json()["head"]["seq"] == 15
 
     # The old key is retired from seq 11 on, even for a validly chained entry.
-    stale = _entry_with(old, edge.origin, 16, after[-1].hash, {"signed": "by the old key"})
+    stale = entry_with(old, edge.origin, 16, after[-1].hash, {"signed": "by the old key"})
     r = edge.post([stale])
     assert r.status_code == 422 and r.json()["error"]["code"] == "retired_key"
     assert "retired" in r.json()["error"]["message"]
     # The new key cannot sign history from before the rotation.
-    early = _entry_with(new, edge.origin, 5, edge.chain[4].hash, {"backdated": True})
+    early = entry_with(new, edge.origin, 5, edge.chain[4].hash, {"backdated": True})
     r = edge.post([early])
     assert r.status_code == 422 and r.json()["error"]["code"] == "retired_key"
 

@@ -190,7 +190,8 @@ class Attacker:
     def __init__(self, broker, login, client_id: str, persistent: bool,
                  filters: tuple[str, ...] = ("#", "mro/+/in/+/+", "mro/+/receipt/+")) -> None:
         self.watcher = Watcher(broker.port, login, list(filters), client_id=client_id, persistent=persistent)
-        self.label = f"{login[0] if login else 'anonymous'} as {client_id!r} ({'persistent' if persistent else 'clean'})"
+        who = login[0] if login else "anonymous"
+        self.label = f"{who} as {client_id!r} ({'persistent' if persistent else 'clean'})"
 
     def __enter__(self) -> Attacker:
         self.watcher.start()
@@ -299,7 +300,8 @@ def test_device_login_with_service_client_ids(pipeline, broker):
         assert_exactly_once(outcome, what="embedded: records sent during the attempts")
     else:
         assert_exactly_once(outcome, max_lost=len(during_ingest_takeover), what="mosquitto")
-        assert lost <= during_ingest_takeover, f"lost outside the takeovers: {sorted(lost - during_ingest_takeover)[:5]}"
+        assert lost <= during_ingest_takeover, \
+            f"lost outside the takeovers: {sorted(lost - during_ingest_takeover)[:5]}"
 
 
 def test_no_device_reads_queued_records_of_others(pipeline, broker):

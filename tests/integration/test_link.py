@@ -14,10 +14,10 @@ import time
 import httpx
 import pytest
 
-from tests.support.gateway import ThreadedGateway
 from tests.edge import EdgeStack, database
 from tests.linkfault import LinkFault
 from tests.pipeline import wait_until
+from tests.support.gateway import ThreadedGateway
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -192,7 +192,7 @@ def test_breaker_opens_half_opens_and_closes_visibly_in_status(tmp_path) -> None
         edge.wait_state("CONNECTED")
         walked = breaker_walk()
         legal = {("CLOSED", "OPEN"), ("OPEN", "HALF_OPEN"), ("HALF_OPEN", "OPEN"), ("HALF_OPEN", "CLOSED")}
-        assert all(pair in legal for pair in zip(walked, walked[1:])), walked
+        assert all(pair in legal for pair in zip(walked, walked[1:], strict=False)), walked
         assert walked[0] == "CLOSED" and walked[-2:] == ["HALF_OPEN", "CLOSED"], walked
         assert edge.states(since=start) == ["CONNECTED", "DEGRADED", "CONNECTED"]
         edge.assert_gateway_has_ledger(edge.sent)
@@ -315,7 +315,7 @@ def test_a_restarted_uplink_calls_nothing_while_isolated(link) -> None:
         restarted = time.monotonic()
         edge.pipeline.start("uplink")
         pid = edge.pipeline.procs["uplink"].pid
-        edge.wait_uplink(lambda s: s.get("pid") == pid and s.get("link") == "ISOLATED",
+        edge.wait_uplink(lambda s, pid=pid: s.get("pid") == pid and s.get("link") == "ISOLATED",
                          what="the restarted uplink to see ISOLATED")
         time.sleep(2.0)
         lines = edge.proxy.requests_since(restarted)
@@ -352,7 +352,7 @@ def test_link_state_is_published_once_per_transition_and_alarms(link) -> None:
     messages = [m for m in edge.connectivity if m.at >= start]
     walked = [m.payload["state"] for m in messages]
     assert [s for i, s in enumerate(walked) if i == 0 or walked[i - 1] != s] == OUTAGE[1:], walked
-    for before, after in zip(messages, messages[1:]):
+    for before, after in zip(messages, messages[1:], strict=False):
         if before.payload["state"] == after.payload["state"]:
             assert after.at - before.at >= 3.5, f"{after.payload['state']} published twice: {walked}"
             assert after.payload["epoch"] == before.payload["epoch"], "a refresh keeps the epoch"

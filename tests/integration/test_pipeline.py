@@ -13,8 +13,8 @@ import pytest
 from mro_edge.simulator.records import RECORD_TYPES, bad_cases, valid_record
 from mro_edge.simulator.run import reported_event_id
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.ledger.keys import SigningKey
 from shared.ledger.entry import verify_chain
+from shared.ledger.keys import SigningKey
 from tests.pipeline import wait_until
 
 FLEET = (("rfid_reader", "RFID-01"), ("torque_wrench", "TQW-07"), ("tablet", "TAB-12"), ("barcode_scanner", "BCS-03"))
@@ -79,10 +79,16 @@ def test_mixed_traffic_every_record_once_every_bad_one_reported(pipeline):
     wait_until(lambda: len(pipeline.ledger()) >= len(expected_keys), 60, 0.5, "the ledger to catch up")
     assert_ledger_verifies(pipeline, expected_keys)
 
+    assert_every_bad_case_reported(pipeline, expected_bad)
+    assert_receipts_as_expected(devices.values())
+
+
+def assert_every_bad_case_reported(pipeline, expected_bad: list) -> None:
+    """Each bad case has a DLQ report from its stage naming the path and rule it breaks."""
     wait_until(lambda: len(pipeline.dlq("ingest") + pipeline.dlq("validate")) >= len(expected_bad), 30, 0.2,
                "a DLQ report for every bad record")
     dlq = pipeline.dlq("ingest") + pipeline.dlq("validate")
-    by_event = {}
+    by_event: dict = {}
     for report in dlq:
         by_event.setdefault(report.get("event_id"), []).append(report)
     for case, event_id in expected_bad:
@@ -97,7 +103,10 @@ def test_mixed_traffic_every_record_once_every_bad_one_reported(pipeline):
         for error in errors:
             assert set(error) >= {"path", "rule", "expected", "received"}
 
-    for device in devices.values():
+
+def assert_receipts_as_expected(devices) -> None:
+    """Every record sent got the receipts its kind (valid, bad, re-sent copy) calls for."""
+    for device in devices:
         for event_id, sent in device.sent.items():
             statuses = [r["status"] for r in sent.receipts]
             if sent.expect == "rejected":

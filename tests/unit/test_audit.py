@@ -14,11 +14,11 @@ import pytest
 from shared.ledger.audit import AuditError, export_audit, verify_audit
 from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.ledger.checkpoint import Checkpoint, sign_checkpoint
-from shared.runtime.config import Config
-from shared.ledger.keys import SigningKey, public_key_to_pem
 from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, export_line, parse_export_line, sign_entry
-from shared.ledger.store import LEDGER_TABLE, decode_entry, encode_entry
+from shared.ledger.keys import SigningKey, public_key_to_pem
 from shared.ledger.merkle import MERKLE_TABLE, leaf_hash, lmdb_tree, node_key
+from shared.ledger.store import LEDGER_TABLE, decode_entry, encode_entry
+from shared.runtime.config import Config
 from shared.runtime.store import Store, u64
 
 AT = "2025-03-14T09:26:53.589Z"
@@ -400,7 +400,7 @@ def test_readme_commands_verify_with_openssl_and_sha256sum(export_copy, exported
     (export_copy / "proofs" / "0.sig").write_bytes(bytes(64))
     (export_copy / "checkpoint.body").write_text(
         (export_copy / "checkpoint.body").read_text().replace("\n25\n", "\n26\n"))
-    for cmd, want in steps:
+    for cmd, _ in steps:
         if "pkeyutl" in cmd:
             run = subprocess.run(["bash", "-c", cmd], cwd=export_copy, capture_output=True, text=True, check=False)
             assert run.returncode != 0 and "Signature Verified Successfully" not in run.stdout
@@ -475,10 +475,10 @@ def test_auditors_doc_commands_verify_one_record_and_one_checkpoint(exported, tm
     assert not [c for c in commands if c.split()[0] in ("python", "python3", "mro-edge")]
     shutil.copytree(out, tmp_path / "export")
     results = run_doc(steps, tmp_path)
-    for (cmd, want), (rc, got) in zip(steps, results):
+    for (cmd, want), (rc, got) in zip(steps, results, strict=True):
         assert rc == 0, (cmd, got)
-        assert len(got) == len(want) and all(_matches(w, g) for w, g in zip(want, got)), (cmd, want, got)
-    by_cmd = {cmd: got for (cmd, _), (_, got) in zip(steps, results)}
+        assert len(got) == len(want) and all(_matches(w, g) for w, g in zip(want, got, strict=True)), (cmd, want, got)
+    by_cmd = {cmd: got for (cmd, _), (_, got) in zip(steps, results, strict=True)}
     e = ledger.entries[7]
     assert by_cmd["sha256sum proofs/$SEQ.entry"] == [f"{e.hash}  proofs/7.entry"]
     assert by_cmd["cat cp.body"][:2] == [ledger.config.origin, "25"]
@@ -491,15 +491,15 @@ def test_auditors_doc_commands_verify_one_record_and_one_checkpoint(exported, tm
     (export / "proofs" / "7.sig").write_bytes(bytes(64))
     (export / "checkpoint").write_text((export / "checkpoint").read_text().replace("\n25\n", "\n26\n"))
     results = run_doc(steps, tmp_path)
-    verdicts = [rc for (cmd, _), (rc, _) in zip(steps, results) if "pkeyutl -verify" in cmd]
+    verdicts = [rc for (cmd, _), (rc, _) in zip(steps, results, strict=True) if "pkeyutl -verify" in cmd]
     assert len(verdicts) == 2 and all(rc != 0 for rc in verdicts)
 
 
 # -- a ledger written by the sign stage itself: stored checkpoints, rotations, rollback ----------------
 
 def test_rotated_ledger_exports_and_verifies_from_its_first_key(tmp_path):
-    from tests.support.sign import LocalSign, record_item
     from shared.ledger.keys import LedgerKeyFiles
+    from tests.support.sign import LocalSign, record_item
 
     data = tmp_path / "data"
     with LocalSign(data).open() as sign:

@@ -144,9 +144,13 @@ def test_missing_key_file_says_how_to_provide_one(tmp_path: Path) -> None:
     [
         b"",
         b"not a key\n",
-        b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
+        (b"-----BEGIN PUBLIC KEY-----\n"
+         b"MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+         b"-----END PUBLIC KEY-----\n"),
         b"-----BEGIN PRIVATE KEY-----\n!!!!\n-----END PRIVATE KEY-----\n",
-        b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VuBCIEIOzA0UCPnpnLqstH2aUJrsap4Y/KAJKQ3U+hQ0zL86Fp\n-----END PRIVATE KEY-----\n",
+        (b"-----BEGIN PRIVATE KEY-----\n"
+         b"MC4CAQAwBQYDK2VuBCIEIOzA0UCPnpnLqstH2aUJrsap4Y/KAJKQ3U+hQ0zL86Fp\n"
+         b"-----END PRIVATE KEY-----\n"),
         b"\xff\xfe",
     ],
     ids=["empty", "text", "public-key", "bad-base64", "x25519-key", "binary"],
@@ -205,9 +209,15 @@ def test_public_pem_round_trips() -> None:
     [
         "",
         "-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n",
-        "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VuAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
-        "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZu\n-----END PUBLIC KEY-----\n",
-        "-----BEGIN PRIVATE KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PRIVATE KEY-----\n",
+        ("-----BEGIN PUBLIC KEY-----\n"
+         "MCowBQYDK2VuAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+         "-----END PUBLIC KEY-----\n"),
+        ("-----BEGIN PUBLIC KEY-----\n"
+         "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZu\n"
+         "-----END PUBLIC KEY-----\n"),
+        ("-----BEGIN PRIVATE KEY-----\n"
+         "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+         "-----END PRIVATE KEY-----\n"),
     ],
     ids=["empty", "no-body", "x25519", "short", "wrong-label"],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 import lmdb
