@@ -5,8 +5,12 @@ and a circuit breaker; the gateway's head is stored durably (as the acknowledged
 the acknowledged entries are dropped. A gateway holding less than it had acknowledged (restored
 from an older backup) raises an alarm and gets the missing entries again from the ledger.
 
-`gateway_head` is only what the gateway itself said since the link last came back: it is what
-`in_sync` is computed from, so it is forgotten whenever the gateway may have changed.
+`gateway_head` is only what the gateway itself said since it was last out of reach: it is what
+`in_sync` is computed from, so it is forgotten whenever the gateway may have changed (a failed
+call, a new link state): a gateway restored from a backup while it was away comes back with
+less than it had acknowledged, and a head remembered from before would claim `in_sync`.
+When the acknowledged seq moves back, `on_rewind` runs before the alarm is raised, so the
+status that follows an alarm never shows the seq the gateway no longer holds.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class Drain:
 
     def __init__(self, config: Config, store: UplinkStore, ledger: LedgerView, gateway: GatewaySession,
                  breaker: CircuitBreaker, log, alarm: Alarm, *, link_usable: Callable[[], bool],
-                 halt: threading.Event):
+                 halt: threading.Event, on_rewind: Callable[[], None]):
         self.config = config
         self.store = store
         self.ledger = ledger
@@ -53,6 +57,7 @@ class Drain:
         self.alarm = alarm
         self.link_usable = link_usable
         self.halt = halt
+        self.on_rewind = on_rewind
         self.batch = max(1, config.uplink.batch)
         self.acked = store.acknowledged_count() - 1
         self.gateway_head: Head | None = None
@@ -86,12 +91,16 @@ class Drain:
             self._refused(exc)
             self.halt.wait(5.0)
         except GatewayUnavailable as exc:
-            self.breaker.failure()
+            self._unreachable()
             self.log.warning("gateway unavailable", error=str(exc), breaker=self.breaker.state,
                              state_transition="UPLINK_RETRY")
         else:
             self.breaker.success()
             self.acknowledge(head)
+
+    def _unreachable(self) -> None:
+        self.gateway_head = None  # it may come back with another head (restored from a backup)
+        self.breaker.failure()
 
     def _refused(self, exc: GatewayError) -> None:
         self.gateway.refused(exc)
@@ -121,6 +130,7 @@ class Drain:
         if gateway_seq < self.acked:
             lost = self.acked
             self.refill(gateway_seq + 1, lost)
+            self.on_rewind()
             self.alarm("gateway_behind", f"the gateway holds up to seq {gateway_seq} but had acknowledged "
                        f"{lost}; sending the missing entries again from the local ledger")
         else:
@@ -143,7 +153,7 @@ class Drain:
             self.gateway_head = self.gateway.client().head()
             self.breaker.success()
         except GatewayUnavailable:
-            self.breaker.failure()
+            self._unreachable()
         except GatewayError as exc:
             self._refused(exc)
             return

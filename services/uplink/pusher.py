@@ -5,12 +5,13 @@ It makes calls only while the link state from the heartbeat (services.uplink.lin
 `in_sync` in the status (what ends RECONCILING) is only claimed after the gateway itself has
 told us its head since the link came back: a head remembered from before an outage proves
 nothing. The status names the connectivity `link_epoch` it was computed under; the gateway's
-head is forgotten before a new ISOLATED or RECONCILING epoch is taken, so a status with the
-epoch of a RECONCILING is based on what the gateway said after it began.
+head is forgotten before any new link state or epoch is taken, so a status with the epoch of a
+RECONCILING is based on what the gateway said after it began.
 
 The status is published by the stage runtime every `stage.status_interval_s`; the pusher adds
 one at once (at most every STATUS_MIN_GAP_S) when something the heartbeat or an operator acts
-on changes: the breaker's state, the link state or epoch, `in_sync` while RECONCILING.
+on changes: the breaker's state, the link state or epoch, `in_sync` while RECONCILING, and
+the acknowledged seq moving back (before the `gateway_behind` alarm).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from services.uplink.client import GatewayClient, GatewaySession
 from services.uplink.cosign import Cosigner
 from services.uplink.drain import Drain
 from services.uplink.ledger import LedgerView
-from services.uplink.link import ISOLATED, RECONCILING, USABLE, LinkWatch
+from services.uplink.link import RECONCILING, USABLE, LinkWatch
 from services.uplink.store import UplinkStore
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.breaker import CircuitBreaker
@@ -53,6 +54,12 @@ class StatusGate:
         if not self.waiting:
             return remaining
         return min(remaining, max(0.0, self._last_at + STATUS_MIN_GAP_S - time.monotonic()))
+
+    def publish_now(self) -> None:
+        """Regardless of the limit: for what must be seen before what follows (an alarm)."""
+        self.due = True
+        self._last_at = 0.0
+        self.publish()
 
     def publish(self) -> None:
         shown = self._shown()
@@ -86,10 +93,10 @@ class Pusher(threading.Thread):
         self.gateway = GatewaySession(config, client)
         self.breaker = CircuitBreaker(config.uplink.breaker_failures, config.uplink.breaker_reset_s)
         self.link = LinkWatch(log, self._link_changing)
-        self.drain = Drain(config, self.store, self.ledger, self.gateway, self.breaker, log, self.alarm,
-                           link_usable=self.link.usable, halt=self._halt)
-        self.cosigner = Cosigner(self.store, self.ledger, self.gateway, self.breaker, log, self.alarm)
         self.status = StatusGate(publish_status or (lambda: None), self._shown)
+        self.drain = Drain(config, self.store, self.ledger, self.gateway, self.breaker, log, self.alarm,
+                           link_usable=self.link.usable, halt=self._halt, on_rewind=self.status.publish_now)
+        self.cosigner = Cosigner(self.store, self.ledger, self.gateway, self.breaker, log, self.alarm)
 
     @property
     def acked(self) -> int:
@@ -116,11 +123,11 @@ class Pusher(threading.Thread):
             self._link_changed()
 
     def _link_changing(self, previous: str, state: str, new_epoch: bool) -> None:
-        """Before the state is taken: the gateway's head is unknown until it says so again."""
-        if state in (ISOLATED, RECONCILING) and (state != previous or new_epoch):
-            self.drain.gateway_head = None
+        """Before the state is taken: the gateway's head is unknown until it says so again (the
+        heartbeat saw the link change; the gateway may have been away, and back restored)."""
+        self.drain.gateway_head = None
+        self.drain.ask_head_now()
         if previous not in USABLE and state in USABLE:
-            self.drain.ask_head_now()
             self.breaker.trial()  # the heartbeat just saw the gateway answer: try now, not after reset_s
 
     def _link_changed(self) -> None:

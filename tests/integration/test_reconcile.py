@@ -159,10 +159,6 @@ def test_kill_9_of_the_gateway_mid_drain(tmp_path, backend) -> None:
         assert_reconciled(edge, start, OUTAGE[:-1] + ["ISOLATED", "RECONCILING", "CONNECTED"])
 
 
-# Known defect, found in this session's last full runs: after the gateway is restored from an
-# older backup the box can report in_sync/CONNECTED before the lost entries are back (the
-# uplink status it trusts predates the restore). In the slow set until fixed; see the closing note.
-@pytest.mark.slow
 def test_gateway_restored_from_an_older_backup_gets_the_lost_entries_again(tmp_path) -> None:
     """The central database is rolled back to a backup: it lost entries it had acknowledged.
     The box notices (the gateway's head is behind its acknowledged seq), raises an alarm and

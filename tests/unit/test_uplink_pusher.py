@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import msgspec
 import structlog
 
 from services.heartbeat.service import Heartbeat
@@ -15,7 +16,7 @@ from services.heartbeat.state import Link
 from services.uplink.client import Head
 from services.uplink.link import RETAINED_WAIT_S
 from services.uplink.pusher import Pusher
-from services.uplink.store import ENTRIES, UPLINK_TABLES
+from services.uplink.store import ENTRIES, UPLINK_TABLES, acknowledged_count
 from shared.ledger.entry import GENESIS_PREV, export_row
 from shared.ledger.keys import SigningKey
 from shared.ledger.store import LEDGER_TABLE, encode_entry
@@ -100,11 +101,7 @@ def test_stale_entries_below_the_acknowledged_seq_are_dropped(tmp_path) -> None:
 
 def test_in_sync_needs_a_confirmed_gateway_head_equal_to_the_ledger(tmp_path) -> None:
     config = config_for(tmp_path)
-    ledger = Store(tmp_path / "sign", RUNTIME_TABLES + (LEDGER_TABLE,), map_size_mb=64)
-    with ledger.write() as txn:
-        for entry in ENTRY_LIST[:5]:
-            txn.put(u64(entry.seq), encode_entry(entry), db=ledger.table(LEDGER_TABLE))
-    ledger.close()  # the pusher opens it read-only; LMDB allows one handle per process
+    write_ledger(tmp_path, 5)
     store = make_store(tmp_path)
     pusher = Pusher(config, store, structlog.get_logger())
     put(store, range(5))
@@ -122,6 +119,55 @@ def test_in_sync_needs_a_confirmed_gateway_head_equal_to_the_ledger(tmp_path) ->
     assert pusher.view()["in_sync"] is True
     pusher.stop()
     store.close()
+
+
+def write_ledger(tmp_path, count: int) -> None:
+    ledger = Store(tmp_path / "sign", RUNTIME_TABLES + (LEDGER_TABLE,), map_size_mb=64)
+    with ledger.write() as txn:
+        for entry in ENTRY_LIST[:count]:
+            txn.put(u64(entry.seq), encode_entry(entry), db=ledger.table(LEDGER_TABLE))
+    ledger.close()  # the pusher opens it read-only; LMDB allows one handle per process
+
+
+def test_a_remembered_gateway_head_is_forgotten_when_the_link_changes(tmp_path) -> None:
+    """The gateway was away (DEGRADED) and is back: it may have been restored from an older
+    backup, so the head it had before proves nothing until it says so again."""
+    write_ledger(tmp_path, 5)
+    store = make_store(tmp_path)
+    pusher = Pusher(config_for(tmp_path), store, structlog.get_logger())
+    pusher.set_link_state("CONNECTED", 1)
+    pusher.drain.acknowledge(Head(4, ENTRY_LIST[4].hash))
+    assert pusher.view()["in_sync"] is True
+    pusher.set_link_state("DEGRADED", 2)
+    assert pusher.view()["in_sync"] is False and pusher.view()["gateway_head"] is None
+    pusher.drain.gateway_head = Head(4, ENTRY_LIST[4].hash)
+    pusher.set_link_state("CONNECTED", 3)
+    assert pusher.view()["in_sync"] is False, "a head from before the gateway was away"
+    pusher.stop()
+    store.close()
+
+
+def test_a_gateway_that_lost_entries_gets_them_again_and_the_status_shows_it_first(tmp_path) -> None:
+    write_ledger(tmp_path, 10)
+    store = make_store(tmp_path)
+    published: list[tuple[str, dict]] = []
+    pusher = Pusher(config_for(tmp_path), store, structlog.get_logger(),
+                    publish_status=lambda: published.append(("status", pusher.view())),
+                    publish=lambda topic, payload: published.append(("alarm", msgspec.json.decode(payload))))
+    put(store, range(10))
+    pusher.drain.acknowledge(Head(9, ENTRY_LIST[9].hash))
+    assert store.count(ENTRIES) == 0
+    pusher.drain.gateway_head = Head(4, ENTRY_LIST[4].hash)  # restored: it holds seq 0..4 again
+    pusher.drain.resync(4)
+    assert [kind for kind, _ in published] == ["status", "alarm"]
+    status, alarm = published[0][1], published[1][1]
+    assert status["acked_seq"] == 4 and status["queued"] == 5 and status["in_sync"] is False
+    assert alarm["alarm"] == "gateway_behind" and alarm["service"] == "uplink"
+    assert seqs_of(pusher.drain.next_batch()) == [5, 6, 7, 8, 9], "sent again from the ledger"
+    assert pusher.drain.next_batch().rows == [json_encode(export_row(ENTRY_LIST[s])) for s in range(5, 10)]
+    pusher.stop()
+    store.close()
+    assert acknowledged_count(config_for(tmp_path)) == 5, "the count moved back durably"
 
 
 def test_heartbeat_ends_reconciling_only_on_a_fresh_in_sync_report(tmp_path) -> None:
