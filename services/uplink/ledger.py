@@ -10,14 +10,7 @@ from collections.abc import Iterator
 
 from services.uplink.client import Head
 from shared.ledger.entry import GENESIS_PREV, export_row
-from shared.ledger.store import (
-    LEDGER_TABLE,
-    LedgerStore,
-    checkpoint_at_most,
-    decode_entry,
-    iter_entries,
-    open_ledger,
-)
+from shared.ledger.store import LedgerReader, open_ledger
 from shared.runtime.config import Config
 from shared.runtime.messages import json_encode
 from shared.runtime.store import StoreError
@@ -28,9 +21,9 @@ class LedgerView:
 
     def __init__(self, config: Config):
         self.config = config
-        self._store: LedgerStore | None = None
+        self._store: LedgerReader | None = None
 
-    def _open(self) -> LedgerStore | None:
+    def _open(self) -> LedgerReader | None:
         if self._store is None:
             try:
                 self._store = open_ledger(self.config)
@@ -40,34 +33,24 @@ class LedgerView:
 
     def head(self) -> Head:
         """The chain head: what the gateway must hold for us to be in sync."""
-        store = self._open()
-        try:
-            if store is not None:
-                # the table before the transaction: one first opened inside a transaction is not valid in it
-                table = store.table(LEDGER_TABLE)
-                with store.read() as txn:
-                    cursor = txn.cursor(db=table)
-                    if cursor.last():
-                        entry = decode_entry(cursor.value())
-                        return Head(entry.seq, entry.hash)
-        except KeyError:
-            pass  # no `ledger` table in it yet: the empty ledger
-        return Head(-1, GENESIS_PREV)
+        reader = self._open()
+        entry = reader.head() if reader is not None else None
+        return Head(entry.seq, entry.hash) if entry is not None else Head(-1, GENESIS_PREV)
 
     def export_rows(self, first: int, last: int) -> Iterator[tuple[int, bytes]]:
         """(seq, export row as the gateway takes it) for seq `first` .. `last`, as far as held."""
-        store = self._open()
-        if store is None or not store.has(LEDGER_TABLE):
+        reader = self._open()
+        if reader is None:
             return
-        for entry in iter_entries(store, first):
+        for entry in reader.entries(first):
             if entry.seq > last:
                 break
             yield entry.seq, json_encode(export_row(entry))
 
     def checkpoint_at_most(self, size: int) -> bytes | None:
         """The newest signed checkpoint covering at most `size` entries, if any."""
-        store = self._open()
-        return checkpoint_at_most(store, size) if store is not None else None
+        reader = self._open()
+        return reader.checkpoint_at_most(size) if reader is not None else None
 
     def close(self) -> None:
         if self._store is not None:

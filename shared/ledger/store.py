@@ -211,8 +211,6 @@ class LedgerReader(Store):
         self.close()
 
 
-LedgerStore = LedgerReader  # the name the uplink still imports; remove when it says LedgerReader
-
 
 def open_ledger(config: Config) -> LedgerReader:
     """The sign stage's store, read-only: safe beside the running sign service (LMDB MVCC)."""

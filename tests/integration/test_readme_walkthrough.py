@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from services.registry import service_names
-from shared.ledger.entry import parse_export_line, verify_chain
+from shared.ledger.entry import parse_export_line
 from shared.ledger.keys import key_id, public_key_from_pem
+from shared.ledger.verify import verify_chain
 from shared.runtime.topics import Topics
 from tests import readme
 from tests.brokers import free_port

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from services.sign.guard import LedgerDamagedError, LedgerRollbackError, SignRefused
-from tests.support.sign import LocalSign, record_item
 from services.uplink.store import UPLINK_TABLES, UplinkStore
 from shared.ledger.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint, sign_checkpoint, split_note
-from shared.runtime.config import Config
+from shared.ledger.entry import KEY_ROTATION, parse_entry
 from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
-from shared.ledger.entry import KEY_ROTATION, LedgerVerifyError, parse_entry, verify_chain
+from shared.ledger.merkle import MERKLE_TABLE, Frontier, leaf_hash, lmdb_tree, verify_inclusion
 from shared.ledger.store import (
     LEDGER_TABLE,
     encode_entry,
@@ -26,8 +25,10 @@ from shared.ledger.store import (
     open_ledger,
     read_latest_checkpoint,
 )
-from shared.ledger.merkle import MERKLE_TABLE, Frontier, leaf_hash, lmdb_tree, verify_inclusion
+from shared.ledger.verify import LedgerVerifyError, verify_chain
+from shared.runtime.config import Config
 from shared.runtime.store import Store, u64
+from tests.support.sign import LocalSign, record_item
 
 N = 0  # running record counter so that every test record is distinct
 
