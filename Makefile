@@ -38,8 +38,10 @@ bench: $(STAMP)
 	scripts/ensure-postgres
 	$(BIN)/python -m bench
 
+## lint: ruff (rules in pyproject.toml) on everything, mypy on shared/ and services/
 lint: $(STAMP)
 	$(BIN)/ruff check shared services mro_edge tests bench
+	$(BIN)/mypy shared services
 
 ## lock: re-resolve pyproject.toml's dependencies in a fresh virtualenv into constraints.txt
 lock:

@@ -33,8 +33,9 @@ from mro_edge.simulator.records import valid_record
 from services.gateway.admin import register_edge
 from services.gateway.storage import open_storage
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.ledger.entry import SignedEntry, verify_chain
+from shared.ledger.entry import SignedEntry
 from shared.ledger.keys import SigningKey
+from shared.ledger.verify import verify_chain
 from shared.runtime.config import Config
 from shared.runtime.mqtt import MqttLink
 from shared.runtime.topics import Topics

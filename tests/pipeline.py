@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from mro_edge.simulator.devices import SimulatedDevice
-from shared.runtime.config import Config, load_config
 from services.broker.credentials import BrokerCredentials
 from shared.ledger.entry import SignedEntry
 from shared.ledger.store import iter_entries, open_ledger
+from shared.runtime.config import Config, load_config
 from shared.runtime.store import Store, StoreError
 
 STAGES = ("ingest", "validate", "sign")

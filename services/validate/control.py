@@ -44,8 +44,8 @@ from shared.compliance.settings import compliance_settings
 from shared.compliance.updates import UpdateRefused, apply_update, verify_update
 from shared.compliance.versions import BASE, ContractVersion, DefinitionError, compile_version, dry_run
 from shared.contract import RECORD_TYPES, idempotency_key
-from shared.ledger.keys import KeyFormatError, public_key_from_pem
 from shared.contract.scalars import stored_hook
+from shared.ledger.keys import KeyFormatError, public_key_from_pem
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_now
 from shared.runtime.logs import get_logger
@@ -241,7 +241,7 @@ class SchemaControl:
         uow.put(TABLE, _SERIAL, u64(update["serial"]))
         self.source.adopt(registry, update["serial"])
         self.compliance = Compliance(registry, self._active)
-        counts = {name: len((update.get(name) or {}).get("upsert", [])) + len((update.get(name) or {}).get("remove", []))
+        counts = {name: len(update[name].get("upsert", [])) + len(update[name].get("remove", []))
                   for name in ("technicians", "aircraft", "tools", "life_limited_parts") if update.get(name)}
         uow.note(None, None, "REGISTRY_UPDATED", serial=update["serial"], changes=counts)
 

@@ -284,16 +284,3 @@ def parse_export_line(line: bytes) -> SignedEntry:
         signature=bytes.fromhex(row.signature),
         kid=row.kid,
     )
-
-
-_MOVED_TO_VERIFY = ("ChainVerifier", "LedgerVerifyError", "verify_chain")
-
-
-def __getattr__(name: str) -> Any:
-    """Names that moved to ``shared.ledger.verify``, importable from here until every caller imports them
-    from there (a module attribute hook, PEP 562: a plain re-export would be an import cycle)."""
-    if name in _MOVED_TO_VERIFY:
-        from shared.ledger import verify
-
-        return getattr(verify, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,8 @@ import sys
 
 from mro_edge.simulator.records import valid_record
 from shared.compliance.esign import simulator_seed
-from shared.ledger.keys import SigningKey
 from shared.ledger.entry import parse_entry
+from shared.ledger.keys import SigningKey
 from tests.pipeline import ROOT, wait_until
 
 DRIFT = """

@@ -17,14 +17,10 @@ from services.validate.control import registry_topic, schema_topic
 from services.validate.stage import Validate
 from shared.compliance.esign import simulator_seed
 from shared.compliance.updates import sign_update
-from shared.runtime.config import load_config
 from shared.contract import decode_record, idempotency_key, normalize
 from shared.ledger.keys import SigningKey
-from shared.runtime.mqtt import Inbound
-from shared.runtime.stage import Batch, StageRuntime
-from shared.runtime.store import from_u64
-from shared.runtime.topics import Topics
 from shared.runtime.clock import utc_now
+from shared.runtime.config import load_config
 from shared.runtime.messages import (
     DeviceRef,
     FateQuery,
@@ -33,6 +29,10 @@ from shared.runtime.messages import (
     envelope_decoder,
     record_body,
 )
+from shared.runtime.mqtt import Inbound
+from shared.runtime.stage import Batch, StageRuntime
+from shared.runtime.store import from_u64
+from shared.runtime.topics import Topics
 
 STATION = "HGR1"
 AUTHORITY = SigningKey(bytes(range(7, 39)))

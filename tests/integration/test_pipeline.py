@@ -13,8 +13,8 @@ import pytest
 from mro_edge.simulator.records import RECORD_TYPES, bad_cases, valid_record
 from mro_edge.simulator.run import reported_event_id
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.ledger.entry import verify_chain
 from shared.ledger.keys import SigningKey
+from shared.ledger.verify import verify_chain
 from tests.pipeline import wait_until
 
 FLEET = (("rfid_reader", "RFID-01"), ("torque_wrench", "TQW-07"), ("tablet", "TAB-12"), ("barcode_scanner", "BCS-03"))

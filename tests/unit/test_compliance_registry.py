@@ -15,8 +15,8 @@ from shared.compliance.esign import simulator_seed
 from shared.compliance.registry import merge, read_file_entries
 from shared.compliance.settings import DEFAULT_REGISTRIES, compliance_settings
 from shared.compliance.updates import UpdateRefused, apply_update, sign_update, verify_update
-from shared.runtime.config import load_config
 from shared.ledger.keys import SigningKey
+from shared.runtime.config import load_config
 
 AUTHORITY = SigningKey(bytes(range(32)))
 

@@ -13,7 +13,6 @@ import pytest
 
 import shared.contract
 from mro_edge.simulator.records import valid_record
-from shared.ledger.canonical import MAX_SAFE_INTEGER
 from shared.contract import (
     RECORD_TYPES,
     RULES,
@@ -23,6 +22,7 @@ from shared.contract import (
     decode_record,
     normalize,
 )
+from shared.ledger.canonical import MAX_SAFE_INTEGER
 
 STATION, KIND, DEVICE = "HGR1", "tablet", "tab-01"
 T0 = datetime(2024, 5, 20, 14, 30, tzinfo=UTC)

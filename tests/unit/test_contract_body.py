@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mro_edge.simulator.records import valid_record
-from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.contract import (
     RECORD_TYPES,
     ContractError,
@@ -26,6 +25,7 @@ from shared.contract import (
     normalize,
     record_from_body,
 )
+from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.runtime.topics import DEVICE_KINDS
 
 STATION, DEVICE = "HGR1", "dev-9"

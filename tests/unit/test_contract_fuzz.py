@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mro_edge.simulator.records import valid_record
-from shared.ledger.canonical import canonical_json
 from shared.contract import RECORD_TYPES, ContractError, decode_record, idempotency_key, normalize
 from shared.contract.schema import collect_errors
+from shared.ledger.canonical import canonical_json
 
 STATION, KIND, DEVICE = "HGR1", "tablet", "tab-01"
 T0 = datetime(2024, 5, 20, 14, 30, tzinfo=UTC)

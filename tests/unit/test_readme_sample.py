@@ -18,8 +18,8 @@ import pytest
 
 from shared.compliance import Compliance, MemoryState, load_registry
 from shared.compliance.settings import compliance_settings
-from shared.runtime.config import load_config
 from shared.contract import check_rules, decode_record, idempotency_key, normalize
+from shared.runtime.config import load_config
 from shared.runtime.topics import Topics
 from tests import readme
 
