@@ -151,7 +151,7 @@ def run_compliance_bench(quick: bool = False, out=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="mro-bench-compliance-") as tmp:
         written = write_ledger(Path(tmp), (bodies[i % len(bodies)] for i in range(history)))
         config = load_config(env={"MRO_DATA_DIR": tmp})
-        from services.validate.control import ledger_bodies
+        from services.validate.drift import ledger_bodies
 
         started = time.perf_counter()
         report = dry_run(version, ledger_bodies(config, history), tolerance_ppm=20_000)

@@ -2,7 +2,7 @@
 (authority-signed registry updates).
 
 Both talk to the running validate service over its services-only control topics
-(`services.validate.control`) with the service credentials, and wait for its answer.
+(`services.validate.commands`) with the service credentials, and wait for its answer.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def cmd_schema(config, args) -> int:
         command["override"] = bool(args.override)
     if args.action in ("activate", "rollback") and args.reason.strip():
         command["reason"] = args.reason.strip()
-    from services.validate.control import schema_reply_topic, schema_topic
+    from shared.runtime.topics import Topics
 
-    reply = _ask(config, command, schema_topic, schema_reply_topic, args.timeout)
+    reply = _ask(config, command, lambda topics: topics.schema, Topics.schema_reply, args.timeout)
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
@@ -123,7 +123,7 @@ def cmd_schema(config, args) -> int:
 
 
 def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dict:
-    from services.validate.control import operator_name
+    from services.validate.commands import operator_name
     from shared.runtime.clock import utc_now
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
     from shared.runtime.topics import Topics
@@ -204,7 +204,7 @@ def cmd_registry_sign(config, args) -> int:
 
 
 def cmd_registry_push(config, args) -> int:
-    from services.validate.control import registry_reply_topic, registry_topic
+    from shared.runtime.topics import Topics
 
     try:
         message = json.loads(Path(args.file).read_text())
@@ -212,7 +212,7 @@ def cmd_registry_push(config, args) -> int:
         raise _user_error(f"cannot read the signed update {args.file}: {exc}") from None
     if not isinstance(message, dict) or "update" not in message or "signature" not in message:
         raise _user_error("not a signed update: run `mro-edge registry sign` first")
-    reply = _ask(config, message, registry_topic, registry_reply_topic, args.timeout)
+    reply = _ask(config, message, lambda topics: topics.registry, Topics.registry_reply, args.timeout)
     print(("applied: " if reply.get("ok") else "refused: ") + str(reply.get("message", "")),
           file=sys.stdout if reply.get("ok") else sys.stderr)
     return 0 if reply.get("ok") else 1

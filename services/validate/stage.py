@@ -8,7 +8,7 @@ calibrations, reviews) is judged on the UTC day of `occurred_at`.
 
 States logged per record: VALIDATED (contract rules passed) then COMPLIANCE_CHECKED (forwarded
 to sign), or REJECTED (DLQ + `rejected` receipt), or HELD while the schema-drift breaker is
-open (torque events and part receipts only; see `services.validate.control`, which settles
+open (torque events and part receipts only; see `services.validate.held`; the control settles
 them when the breaker closes).
 """
 
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from services.validate.control import NON_CRITICAL, SchemaControl
+from services.validate.control import SchemaControl
+from services.validate.held import HELD_TABLE, NON_CRITICAL
+from services.validate.registry import CONTROL_TABLE
 from shared.compliance.rules import STATE_TABLES
 from shared.contract import check_rules, error_report, normalize
 from shared.runtime.handler import Stage
@@ -30,7 +32,7 @@ class Validate(Stage[ReceivedRecord]):
     name = "validate"
     input_type = ReceivedRecord
     downstream = "sign"
-    tables = ("compliance", "held", *STATE_TABLES)
+    tables = (CONTROL_TABLE, HELD_TABLE, *STATE_TABLES)
     accepted_state = "COMPLIANCE_CHECKED"
 
     def notice_topics(self, topics: Topics) -> tuple[str, ...]:

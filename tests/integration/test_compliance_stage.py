@@ -13,7 +13,6 @@ import pytest
 
 from bench.compliance import synthetic_bodies, write_ledger
 from mro_edge.simulator.records import sign_record, valid_record
-from services.validate.control import registry_topic, schema_topic
 from services.validate.stage import Validate
 from shared.compliance.esign import simulator_seed
 from shared.compliance.updates import sign_update
@@ -120,7 +119,7 @@ class Harness:
     def schema(self, command, **fields):
         payload = json.dumps({"command": command, "id": f"c{time.monotonic_ns()}", "sent_at": utc_now(),
                               "operator": "test", **fields}).encode()
-        self.commit(notices=[(schema_topic(self.topics), payload)])
+        self.commit(notices=[(self.topics.schema, payload)])
         return self.replies()[-1]
 
 
@@ -207,7 +206,7 @@ def by_new_technician(stage, cert_no="US-0420001"):
 
 
 def push(stage, message: dict, reply_id="r1"):
-    stage.commit(notices=[(registry_topic(stage.topics), json.dumps(dict(message, id=reply_id)).encode())])
+    stage.commit(notices=[(stage.topics.registry, json.dumps(dict(message, id=reply_id)).encode())])
 
 
 def test_signed_registry_update_is_applied_atomically_and_persisted(stage):
@@ -398,7 +397,7 @@ def test_bad_commands_are_answered_not_crashed(stage, command, fields, message):
 
 def test_stale_commands_are_refused(stage):
     payload = json.dumps({"command": "status", "id": "old", "sent_at": "2020-01-01T00:00:00Z"}).encode()
-    stage.commit(notices=[(schema_topic(stage.topics), payload)])
+    stage.commit(notices=[(stage.topics.schema, payload)])
     assert "more than 300 s ago" in stage.replies()[-1]["message"]
 
 
