@@ -42,6 +42,7 @@ from shared.runtime.topics import Topics
 from tests.brokers import free_port, start_broker
 from tests.linkfault import LinkFault
 from tests.pipeline import ROOT, STAGES, Pipeline, wait_until
+from tests.support.gateway import gateway_reader
 
 PG_ADMIN_URL = os.environ.get("MRO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -420,12 +421,8 @@ class EdgeStack:
             storage.close()
 
     def gateway_count(self) -> int:
-        storage = open_storage(self.db_url, pool_size=1)
-        try:
-            with storage.transaction(write=False) as tx:
-                return tx.count_entries(self.origin)
-        finally:
-            storage.close()
+        with gateway_reader(self.db_url) as tx:
+            return tx.count_entries(self.origin)
 
     def assert_gateway_has_ledger(self, expected: int) -> None:
         """The gateway holds exactly the local ledger: same count, same bytes, chain verified,

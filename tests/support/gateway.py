@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from services.gateway.server import GatewaySettings, uvicorn_server
+from services.gateway.storage import open_storage
 from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, export_line, sign_entry
 from shared.ledger.keys import SigningKey
@@ -121,3 +122,14 @@ def scratch_postgres(admin_url: str = "postgresql://postgres@127.0.0.1:5432/test
     finally:
         with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def gateway_reader(db_url: str) -> Iterator:
+    """A read-only transaction on a gateway's storage, for tests that check what it holds."""
+    storage = open_storage(db_url, pool_size=1)
+    try:
+        with storage.transaction(write=False) as tx:
+            yield tx
+    finally:
+        storage.close()

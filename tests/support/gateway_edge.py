@@ -11,11 +11,10 @@ import uuid
 import httpx
 
 from services.gateway.admin import register_edge
-from services.gateway.storage import open_storage
 from shared.ledger.entry import GENESIS_PREV, SignedEntry, entry_bytes, sign_entry
 from shared.ledger.keys import SigningKey
 from shared.ledger.verify import verify_chain
-from tests.support.gateway import batch_body, make_entries
+from tests.support.gateway import batch_body, gateway_reader, make_entries
 
 
 class Edge:
@@ -48,20 +47,12 @@ class Edge:
         return response.json()
 
     def stored(self) -> list[dict]:
-        storage = open_storage(self.db_url, pool_size=1)
-        try:
-            with storage.transaction(write=False) as tx:
-                return tx.entries(self.origin, 0, 1_000_000)
-        finally:
-            storage.close()
+        with gateway_reader(self.db_url) as tx:
+            return tx.entries(self.origin, 0, 1_000_000)
 
     def forks(self) -> list[dict]:
-        storage = open_storage(self.db_url, pool_size=1)
-        try:
-            with storage.transaction(write=False) as tx:
-                return tx.forks(self.origin)
-        finally:
-            storage.close()
+        with gateway_reader(self.db_url) as tx:
+            return tx.forks(self.origin)
 
     def verify_stored(self, expect_count: int) -> None:
         """The stored chain is exactly our first ``expect_count`` entries, byte for byte, and verifies."""
