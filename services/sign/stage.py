@@ -4,7 +4,7 @@ The dedupe check, the entry, its Merkle leaf (and the tree nodes it completes), 
 and the seen-key land in one transaction, so a record delivered twice (re-send, redelivery,
 restart) is appended once and the tree never disagrees with the entries. Device `recorded`
 receipts and outcome notices leave only after the commit; signed checkpoints are made from
-committed state only (``Checkpointer``).
+committed state only (``services.sign.checkpointer.Checkpointer``).
 
 Before the first append, ``open`` refuses to start (``guard.SignRefused``: alarm, then exit)
 if the store is damaged, or behind / forked from what was already signed or acknowledged.
@@ -20,11 +20,11 @@ harmless: the next batch (or start) finishes the rename.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 
 import msgspec
 
+from services.sign.checkpointer import Checkpointer
 from services.sign.guard import (
     LedgerDamagedError,
     SignRefused,
@@ -34,7 +34,6 @@ from services.sign.guard import (
     refuse,
 )
 from shared.ledger.canonical import canonical_json, sha256_hex
-from shared.ledger.checkpoint import Checkpoint, sign_checkpoint
 from shared.ledger.entry import (
     GENESIS_PREV,
     KEY_ROTATION,
@@ -49,13 +48,10 @@ from shared.ledger.entry import (
 from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
 from shared.ledger.merkle import MERKLE_TABLE, MerkleTree, leaf_hash, lmdb_tree
 from shared.ledger.store import (
-    CHECKPOINTS_TABLE,
     LEDGER_TABLE,
     SIGN_TABLES,
     decode_entry,
     encode_entry,
-    latest_checkpoint_path,
-    write_latest_checkpoint,
 )
 from shared.runtime.clock import utc_now
 from shared.runtime.handler import Stage
@@ -63,8 +59,6 @@ from shared.runtime.messages import SignedRow, ValidatedRecord, json_encode, rec
 from shared.runtime.store import u64
 from shared.runtime.verdicts import Recorded, Verdict
 from shared.runtime.work import UnitOfWork
-
-CHECKPOINT_POLL_S = 0.2
 
 
 def next_signer(head: SignedEntry | None, first_kid: str) -> str:
@@ -233,79 +227,3 @@ class Sign(Stage[ValidatedRecord]):
         cp = getattr(self, "checkpointer", None)
         if cp is not None:
             cp.stop()
-
-
-class Checkpointer(threading.Thread):
-    """Signs C2SP checkpoints of the committed tree, beside the stage loop.
-
-    Whenever the tree has grown (at most every ``checkpoint_min_interval_s``) and at least every
-    ``checkpoint_interval_s``: read the committed size and root, sign ``origin / size / root``
-    with the key that signs the ledger's next entry, store the note in the ``checkpoints`` table
-    (u64(size) -> note) and replace ``keys/checkpoint.latest``. It only ever reads committed
-    state, so a checkpoint never covers an entry that could still be rolled back.
-    """
-
-    def __init__(self, stage: Sign, runtime) -> None:
-        super().__init__(name="sign-checkpointer", daemon=True)
-        self.stage = stage
-        self.store = runtime.store
-        self.log = runtime.log
-        self.path = latest_checkpoint_path(runtime.config)
-        self.interval_s = runtime.config.ledger.checkpoint_interval_s
-        self.min_interval_s = runtime.config.ledger.checkpoint_min_interval_s
-        self.size = stage.checkpoint_size
-        self.last_at = 0.0
-        self.wake = threading.Event()
-        self._halt = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.wake.set()
-        if self.is_alive():
-            self.join(timeout=10)
-        try:
-            self.tick(final=True)
-        except Exception as exc:
-            self.log.error("final checkpoint failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self.tick()
-            except Exception as exc:
-                self.log.error("checkpoint failed", error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                               state_transition="CHECKPOINT_FAILED")
-                self._halt.wait(5.0)
-            self.wake.wait(CHECKPOINT_POLL_S)
-            self.wake.clear()
-
-    def tick(self, *, final: bool = False) -> bytes | None:
-        """Sign a checkpoint if one is due; returns the note written, if any."""
-        now = time.monotonic()
-        with self.store.read() as txn:
-            tree = lmdb_tree(txn, self.store.table(MERKLE_TABLE), write=False)
-            size = tree.size()
-            if size == 0:
-                return None
-            cursor = txn.cursor(db=self.store.table(LEDGER_TABLE))
-            cursor.last()
-            head = decode_entry(cursor.value())
-            root = tree.root(size)
-        if head.seq != size - 1:
-            raise ValueError(f"the ledger head is seq {head.seq} but the tree covers {size} entries")
-        grown = size > self.size
-        if not (grown and (final or now - self.last_at >= self.min_interval_s) or now - self.last_at
-                >= self.interval_s):
-            return None
-        key = self.stage.signer(head)
-        note = sign_checkpoint(Checkpoint(self.stage.origin, size, root), key).encode("utf-8")
-        with self.store.write() as txn:
-            db = self.store.table(CHECKPOINTS_TABLE)
-            if txn.get(u64(size), db=db) != note:
-                txn.put(u64(size), note, db=db)
-        write_latest_checkpoint(self.path, note)
-        if grown:
-            self.log.info("checkpoint signed", size=size, root=root.hex(), kid=key.kid,
-                          state_transition="CHECKPOINT_SIGNED")
-        self.size, self.last_at = size, now
-        return note
