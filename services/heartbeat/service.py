@@ -34,7 +34,15 @@ import time
 import httpx
 import msgspec
 
-from services.heartbeat.state import Link, Probe, Thresholds, after_probe, after_uplink
+from services.heartbeat.state import (
+    Link,
+    Probe,
+    Thresholds,
+    UplinkView,
+    after_probe,
+    after_uplink,
+    decode_uplink_view,
+)
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
@@ -60,7 +68,7 @@ class Heartbeat:
         self.epoch = first_epoch()
         self.entered = time.monotonic()  # when the current state began
         self.last_probe_ms: float | None = None
-        self.uplink: dict = {}
+        self.uplink = UplinkView()
         self._uplink_topic = self.topics.status("uplink")
         self._own_topic = self.topics.status("connectivity")
         self.link = MqttLink(config, client_id=f"mro-{config.station}-heartbeat",
@@ -117,7 +125,7 @@ class Heartbeat:
             payload = json_encode({
                 "state": self.state, "since": self.since, "epoch": self.epoch,
                 "last_probe_ms": self.last_probe_ms,
-                "backlog": self.uplink.get("backlog"), "last_acked_seq": self.uplink.get("acked_seq"),
+                "backlog": self.uplink.backlog, "last_acked_seq": self.uplink.acked_seq,
                 "bad_probes": self.streak, "at": utc_now()})
             self._published_at = time.monotonic()
         self.link.publish(self._own_topic, payload, retain=True)
@@ -160,12 +168,12 @@ class Heartbeat:
         if now - self._status_at >= self.config.stage.status_interval_s:
             self.publish_status()
 
-    def on_uplink(self, status: dict) -> None:
+    def on_uplink(self, status: UplinkView) -> None:
         """The uplink's newest status. Only one computed after this RECONCILING began (it carries
         its epoch) may end it; any other is kept for the figures only."""
         self.uplink = status
-        fresh = status.get("link_epoch") == self.epoch and status.get("link") == Link.RECONCILING
-        in_sync = fresh and status.get("in_sync") is True and status.get("state") == "up"
+        fresh = status.link_epoch == self.epoch and status.link == Link.RECONCILING
+        in_sync = fresh and status.in_sync is True and status.state == "up"
         self._move(after_uplink(self.state, in_sync), "uplink drained and in sync")
 
     def read_inbox(self, timeout_s: float) -> None:
@@ -187,11 +195,8 @@ class Heartbeat:
                     break
             newest = next((m for m in reversed(waiting) if m.topic == self._uplink_topic), None)
             if newest is not None:  # the rest is our own connectivity coming back, or older statuses
-                try:
-                    status = msgspec.json.decode(newest.payload)
-                except msgspec.DecodeError:
-                    status = None
-                if isinstance(status, dict):
+                status = decode_uplink_view(newest.payload)
+                if status is not None:
                     self.on_uplink(status)
             self.tick()
 
@@ -203,15 +208,15 @@ class Heartbeat:
                 message = self.link.inbox.get(timeout=remaining)
             except queue.Empty:
                 return False
+            if message.topic == self._uplink_topic:
+                self.uplink = decode_uplink_view(message.payload) or self.uplink
+                continue
             try:
                 status = msgspec.json.decode(message.payload)
             except msgspec.DecodeError:
                 continue
-            if not isinstance(status, dict):
-                continue
-            if message.topic == self._uplink_topic:
-                self.uplink = status
-            elif message.topic == self._own_topic and status.get("state") in Link.__members__:
+            own = message.topic == self._own_topic and isinstance(status, dict)
+            if own and status.get("state") in Link.__members__:
                 with self._lock:
                     self.state = Link(status["state"])
                     self.since = status.get("since") or self.since

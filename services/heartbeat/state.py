@@ -13,12 +13,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+import msgspec
+
 
 class Link(StrEnum):
     CONNECTED = "CONNECTED"
     DEGRADED = "DEGRADED"
     ISOLATED = "ISOLATED"
     RECONCILING = "RECONCILING"
+
+
+class UplinkView(msgspec.Struct, frozen=True):
+    """The fields of the uplink's retained status the heartbeat acts on or republishes; the
+    rest of that status is the uplink's own."""
+
+    state: str | None = None
+    link: str | None = None
+    link_epoch: int | None = None
+    in_sync: bool | None = None
+    backlog: int | None = None
+    acked_seq: int | None = None
+
+
+_decode_uplink_view = msgspec.json.Decoder(UplinkView).decode
+
+
+def decode_uplink_view(payload: bytes) -> UplinkView | None:
+    """The uplink status, or None for anything that is not one (a wrong type, not JSON)."""
+    try:
+        return _decode_uplink_view(payload)
+    except msgspec.DecodeError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import msgspec
 import structlog
 
 from services.heartbeat.service import Heartbeat
-from services.heartbeat.state import Link
+from services.heartbeat.state import Link, UplinkView, decode_uplink_view
 from services.uplink.client import Head
 from services.uplink.link import RETAINED_WAIT_S
 from services.uplink.pusher import Pusher
@@ -170,27 +170,34 @@ def test_a_gateway_that_lost_entries_gets_them_again_and_the_status_shows_it_fir
     assert acknowledged_count(config_for(tmp_path)) == 5, "the count moved back durably"
 
 
+def uplink_view(status: dict) -> UplinkView:
+    """The heartbeat's view of an uplink status, decoded from its JSON as the heartbeat does."""
+    view = decode_uplink_view(json_encode(status))
+    assert view is not None
+    return view
+
+
 def test_heartbeat_ends_reconciling_only_on_a_fresh_in_sync_report(tmp_path) -> None:
     heartbeat = Heartbeat(config_for(tmp_path))
     heartbeat.state = Link.RECONCILING
     epoch = heartbeat.epoch
     up = {"service": "uplink", "state": "up", "in_sync": True, "link": "RECONCILING", "link_epoch": epoch}
-    heartbeat.on_uplink({**up, "link": "ISOLATED"})
+    heartbeat.on_uplink(uplink_view({**up, "link": "ISOLATED"}))
     assert heartbeat.state == Link.RECONCILING, "the uplink has not seen the link come back yet"
-    heartbeat.on_uplink({**up, "link": "CONNECTED", "link_epoch": epoch - 3})
+    heartbeat.on_uplink(uplink_view({**up, "link": "CONNECTED", "link_epoch": epoch - 3}))
     assert heartbeat.state == Link.RECONCILING, "a status from before the outage"
-    heartbeat.on_uplink({**up, "link_epoch": epoch - 1})
+    heartbeat.on_uplink(uplink_view({**up, "link_epoch": epoch - 1}))
     assert heartbeat.state == Link.RECONCILING, "a status from an earlier RECONCILING"
-    heartbeat.on_uplink({key: value for key, value in up.items() if key != "link_epoch"})
+    heartbeat.on_uplink(uplink_view({key: value for key, value in up.items() if key != "link_epoch"}))
     assert heartbeat.state == Link.RECONCILING, "a status that names no epoch"
-    heartbeat.on_uplink({**up, "state": "down"})
+    heartbeat.on_uplink(uplink_view({**up, "state": "down"}))
     assert heartbeat.state == Link.RECONCILING, "a dead uplink's last word does not count"
-    heartbeat.on_uplink({**up, "in_sync": False})
+    heartbeat.on_uplink(uplink_view({**up, "in_sync": False}))
     assert heartbeat.state == Link.RECONCILING
-    heartbeat.on_uplink(up)
+    heartbeat.on_uplink(uplink_view(up))
     assert heartbeat.state == Link.CONNECTED and heartbeat.epoch == epoch + 1
     heartbeat.state = Link.ISOLATED
-    heartbeat.on_uplink({**up, "link_epoch": heartbeat.epoch})
+    heartbeat.on_uplink(uplink_view({**up, "link_epoch": heartbeat.epoch}))
     assert heartbeat.state == Link.ISOLATED, "only RECONCILING ends on an uplink report"
     heartbeat.http.close()
 
@@ -209,7 +216,7 @@ def test_heartbeat_acts_only_on_the_newest_waiting_status(tmp_path) -> None:
         heartbeat.link.inbox.put(Inbound(topic, json_encode(status), 0, 0, 1))
     heartbeat.read_inbox(0)
     assert heartbeat.link.inbox.empty(), "everything waiting was read"
-    assert heartbeat.state == Link.RECONCILING and heartbeat.uplink["backlog"] == 3000
+    assert heartbeat.state == Link.RECONCILING and heartbeat.uplink.backlog == 3000
     heartbeat.link.inbox.put(Inbound(topic, json_encode({**now, "in_sync": True, "backlog": 0}), 0, 0, 1))
     heartbeat.read_inbox(0)
     assert heartbeat.state == Link.CONNECTED
