@@ -23,13 +23,14 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import nacl.exceptions
 import nacl.signing
 
-from shared.runtime.files import fsync_dir
+from shared.runtime.files import fsync_dir, write_new
 
 _PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 _SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
@@ -208,30 +209,12 @@ class SigningKey:
         directory, are fsynced, and are hard-linked into place, so the file appears complete or
         not at all; the directory must already be private (``ensure_private_dir``).
         """
-        path = Path(path)
-        keys_dir = path.parent
-        tmp = keys_dir / f".{path.name}.{secrets.token_hex(8)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise KeyFileError(f"cannot create a key file in {keys_dir}: {exc.strerror}") from exc
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                pending = memoryview(self._private_pem().encode("ascii"))
-                while pending:
-                    pending = pending[os.write(fd, pending) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.link(tmp, path)
-            fsync_dir(keys_dir)
+            write_new(Path(path), self._private_pem().encode("ascii"))
         except FileExistsError:
             raise
         except OSError as exc:
             raise KeyFileError(f"cannot write signing key {path}: {exc.strerror}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def ensure_private_dir(cls, keys_dir: Path) -> None:
@@ -335,14 +318,9 @@ class LedgerKeyFiles:
     def generate(self) -> SigningKey:
         """Create ``ledger.key``; KeyFileError if one exists (a ledger key is never overwritten)."""
         SigningKey.ensure_private_dir(self.dir)
-        key = SigningKey.generate()
-        try:
-            key.save(self.current_path)
-        except FileExistsError:
-            existing = SigningKey.load(self.current_path)
-            raise KeyFileError(f"{self.current_path} already holds ledger key {existing.kid}; a ledger key is "
-                               "never overwritten: use 'mro-edge keys rotate' to replace it") from None
-        return key
+        return _save_new_key(self.current_path, lambda existing: (
+            f"{self.current_path} already holds ledger key {existing.kid}; a ledger key is "
+            "never overwritten: use 'mro-edge keys rotate' to replace it"))
 
     def pending(self) -> SigningKey | None:
         """The key of a rotation not yet taken up (``ledger.next.key``), or None. One stat per call."""
@@ -360,14 +338,9 @@ class LedgerKeyFiles:
         """Write a fresh ``ledger.next.key`` for the sign service to rotate to; KeyFileError if one
         is already pending or there is no current key."""
         current = self.current(create=False)
-        key = SigningKey.generate()
-        try:
-            key.save(self.next_path)
-        except FileExistsError:
-            waiting = SigningKey.load(self.next_path)
-            raise KeyFileError(f"a rotation from {current.kid} to {waiting.kid} is already pending "
-                               f"({self.next_path}); the sign service takes it up with its next record") from None
-        return key
+        return _save_new_key(self.next_path, lambda waiting: (
+            f"a rotation from {current.kid} to {waiting.kid} is already pending "
+            f"({self.next_path}); the sign service takes it up with its next record"))
 
     def complete_rotation(self, new_kid: str) -> SigningKey:
         """After the rotation entry naming ``new_kid`` has committed: archive ``ledger.key`` under
@@ -428,3 +401,13 @@ class LedgerKeyFiles:
         if pending is not None:
             keys[pending.kid] = pending.public_bytes
         return keys
+
+
+def _save_new_key(path: Path, taken: Callable[[SigningKey], str]) -> SigningKey:
+    """A fresh key saved at `path`; if a key is there already, KeyFileError with `taken(it)`."""
+    key = SigningKey.generate()
+    try:
+        key.save(path)
+    except FileExistsError:
+        raise KeyFileError(taken(SigningKey.load(path))) from None
+    return key
