@@ -4,15 +4,17 @@ What is accepted:
 
 * **ISO/IEC 15434 envelopes**: `[)>` RS, then one or more format segments `<ff>` GS field GS field
   ... RS, then EOT (RS 0x1E, GS 0x1D, EOT 0x04). Format `06` holds ANSI MH10.8.2 data
-  identifiers, `12` ATA Spec 2000 text element identifiers, `DD` (ISO/IEC 20248 digital
-  signature data) is kept raw under the element `DD`: verifying it needs the signer's
-  certificate, which is out of scope here. Other formats are refused by name.
+  identifiers, `12` ATA Spec 2000 text element identifiers, and `DD` the same TEIs under the
+  DoD's interim format header (MIL-STD-130 IUID marks, e.g. `[)>` RS `DD` GS `MFR 0CVA5` GS
+  `SER 674A36458` RS EOT). Other formats are refused by name.
 * **Data identifiers** (format 06): a DI is up to three digits and one capital letter,
   immediately followed by its data. `17V` is the CAGE code, `1P` the part number, `S` the
   serial, `18S` and `25S` unique item identifiers (UII); every other DI is kept raw.
-* **Text element identifiers** (format 12, and the loose text marked on nameplates): three
-  capital letters, a space, the data. `MFR`/`CAG` are the CAGE code, `PNR`/`PNO` the part
-  number, `SER`/`SEQ` the serial, `UCN` the UII; others are kept raw. Loose text separates
+* **Text element identifiers** (formats 12 and DD, and the loose text marked on nameplates):
+  three capital letters, a space, the data. `MFR`/`CAG` are the CAGE code, `PNR` the (current)
+  part number, `PNO` the original part number (the one a UII is built on; it may differ from
+  `PNR` after a modification, so it has its own field), `SER`/`SEQ` the serial, `UCN` the UII;
+  others (`SPL`, `PDT`, ...) are kept raw. Loose text separates
   elements with `*` (then values may hold spaces: `MFR 81205*PNR 12345-01*SER ABC123`) or with
   spaces (then values may not); it is recognised only when it starts with one of those TEIs.
 * An **AIM symbology identifier** (`]d1`, `]Q1`, `]C0`, ...) before the data is kept in
@@ -49,7 +51,7 @@ MAX_SCAN = 4096
 #: Which identifier fills which field: MH10.8.2 data identifiers and ATA Spec 2000 TEIs.
 FIELD_OF = {
     "17V": "cage", "MFR": "cage", "CAG": "cage",
-    "1P": "part_number", "PNR": "part_number", "PNO": "part_number",
+    "1P": "part_number", "PNR": "part_number", "PNO": "original_part_number",
     "S": "serial", "SER": "serial", "SEQ": "serial",
     "18S": "uii", "25S": "uii", "UCN": "uii",
 }
@@ -65,8 +67,8 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 class PartMark(msgspec.Struct, frozen=True, tag="devices.part_mark/1"):
     """One scanned part mark. `elements` holds every identifier and its data as scanned
-    (`17V`, `1P`, `MFR`, ... and `DD`); `cage`, `part_number`, `serial` and `uii` are the
-    fields they name. `envelope_formats` lists the 15434 formats (`06`, `12`, `DD`) or
+    (`17V`, `1P`, `MFR`, ...); `cage`, `part_number`, `original_part_number`, `serial` and `uii`
+    are the fields they name. `envelope_formats` lists the 15434 formats (`06`, `12`, `DD`) or
     `text` for a loose TEI mark; it is empty when `framing_lost`. `raw` is the scan as sent."""
 
     raw: str
@@ -75,6 +77,7 @@ class PartMark(msgspec.Struct, frozen=True, tag="devices.part_mark/1"):
     elements: dict[str, str]
     cage: str | None = None
     part_number: str | None = None
+    original_part_number: str | None = None
     serial: str | None = None
     uii: str | None = None
     symbology: str | None = None
@@ -83,11 +86,11 @@ class PartMark(msgspec.Struct, frozen=True, tag="devices.part_mark/1"):
 def envelope(segments: list[tuple[str, list[tuple[str, str]]]]) -> str:
     """An ISO/IEC 15434 message: `[(format, [(identifier, data), ...]), ...]`.
 
-    Format 06 writes `<DI><data>`, format 12 `<TEI> <data>`; used to print marks and in tests.
+    Format 06 writes `<DI><data>`, formats 12 and DD `<TEI> <data>`; used to print marks and in tests.
     """
     parts = []
     for fmt, fields in segments:
-        joiner = " " if fmt == "12" else ""
+        joiner = "" if fmt == "06" else " "
         parts.append(fmt + GS + GS.join(ident + joiner + data for ident, data in fields))
     return ENVELOPE_HEADER + RS.join(parts) + ENVELOPE_TRAILER
 
@@ -147,12 +150,9 @@ def _parse_envelope(raw: str, body: str, symbology: str | None) -> PartMark | Ma
         fmt, content = segment[:2], segment[3:]
         path = f"$.segments[{i}]"
         formats.append(fmt)
-        if fmt == "DD":
-            fields.add("DD", content, f"{path}.data")
-            continue
-        if fmt not in ("06", "12"):
+        if fmt not in ("06", "12", "DD"):
             fields.errors.append(field_error(f"{path}.format", "envelope.format",
-                                             "format 06 (data identifiers), 12 (text element identifiers) or DD",
+                                             "format 06 (data identifiers), 12 or DD (text element identifiers)",
                                              fmt))
             continue
         pattern, expected = (_DI, "a data identifier (0-3 digits, a capital letter) and its data") if fmt == "06" \
