@@ -183,7 +183,7 @@ def _events(payload: bytes, source: str) -> tuple[list[tuple[str, Any]], Malform
                                                   f"{len(payload)} bytes")])
     try:
         document = _decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # msgspec raises RecursionError on deep nesting
         return [], Malformed(source, [field_error("$", "json", "a JSON object or array of objects",
                                                   payload[:80].decode("utf-8", "replace"))])
     if type(document) is dict:
@@ -197,11 +197,13 @@ def _events(payload: bytes, source: str) -> tuple[list[tuple[str, Any]], Malform
 
 
 def _rssi(value: Any, path: str, collect: _Collector, scale: int) -> Decimal | None:
-    if type(value) is int or type(value) is Decimal:
+    """dBm from Zebra's `peakRssi` (a number of dBm, scale 1) or Impinj's `peakRssiCdbm` (an
+    integer of centi-dBm, scale 100)."""
+    if type(value) is int or (type(value) is Decimal and scale == 1):
         rssi = Decimal(value) / scale
         if RSSI_RANGE[0] <= rssi <= RSSI_RANGE[1]:
             return rssi
-    unit = "dBm" if scale == 1 else "centi-dBm"
+    unit = "dBm" if scale == 1 else "integer centi-dBm"
     low, high = (RSSI_RANGE[0] * scale, RSSI_RANGE[1] * scale)
     collect.fail(path, "range", f"number {low}..{high} ({unit})", value)
     return None
