@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 
 from services.devices.malformed import Malformed, field_error
-from shared.contract.errors import FieldError
+from shared.contract.errors import FieldError, cut
 
 RS, GS, EOT = "\x1e", "\x1d", "\x04"
 ENVELOPE_HEADER = "[)>" + RS
@@ -109,7 +109,7 @@ class _Fields:
             return
         if ident in self.elements and self.elements[ident] != value:
             self.errors.append(field_error(path, "element.duplicate",
-                                           f"one value for {ident} (first: {self.elements[ident]!r})", value))
+                                           f"one value for {ident} (first: {cut(self.elements[ident], 40)!r})", value))
             return
         if ident in CAGE_IDS and not _CAGE.fullmatch(value):
             self.errors.append(field_error(path, "cage.format", "a CAGE code: 5 capital letters or digits", value))
@@ -121,7 +121,7 @@ class _Fields:
         seen = self.named.get(name)
         if seen is not None and seen[1] != value:
             self.errors.append(field_error(path, "element.conflict",
-                                           f"{name} equal to {seen[0]}'s {seen[1]!r}", value))
+                                           f"{name} equal to {seen[0]}'s {cut(seen[1], 40)!r}", value))
             return
         self.named.setdefault(name, (ident, value))
 
