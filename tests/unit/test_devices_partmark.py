@@ -74,8 +74,9 @@ def envelopes(draw):
                 elements[ident] = value
         if not segments[i][1]:
             ident = draw(other_dis if fmt == "06" else other_teis)
-            if ident in elements:
-                ident = "9Z" if fmt == "06" else "ZZZ"
+            spare = (f"{n}Z" for n in range(100, 110)) if fmt == "06" else (f"ZZ{c}" for c in "ABCDEFGHIJ")
+            while ident in elements:
+                ident = next(spare)
             value = draw(values)
             segments[i][1].append((ident, value))
             elements[ident] = value
