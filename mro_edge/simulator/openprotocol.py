@@ -15,16 +15,20 @@ needs, with the behaviour a real controller shows where it matters for data safe
 * MID 0040 -> 0041 at the asked revision, or 0004 error 97 above `max_tool_revision`.
 
 Counters (`sent`, `acknowledged`, `keepalives`, `connections`) let tests see what happened.
+Standalone: `python -m mro_edge.simulator.openprotocol --port 4545 --zone Europe/Berlin
+--every 5` serves one controller that tightens every 5 seconds until interrupted.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import random
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.torque.codec import DecodeError, FrameSplitter, FramingError
 from services.torque.mids import (
@@ -260,3 +264,38 @@ class SimulatedController:
                 return
             self.unacknowledged.pop(0)
             self.acknowledged.append(tightening_id)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    sim = SimulatedController(host=args.host, port=args.port, zone=args.zone,
+                              max_result_revision=args.max_result_revision)
+    await sim.start()
+    print(f"Open Protocol controller simulator on {args.host}:{sim.port} (zone {args.zone})", flush=True)
+    rng = random.Random(args.seed)
+    try:
+        while True:
+            await asyncio.sleep(args.every)
+            sim.tighten(torque_nm=Decimal(rng.randint(2150, 2750)) / 100)
+    finally:
+        await sim.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a simulated Open Protocol torque controller.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4545)
+    parser.add_argument("--zone", default="UTC", help="IANA zone of the controller's clock")
+    parser.add_argument("--every", type=float, default=5.0, help="seconds between tightenings")
+    parser.add_argument("--max-result-revision", type=int, default=7, choices=range(1, 8))
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        ZoneInfo(args.zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        parser.error(f"--zone {args.zone!r} is not an IANA time zone name such as Europe/Berlin")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()
