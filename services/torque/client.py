@@ -25,6 +25,9 @@ unacknowledged result after re-subscription. Either way a result can arrive twic
 
 Keep-alive: MID 9999 after `keepalive_s` without sending (controllers drop a link after about
 15 s of silence); the link counts as lost when nothing at all arrived for `link_timeout_s`.
+
+Not supported: link-level acknowledging (MID 9997/9998 with header sequence numbers, off by
+default on controllers; this client leaves the sequence field blank) and multi-part messages.
 """
 
 from __future__ import annotations

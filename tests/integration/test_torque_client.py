@@ -15,8 +15,8 @@ import pytest
 
 from mro_edge.simulator.openprotocol import SimulatedController
 from services.torque.client import ControllerConfig, IntegratorClient, RejectedTelegram
-from services.torque.codec import Header, encode_frame
-from services.torque.mids import TighteningResult, ToolData, encode
+from services.torque.codec import FrameSplitter, Header, encode_frame
+from services.torque.mids import CommStart, ResultSubscribe, TighteningResult, ToolData, decode, encode
 from services.torque.results import last_calibration_date, to_torque_fields
 from shared.runtime.store import Store, u64
 
@@ -297,3 +297,38 @@ def sim_result(sim: SimulatedController) -> TighteningResult:
     result = sim.unacknowledged.pop()
     assert isinstance(result, TighteningResult)
     return result
+
+
+def test_the_simulator_resends_an_unacknowledged_result_then_drops_the_link():
+    """What the client relies on from a controller, checked on the simulator with a bare
+    integrator that subscribes and never acknowledges."""
+    async def scenario() -> None:
+        sim = SimulatedController(ack_timeout_s=0.2, retries=2, max_result_revision=2)
+        await sim.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+        splitter = FrameSplitter()
+        received: list[int] = []
+
+        async def next_mid() -> int:
+            while True:
+                chunk = await asyncio.wait_for(reader.read(65536), 5)
+                if not chunk:
+                    return -1
+                frames = list(splitter.feed(chunk))
+                if frames:
+                    assert len(frames) == 1
+                    return decode(frames[0]).header.mid
+
+        writer.write(encode(CommStart(), 3))
+        assert await next_mid() == 2
+        writer.write(encode(ResultSubscribe(), 2))
+        assert await next_mid() == 5
+        tid = sim.tighten()
+        while (mid := await next_mid()) != -1:
+            received.append(mid)
+        writer.close()
+        assert received == [61, 61, 61] and sim.sent[tid] == 3 and sim.acknowledged == []
+        assert sim.unacknowledged[0].tightening_id == tid  # kept for the next subscription
+        await sim.stop()
+
+    run(scenario)
