@@ -14,7 +14,7 @@ needs, with the behaviour a real controller shows where it matters for data safe
 * MID 9999 is mirrored; a link silent for `link_timeout_s` is closed, as controllers do;
 * MID 0040 -> 0041 at the asked revision, or 0004 error 97 above `max_tool_revision`.
 
-Counters (`sent`, `acknowledged`, `keepalives`, `connections`) let tests see what happened.
+Counters (`sent`, `acknowledged`, `acks_received`, `keepalives`, `connections`) let tests see what happened.
 Standalone: `python -m mro_edge.simulator.openprotocol --port 4545 --zone Europe/Berlin
 --every 5` serves one controller that tightens every 5 seconds until interrupted.
 """
@@ -92,6 +92,7 @@ class SimulatedController:
         self.sent: Counter[int] = Counter()
         self.acknowledged: list[int] = []
         self.keepalives = 0
+        self.acks_received = 0
         self.connections = 0
         self._new_result = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -226,6 +227,7 @@ class SimulatedController:
                 await conn.send(CommandAccepted(accepted_mid=body.MID))
                 conn.subscribed_revision, conn.no_ack = revision, message.header.no_ack
         elif isinstance(body, ResultAck):
+            self.acks_received += 1
             conn.acked.set()
         elif isinstance(body, ToolDataRequest):
             if revision > self.max_tool_revision:

@@ -23,6 +23,11 @@ tightening result upload" by tightening id for catching up; this client does not
 unacknowledged result after re-subscription. Either way a result can arrive twice, so
 `persist` must be idempotent on (controller, tightening id).
 
+One 0062 per result, never per copy: a re-send that arrives while the result is still being
+persisted (or right after its 0062 went out) is skipped, because the controller takes every
+0062 as the acknowledge of whatever it sent last, and a spare one would acknowledge the next
+result before it is durable.
+
 Keep-alive: MID 9999 after `keepalive_s` without sending (controllers drop a link after about
 15 s of silence); the link counts as lost when nothing at all arrived for `link_timeout_s`.
 
@@ -39,7 +44,7 @@ from typing import Any
 
 import msgspec
 
-from services.torque.codec import DecodeError, FrameSplitter, FramingError, split_frame
+from services.torque.codec import HEADER_LEN, DecodeError, FrameSplitter, FramingError, split_frame
 from services.torque.mids import (
     ERR_REVISION_UNSUPPORTED,
     ERR_SUBSCRIPTION_EXISTS,
@@ -114,8 +119,13 @@ class Negotiated(msgspec.Struct, frozen=True, kw_only=True):
     controller: CommStartAck
 
 
+Pending = tuple[TighteningResult | RejectedTelegram, str]
+"""A result to persist and acknowledge, with its data field (what identifies a re-send)."""
+
+
 class _Link:
-    """One connection: writes telegrams, remembers when it last sent, holds the pending reply."""
+    """One connection: writes telegrams, remembers when it last sent, holds the pending reply
+    and the results not yet acknowledged on it."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -123,6 +133,15 @@ class _Link:
         self.last_sent = asyncio.get_running_loop().time()
         self.reply: asyncio.Future[Message] | None = None
         self.reply_for = 0
+        self.results: asyncio.Queue[Pending] = asyncio.Queue(maxsize=16)
+        self.unacknowledged: set[str] = set()
+        self.last_acknowledged: str | None = None
+
+    def is_resend(self, data: str) -> bool:
+        """A controller re-sends a 0061 while we are still persisting it (its ack timeout). The
+        re-send must not get a 0062 of its own: the controller would take that second 0062 for
+        the next result, acknowledging a result we have not persisted yet."""
+        return data in self.unacknowledged or data == self.last_acknowledged
 
     async def send(self, body: Body, revision: int = 1) -> None:
         self.writer.write(encode(body, revision))
@@ -166,8 +185,7 @@ class IntegratorClient:
         c = self.config
         reader, writer = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.connect_timeout_s)
         link = _Link(reader, writer)
-        results: asyncio.Queue[TighteningResult | RejectedTelegram] = asyncio.Queue(maxsize=16)
-        tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._read(link, results))]
+        tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._read(link))]
         try:
             self.negotiated = await self._negotiate(link, tasks[0])
             self.sessions += 1
@@ -176,7 +194,7 @@ class IntegratorClient:
                           comm_revision=self.negotiated.comm_revision,
                           result_revision=self.negotiated.result_revision,
                           tool_revision=self.negotiated.tool_revision)
-            tasks += [asyncio.create_task(self._acknowledge(link, results)),
+            tasks += [asyncio.create_task(self._acknowledge(link)),
                       asyncio.create_task(self._keepalive(link))]
             if self.negotiated.tool_revision is not None and self._on_tool_data is not None:
                 tasks.append(asyncio.create_task(self._poll_tools(link, self.negotiated.tool_revision)))
@@ -193,7 +211,7 @@ class IntegratorClient:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _read(self, link: _Link, results: asyncio.Queue[TighteningResult | RejectedTelegram]) -> None:
+    async def _read(self, link: _Link) -> None:
         splitter = FrameSplitter()
         while True:
             try:
@@ -204,29 +222,37 @@ class IntegratorClient:
                 splitter.finish()
                 raise SessionLost("the controller closed the connection")
             for frame in splitter.feed(chunk):
-                await self._dispatch(link, frame, results)
+                await self._dispatch(link, frame)
 
-    async def _dispatch(self, link: _Link, frame: bytes,
-                        results: asyncio.Queue[TighteningResult | RejectedTelegram]) -> None:
+    async def _dispatch(self, link: _Link, frame: bytes) -> None:
         try:
             message = decode(frame)
         except DecodeError as exc:
             header = _header_mid(frame)
             if header == TighteningResult.MID:
-                await results.put(RejectedTelegram(device_id=self.config.device_id,
-                                                   raw=frame.decode("ascii", "replace"), error=str(exc)))
+                raw = frame.decode("ascii", "replace")
+                await self._enqueue(link, RejectedTelegram(device_id=self.config.device_id, raw=raw,
+                                                           error=str(exc)), raw[HEADER_LEN:])
             else:
                 self.log.warning("telegram not understood", mid=header, error=str(exc))
             return
         body = message.body
         if isinstance(body, TighteningResult):
-            await results.put(body)
+            await self._enqueue(link, body, message.raw[HEADER_LEN:])
         elif isinstance(body, KeepAlive):
             return
         elif link.reply is not None and not link.reply.done() and _answers(link.reply_for, body):
             link.reply.set_result(message)
         else:
             self.log.info("telegram not expected", mid=body.MID)
+
+    async def _enqueue(self, link: _Link, item: TighteningResult | RejectedTelegram, data: str) -> None:
+        if link.is_resend(data):
+            self.log.info("re-send of a result not yet acknowledged, skipped", state_transition="resend_skipped",
+                          correlation_id=_correlation(self.config.device_id, item))
+            return
+        link.unacknowledged.add(data)
+        await link.results.put((item, data))
 
     async def _request(self, link: _Link, body: Body, highest: int,
                        reader: asyncio.Task[None]) -> tuple[Message, int]:
@@ -270,12 +296,12 @@ class IntegratorClient:
         return Negotiated(comm_revision=start.header.revision, result_revision=result_revision,
                           tool_revision=tool_revision, controller=start.body)
 
-    async def _acknowledge(self, link: _Link, results: asyncio.Queue[TighteningResult | RejectedTelegram]) -> None:
+    async def _acknowledge(self, link: _Link) -> None:
         """Persist (or quarantine), then MID 0062: in that order, one result at a time."""
         while True:
-            item = await results.get()
+            item, data = await link.results.get()
+            correlation = _correlation(self.config.device_id, item)
             if isinstance(item, TighteningResult):
-                correlation = f"{self.config.device_id}:{item.tightening_id}"
                 try:
                     await self._persist(item)
                 except Exception as exc:
@@ -287,7 +313,10 @@ class IntegratorClient:
             else:
                 await self._quarantine(item)
                 await link.send(ResultAck())
-                self.log.warning("result telegram quarantined", state_transition="quarantined", error=item.error)
+                self.log.warning("result telegram quarantined", correlation_id=correlation,
+                                 state_transition="quarantined", error=item.error)
+            link.unacknowledged.discard(data)
+            link.last_acknowledged = data
 
     async def _keepalive(self, link: _Link) -> None:
         loop = asyncio.get_running_loop()
@@ -330,6 +359,10 @@ def _answers(request_mid: int, body: Body) -> bool:
     if isinstance(body, CommandAccepted):
         return body.accepted_mid == request_mid
     return (request_mid, body.MID) in ((CommStart.MID, CommStartAck.MID), (ToolDataRequest.MID, ToolData.MID))
+
+
+def _correlation(device_id: str, item: TighteningResult | RejectedTelegram) -> str:
+    return f"{device_id}:{item.tightening_id if isinstance(item, TighteningResult) else 'undecodable'}"
 
 
 def _error_text(body: Body) -> str:

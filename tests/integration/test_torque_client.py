@@ -42,11 +42,14 @@ class DurableResults:
         self.fail_next = 0
         self.fail_after_write = 0
         self.gate: asyncio.Event | None = None
+        self.holds: dict[int, asyncio.Event] = {}
 
     async def persist(self, result: TighteningResult) -> None:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
+        if result.tightening_id in self.holds:
+            await self.holds[result.tightening_id].wait()
         if self.fail_next:
             self.fail_next -= 1
             raise OSError("disk full")
@@ -152,6 +155,32 @@ def test_a_failed_persist_is_not_acknowledged_and_the_resend_is_persisted_once(t
         assert durable.ids() == [first, second]  # exactly once in the store
         assert [r.tightening_id for r in persisted] == [first, second]
         assert durable.calls == 4
+
+    run(scenario)
+
+
+def test_resends_during_a_slow_persist_get_no_0062_of_their_own(tmp_path):
+    """The controller re-sends a result while we are still persisting it. Acknowledging each
+    copy would hand the spare 0062 to the next result before it is durable."""
+    async def scenario() -> None:
+        sim = SimulatedController(ack_timeout_s=0.15, retries=50)
+        await sim.start()
+        durable = DurableResults(tmp_path / "results")
+        client = IntegratorClient(config(sim), durable.persist, quarantine=reject)
+        async with Running(client):
+            await until(client.established.is_set, "the session")
+            first, second = sim.tighten(), sim.tighten()
+            durable.holds = {first: asyncio.Event(), second: asyncio.Event()}
+            await until(lambda: sim.sent[first] >= 3, "re-sends of the first result")
+            durable.holds[first].set()
+            await until(lambda: sim.acknowledged == [first], "the first 0062")
+            await until(lambda: sim.sent[second] >= 3, "re-sends of the second result")
+            assert sim.acknowledged == [first] and durable.ids() == [first]
+            durable.holds[second].set()
+            await until(lambda: sim.acknowledged == [first, second], "the second 0062")
+            await asyncio.sleep(0.3)
+            assert sim.acks_received == 2 and durable.ids() == [first, second] and client.sessions == 1
+        await sim.stop()
 
     run(scenario)
 
