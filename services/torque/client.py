@@ -5,7 +5,8 @@ to last tightening results, MID 0040 tool data, then events until the link drops
 request is sent at the highest revision we speak (or the configured one) and, while the
 controller answers MID 0004 error 97 "MID revision unsupported", again one revision lower.
 
-**Acknowledge only what is durable.** For each MID 0061 the client awaits `persist(result)`
+**Acknowledge only what is durable.** For each MID 0061 the client awaits `persist(received)`
+(a `ReceivedResult`: the typed result with its raw telegram)
 and sends MID 0062 only after it returned. If persist raises, no 0062 goes out: the client
 drops the connection and reconnects with backoff. A telegram that cannot be decoded goes to
 `quarantine(rejected)` (which must be durable too) before its 0062, so one bad telegram cannot
@@ -40,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -64,6 +66,7 @@ from services.torque.mids import (
     decode,
     encode,
 )
+from services.torque.results import zone_of
 from shared.runtime.breaker import reconnecting
 from shared.runtime.logs import get_logger
 
@@ -89,11 +92,23 @@ class ControllerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     backoff_max_s: float = 30.0
 
 
+class ReceivedResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What `persist` gets: the typed result, the telegram exactly as the controller sent it
+    (without its NUL), the revision it came in, and when the box received it (UTC)."""
+
+    device_id: str
+    revision: int
+    raw: str
+    received_at: datetime
+    result: TighteningResult
+
+
 class RejectedTelegram(msgspec.Struct, frozen=True, kw_only=True):
     """A MID 0061 telegram that did not decode: kept whole with the reason, for the DLQ."""
 
     device_id: str
     raw: str
+    received_at: datetime
     error: str
 
 
@@ -105,7 +120,7 @@ class ControllerRefused(SessionLost):
     """The controller answered MID 0004 with an error we cannot work around."""
 
 
-Persist = Callable[[TighteningResult], Awaitable[None]]
+Persist = Callable[[ReceivedResult], Awaitable[None]]
 Quarantine = Callable[[RejectedTelegram], Awaitable[None]]
 OnToolData = Callable[[ToolData], Awaitable[None]]
 
@@ -119,7 +134,7 @@ class Negotiated(msgspec.Struct, frozen=True, kw_only=True):
     controller: CommStartAck
 
 
-Pending = tuple[TighteningResult | RejectedTelegram, str]
+Pending = tuple[ReceivedResult | RejectedTelegram, str]
 """A result to persist and acknowledge, with its data field (what identifies a re-send)."""
 
 
@@ -156,6 +171,7 @@ class IntegratorClient:
         self._persist = persist
         self._quarantine = quarantine
         self._on_tool_data = on_tool_data
+        zone_of(config.zone)  # a misconfigured zone fails here, not at the first result
         self.log = get_logger(controller=config.device_id)
         self.sessions = 0
         self.negotiated: Negotiated | None = None
@@ -232,13 +248,16 @@ class IntegratorClient:
             if header == TighteningResult.MID:
                 raw = frame.decode("ascii", "replace")
                 await self._enqueue(link, RejectedTelegram(device_id=self.config.device_id, raw=raw,
-                                                           error=str(exc)), raw[HEADER_LEN:])
+                                                           received_at=datetime.now(UTC), error=str(exc)),
+                                    raw[HEADER_LEN:])
             else:
                 self.log.warning("telegram not understood", mid=header, error=str(exc))
             return
         body = message.body
         if isinstance(body, TighteningResult):
-            await self._enqueue(link, body, message.raw[HEADER_LEN:])
+            received = ReceivedResult(device_id=self.config.device_id, revision=message.header.revision,
+                                      raw=message.raw, received_at=datetime.now(UTC), result=body)
+            await self._enqueue(link, received, message.raw[HEADER_LEN:])
         elif isinstance(body, KeepAlive):
             return
         elif link.reply is not None and not link.reply.done() and _answers(link.reply_for, body):
@@ -246,7 +265,7 @@ class IntegratorClient:
         else:
             self.log.info("telegram not expected", mid=body.MID)
 
-    async def _enqueue(self, link: _Link, item: TighteningResult | RejectedTelegram, data: str) -> None:
+    async def _enqueue(self, link: _Link, item: ReceivedResult | RejectedTelegram, data: str) -> None:
         if link.is_resend(data):
             self.log.info("re-send of a result not yet acknowledged, skipped", state_transition="resend_skipped",
                           correlation_id=_correlation(self.config.device_id, item))
@@ -301,13 +320,13 @@ class IntegratorClient:
         while True:
             item, data = await link.results.get()
             correlation = _correlation(self.config.device_id, item)
-            if isinstance(item, TighteningResult):
+            if isinstance(item, ReceivedResult):
                 try:
                     await self._persist(item)
                 except Exception as exc:
                     self.log.error("result not persisted, not acknowledged", correlation_id=correlation,
                                    state_transition="persist_failed", error=str(exc), error_type=type(exc).__name__)
-                    raise SessionLost(f"persist failed for tightening {item.tightening_id}") from exc
+                    raise SessionLost(f"persist failed for tightening {item.result.tightening_id}") from exc
                 await link.send(ResultAck())
                 self.log.info("result acknowledged", correlation_id=correlation, state_transition="acknowledged")
             else:
@@ -361,8 +380,8 @@ def _answers(request_mid: int, body: Body) -> bool:
     return (request_mid, body.MID) in ((CommStart.MID, CommStartAck.MID), (ToolDataRequest.MID, ToolData.MID))
 
 
-def _correlation(device_id: str, item: TighteningResult | RejectedTelegram) -> str:
-    return f"{device_id}:{item.tightening_id if isinstance(item, TighteningResult) else 'undecodable'}"
+def _correlation(device_id: str, item: ReceivedResult | RejectedTelegram) -> str:
+    return f"{device_id}:{item.result.tightening_id if isinstance(item, ReceivedResult) else 'undecodable'}"
 
 
 def _error_text(body: Body) -> str:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from mro_edge.simulator.openprotocol import SimulatedController
-from services.torque.client import ControllerConfig, IntegratorClient, RejectedTelegram
+from services.torque.client import ControllerConfig, IntegratorClient, ReceivedResult, RejectedTelegram
 from services.torque.codec import FrameSplitter, Header, encode_frame
 from services.torque.mids import CommStart, ResultSubscribe, TighteningResult, ToolData, decode, encode
-from services.torque.results import last_calibration_date, to_torque_fields
+from services.torque.results import MappingError, last_calibration_date, to_torque_fields
 from shared.runtime.store import Store, u64
 
 DEADLINE_S = 20.0
@@ -44,7 +44,9 @@ class DurableResults:
         self.gate: asyncio.Event | None = None
         self.holds: dict[int, asyncio.Event] = {}
 
-    async def persist(self, result: TighteningResult) -> None:
+    async def persist(self, received: ReceivedResult) -> None:
+        result = received.result
+        assert received.raw[4:8] == "0061" and received.device_id == "TQ-PF6000-01"
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -59,6 +61,10 @@ class DurableResults:
         if self.fail_after_write:
             self.fail_after_write -= 1
             raise OSError("crashed after the commit, before the acknowledge")
+
+    @staticmethod
+    async def persist_nothing(_: ReceivedResult) -> None:
+        raise AssertionError("nothing should be persisted")
 
     def ids(self) -> list[int]:
         with self.store.read() as txn:
@@ -139,9 +145,9 @@ def test_a_failed_persist_is_not_acknowledged_and_the_resend_is_persisted_once(t
         persisted: list[TighteningResult] = []
         original = durable.persist
 
-        async def persist(result: TighteningResult) -> None:
-            await original(result)
-            persisted.append(result)
+        async def persist(received: ReceivedResult) -> None:
+            await original(received)
+            persisted.append(received.result)
 
         client = IntegratorClient(config(sim), persist, quarantine=reject)
         async with Running(client):
@@ -233,8 +239,9 @@ def test_results_map_to_torque_event_fields_in_the_controllers_zone(tmp_path, re
         await sim.start()
         got: list[TighteningResult] = []
 
-        async def persist(result: TighteningResult) -> None:
-            got.append(result)
+        async def persist(received: ReceivedResult) -> None:
+            assert received.revision == revision and decode(received.raw.encode()).body == received.result
+            got.append(received.result)
 
         client = IntegratorClient(config(sim, zone="America/Chicago"), persist, quarantine=reject)
         async with Running(client):
@@ -359,5 +366,14 @@ def test_the_simulator_resends_an_unacknowledged_result_then_drops_the_link():
         assert received == [61, 61, 61] and sim.sent[tid] == 3 and sim.acknowledged == []
         assert sim.unacknowledged[0].tightening_id == tid  # kept for the next subscription
         await sim.stop()
+
+    run(scenario)
+
+
+def test_a_zone_that_does_not_exist_is_refused_when_the_client_is_made():
+    async def scenario() -> None:
+        cfg = ControllerConfig(device_id="TQ-1", host="127.0.0.1", zone="Europe/Atlantis")
+        with pytest.raises(MappingError, match="not an IANA time zone name"):
+            IntegratorClient(cfg, DurableResults.persist_nothing, quarantine=reject)
 
     run(scenario)
