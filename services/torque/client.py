@@ -20,9 +20,10 @@ and Panasonic EYFR03 manuals, chapter "Atlas Copco Open Protocol", settings "Ack
 "Retries"). Whether the same result is sent again after a new MID 0060 depends on the
 controller: Atlas Copco controllers keep results in their own memory and offer MID 0064 "old
 tightening result upload" by tightening id for catching up; this client does not yet use it
-(see docs/architecture.md). Our simulator (`mro_edge.simulator.openprotocol`) re-sends every
-unacknowledged result after re-subscription. Either way a result can arrive twice, so
-`persist` must be idempotent on (controller, tightening id).
+(its reply, MID 0065, has no torque limits; see docs/architecture.md). Our simulator
+(`mro_edge.simulator.openprotocol`) re-sends every unacknowledged result after
+re-subscription. Either way a result can arrive twice, so `persist` must be idempotent on
+(controller, tightening id).
 
 One 0062 per result, never per copy: a re-send that arrives while the result is still being
 persisted (or right after its 0062 went out) is skipped, because the controller takes every
