@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import time
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_exponential_jitter,
+)
 
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
 
@@ -52,5 +59,18 @@ def retrying(attempts: int, retry_on: tuple[type[BaseException], ...], *, initia
         stop=stop_after_attempt(attempts),
         wait=wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=initial_s),
         retry=retry_if_exception_type(retry_on),
+        reraise=True,
+    )
+
+
+def reconnecting(retry_on: tuple[type[BaseException], ...], *, initial_s: float = 0.2, max_s: float = 10.0,
+                 before_sleep=None) -> AsyncRetrying:
+    """The same backoff for an asyncio link that retries until cancelled (a device connection):
+    it never gives up, the caller's task is cancelled to stop it."""
+    return AsyncRetrying(
+        stop=stop_never,
+        wait=wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=initial_s),
+        retry=retry_if_exception_type(retry_on),
+        before_sleep=before_sleep,
         reraise=True,
     )
