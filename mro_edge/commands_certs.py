@@ -1,7 +1,8 @@
 """`mro-edge certs ...`: a private CA for MQTT over TLS, for a station with no PKI of its own.
 
 certs init     a new station CA, the broker's certificate (--host/--ip) and, with --device, device
-               client certificates; refuses to replace an existing CA
+               client certificates; refuses to replace an existing CA (--if-missing: keeps what
+               is there, what compose's `certs` service runs on every boot)
 certs broker   a new broker certificate from the existing CA (renewal, or new names)
 certs device   a client certificate for one device (mutual TLS)
 
@@ -35,9 +36,15 @@ def cmd_certs_init(config: Config, args) -> int:
     from shared.runtime import pki
 
     out = _out(config, args)
+    ca, broker = pki.ca_paths(out), pki.broker_paths(out)
+    if args.if_missing and ca.cert.exists() and broker.cert.exists() and broker.key.exists():
+        print(f"{out} already holds a CA and a broker certificate: kept as they are", file=sys.stderr)
+        return 0
 
     def make() -> list[pki.Issued]:
-        issued = [pki.make_ca(out, args.ca_name or f"mro-edge {config.station} CA", days=args.ca_days)]
+        issued = []
+        if not (args.if_missing and ca.cert.exists()):
+            issued.append(pki.make_ca(out, args.ca_name or f"mro-edge {config.station} CA", days=args.ca_days))
         issued.append(pki.issue_broker(out, args.host, args.ip, days=args.days))
         issued += [pki.issue_device(out, device, days=args.days) for device in args.device]
         return issued
@@ -47,13 +54,11 @@ def cmd_certs_init(config: Config, args) -> int:
 
         raise UserError("name the broker: --host NAME and/or --ip ADDRESS (every name and address devices "
                         "and services connect to; clients verify them)")
-    issued = _run(make)
-    _report(issued)
-    ca = pki.ca_paths(out)
+    _report(_run(make))
     print(f"keep {ca.key} offline if you can: whoever has it can issue certificates this station trusts",
           file=sys.stderr)
     print(f"turn TLS on: MRO_MQTT_URL=mqtts://{(args.host or args.ip)[0]}:8883 MRO_MQTT_CA_FILE={ca.cert} "
-          f"MRO_BROKER_TLS_CERT_FILE={pki.broker_paths(out).cert} MRO_BROKER_TLS_KEY_FILE={pki.broker_paths(out).key}"
+          f"MRO_BROKER_TLS_CERT_FILE={broker.cert} MRO_BROKER_TLS_KEY_FILE={broker.key}"
           " (README, \"TLS\")", file=sys.stderr)
     return 0
 
@@ -103,6 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="also a client certificate for this device (repeat for each)")
     init.add_argument("--ca-name", help="the CA's common name (default: mro-edge <station> CA)")
     init.add_argument("--ca-days", type=int, default=CA_DAYS, help=f"CA validity (default {CA_DAYS})")
+    init.add_argument("--if-missing", action="store_true",
+                      help="keep a CA and broker certificate already there (own PKI, or a second boot)")
     init.set_defaults(func=cmd_certs_init)
     broker = csub.add_parser("broker", help="a new broker certificate from the existing CA")
     common(broker)
