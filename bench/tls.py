@@ -40,11 +40,16 @@ MODES = ("plain", "tls")
 
 
 class PubackTimer:
-    """publish -> PUBACK of every device publish, from paho's on_publish (by message id)."""
+    """publish -> PUBACK of every device publish, from paho's on_publish (by message id).
+
+    paho calls on_publish holding its own message lock, which publish() also takes: so this
+    lock is never held across publish(). A PUBACK that beats the bookkeeping of its publish
+    is kept until that bookkeeping arrives."""
 
     def __init__(self, fleet: Fleet) -> None:
         self._lock = threading.Lock()
         self._sent: dict[tuple[str, int], float] = {}
+        self._early: dict[tuple[str, int], float] = {}
         self.ms: list[float] = []
         for device in fleet.devices.values():
             self._wrap(device)
@@ -54,17 +59,23 @@ class PubackTimer:
         key = device.device_id
 
         def timed_publish(topic, payload=None, qos=0, retain=False, properties=None):
-            with self._lock:  # held until the mid is stored, so its PUBACK cannot be missed
-                started = time.perf_counter()
-                info = publish(topic, payload, qos=qos, retain=retain, properties=properties)
-                self._sent[(key, info.mid)] = started
+            started = time.perf_counter()
+            info = publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            with self._lock:
+                acked = self._early.pop((key, info.mid), None)
+                if acked is None:
+                    self._sent[(key, info.mid)] = started
+                else:
+                    self.ms.append((acked - started) * 1000)
             return info
 
         def on_publish(_client, _userdata, mid, _reason, _properties) -> None:
             now = time.perf_counter()
             with self._lock:
                 started = self._sent.pop((key, mid), None)
-                if started is not None:
+                if started is None:
+                    self._early[(key, mid)] = now
+                else:
                     self.ms.append((now - started) * 1000)
 
         client.publish = timed_publish

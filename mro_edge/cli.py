@@ -174,6 +174,20 @@ def _take_data_dir(config: Config, args):
     return lock
 
 
+def _check_tls_files(config: Config, *, embedded: bool) -> None:
+    """mqtts://: the CA (and client certificate) every client loads, and the embedded broker's
+    certificate, checked before anything starts, each missing file told with what to do."""
+    from services.broker.service import listeners
+    from shared.runtime.tls import TlsProblem, client_context
+
+    try:
+        client_context(config.mqtt)
+        if embedded:
+            listeners(config)
+    except TlsProblem as exc:
+        raise UserError(str(exc)) from None
+
+
 def _children_env(config: Config) -> dict[str, str]:
     """The environment of every child: the endpoints this run settled on."""
     return dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station,
@@ -196,6 +210,7 @@ def cmd_run(config: Config, args) -> int:
     from shared.runtime.mqtt import service_credentials
 
     config.data_dir = str(config.data_path.resolve())
+    _check_tls_files(config, embedded=not args.no_broker)
     config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = _take_data_dir(config, args)
 

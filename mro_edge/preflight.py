@@ -134,6 +134,9 @@ def check_login(config: Config, username: str | None, password: str | None, *, h
     except ssl.SSLError as exc:
         raise BrokerProblem(explain(exc, config.mqtt)) from None
     except OSError as exc:
+        if tls is not None and isinstance(exc, ConnectionError) and not isinstance(exc, ConnectionRefusedError):
+            # closed after the handshake: a client certificate the broker wants or refused
+            raise BrokerProblem(explain(ConnectionResetError(str(exc)), config.mqtt)) from None
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise BrokerProblem(
             f"no MQTT broker answers at {url} ({reason.lower()}): start it, or set MRO_MQTT_URL "

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from mro_edge.preflight import BrokerProblem, check_login
 from mro_edge.simulator.devices import SimulatedDevice
 from mro_edge.simulator.records import valid_record
 from shared.runtime import pki
 from shared.runtime.config import Config, load_config
 from shared.runtime.mqtt import BrokerUnavailable, MqttLink, mqtt_connack
 from shared.runtime.tls import client_context, explain
-from tests.brokers import KINDS, BrokerProc, BrokerTls, start_broker
+from tests.brokers import KINDS, BrokerProc, BrokerTls, free_port, start_broker
 from tests.pipeline import Pipeline, wait_until
+from tests.runstack import RunProc, cli, cli_env
 
 STATION = "HGR1"
 LONG_AGO = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
@@ -198,5 +200,36 @@ def test_client_certificates_when_required(kind, station_pki, other_pki, tmp_pat
         refused = MqttLink(with_cert(None), "test-mtls-nocert", credentials=broker.service_user, persistent=False)
         with pytest.raises(BrokerUnavailable, match="client certificate"):
             refused.start(wait_s=2)
+        with pytest.raises(BrokerProblem, match="client certificate"):  # what `mro-edge` commands say
+            check_login(with_cert(None), *broker.service_user)
+        check_login(with_cert(service), *broker.service_user)
     finally:
         broker.stop()
+
+
+def test_run_with_tls_on_the_embedded_broker(station_pki, tmp_path):
+    """`mro-edge run` over mqtts://: the supervisor's CONNACK wait, the login check and every
+    service verify the embedded broker's certificate; no plain listener unless asked for;
+    `mro-edge status` finds the CA through run.json; a missing CA file stops `run` before
+    anything starts, with what to do."""
+    data_dir = tmp_path / "data"
+    port = free_port()
+    tls = {"MRO_MQTT_CA_FILE": str(station_pki / "ca.pem"),
+           "MRO_BROKER_TLS_CERT_FILE": str(station_pki / "broker.pem"),
+           "MRO_BROKER_TLS_KEY_FILE": str(station_pki / "broker.key")}
+    missing = cli("run", env=cli_env(data_dir, f"mqtts://localhost:{port}",
+                                     **dict(tls, MRO_MQTT_CA_FILE=str(tmp_path / "absent.pem"))))
+    assert missing.returncode == 2, missing.stderr
+    assert "absent.pem does not exist" in missing.stderr and "mro-edge certs init" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    run = RunProc(data_dir, f"mqtts://localhost:{port}", **tls).start()
+    try:
+        assert "[alarm]" not in run.console(), run.console()
+        env = {k: v for k, v in run.env.items() if k not in ("MRO_MQTT_URL", "MRO_MQTT_CA_FILE")}
+        status = cli("status", "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        assert {"ingest", "validate", "sign"} <= set(json.loads(status.stdout)), status.stdout
+        with pytest.raises(OSError):
+            mqtt_connack(port, None, None, timeout=3)  # the port speaks TLS only
+    finally:
+        assert run.stop() == 0, run.console()
