@@ -158,3 +158,19 @@ def test_certs_init_and_device_verify_with_openssl(tmp_path: Path, capsys) -> No
     assert main(["certs", "init", "--out", str(tmp_path / "empty")]) == 2
     assert "--host NAME" in capsys.readouterr().err
     assert main(["certs", "device", "bad id!", "--out", str(out)]) == 2
+
+
+def test_printed_mosquitto_commands_carry_the_tls_options(tmp_path: Path) -> None:
+    """`devices add --mosquitto-pub` and the receipt-watch hint work as pasted on mqtts://."""
+    from mro_edge.cli import _pub_line, _sub_line
+
+    plain = config(tmp_path)
+    assert "--cafile" not in _pub_line(plain, "TQW-01", "torque_wrench", "pw")
+    tls = config(tmp_path, MRO_MQTT_URL="mqtts://edge.hangar.example:8883", MRO_MQTT_CA_FILE="/etc/mro/ca.pem",
+                 MRO_MQTT_CERT_FILE="/etc/mro/TQW-01.pem", MRO_MQTT_KEY_FILE="/etc/mro/TQW-01.key")
+    line = _pub_line(tls, "TQW-01", "torque_wrench", "pw")
+    assert "-h edge.hangar.example -p 8883 --cafile /etc/mro/ca.pem --cert /etc/mro/TQW-01.pem" in line, line
+    assert "--key /etc/mro/TQW-01.key" in line
+    assert "--cafile /etc/mro/ca.pem" in _sub_line(tls, "-u mro-services")
+    system = config(tmp_path, MRO_MQTT_URL="mqtts://edge.hangar.example:8883")
+    assert "--capath /etc/ssl/certs" in _pub_line(system, "TQW-01", "torque_wrench", "pw")
