@@ -16,6 +16,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 
@@ -137,7 +138,11 @@ class UplinkStub:
         client.on_connect = lambda c, *_: c.subscribe(self.input_topic, qos=1)
         client.on_subscribe = lambda *_: self.ready.set()
         client.on_message = self._on_message
-        client.connect("127.0.0.1", broker.port, keepalive=30)
+        port = broker.port
+        if getattr(broker, "tls", None):  # a TLS broker: the stand-in is a service, and services use TLS
+            client.tls_set_context(ssl.create_default_context(cafile=str(broker.tls.ca_file)))
+            port = broker.tls.port
+        client.connect("127.0.0.1", port, keepalive=30)
         client.loop_start()
         self.client = client
         if not self.ready.wait(10):

@@ -24,7 +24,8 @@ from shared.runtime.topics import DEVICE_KINDS, Topics
 
 REFUSED_EXIT = 3  # shared.runtime.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
 # Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
-COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema")
+COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema",
+                                     "mro_edge.commands_certs")
 
 
 # status fields worth a glance in the table (all of them are in --json)
@@ -54,8 +55,20 @@ def cmd_service(config: Config, args) -> int:
     return 0
 
 
+def _tls_args(config: Config) -> list[str]:
+    """mosquitto_pub/sub options for mqtts://: the station CA and the client certificate, if any."""
+    mqtt = config.mqtt
+    if not mqtt.tls:
+        return []
+    args = ["--cafile", mqtt.ca_file] if mqtt.ca_file else ["--capath", "/etc/ssl/certs"]
+    if mqtt.cert_file:
+        args += ["--cert", mqtt.cert_file, "--key", mqtt.key_file]
+    return [shlex.quote(a) for a in args]
+
+
 def _sub_line(config: Config, login_hint: str) -> str:
-    return f"mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} {login_hint} -v"
+    tls = "".join(f" {a}" for a in _tls_args(config))
+    return f"mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port}{tls} {login_hint} -v"
 
 
 def _login_hint(config: Config) -> str:
@@ -161,6 +174,20 @@ def _take_data_dir(config: Config, args):
     return lock
 
 
+def _check_tls_files(config: Config, *, embedded: bool) -> None:
+    """mqtts://: the CA (and client certificate) every client loads, and the embedded broker's
+    certificate, checked before anything starts, each missing file told with what to do."""
+    from services.broker.service import listeners
+    from shared.runtime.tls import TlsProblem, client_context
+
+    try:
+        client_context(config.mqtt)
+        if embedded:
+            listeners(config)
+    except TlsProblem as exc:
+        raise UserError(str(exc)) from None
+
+
 def _children_env(config: Config) -> dict[str, str]:
     """The environment of every child: the endpoints this run settled on."""
     return dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station,
@@ -183,6 +210,7 @@ def cmd_run(config: Config, args) -> int:
     from shared.runtime.mqtt import service_credentials
 
     config.data_dir = str(config.data_path.resolve())
+    _check_tls_files(config, embedded=not args.no_broker)
     config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = _take_data_dir(config, args)
 
@@ -241,7 +269,7 @@ def _credentials(config: Config):
 def _pub_line(config: Config, device_id: str, kind: str, password: str) -> str:
     topic = Topics(config.station).device_in(kind, device_id)
     return " ".join(["mosquitto_pub", "-h", shlex.quote(config.mqtt.host), "-p", str(config.mqtt.port),
-                     "-u", shlex.quote(device_id), "-P", shlex.quote(password), "-q", "1",
+                     *_tls_args(config), "-u", shlex.quote(device_id), "-P", shlex.quote(password), "-q", "1",
                      "-t", shlex.quote(topic)])
 
 
@@ -575,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # (command, action) of the commands that may create a data directory, or need none
-CREATES_STATE = {("run", None), ("service", None), ("devices", "init"), ("keys", "generate")}
+CREATES_STATE = {("run", None), ("service", None), ("devices", "init"), ("keys", "generate"),
+                 ("certs", "init"), ("certs", "broker"), ("certs", "device")}
 NO_DATA_DIR = {("audit", "verify"), ("schema", "check"), ("registry", "sign")}
 # the commands that talk to a running stack over MQTT
 NEEDS_BROKER = {("status", None), ("resume", None), ("simulate", None), ("registry", "push")}

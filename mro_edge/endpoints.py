@@ -21,6 +21,10 @@ RUN_FILE = "run.json"
 # run.json key -> (environment variable that overrides it, setter)
 _FIELDS = {
     "mqtt_url": ("MRO_MQTT_URL", lambda c, v: setattr(c.mqtt, "url", v)),
+    # mqtts://: the files a client needs to verify the broker (and to present, if it wants one)
+    "mqtt_ca_file": ("MRO_MQTT_CA_FILE", lambda c, v: setattr(c.mqtt, "ca_file", v)),
+    "mqtt_cert_file": ("MRO_MQTT_CERT_FILE", lambda c, v: setattr(c.mqtt, "cert_file", v)),
+    "mqtt_key_file": ("MRO_MQTT_KEY_FILE", lambda c, v: setattr(c.mqtt, "key_file", v)),
     "gateway_url": ("MRO_LINK_GATEWAY_URL", lambda c, v: setattr(c.link, "gateway_url", v)),
     "station": ("MRO_STATION", lambda c, v: setattr(c, "station", v)),
 }
@@ -41,6 +45,8 @@ def write_run_file(config: Config, **extra) -> Path:
         "station": config.station,
         "data_dir": str(config.data_path.resolve()),
         "mqtt_url": config.mqtt.url,
+        **{f"mqtt_{name}": str(Path(path).resolve()) for name in ("ca_file", "cert_file", "key_file")
+           if (path := getattr(config.mqtt, name))},
         "gateway_url": config.link.gateway_url,
         "mqtt_username": config.mqtt.username or SERVICE_USER,
         "service_secret": None if config.mqtt.username else str(service_secret_path(config)),

@@ -17,11 +17,14 @@ import queue
 import secrets
 import shlex
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.runtime.config import Config
-from shared.runtime.mqtt import mqtt_connack
+from shared.runtime.config import split_listen as split_broker_listen
+from shared.runtime.mqtt import mqtt_connack, use_tls
+from shared.runtime.tls import TlsProblem, client_context, explain
 from shared.runtime.topics import DEVICE_KINDS, Topics
 
 CONNACK_REASONS = {
@@ -66,8 +69,17 @@ def listeners(config: Config, *, with_broker: bool, with_gateway: bool) -> list[
 
     found = []
     if with_broker:
-        host, port = config.mqtt.host, config.mqtt.port
-        found.append(Listener("MQTT broker", host, port, "MRO_MQTT_URL", f"mqtt://{host}:{{port}}"))
+        scheme = config.mqtt.url.partition("://")[0]
+        if config.broker.listen:
+            host, port = split_broker_listen(config.broker.listen, "MRO_BROKER_LISTEN")
+            found.append(Listener("MQTT broker", host, port, "MRO_BROKER_LISTEN", f"{host}:{{port}}"))
+        else:
+            host, port = config.mqtt.host, config.mqtt.port
+            found.append(Listener("MQTT broker", host, port, "MRO_MQTT_URL", f"{scheme}://{host}:{{port}}"))
+        if config.mqtt.tls and config.broker.plain_listen:
+            host, port = split_broker_listen(config.broker.plain_listen, "MRO_BROKER_PLAIN_LISTEN")
+            found.append(Listener("plain MQTT beside TLS", host, port, "MRO_BROKER_PLAIN_LISTEN",
+                                  f"{host}:{{port}}"))
     if with_gateway:
         host, port = split_listen(config.gateway.listen)
         shown = f"[{host}]" if ":" in host else host
@@ -102,7 +114,7 @@ def check_ports(config: Config, *, with_broker: bool, with_gateway: bool, argv: 
     command = "make run" if environ.get("MAKELEVEL") else "mro-edge " + " ".join(shlex.quote(a) for a in argv)
     names = ", ".join(f"{item.host}:{item.port} ({item.what})" for item in taken)
     others = []
-    if any(item.env == "MRO_MQTT_URL" for item in taken):
+    if any(item.env in ("MRO_MQTT_URL", "MRO_BROKER_LISTEN") for item in taken):
         others.append("--no-broker to use the broker already at MRO_MQTT_URL")
     if any(item.env == "MRO_GATEWAY_LISTEN" for item in taken):
         others.append("--no-gateway to push to the gateway at MRO_LINK_GATEWAY_URL")
@@ -114,8 +126,17 @@ def check_login(config: Config, username: str | None, password: str | None, *, h
     """Raise BrokerProblem unless the broker accepts this login (CONNACK 0)."""
     url = config.mqtt.url
     try:
-        code = mqtt_connack(config.mqtt.port, username, password, timeout=3.0, host=config.mqtt.host)
+        tls = client_context(config.mqtt)
+    except TlsProblem as exc:
+        raise BrokerProblem(str(exc)) from None
+    try:
+        code = mqtt_connack(config.mqtt.port, username, password, timeout=3.0, host=config.mqtt.host, tls=tls)
+    except ssl.SSLError as exc:
+        raise BrokerProblem(explain(exc, config.mqtt)) from None
     except OSError as exc:
+        if tls is not None and isinstance(exc, ConnectionError) and not isinstance(exc, ConnectionRefusedError):
+            # closed after the handshake: a client certificate the broker wants or refused
+            raise BrokerProblem(explain(ConnectionResetError(str(exc)), config.mqtt)) from None
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise BrokerProblem(
             f"no MQTT broker answers at {url} ({reason.lower()}): start it, or set MRO_MQTT_URL "
@@ -144,8 +165,9 @@ class AnonymousProbe:
 
 def _anonymous_connects(config: Config) -> bool:
     try:
-        return mqtt_connack(config.mqtt.port, None, None, timeout=3.0, host=config.mqtt.host) == 0
-    except OSError:
+        return mqtt_connack(config.mqtt.port, None, None, timeout=3.0, host=config.mqtt.host,
+                            tls=client_context(config.mqtt)) == 0
+    except (OSError, TlsProblem):
         return False
 
 
@@ -167,6 +189,7 @@ def probe_anonymous(config: Config, service_login: tuple[str, str], wait_s: floa
                         protocol=paho.MQTTv311)
         if login:
             c.username_pw_set(*login)
+        use_tls(c, config.mqtt)
         return c
 
     watcher = client("watch", service_login)

@@ -23,6 +23,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from shared.runtime.config import Config
 from shared.runtime.logs import get_logger
 from shared.runtime.mqtt import mqtt_connack
 from shared.runtime.stage import REFUSED_EXIT
+from shared.runtime.tls import TlsProblem, client_context, explain
 from shared.runtime.topics import Topics
 
 MAX_BACKOFF_S = 30.0
@@ -66,12 +68,20 @@ def run_services(*, with_broker: bool, with_gateway: bool) -> tuple[Service, ...
 def wait_for_broker(
     config: Config, timeout_s: float = 20.0, alive: Callable[[], bool] = lambda: True
 ) -> bool:
-    """Until the broker answers an MQTT CONNECT (any answer: it is up and speaking MQTT)."""
+    """Until the broker answers an MQTT CONNECT (any answer: it is up and speaking MQTT), over
+    TLS for mqtts:// with the services' own client context. A TLS setup or handshake that fails
+    raises SupervisorError at once, explained: waiting longer would not help."""
+    try:
+        tls = client_context(config.mqtt)
+    except TlsProblem as exc:
+        raise SupervisorError(str(exc)) from None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
         try:
-            mqtt_connack(config.mqtt.port, None, None, timeout=0.5, host=config.mqtt.host)
+            mqtt_connack(config.mqtt.port, None, None, timeout=0.5, host=config.mqtt.host, tls=tls)
             return True
+        except ssl.SSLError as exc:
+            raise SupervisorError(explain(exc, config.mqtt)) from None
         except OSError:
             time.sleep(0.1)
     return False

@@ -2,7 +2,8 @@
 
 Both read the same password and ACL files (services.broker.credentials.BrokerCredentials under
 `<data_dir>/broker/`). Mosquitto runs the production config/mosquitto/mosquitto.conf with only
-the listener port and the file paths rewritten, so the tests exercise what compose ships.
+the listener ports and the file paths rewritten, so the tests exercise what compose ships.
+With a BrokerTls, both also listen for MQTT over TLS (`url` is then mqtts://).
 A test can SIGTERM, kill -9 and restart a broker on the same port with the same files.
 """
 
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.broker.credentials import BrokerCredentials, reload_mosquitto
@@ -42,9 +44,40 @@ def mosquitto_binary() -> str:
     raise RuntimeError("mosquitto is not installed; install it with `apt-get install mosquitto`")
 
 
-def render_mosquitto_conf(data_dir: Path, port: int) -> Path:
-    """config/mosquitto/mosquitto.conf with the port and the container paths rewritten.
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener for a test broker, on loopback beside the plain one. `dir` is a CA directory
+    of shared.runtime.pki (ca.pem, broker.pem, broker.key); `cert`/`key` replace the broker's
+    certificate; `client_ca` set requires client certificates signed by it."""
 
+    dir: Path
+    port: int = field(default_factory=lambda: free_port())
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.cert or self.dir / "broker.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.key or self.dir / "broker.key"
+
+
+# The TLS listener's lines in mosquitto.conf, rewritten for a BrokerTls or dropped without one.
+TLS_DIRECTIVES = ("certfile", "keyfile", "cafile", "require_certificate")
+
+
+def render_mosquitto_conf(data_dir: Path, port: int, tls: BrokerTls | None = None) -> Path:
+    """config/mosquitto/mosquitto.conf with the ports and the container paths rewritten.
+
+    The plain listener moves to 127.0.0.1:`port`; the TLS listener to 127.0.0.1:`tls.port` with
+    `tls`'s files, or is left out without `tls` (its certificate files would not exist).
     password_file / acl_file point into `<data_dir>/broker/`, persistence into
     `<data_dir>/mosquitto/`. When the tests run as root, `user root` is added: Mosquitto
     started as root would otherwise switch to the `mosquitto` account, which cannot read the
@@ -53,25 +86,42 @@ def render_mosquitto_conf(data_dir: Path, port: int) -> Path:
     broker_dir = data_dir / "broker"
     persistence = data_dir / "mosquitto"
     persistence.mkdir(parents=True, exist_ok=True)
-    rewrites = {
-        "listener": f"listener {port} 127.0.0.1",
+    tls_lines: dict[str, str | None] = dict.fromkeys(TLS_DIRECTIVES)
+    if tls is not None:
+        tls_lines = {"certfile": f"certfile {tls.cert_file}", "keyfile": f"keyfile {tls.key_file}",
+                     "cafile": f"cafile {tls.client_ca or tls.ca_file}",
+                     "require_certificate": f"require_certificate {'true' if tls.client_ca else 'false'}"}
+    rewrites: dict[str, str | None] = {
         "password_file": None,
         "acl_file": None,
         "persistence_location": f"persistence_location {persistence}/",
     }
-    seen: set[str] = set()
+    listeners = [f"listener {port} 127.0.0.1", f"listener {tls.port} 127.0.0.1" if tls else ""]
+    seen: list[str] = []
     lines = []
     for line in MOSQUITTO_CONF.read_text().splitlines():
         key, _, value = line.partition(" ")
-        if key in rewrites and not line.startswith("#"):
+        if line.startswith("#") or not key:
+            lines.append(line)
+            continue
+        if key == "listener":
+            if len(listeners) == sum(k == "listener" for k in seen):
+                raise AssertionError(f"{MOSQUITTO_CONF}: more than two listeners; tests/brokers.py expects "
+                                     "the plain one, then the TLS one")
+            line = listeners[sum(k == "listener" for k in seen)]
+        elif key in TLS_DIRECTIVES:
+            line = tls_lines[key] or ""
+        elif key in rewrites:
             if key in seen:
                 raise AssertionError(f"{MOSQUITTO_CONF}: {key} appears twice; the test rewrite expects one")
-            seen.add(key)
             line = rewrites[key] or f"{key} {broker_dir / Path(value.strip()).name}"
-        lines.append(line)
-    missing = set(rewrites) - seen
-    if missing:
-        raise AssertionError(f"{MOSQUITTO_CONF} lacks {sorted(missing)}; tests/brokers.py rewrites them")
+        seen.append(key)
+        if line:
+            lines.append(line)
+    missing = (set(rewrites) | set(TLS_DIRECTIVES)) - set(seen)
+    if missing or seen.count("listener") != 2:
+        raise AssertionError(f"{MOSQUITTO_CONF} lacks {sorted(missing) or 'its two listeners'}; "
+                             "tests/brokers.py rewrites them")
     if os.geteuid() == 0:
         lines.append("user root")
     conf = data_dir / "mosquitto.conf"
@@ -82,14 +132,16 @@ def render_mosquitto_conf(data_dir: Path, port: int) -> Path:
 class BrokerProc:
     """One real broker process (`kind` "embedded" or "mosquitto") on a fixed port and data dir."""
 
-    def __init__(self, kind: str, data_dir: Path, station: str = "HGR1", port: int | None = None) -> None:
+    def __init__(self, kind: str, data_dir: Path, station: str = "HGR1", port: int | None = None,
+                 tls: BrokerTls | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"broker kind {kind!r} must be one of {KINDS}")
         self.kind = kind
         self.data_dir = Path(data_dir)
         self.station = station
-        self.port = port or free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.port = port or free_port()  # the plain listener (with `tls`: beside it, on loopback)
+        self.tls = tls
+        self.url = f"mqtts://127.0.0.1:{tls.port}" if tls else f"mqtt://127.0.0.1:{self.port}"
         self.credentials = BrokerCredentials(self.data_dir / "broker", station)
         self.service_user = self.credentials.ensure_service_user()
         self.log_path = self.data_dir / f"{kind}.log"
@@ -99,9 +151,22 @@ class BrokerProc:
     def _command(self) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         if self.kind == "mosquitto":
-            return [mosquitto_binary(), "-c", str(render_mosquitto_conf(self.data_dir, self.port))], env
+            return [mosquitto_binary(), "-c", str(render_mosquitto_conf(self.data_dir, self.port, self.tls))], env
         env.update(MRO_MQTT_URL=self.url, MRO_DATA_DIR=str(self.data_dir), MRO_STATION=self.station)
+        if self.tls:
+            env.update(MRO_BROKER_TLS_CERT_FILE=str(self.tls.cert_file), MRO_BROKER_TLS_KEY_FILE=str(self.tls.key_file),
+                       MRO_BROKER_PLAIN_LISTEN=f"127.0.0.1:{self.port}")
+            if self.tls.client_ca:
+                env.update(MRO_BROKER_TLS_CLIENT_CA_FILE=str(self.tls.client_ca))
         return [sys.executable, "-m", "services.broker"], env
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a client of this broker sets: its URL and, with TLS, the CA to verify it by."""
+        env = {"MRO_MQTT_URL": self.url}
+        if self.tls:
+            env["MRO_MQTT_CA_FILE"] = str(self.tls.ca_file)
+        return env
 
     def start(self) -> None:
         if self.running:
@@ -181,8 +246,9 @@ class BrokerProc:
         return f"BrokerProc({self.kind!r}, port={self.port}, data_dir={str(self.data_dir)!r})"
 
 
-def start_broker(kind: str, data_dir: Path, station: str = "HGR1") -> BrokerProc:
-    """A started broker of `kind` with a services user, on a free port, files in `data_dir`."""
-    broker = BrokerProc(kind, data_dir, station)
+def start_broker(kind: str, data_dir: Path, station: str = "HGR1", tls: BrokerTls | None = None) -> BrokerProc:
+    """A started broker of `kind` with a services user, on a free port, files in `data_dir`; with
+    `tls`, its TLS listener too (and `url` is that listener's mqtts:// URL)."""
+    broker = BrokerProc(kind, data_dir, station, tls=tls)
     broker.start()
     return broker

@@ -51,6 +51,7 @@ class Pipeline:
             MRO_LOG_LEVEL="WARNING",
             PYTHONPATH=str(ROOT),
         )
+        self.env.update(getattr(broker, "client_env", {}))  # mqtts:// and its CA, for a TLS broker
         self.env.update({k.upper(): v for k, v in settings.items()})
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = self.data_dir / "logs"

@@ -17,7 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.runtime.config import Config
-from shared.runtime.mqtt import set_nodelay
+from shared.runtime.mqtt import diagnose, set_nodelay, use_tls
 from shared.runtime.topics import Topics
 
 FINAL = ("recorded", "rejected")
@@ -73,6 +73,8 @@ class SimulatedDevice:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{device_id}", clean_session=False,
                              protocol=paho.MQTTv311)
         client.username_pw_set(*credentials)
+        use_tls(client, config.mqtt)  # mqtts://: the station CA, and a client certificate if configured
+        self._mqtt = config.mqtt
         client.max_inflight_messages_set(200)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(0.2, 3)  # type: ignore[arg-type]  # paho takes float seconds; its hint says int
@@ -101,7 +103,9 @@ class SimulatedDevice:
         self.client.connect_async(self._host, self._port, self._keepalive)
         self.client.loop_start()
         if not self._connected.wait(wait_s):
-            raise ConnectionError(f"device {self.device_id} could not connect to {self._host}:{self._port}")
+            why = diagnose(self._mqtt) if self._mqtt.tls else ""
+            raise ConnectionError(f"device {self.device_id} could not connect to {self._mqtt.url}"
+                                  + (f": {why}" if why else ""))
 
     def stop(self) -> None:
         self.client.disconnect()

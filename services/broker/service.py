@@ -1,9 +1,11 @@
 """`mro-edge service broker`: the embedded MQTT 3.1.1 broker on one asyncio loop.
 
-Listens on config.mqtt.url, authenticates against the Mosquitto password file and applies the
-Mosquitto ACL file that `mro-edge devices` maintains (services.broker.credentials), so access rules are
-the same on both brokers. Device publishes on `mro/<station>/in/...` go through the intake
-spool (services/broker/spool.py) before their PUBACK; see core.py for every guarantee.
+Listens on config.mqtt.url (or broker.listen): TLS when that is mqtts://, with an optional plain
+listener beside it on loopback only (broker.plain_listen), see `listeners`. Authenticates against
+the Mosquitto password file and applies the Mosquitto ACL file that `mro-edge devices` maintains
+(services.broker.credentials), so access rules are the same on both brokers. Device publishes on
+`mro/<station>/in/...` go through the intake spool (services/broker/spool.py) before their
+PUBACK; see core.py for every guarantee.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import errno
 import os
 import signal
 import socket
+import ssl
+import sys
 
 from services.broker import packets as p
 from services.broker.connection import Connection
@@ -20,15 +24,18 @@ from services.broker.core import Broker, Limits
 from services.broker.credentials import BrokerCredentials
 from services.broker.spool import Spool
 from shared.runtime.clock import utc_now
-from shared.runtime.config import Config
+from shared.runtime.config import Config, split_listen
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
+from shared.runtime.stage import REFUSED_EXIT
+from shared.runtime.tls import TlsProblem, server_context
 from shared.runtime.topics import Topics
 
 log = get_logger()
 
 HOUSEKEEPING_S = 1.0
 SHUTDOWN_GRACE_S = 3.0
+TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a client that opens the TLS port and stalls holds nothing longer
 
 
 class PortInUseError(RuntimeError):
@@ -46,6 +53,22 @@ def spool_path(config: Config):
     return config.data_path / "spool"
 
 
+def listeners(config: Config) -> list[tuple[str, int, ssl.SSLContext | None]]:
+    """(host, port, TLS context or None) of every listener. mqtt.url's scheme decides: mqtt://
+    one plain listener; mqtts:// one TLS listener (client certificates required when
+    broker.tls_client_ca_file is set; passwords always), plus a plain one only where
+    broker.plain_listen says, which load_config allows on loopback only. broker.listen moves the
+    main listener (e.g. 0.0.0.0:8883 for the hangar LAN while the services use 127.0.0.1)."""
+    host, port = (split_listen(config.broker.listen, "MRO_BROKER_LISTEN") if config.broker.listen
+                  else (config.mqtt.host, config.mqtt.port))
+    if not config.mqtt.tls:
+        return [(host, port, None)]
+    found: list[tuple[str, int, ssl.SSLContext | None]] = [(host, port, server_context(config.broker))]
+    if config.broker.plain_listen:
+        found.append((*split_listen(config.broker.plain_listen, "MRO_BROKER_PLAIN_LISTEN"), None))
+    return found
+
+
 class BrokerServer:
     """The listening socket, the connections, and the broker's periodic duties."""
 
@@ -57,22 +80,26 @@ class BrokerServer:
         spool = Spool(spool_path(config), config.stage.map_size_mb)
         self.broker = Broker(credentials, spool, self.topics, limits)
         self.connections: set[Connection] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        host, port = self.config.mqtt.host, self.config.mqtt.port
-        try:
-            self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True,
-                                                      limit=1 << 20, backlog=1024)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(host, port) from None
-            raise
+        for host, port, context in listeners(self.config):
+            try:
+                self._servers.append(await asyncio.start_server(
+                    self._accept, host, port, reuse_address=True, limit=1 << 20, backlog=1024, ssl=context,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if context else None))
+            except OSError as exc:
+                for server in self._servers:
+                    server.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUseError(host, port) from None
+                raise
+            log.info("broker listening", listen=f"{host}:{port}", tls=context is not None,
+                     client_certificates=bool(context and context.verify_mode == ssl.CERT_REQUIRED))
         self._tasks = [asyncio.create_task(self.broker.run_committer(), name="spool-committer"),
                        asyncio.create_task(self._housekeeping(), name="housekeeping")]
-        log.info("broker listening", listen=f"{host}:{port}", spool_depth=self.broker.spool.depth,
-                 state_transition="BROKER_UP")
+        log.info("broker up", spool_depth=self.broker.spool.depth, state_transition="BROKER_UP")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -124,8 +151,8 @@ class BrokerServer:
 
     async def stop(self) -> None:
         """Stop accepting, let the last commit finish (its PUBACKs go out), then close."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         self.publish_status("down")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHUTDOWN_GRACE_S
@@ -163,4 +190,10 @@ def run_broker(config: Config) -> None:
             loop.add_signal_handler(signum, stop.set)
         await serve(config, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except TlsProblem as exc:
+        # a person has to supply the files: REFUSED_EXIT, so `mro-edge run` does not restart it
+        log.critical("broker cannot start its TLS listener", detail=str(exc), state_transition="REFUSED")
+        print(f"mro-edge broker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(REFUSED_EXIT) from None

@@ -22,6 +22,11 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True):
     username: str = ""
     password: str = ""
     keepalive_s: int = 30
+    # mqtts:// only: the CA that signed the broker's certificate (empty: the system's trust
+    # store), and this client's certificate and key for brokers that require one (mutual TLS)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
     @property
     def host(self) -> str:
@@ -30,6 +35,26 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True):
     @property
     def port(self) -> int:
         return _split_url(self.url)[1]
+
+    @property
+    def tls(self) -> bool:
+        """mqtts://: TLS with the broker's certificate and host name verified."""
+        return self.url.partition("://")[0] == "mqtts"
+
+
+class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The embedded broker's listeners (Mosquitto has its own mosquitto.conf)."""
+
+    # where it listens; empty: mqtt.url's host and port (TLS when that is mqtts://)
+    listen: str = ""
+    # mqtts:// only: the broker's certificate chain and key (`mro-edge certs init` writes both)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # non-empty: every client must also present a certificate signed by this CA (passwords
+    # are still required)
+    tls_client_ca_file: str = ""
+    # mqtts:// only: a plain listener beside TLS, loopback addresses only; empty: none
+    plain_listen: str = ""
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,6 +126,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     station: str = "HGR1"
     data_dir: str = "./var"
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     stage: StageConfig = msgspec.field(default_factory=StageConfig)
     link: LinkConfig = msgspec.field(default_factory=LinkConfig)
@@ -138,18 +164,56 @@ class ConfigError(Exception):
 
 def _split_url(url: str) -> tuple[str, int]:
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("mqtt", "tcp"):
-        raise ConfigError(f"MRO_MQTT_URL {url!r} must look like mqtt://HOST:PORT")
+    if not sep or scheme not in ("mqtt", "tcp", "mqtts"):
+        raise ConfigError(f"MRO_MQTT_URL {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)")
     host, _, port = rest.rstrip("/").rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"MRO_MQTT_URL {url!r} must look like mqtt://HOST:PORT")
-    return host, int(port)
+        raise ConfigError(f"MRO_MQTT_URL {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)")
+    return host.strip("[]"), int(port)
+
+
+def split_listen(listen: str, setting: str) -> tuple[str, int]:
+    """HOST:PORT of a listener setting; the message names the setting."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{setting} {listen!r} must look like HOST:PORT (e.g. 0.0.0.0:8883)")
+    return host.strip("[]"), int(port)
+
+
+def _check_tls(config: Config) -> None:
+    """TLS settings that cannot work are refused at load, each with what to do about it."""
+    mqtt, broker = config.mqtt, config.broker
+    if bool(mqtt.cert_file) != bool(mqtt.key_file):
+        raise ConfigError("MRO_MQTT_CERT_FILE and MRO_MQTT_KEY_FILE (mqtt.cert_file, mqtt.key_file) go "
+                          "together: set both for a client certificate, or neither")
+    if bool(broker.tls_cert_file) != bool(broker.tls_key_file):
+        raise ConfigError("MRO_BROKER_TLS_CERT_FILE and MRO_BROKER_TLS_KEY_FILE go together: set both "
+                          "(`mro-edge certs init` writes broker.pem and broker.key), or neither")
+    if broker.listen:
+        split_listen(broker.listen, "MRO_BROKER_LISTEN (broker.listen)")
+    if broker.plain_listen:
+        host, _ = split_listen(broker.plain_listen, "MRO_BROKER_PLAIN_LISTEN (broker.plain_listen)")
+        if not _is_loopback(host):
+            raise ConfigError(f"MRO_BROKER_PLAIN_LISTEN {broker.plain_listen!r}: the plain listener beside TLS "
+                              "takes loopback addresses only (e.g. 127.0.0.1:1883), so no password crosses "
+                              "the LAN in clear")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
-    sections = {"mqtt": MqttConfig, "limits": LimitsConfig, "stage": StageConfig, "link": LinkConfig,
-                "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
+    sections = {"mqtt": MqttConfig, "broker": BrokerConfig, "limits": LimitsConfig, "stage": StageConfig,
+                "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
                 "ledger": LedgerConfig, "supervisor": SupervisorConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
@@ -175,6 +239,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
     _split_url(config.mqtt.url)
+    _check_tls(config)
     if config.mqtt.password and not config.mqtt.username:
         raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) "
                           "is not: set both, or neither to use the service login in "

@@ -16,9 +16,11 @@ was committed is durable and what was not is redelivered, as after kill -9.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -31,8 +33,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from services.broker.credentials import topic_matches
-from shared.runtime.config import Config
+from shared.runtime.config import Config, MqttConfig
 from shared.runtime.logs import get_logger
+from shared.runtime.tls import TlsProblem, client_context, explain
 
 FATAL_EXIT = 70  # EX_SOFTWARE: not REFUSED_EXIT (3), so the supervisor restarts the service
 CONTESTED_DROPS = 3  # this many unrequested disconnects ...
@@ -41,6 +44,41 @@ CONTESTED_WINDOW_S = 30.0  # ... within this window mean someone else holds our 
 
 class BrokerUnavailable(Exception):
     """The broker could not be reached in time; the message says where we looked."""
+
+
+def use_tls(client: paho.Client, mqtt: MqttConfig) -> None:
+    """mqtts://: the project's client context (broker certificate and host name verified,
+    optional client certificate); nothing for plain mqtt://. Raises TlsProblem."""
+    context = client_context(mqtt)
+    if context is not None:
+        client.tls_set_context(context)
+
+
+def diagnose(mqtt: MqttConfig, timeout: float = 3.0) -> str:
+    """Why a client cannot talk to the broker at mqtt.url, checked with one bare connection:
+    the TLS handshake explained, or that nothing answered; empty when the handshake is fine."""
+    try:
+        context = client_context(mqtt)
+        sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
+    except TlsProblem as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"nothing answered at {mqtt.url} ({exc.strerror or exc})"
+    with sock:
+        if context is None:
+            return ""
+        try:
+            with context.wrap_socket(sock, server_hostname=mqtt.host) as tls:
+                # TLS 1.3 refuses a client certificate after the handshake: read for that answer
+                tls.settimeout(0.5)
+                try:
+                    if not tls.recv(1):
+                        return explain(ConnectionResetError("closed right after the handshake"), mqtt)
+                except TimeoutError:
+                    pass
+        except OSError as exc:
+            return explain(exc, mqtt)
+    return ""
 
 
 @dataclass(slots=True)
@@ -115,6 +153,7 @@ class MqttLink:
         )
         username, password = credentials or service_credentials(config)
         client.username_pw_set(username, password)
+        use_tls(client, config.mqtt)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.max_inflight_messages_set(0)
@@ -222,8 +261,9 @@ class MqttLink:
         self.client.loop_start()
         if not self.connected.wait(wait_s):
             self.stop()
+            tls = diagnose(self.config.mqtt) if self.config.mqtt.tls else ""
             raise BrokerUnavailable(
-                f"no MQTT broker answered at {self.config.mqtt.url} within {wait_s:.0f} s "
+                tls or f"no MQTT broker answered at {self.config.mqtt.url} within {wait_s:.0f} s "
                 "(is it running? are the credentials right? set MRO_MQTT_URL)"
             )
 
@@ -264,8 +304,9 @@ def fatal_exit(callback: str, exc: BaseException) -> None:
 
 
 def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 2.0,
-                 host: str = "127.0.0.1") -> int:
-    """Return code of a bare MQTT 3.1.1 CONNECT (0 = accepted); raises OSError if nothing answers.
+                 host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> int:
+    """Return code of a bare MQTT 3.1.1 CONNECT (0 = accepted); raises OSError if nothing answers
+    (ssl.SSLError, an OSError, when a `tls` handshake fails: `shared.runtime.tls.explain` words it).
     A real CONNECT, so a broker being waited for sees a client, not a half-open socket."""
     def utf8(value: str) -> bytes:
         data = value.encode()
@@ -286,7 +327,10 @@ def mqtt_connack(port: int, username: str | None, password: str | None, timeout:
         length += bytes([byte | (0x80 if remaining else 0)])
         if not remaining:
             break
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=host))
         sock.sendall(b"\x10" + length + body)
         reply = b""
         while len(reply) < 4:

@@ -47,6 +47,10 @@ COMMANDS = {
     "simulator": ["mro-edge", "simulate", "--duration", "0", "--rate", "5"],
 }
 ONE_SHOT = {"init"}
+# The one-shot that makes the broker's TLS certificate on first boot (README, "TLS"): it needs
+# no site and no broker login, only the tls volume Mosquitto mounts.
+CERTS = "certs"
+CERTS_DIR = "/data/tls"
 BROKER = "mosquitto"
 # The demo profile's stand-in for the central data lake: not an edge service.
 GATEWAY = "gateway"
@@ -197,7 +201,10 @@ def test_compose_runs_every_box_service_of_the_registry_and_nothing_else(compose
     assert BROKER in compose["services"]
 
 def test_services_are_exactly_the_known_ones(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == set(COMMANDS) | {BROKER} | CENTRAL
+    assert set(compose["services"]) == set(COMMANDS) | {BROKER, CERTS} | CENTRAL
+    certs = compose["services"][CERTS]
+    assert certs["command"][:6] == ["mro-edge", "certs", "init", "--if-missing", "--out", CERTS_DIR]
+    assert certs["image"] == compose["services"]["init"]["image"] and certs["restart"] == "no"
     for name, expected in COMMANDS.items():
         service = compose["services"][name]
         assert service["command"] == expected, name
@@ -213,7 +220,7 @@ def test_production_starts_no_simulator_and_no_simulator_accounts(
     """Without --profile demo: no simulator, no demo gateway, nothing depending on them, and
     the `init` command writes only the services' own login (run here for real)."""
     services = default_services(production)
-    assert set(services) == {"init", BROKER, *BOX}
+    assert set(services) == {"init", CERTS, BROKER, *BOX}
     for name, service in services.items():
         assert not set(service.get("depends_on") or {}) & DEMO_ONLY, f"{name} needs a demo-only service"
         assert "simulat" not in " ".join(map(str, service.get("command") or [])), name
@@ -367,15 +374,67 @@ def test_every_container_rotates_its_logs(compose: dict[str, Any]) -> None:
         "one logging anchor for every service"
 
 
-def test_mosquitto_is_published_only_where_the_operator_says(
-    production: dict[str, Any], tmp_path: Path
+def test_mosquitto_publishes_only_its_tls_port_where_the_operator_says(
+    production: dict[str, Any], compose: dict[str, Any], tmp_path: Path
 ) -> None:
-    assert production["services"][BROKER]["ports"] == ["127.0.0.1:1883:1883/tcp"], "loopback by default"
-    config = rendered(ENV_EXAMPLE, tmp=tmp_path, extra="MRO_MQTT_BIND=10.20.30.40\nMRO_MQTT_PORT=18830")
-    assert config["services"][BROKER]["ports"] == ["10.20.30.40:18830:1883/tcp"]
+    """Only 8883 (TLS) leaves the compose network, on loopback until the operator names the LAN
+    address; plain 1883 is never published, in production or in the demo."""
+    tls_port, plain_port = tls_and_plain_ports()
+    assert production["services"][BROKER]["ports"] == [f"127.0.0.1:{tls_port}:{tls_port}/tcp"], "loopback"
+    config = rendered(ENV_EXAMPLE, tmp=tmp_path, extra="MRO_MQTT_BIND=10.20.30.40\nMRO_MQTTS_PORT=18883")
+    assert config["services"][BROKER]["ports"] == [f"10.20.30.40:18883:{tls_port}/tcp"]
+    for rendition in (production, compose, config):
+        for name, service in rendition["services"].items():
+            published = [str(port).rsplit(":", 1)[-1] for port in service.get("ports", [])]
+            assert f"{plain_port}/tcp" not in published, f"{name} publishes plain MQTT ({plain_port})"
     for name, service in production["services"].items():
         for port in service.get("ports", []):
             assert not str(port).startswith(("0.0.0.0", "::")) and str(port).count(":") >= 2, (name, port)
+
+
+def tls_and_plain_ports() -> tuple[str, str]:
+    """mosquitto.conf's TLS listener (the one with a certfile after it) and its plain one."""
+    listeners: list[tuple[str, bool]] = []
+    for line in MOSQUITTO_CONF.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "listener":
+            listeners.append((value.split()[0], False))
+        elif key == "certfile":
+            listeners[-1] = (listeners[-1][0], True)
+    (tls,) = [port for port, secure in listeners if secure]
+    (plain,) = [port for port, secure in listeners if not secure]
+    return tls, plain
+
+
+def test_the_certs_service_makes_what_mosquitto_serves(production: dict[str, Any], tmp_path: Path) -> None:
+    """The `certs` one-shot, run here for real into the directory Mosquitto mounts: a CA and a
+    broker certificate for MRO_MQTT_HOSTNAME and MRO_MQTT_BIND that `openssl verify` accepts, at
+    the paths mosquitto.conf names; a second boot keeps them."""
+    certs, broker = production["services"][CERTS], production["services"][BROKER]
+    assert mounts(certs)[CERTS_DIR] == mounts(broker)["/mosquitto/certs"], "one tls volume for both"
+    assert any(str(v).endswith("/mosquitto/certs:ro") for v in broker["volumes"]), "the broker only reads it"
+    directives = conf_directives()
+    for key in ("certfile", "keyfile", "cafile"):
+        assert str(Path(directives[key]).parent) == "/mosquitto/certs", key
+    out = tmp_path / "tls"
+    command = [a.replace(CERTS_DIR, str(out)) for a in certs["command"][1:]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MRO_")}
+    env.update(MRO_DATA_DIR=str(tmp_path / "data"), MRO_STATION="HGR1")
+    for _boot in range(2):
+        result = subprocess.run([sys.executable, "-m", "mro_edge", *command], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        if _boot == 0:
+            first = {name: (out / name).read_bytes() for name in ("ca.pem", "broker.pem", "broker.key")}
+    assert {name: (out / name).read_bytes() for name in first} == first, "a second boot replaced the certificates"
+    files = {key: out / Path(directives[key]).name for key in ("certfile", "keyfile", "cafile")}
+    verified = subprocess.run(["openssl", "verify", "-CAfile", str(files["cafile"]), str(files["certfile"])],
+                              capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    names = subprocess.run(["openssl", "x509", "-in", str(files["certfile"]), "-noout", "-ext", "subjectAltName"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "DNS:localhost" in names and "IP Address:127.0.0.1" in names, names
+    assert files["keyfile"].stat().st_mode & 0o077 == 0
 
 
 def test_mosquitto_runs_the_config_the_tests_run(compose: dict[str, Any]) -> None:
@@ -397,7 +456,8 @@ def test_mosquitto_runs_the_config_the_tests_run(compose: dict[str, Any]) -> Non
     assert directives["persistence"] == "true"
     assert directives["persistence_location"].rstrip("/") in volumes
     assert directives["listener"].split()[0] == "1883", "deploy/mosquitto/healthcheck.sh probes 1883"
-    assert broker["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
+    assert broker["depends_on"] == {"init": {"condition": "service_completed_successfully"},
+                                    CERTS: {"condition": "service_completed_successfully"}}
 
 
 def test_broker_and_app_share_the_file_owner(compose: dict[str, Any]) -> None:
