@@ -29,6 +29,7 @@ import hashlib
 import signal
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -158,6 +159,25 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+class Throttled:
+    """At most one log line per ``interval_s`` for an event a flood repeats, with the count since
+    the last line: a flood of refused requests must not become a flood of log lines."""
+
+    def __init__(self, event: str, interval_s: float = 5.0) -> None:
+        self.event = event
+        self.interval_s = interval_s
+        self.count = 0
+        self._last = float("-inf")
+        self.log = get_logger(component="gateway")
+
+    def __call__(self, **fields: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self.log.warning(self.event, count=self.count, **fields)
+            self.count, self._last = 0, now
+
+
 class ConcurrencyLimit:
     """ASGI middleware: at most ``limit`` HTTP requests in the app at once; the next one gets 503
     at once (with Retry-After) instead of queueing behind them."""
@@ -166,14 +186,14 @@ class ConcurrencyLimit:
         self.app = app
         self.limit = limit
         self.active = 0
-        self.log = get_logger(component="gateway")
+        self._refused = Throttled("requests refused: concurrency limit")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if self.active >= self.limit:
-            self.log.warning("request refused: concurrency limit", limit=self.limit, path=scope.get("path"))
+            self._refused(limit=self.limit)
             busy = _error(503, "busy", f"the gateway is handling {self.limit} requests; retry later",
                           {"Retry-After": "1", **_CLOSE})
             await busy(scope, receive, send)
@@ -371,6 +391,8 @@ def _header_deadline_protocol(header_timeout_s: float) -> type:
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    too_slow = Throttled("connections closed: request headers too slow")
+
     class HeaderDeadlineProtocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
 
@@ -386,7 +408,7 @@ def _header_deadline_protocol(header_timeout_s: float) -> type:
         def _headers_too_slow(self) -> None:
             self._deadline = None
             if not self.transport.is_closing():
-                self.logger.warning("connection closed: request headers not complete within %.0f s", header_timeout_s)
+                too_slow(header_timeout_s=header_timeout_s)
                 self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -86,7 +86,7 @@ class Heartbeat:
         self._status_at = 0.0  # status/heartbeat, monotonic
         self._degraded_alarmed = False  # this DEGRADED spell has raised its alarm
         self._alarmed = False  # a link alarm was raised since the link was last CONNECTED
-        self._tls_refused = False  # the last probe failed the TLS handshake (logged once per spell)
+        self._tls_refused = False  # the last probe failed the TLS handshake (alarmed once per spell)
         self.link.on_connect_hooks.append(self._on_connect)
 
     def _on_connect(self) -> None:
@@ -103,9 +103,9 @@ class Heartbeat:
             ok = False
             tls_refused = _caused_by_ssl(exc)
         if tls_refused and not self._tls_refused:
-            # an operator error, not an outage: say which setting to look at
-            self.log.error("gateway TLS handshake failed", alarm="link_tls",
-                           detail="check link.ca_file (the gateway's CA) and link.client_cert/client_key (mTLS)")
+            # a configuration error more likely than an outage: one alarm per spell, naming the settings
+            self._alarm("link_tls", "gateway TLS handshake failed: check link.ca_file (the CA that signed the "
+                        "gateway's certificate) and link.client_cert/client_key (if the gateway requires mTLS)")
         self._tls_refused = tls_refused
         return Probe(ok, (time.monotonic() - start) * 1000)
 

@@ -124,8 +124,9 @@ def test_uplink_and_heartbeat_refuse_a_gateway_their_ca_did_not_sign(tmp_path: P
         edge.wait_state("ISOLATED", timeout_s=60)
         edge.send(20)
         assert edge.gateway_count() == 0, "entries reached a gateway the box could not verify"
-        log = (edge.pipeline.logs / "heartbeat.log").read_text()
-        assert "gateway TLS handshake failed" in log and "link.ca_file" in log
+        alarms = [a for a in edge.alarms() if a.get("alarm") == "link_tls"]
+        assert len(alarms) == 1, edge.alarms()
+        assert "gateway TLS handshake failed" in alarms[0]["detail"] and "link.ca_file" in alarms[0]["detail"]
 
 
 def test_the_uplink_service_refuses_a_token_over_plain_http_to_another_host(tmp_path: Path) -> None:
