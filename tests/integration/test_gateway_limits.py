@@ -138,6 +138,25 @@ def test_a_declared_oversized_body_is_refused_before_it_is_read(tmp_path: Path, 
             assert _closed_after(sock, 5) is not None
 
 
+@pytest.mark.parametrize("path", ["/v1/entries", "/v1/checkpoints"])
+def test_a_streamed_body_is_cut_at_the_limit_on_every_endpoint(tmp_path: Path, path: str) -> None:
+    """No Content-Length: the body is counted as it arrives and the connection closed at the limit."""
+    db_url = f"sqlite:///{tmp_path}/gw/gateway.db"
+    with ThreadedGateway(db_url, max_body_bytes=100_000) as gw:
+        _, token = _registered(db_url)
+        sent = [0]
+
+        def body():
+            for _ in range(64):
+                sent[0] += MB
+                yield b" " * MB
+
+        response = httpx.post(gw.url + path, content=body(), timeout=60,
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+        assert sent[0] < 64 * MB, "the whole body was read"
+
+
 def test_a_stalled_body_gets_408_within_the_body_timeout(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path}/gw/gateway.db"
     with ThreadedGateway(db_url, body_timeout_s=1.5) as gw:
