@@ -510,7 +510,35 @@ def cmd_gateway(config: Config, args) -> int:
         raise UserError(f"cannot register {args.origin}: {exc}") from None
     print(token)
     print(f"registered {args.origin}; give the edge this token (MRO_LINK_TOKEN or "
-          "$MRO_DATA_DIR/uplink/token)", file=sys.stderr)
+          "$MRO_DATA_DIR/uplink/token). It is shown only now; any earlier token of this origin "
+          "no longer works.", file=sys.stderr)
+    return 0
+
+
+def cmd_gateway_tokens(config: Config, args) -> int:
+    """The valid tokens: origin, token id, creation time; never a token."""
+    from services.gateway.admin import list_tokens
+
+    tokens = list_tokens(config.gateway_db_url, args.origin)
+    if args.json:
+        print(json.dumps([{"origin": t.origin, "token_id": t.token_id, "created_at": t.created_at}
+                          for t in tokens], indent=2))
+    else:
+        for t in tokens:
+            print(f"{t.origin:<40} {t.token_id}  {t.created_at}")
+        print(f"{len(tokens)} valid tokens", file=sys.stderr)
+    return 0
+
+
+def cmd_gateway_revoke(config: Config, args) -> int:
+    from services.gateway.admin import RegistrationError, revoke_token
+
+    try:
+        count = revoke_token(config.gateway_db_url, args.origin, args.id or "")
+    except RegistrationError as exc:
+        raise UserError(f"cannot revoke: {exc}") from None
+    print(f"revoked {count} token(s) of {args.origin}; its requests get 401 until it is registered again "
+          "(mro-edge gateway register-edge)", file=sys.stderr)
     return 0
 
 
@@ -581,6 +609,14 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("origin", help="the edge's ledger origin, e.g. mro-edge/HGR1")
     register.add_argument("pem", help="file with the edge's public key (mro-edge keys export-public)")
     register.set_defaults(func=cmd_gateway)
+    tokens = gsub.add_parser("tokens", help="the valid tokens: origin, token id, created (no secrets)")
+    tokens.add_argument("--origin", help="only this origin's")
+    tokens.add_argument("--json", action="store_true")
+    tokens.set_defaults(func=cmd_gateway_tokens)
+    revoke = gsub.add_parser("revoke-token", help="revoke an origin's token (all, or --id); its requests get 401")
+    revoke.add_argument("origin", help="the edge's ledger origin, e.g. mro-edge/HGR1")
+    revoke.add_argument("--id", help="only the token with this id (as `mro-edge gateway tokens` shows it)")
+    revoke.set_defaults(func=cmd_gateway_revoke)
 
     resume = sub.add_parser("resume", help="retry a frozen service now (after fixing the fault)")
     resume.add_argument("name", choices=service_names(Kind.STAGE))
@@ -606,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
 CREATES_STATE = {("run", None), ("service", None), ("devices", "init"), ("keys", "generate"),
                  ("certs", "init"), ("certs", "broker"), ("certs", "device")}
 NO_DATA_DIR = {("audit", "verify"), ("schema", "check"), ("registry", "sign")}
+# the commands that work on the gateway's database only (no data directory with MRO_GATEWAY_DB_URL)
+GATEWAY_ADMIN = {("gateway", "register-edge"), ("gateway", "tokens"), ("gateway", "revoke-token")}
 # the commands that talk to a running stack over MQTT
 NEEDS_BROKER = {("status", None), ("resume", None), ("simulate", None), ("registry", "push")}
 
@@ -618,7 +656,7 @@ def _prepare_client(config: Config, args) -> None:
 
     key = (args.command, getattr(args, "action", None))
     needs_data = key not in NO_DATA_DIR and not (
-        key == ("gateway", "register-edge") and config.gateway.db_url
+        key in GATEWAY_ADMIN and config.gateway.db_url
     )
     needs_broker = key in NEEDS_BROKER or (args.command == "schema" and key != ("schema", "check"))
     try:

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -95,16 +96,33 @@ class GatewayProc:
     """`mro-edge service gateway` as its own process on a fixed port, so it can be kill -9'd and
     restarted where the proxy expects it."""
 
-    def __init__(self, db_url: str, data_dir: Path, port: int | None = None):
+    def __init__(self, db_url: str, data_dir: Path, port: int | None = None, **env: str):
+        """`env`: more MRO_GATEWAY_* settings (MRO_GATEWAY_TLS_CERT/_KEY serve HTTPS; the health
+        probe then trusts MRO_GATEWAY_TLS_CERT's issuer, given as `ca_file`)."""
         self.db_url = db_url
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = bool(env.get("MRO_GATEWAY_TLS_CERT"))
+        self.ca_file = env.pop("ca_file", "")
+        self.client_cert = env.pop("client_cert", None)  # (cert, key) for a gateway that wants mTLS
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "gateway.log"
         self.env = dict(os.environ, MRO_GATEWAY_LISTEN=f"127.0.0.1:{self.port}", MRO_GATEWAY_DB_URL=db_url,
-                        MRO_DATA_DIR=str(self.data_dir), MRO_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT))
+                        MRO_DATA_DIR=str(self.data_dir), MRO_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), **env)
         self.proc: subprocess.Popen | None = None
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's `verify` for a test client of this gateway (its CA, the client certificate)."""
+        if not self.tls:
+            return True
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.client_cert:
+            context.load_cert_chain(*self.client_cert)
+        return context
+
+    def _probe(self) -> bool:
+        return httpx.get(self.url + "/health", timeout=1, verify=self.verify()).status_code == 200
 
     def start(self, timeout_s: float = 30) -> None:
         with open(self.log_path, "ab") as log:
@@ -115,7 +133,7 @@ class GatewayProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if self._probe():
                     return
             except httpx.HTTPError:
                 pass
@@ -197,8 +215,10 @@ class EdgeStack:
     between them. `settings` are extra MRO_* variables for every service."""
 
     def __init__(self, tmp_path: Path, db_url: str, *, start_link: bool = True, stages: tuple[str, ...] = STAGES,
-                 stage_env: dict[str, dict[str, str]] | None = None, **settings: str):
-        """`stages`: the pipeline stages started with the stack (the others: `start_stage`)."""
+                 stage_env: dict[str, dict[str, str]] | None = None, gateway_env: dict | None = None,
+                 **settings: str):
+        """`stages`: the pipeline stages started with the stack (the others: `start_stage`).
+        `gateway_env`: GatewayProc's extra settings (TLS); with MRO_GATEWAY_TLS_CERT the link is https://."""
         self.tmp_path = Path(tmp_path)
         self.stages = tuple(stages)
         self.db_url = db_url
@@ -206,6 +226,7 @@ class EdgeStack:
         self.settings = {**LINK_SETTINGS, **settings}
         self.start_link = start_link
         self.stage_env = stage_env or {}
+        self.gateway_env = dict(gateway_env or {})
         self._stack = ExitStack()
         self._devices: list = []
         self._rng = random.Random(20260)
@@ -228,12 +249,13 @@ class EdgeStack:
         stack = self._stack
         self.broker = start_broker("mosquitto", self.data_dir)
         stack.callback(self.broker.stop)
-        self.gateway = GatewayProc(self.db_url, self.tmp_path / "central")
+        self.gateway = GatewayProc(self.db_url, self.tmp_path / "central", **self.gateway_env)
         self.gateway.start()
         stack.callback(self.gateway.stop)
         self.proxy = LinkFault(self.gateway.port)
         stack.callback(self.proxy.close)
-        self.pipeline = Pipeline(self.broker, self.data_dir, MRO_LINK_GATEWAY_URL=self.proxy.url, **self.settings)
+        link_url = self.proxy.url.replace("http://", "https://") if self.gateway.tls else self.proxy.url
+        self.pipeline = Pipeline(self.broker, self.data_dir, MRO_LINK_GATEWAY_URL=link_url, **self.settings)
         stack.callback(self.pipeline.stop)
         config = self.config
         self.topics = Topics(config.station)
@@ -401,7 +423,7 @@ class EdgeStack:
     def gateway_head(self) -> tuple[int, str]:
         """Straight from the gateway (not through the proxy)."""
         response = httpx.get(self.gateway.url + "/v1/head", headers={"Authorization": f"Bearer {self.token}"},
-                             timeout=10)
+                             timeout=10, verify=self.gateway.verify())
         response.raise_for_status()
         body = response.json()
         return body["seq"], body["hash"]

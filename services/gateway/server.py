@@ -4,15 +4,33 @@ Requests are parsed on the event loop; checking and storing a batch (signature v
 one database transaction) runs in a worker thread, so ``GET /health`` answers at once even
 while a large batch is being stored. A batch is committed before it is acknowledged, and
 uvicorn finishes the requests in flight on SIGTERM before the database is closed.
+
+Every input is bounded, because the gateway faces the network:
+
+- a request body is read by ``read_body`` only, streamed, and refused with 413 as soon as it
+  passes the endpoint's limit (never more than the limit is held), or with 408 when it is not
+  complete within ``body_timeout_s``; both answers close the connection;
+- the request line and headers must be complete within ``header_timeout_s`` of the connection
+  (or of the previous response) and within uvicorn's ``h11_max_incomplete_event_size``
+  (``HeaderDeadlineProtocol``): a client dribbling one header byte every few seconds is cut off;
+- an idle keep-alive connection is closed after ``keep_alive_s`` (uvicorn's ``timeout_keep_alive``);
+- at most ``max_concurrent_requests`` requests are handled at once, more get 503 with
+  Retry-After (``ConcurrencyLimit``); uvicorn's ``limit_concurrency`` caps open connections.
+
+HTTPS: with ``tls_cert``/``tls_key`` the gateway serves TLS itself; with ``tls_client_ca`` as
+well it requires a client certificate signed by that CA (mTLS) on top of the bearer token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import signal
+import ssl
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +52,7 @@ from shared.runtime.logs import get_logger
 MAX_BATCH_ENTRIES = 10_000
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_CHECKPOINT_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024
 COSIGNER_NAME = "mro-gateway"
 
 _encode = msgspec.json.Encoder().encode
@@ -52,6 +71,14 @@ class GatewaySettings:
     pool_size: int = 4
     key_dir: str = ""  # the cosigner key's directory; empty: see ``cosigner_key_dir``
     cosigner_name: str = COSIGNER_NAME
+    tls_cert: str = ""  # PEM chain; with tls_key: serve HTTPS
+    tls_key: str = ""
+    tls_client_ca: str = ""  # require client certificates signed by this CA (mTLS)
+    max_concurrent_requests: int = 64
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
 
     @classmethod
     def from_config(cls, config: Any) -> GatewaySettings:
@@ -62,7 +89,16 @@ class GatewaySettings:
         return cls(db_url=getattr(config, "gateway_db_url", section.db_url), host=host, port=port,
                    duplicate_window_days=int(section.duplicate_window_days),
                    key_dir=str(section.key_dir or (Path(data_dir) / "gateway" / "keys" if data_dir else "")),
-                   cosigner_name=section.cosigner_name or COSIGNER_NAME)
+                   cosigner_name=section.cosigner_name or COSIGNER_NAME,
+                   tls_cert=section.tls_cert, tls_key=section.tls_key, tls_client_ca=section.tls_client_ca,
+                   max_concurrent_requests=int(section.max_concurrent_requests),
+                   max_connections=int(section.max_connections),
+                   header_timeout_s=float(section.header_timeout_s), body_timeout_s=float(section.body_timeout_s),
+                   keep_alive_s=float(section.keep_alive_s))
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
     @property
     def cosigner_key_dir(self) -> Path:
@@ -91,6 +127,84 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return _json({"error": {"code": code, "message": message}}, status, headers)
 
 
+# the client is still sending (or stalling) a body we will not read: end the connection
+_CLOSE = {"Connection": "close"}
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes | Response:
+    """The request body, or the 413/408 answer: streamed, never more than ``limit`` bytes held.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked body
+    is counted as it arrives and refused the moment it passes the limit. The whole body must
+    arrive within ``timeout_s`` (a stalled or trickling upload holds a connection and a
+    concurrency slot). Every endpoint that takes a body reads it here.
+    """
+    too_large = _error(413, "body_too_large", f"a request body here may hold at most {limit} bytes", _CLOSE)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return too_large
+    body = bytearray()
+    with anyio.move_on_after(timeout_s) as scope:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                return too_large
+            body += chunk
+    if scope.cancelled_caught:
+        return _error(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s", _CLOSE)
+    return bytes(body)
+
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class Throttled:
+    """At most one log line per ``interval_s`` for an event a flood repeats, with the count since
+    the last line: a flood of refused requests must not become a flood of log lines."""
+
+    def __init__(self, event: str, interval_s: float = 5.0) -> None:
+        self.event = event
+        self.interval_s = interval_s
+        self.count = 0
+        self._last = float("-inf")
+        self.log = get_logger(component="gateway")
+
+    def __call__(self, **fields: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self.log.warning(self.event, count=self.count, **fields)
+            self.count, self._last = 0, now
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most ``limit`` HTTP requests in the app at once; the next one gets 503
+    at once (with Retry-After) instead of queueing behind them."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.active = 0
+        self._refused = Throttled("requests refused: concurrency limit")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            self._refused(limit=self.limit)
+            busy = _error(503, "busy", f"the gateway is handling {self.limit} requests; retry later",
+                          {"Retry-After": "1", **_CLOSE})
+            await busy(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class _Unauthorized(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -113,8 +227,13 @@ class Gateway:
         self.log = get_logger(component="gateway")
 
     def open(self) -> None:
-        self.cosigner = Cosigner.load_or_create(self.settings.cosigner_key_dir, self.settings.cosigner_name)
+        # storage first: it makes a new SQLite directory 0700 before the key directory lands in it
         self.storage = open_storage(self.settings.db_url, self.settings.pool_size)
+        try:
+            self.cosigner = Cosigner.load_or_create(self.settings.cosigner_key_dir, self.settings.cosigner_name)
+        except BaseException:
+            self.storage.close()
+            raise
         self.log.info("gateway storage open", storage=repr(self.storage),
                       duplicate_window_days=self.settings.duplicate_window_days, cosigner=self.cosigner.vkey)
 
@@ -181,18 +300,11 @@ class Gateway:
         origin = await self._authenticated(request)
         if isinstance(origin, Response):
             return origin
-        limit = self.settings.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _error(413, "body_too_large", f"a request body may hold at most {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _error(413, "body_too_large", f"a request body may hold at most {limit} bytes")
-            chunks.append(chunk)
+        body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
+        if isinstance(body, Response):
+            return body
         try:
-            batch = batch_decoder.decode(b"".join(chunks))
+            batch = batch_decoder.decode(body)
         except msgspec.DecodeError as exc:
             return _error(400, "malformed_request", f'the body must be {{"entries": [row, ...]}}: {exc}')
         if len(batch.entries) > self.settings.max_batch_entries:
@@ -222,9 +334,9 @@ class Gateway:
         origin = await self._authenticated(request)
         if isinstance(origin, Response):
             return origin
-        body = await request.body()
-        if len(body) > MAX_CHECKPOINT_BYTES:
-            return _error(413, "body_too_large", f"a checkpoint request may hold at most {MAX_CHECKPOINT_BYTES} bytes")
+        body = await read_body(request, MAX_CHECKPOINT_BYTES, self.settings.body_timeout_s)
+        if isinstance(body, Response):
+            return body
         try:
             note = checkpoint_decoder.decode(body).checkpoint
         except msgspec.DecodeError as exc:
@@ -269,6 +381,58 @@ def create_app(db_url: str | GatewaySettings, *, duplicate_window_days: int = 30
     return app
 
 
+def _header_deadline_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for a request's line and headers.
+
+    uvicorn cancels its keep-alive timer on every byte received, so a client that sends one
+    header byte every few seconds would hold the connection for ever. Here a timer starts when
+    the connection is made (and again after each response) and is only cancelled when h11 has
+    parsed a complete request head; when it fires, the connection is closed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    too_slow = Throttled("connections closed: request headers too slow")
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                too_slow(header_timeout_s=header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request head was parsed: the app has it now
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete:
+                self._arm()  # the next request's head has the same deadline
+
+    return HeaderDeadlineProtocol
+
+
 def uvicorn_server(settings: GatewaySettings, *, log_level: str = "info"):
     import uvicorn
 
@@ -290,10 +454,18 @@ def uvicorn_server(settings: GatewaySettings, *, log_level: str = "info"):
 
     # log_config=None: uvicorn keeps its hands off logging, so its loggers reach the root logger,
     # which shared.runtime.logs.configure_logging renders as JSON like every other line
+    tls: dict[str, Any] = {}
+    if settings.tls_cert:
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+        if settings.tls_client_ca:
+            tls |= {"ssl_ca_certs": settings.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    app = ConcurrencyLimit(create_app(settings), settings.max_concurrent_requests)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, lifespan="on", log_config=None,
+        app, host=settings.host, port=settings.port, lifespan="on", log_config=None,
         access_log=False, log_level=log_level, timeout_graceful_shutdown=30,
-        server_header=False, proxy_headers=False,
+        server_header=False, proxy_headers=False, http=_header_deadline_protocol(settings.header_timeout_s),
+        timeout_keep_alive=max(1, round(settings.keep_alive_s)), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        limit_concurrency=settings.max_connections, **tls,
     )
     return Server(config)
 

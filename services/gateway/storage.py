@@ -20,6 +20,7 @@ URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``postgre
 
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
 import threading
@@ -226,6 +227,20 @@ class Tx(ABC):
             "INSERT INTO edge_tokens (token_sha256, origin, created_at) VALUES (?, ?, ?)",
             (token_sha256, origin, now),
         )
+
+    def tokens(self, origin: str | None = None) -> list[tuple[str, str, str]]:
+        """(origin, token_sha256, created_at) of the valid tokens, of one origin or all, oldest first."""
+        where, params = ("WHERE origin = ?", (origin,)) if origin is not None else ("", ())
+        return [(o, h, at) for o, h, at in self._rows(
+            f"SELECT origin, token_sha256, created_at FROM edge_tokens {where} ORDER BY created_at, origin",
+            params)]
+
+    def revoke_tokens(self, origin: str, token_sha256_prefix: str = "") -> int:
+        """Delete the tokens of ``origin`` (those whose hash starts with the prefix); how many."""
+        before = len(self.tokens(origin))
+        self._exec("DELETE FROM edge_tokens WHERE origin = ? AND token_sha256 LIKE ?",
+                   (origin, token_sha256_prefix + "%"))
+        return before - len(self.tokens(origin))
 
     def ensure_head(self, origin: str, now: str) -> None:
         self._exec(
@@ -495,19 +510,38 @@ class SqliteTx(Tx):
 
 
 class SqliteStorage(Storage):
+    """The database file and its ``-wal``/``-shm`` are 0600 and a directory made here 0700: they
+    hold record bodies. (SQLite creates the WAL and SHM files with the database file's mode; the
+    chmod after connecting also tightens files an older gateway left 0644.)"""
+
     tx_class = SqliteTx
 
     def __init__(self, path: Path, pool_size: int = 4) -> None:
         super().__init__(pool_size)
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.chmod(0o700)
+        if not self.path.exists():  # created 0600 before SQLite would create it 0644 (the usual umask)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=60000")
+        self._owner_only()
         return conn
+
+    def _owner_only(self) -> None:
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                if path.stat().st_mode & 0o077:
+                    path.chmod(0o600)
+            except FileNotFoundError:
+                pass
+            except PermissionError:
+                pass  # another user's file (a read-only audit copy): not ours to change
 
     @contextmanager
     def _begin(self, conn: sqlite3.Connection, write: bool) -> Iterator[None]:

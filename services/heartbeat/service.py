@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import ssl
 import threading
 import time
 
@@ -46,6 +47,7 @@ from services.heartbeat.state import (
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
+from shared.runtime.gatewayhttp import gateway_http
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
 from shared.runtime.mqtt import MqttLink
@@ -56,6 +58,16 @@ def first_epoch() -> int:
     """The epoch of a heartbeat with no retained state: milliseconds since 1970, so it is above
     every epoch an earlier heartbeat reached (one per transition) on this box."""
     return time.time_ns() // 1_000_000
+
+
+def _caused_by_ssl(exc: BaseException | None) -> bool:
+    """Whether an ssl.SSLError (a refused certificate, a missing client certificate) is in the chain."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ssl.SSLError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class Heartbeat:
@@ -75,13 +87,14 @@ class Heartbeat:
                              subscriptions=[(self._uplink_topic, 0), (self._own_topic, 0)], persistent=False,
                              will=(self.topics.status("heartbeat"),
                                    json_encode({"service": "heartbeat", "state": "down"})))
-        self.http = httpx.Client(timeout=config.link.slow_probe_ms / 1000 + 1.0)
+        self.http = gateway_http(config.link, timeout_s=config.link.slow_probe_ms / 1000 + 1.0)
         self._lock = threading.Lock()  # state and epoch change together (publish may run in paho's thread)
         self._started = False
         self._published_at: float | None = None  # connectivity, monotonic
         self._status_at = 0.0  # status/heartbeat, monotonic
         self._degraded_alarmed = False  # this DEGRADED spell has raised its alarm
         self._alarmed = False  # a link alarm was raised since the link was last CONNECTED
+        self._tls_refused = False  # the last probe failed the TLS handshake (alarmed once per spell)
         self.link.on_connect_hooks.append(self._on_connect)
 
     def _on_connect(self) -> None:
@@ -91,10 +104,17 @@ class Heartbeat:
 
     def probe(self) -> Probe:
         start = time.monotonic()
+        tls_refused = False
         try:
-            ok = self.http.get(self.config.link.gateway_url.rstrip("/") + "/health").status_code == 200
-        except httpx.HTTPError:
+            ok = self.http.get("/health").status_code == 200
+        except httpx.HTTPError as exc:
             ok = False
+            tls_refused = _caused_by_ssl(exc)
+        if tls_refused and not self._tls_refused:
+            # a configuration error more likely than an outage: one alarm per spell, naming the settings
+            self._alarm("link_tls", "gateway TLS handshake failed: check link.ca_file (the CA that signed the "
+                        "gateway's certificate) and link.client_cert/client_key (if the gateway requires mTLS)")
+        self._tls_refused = tls_refused
         return Probe(ok, (time.monotonic() - start) * 1000)
 
     def _move(self, state: Link, reason: str) -> bool:

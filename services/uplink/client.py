@@ -1,4 +1,8 @@
-"""HTTP client of the central gateway API (services/gateway/openapi.yaml)."""
+"""HTTP(S) client of the central gateway API (services/gateway/openapi.yaml).
+
+TLS settings (CA file, client certificate) and the refusal to send the token in clear to
+another host are ``shared.runtime.gatewayhttp``'s, shared with the heartbeat.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from shared.runtime.config import Config
+from shared.runtime.config import Config, LinkConfig
+from shared.runtime.gatewayhttp import gateway_http
 from shared.runtime.messages import json_encode
 
 JSON_CONTENT = {"Content-Type": "application/json"}
@@ -59,9 +64,8 @@ def edge_token(config: Config) -> str:
 
 
 class GatewayClient:
-    def __init__(self, base_url: str, token: str, timeout_s: float):
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
-                                  headers={"Authorization": f"Bearer {token}"})
+    def __init__(self, link: LinkConfig, token: str, timeout_s: float):
+        self._http = gateway_http(link, timeout_s=timeout_s, token=token)
 
     def close(self) -> None:
         self._http.close()
@@ -111,7 +115,7 @@ class GatewaySession:
 
     def client(self) -> GatewayClient:
         if self._client is None:
-            self._client = GatewayClient(self.config.link.gateway_url, edge_token(self.config),
+            self._client = GatewayClient(self.config.link, edge_token(self.config),
                                          self.config.uplink.request_timeout_s)
         return self._client
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -84,6 +86,14 @@ class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):
     isolate_after: int = 3
     state_refresh_s: float = 60.0
     degraded_alarm_s: float = 60.0
+    # TLS to the gateway: the CA that signed its certificate (empty: the system's CAs), and this
+    # edge's client certificate and key when the gateway asks for one (mTLS)
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    # the bearer token may travel over plain http:// to a host other than loopback only when the
+    # operator says so here (a lab without TLS); never the default
+    allow_token_over_plain_http: bool = False
 
 
 class UplinkConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -100,6 +110,18 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     duplicate_window_days: int = 30
     key_dir: str = ""
     cosigner_name: str = "mro-gateway"
+    # HTTPS: certificate chain and key (PEM); both empty: plain HTTP. client_ca: require a client
+    # certificate signed by this CA (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # requests handled at once (more: 503), connections held at once (more: 503 from uvicorn)
+    max_concurrent_requests: int = 64
+    max_connections: int = 256
+    # seconds: to send a request's headers, to send its body, a keep-alive connection may idle
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
 
 
 class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -149,7 +171,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
         if self.gateway.db_url:
             return self.gateway.db_url
         path = self.data_path.resolve() / "gateway"
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.chmod(0o700)  # it holds record bodies and the cosigner key: the gateway's user only
         return f"sqlite:///{path / 'gateway.db'}"
 
     @property
@@ -245,14 +268,66 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
                           "is not: set both, or neither to use the service login in "
                           "$MRO_DATA_DIR/broker/service.secret")
     if not config.link.gateway_url:
-        config.link.gateway_url = local_gateway_url(config.gateway.listen)
+        config.link.gateway_url = local_gateway_url(config.gateway.listen, tls=bool(config.gateway.tls_cert))
+    check_link(config.link)
+    check_gateway_tls(config.gateway)
     return config
 
 
-def local_gateway_url(listen: str) -> str:
+def local_gateway_url(listen: str, *, tls: bool = False) -> str:
     """The URL of a gateway listening on `listen` (host:port); a wildcard host is reached on loopback."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    return f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) never leaves this machine."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _readable(setting: str, path: str) -> None:
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{setting} {path!r} is not a file; give the PEM file's path, or leave it empty")
+
+
+def check_link(link: LinkConfig) -> None:
+    """The link to the gateway is HTTPS, or plain HTTP on loopback, or explicitly allowed plain HTTP;
+    the TLS files it names exist. The uplink sends its bearer token on every request, so a plain
+    http:// URL to another host would put the token on the wire in clear."""
+    parts = urlsplit(link.gateway_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"link.gateway_url (MRO_LINK_GATEWAY_URL) {link.gateway_url!r} must look like "
+                          "https://HOST:PORT")
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not link.allow_token_over_plain_http:
+        raise ConfigError(
+            f"link.gateway_url {link.gateway_url!r} is plain HTTP to {parts.hostname}, which is not this machine: "
+            "the uplink's bearer token would cross the network unencrypted. Use https:// (and link.ca_file / "
+            "MRO_LINK_CA_FILE for the gateway's CA), or, on a closed test network only, set "
+            "link.allow_token_over_plain_http = true (MRO_LINK_ALLOW_TOKEN_OVER_PLAIN_HTTP=1)")
+    if bool(link.client_cert) != bool(link.client_key):
+        raise ConfigError("link.client_cert and link.client_key (MRO_LINK_CLIENT_CERT, MRO_LINK_CLIENT_KEY) "
+                          "go together: set both for mTLS, or neither")
+    for setting, path in (("link.ca_file", link.ca_file), ("link.client_cert", link.client_cert),
+                          ("link.client_key", link.client_key)):
+        _readable(setting, path)
+
+
+def check_gateway_tls(gateway: GatewayConfig) -> None:
+    """The reference gateway's certificate and key go together; a client CA needs them."""
+    if bool(gateway.tls_cert) != bool(gateway.tls_key):
+        raise ConfigError("gateway.tls_cert and gateway.tls_key (MRO_GATEWAY_TLS_CERT, MRO_GATEWAY_TLS_KEY) "
+                          "go together: set both to serve HTTPS, or neither")
+    if gateway.tls_client_ca and not gateway.tls_cert:
+        raise ConfigError("gateway.tls_client_ca (mTLS) needs gateway.tls_cert and gateway.tls_key: "
+                          "client certificates are only asked for over HTTPS")
+    for setting, path in (("gateway.tls_cert", gateway.tls_cert), ("gateway.tls_key", gateway.tls_key),
+                          ("gateway.tls_client_ca", gateway.tls_client_ca)):
+        _readable(setting, path)

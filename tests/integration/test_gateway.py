@@ -218,18 +218,19 @@ def test_malformed_requests(edge):
     assert r.status_code == 200 and r.json()["head"]["seq"] == 0
 
 
-def test_register_edge_adds_keys_and_tokens(db_url, gateway):
+def test_register_edge_adds_keys_and_rotates_the_token(db_url, gateway):
     edge = Edge(db_url, gateway.url)
     try:
         assert edge.post(edge.extend(3)).status_code == 200
-        # Same origin again: another token; a rotated key signs on from where the chain is.
+        # Same origin again: a new token replaces the old; a rotated key signs on from where the chain is.
         new_key = SigningKey.generate()
         second_token = register_edge(db_url, edge.origin, new_key.public_pem())
         assert second_token != edge.token
         nxt = entry_with(new_key, edge.origin, 3, edge.chain[-1].hash, {"rotated": "key"})
         r = edge.post([nxt], token=second_token)
         assert r.status_code == 200 and r.json()["head"]["seq"] == 3
-        assert edge.head()["seq"] == 3  # the first token still works
+        assert edge.http.get("/v1/head").status_code == 401  # the first token was rotated out
+        assert edge.http.get("/v1/head", headers={"Authorization": f"Bearer {second_token}"}).json()["seq"] == 3
         with pytest.raises(RegistrationError, match="already registered for origin"):
             register_edge(db_url, "mro-edge/ELSEWHERE", new_key.public_pem())
         with pytest.raises(RegistrationError, match="PUBLIC KEY"):

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from services.gateway.server import GatewaySettings, uvicorn_server
@@ -80,14 +81,16 @@ def batch_body(entries: list[SignedEntry]) -> bytes:
 class ThreadedGateway:
     """The real gateway (uvicorn + Starlette) on a free port, in a thread of this process."""
 
-    def __init__(self, db_url: str, duplicate_window_days: int = 30, key_dir: str | None = None) -> None:
+    def __init__(self, db_url: str, duplicate_window_days: int = 30, key_dir: str | None = None,
+                 **settings: Any) -> None:
+        """``settings``: more ``GatewaySettings`` fields (TLS files, limits, timeouts)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         if key_dir is None and not db_url.startswith("sqlite:///"):
             self._tmp = tempfile.TemporaryDirectory(prefix="mro-gw-keys-")
             key_dir = self._tmp.name + "/keys"
         self.settings = GatewaySettings(db_url=db_url, port=self.port, key_dir=key_dir or "",
-                                        duplicate_window_days=duplicate_window_days)
+                                        duplicate_window_days=duplicate_window_days, **settings)
+        self.url = f"{self.settings.scheme}://127.0.0.1:{self.port}"
         self.server = uvicorn_server(self.settings, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
 
