@@ -17,9 +17,9 @@ pipeline/outcome                   validate, sign      Outcomes (`recorded` only
 =================================  ==================  ======================================
 
 Wire form (`Sealed`, `"type": "sealed/1"`): `{type, source, body, sig}` where `body` is the hop
-message exactly as before and `sig` the hex Ed25519 signature over
-`"mro-edge hop/1\\n" || len+topic || len+source || body`: the signature binds the topic (a
-batch cannot be replayed onto another hop), the sender and the exact body bytes. A replay onto
+message exactly as before and `sig` the hex Ed25519 signature of `hop_digest`, SHA-256 over
+`"mro-edge hop/1\\n" || len+topic || len+source || body`: it binds the topic (a batch cannot
+be replayed onto another hop), the sender and the exact body bytes. A replay onto
 the same hop is harmless (every item is deduplicated by its idempotency key).
 
 Why Ed25519 and not an HMAC: with one secret per hop both ends hold it, so a compromised
@@ -36,6 +36,7 @@ refuses to start (`HopKeyError`): traffic is never accepted unauthenticated.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -83,10 +84,15 @@ class HopAuthError(Exception):
         self.received = received
 
 
-def signed_bytes(topic: str, source: str, body: bytes) -> bytes:
-    """What the hop signature covers: domain, topic and source (length-prefixed), the body bytes."""
+def hop_digest(topic: str, source: str, body: bytes) -> bytes:
+    """What the hop signature signs: SHA-256 of the domain, topic and source (length-prefixed)
+    and the body bytes. Signing the 32-byte digest rather than the body itself hashes a 250-record
+    batch once instead of twice with SHA-512 inside Ed25519 (bench/hopauth.py)."""
     t, s = topic.encode(), source.encode()
-    return b"".join((HOP_DOMAIN, struct.pack(">H", len(t)), t, struct.pack(">H", len(s)), s, bytes(body)))
+    digest = hashlib.sha256(HOP_DOMAIN)
+    digest.update(struct.pack(">H", len(t)) + t + struct.pack(">H", len(s)) + s)
+    digest.update(body)
+    return digest.digest()
 
 
 def entitled_senders(topics: Topics) -> dict[str, tuple[str, ...]]:
@@ -197,7 +203,7 @@ class HopAuth:
             return body
         if self._key is None or self.service not in self._senders[topic]:
             raise HopKeyError(f"{self.service} is not entitled to send on {topic}")
-        sig = self._key.sign_raw(signed_bytes(topic, self.service, body))
+        sig = self._key.sign_raw(hop_digest(topic, self.service, body))
         return _encode(Sealed(self.service, msgspec.Raw(body), sig.hex()))
 
     def open(self, topic: str, payload: bytes) -> tuple[str, bytes]:
@@ -216,7 +222,7 @@ class HopAuth:
         try:
             if len(sealed.sig) != _SIGNATURE_HEX:
                 raise ValueError
-            verifier.verify(signed_bytes(topic, source, body), bytes.fromhex(sealed.sig))
+            verifier.verify(hop_digest(topic, source, body), bytes.fromhex(sealed.sig))
         except (ValueError, nacl.exceptions.BadSignatureError):
             raise HopAuthError(f"the seal of {source!r} does not verify (forged, altered or another "
                                "hop's)") from None

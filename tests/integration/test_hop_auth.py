@@ -18,7 +18,7 @@ import pytest
 
 from mro_edge.simulator.records import valid_record
 from shared.contract import decode_record, idempotency_key, normalize
-from shared.runtime.hopauth import HopAuth, HopKeys, ensure_hop_keys, signed_bytes
+from shared.runtime.hopauth import HopAuth, HopKeys, ensure_hop_keys, hop_digest
 from shared.runtime.mqtt import MqttLink
 from shared.runtime.topics import Topics
 from tests.edge import TopicRecorder
@@ -46,7 +46,7 @@ def attacker_seal(tmp_path: Path, topic: str, source: str, body: bytes) -> bytes
     """`body` sealed in the name of `source`, by a key of the attacker's own making."""
     ensure_hop_keys(tmp_path / "attacker")
     key = HopKeys.of(tmp_path / "attacker").signing_key(source)
-    sig = key.sign_raw(signed_bytes(topic, source, body)).hex()
+    sig = key.sign_raw(hop_digest(topic, source, body)).hex()
     return b'{"type":"sealed/1","source":"' + source.encode() + b'","body":' + body + b',"sig":"' + sig.encode() + b'"}'
 
 
@@ -153,7 +153,7 @@ def test_a_forged_stage_receipt_does_not_delete_ingest_outbox_rows(stopped_pipel
         # sealed by ingest's own downstream's downstream: sign may not receipt ingest
         sign = HopKeys.of(pipe.data_dir).signing_key("sign")
         link.publish(topic, b'{"type":"sealed/1","source":"sign","body":' + body + b',"sig":"'
-                     + sign.sign_raw(signed_bytes(topic, "sign", body)).hex().encode() + b'"}')
+                     + sign.sign_raw(hop_digest(topic, "sign", body)).hex().encode() + b'"}')
         wait_until(lambda: len(hop_auth_reports(pipe, "ingest")) == 3, 30, 0.2, "three hop_auth reports")
     finally:
         link.stop()

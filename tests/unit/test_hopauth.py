@@ -21,7 +21,7 @@ from shared.runtime.hopauth import (
     HopKeyError,
     HopKeys,
     ensure_hop_keys,
-    signed_bytes,
+    hop_digest,
 )
 from shared.runtime.messages import (
     DeviceRef,
@@ -110,7 +110,7 @@ def test_a_seal_by_a_service_not_entitled_to_the_hop_is_refused(data_path):
     """ingest's genuine seal, but ingest never sends to sign: a compromised ingest cannot skip validate."""
     body = encode_envelope("ingest", [item_encoder.encode(record_item(1))])
     ingest = HopKeys.of(data_path).signing_key("ingest")
-    sealed = forged_seal(body, "ingest", ingest.sign_raw(signed_bytes(SIGN_IN, "ingest", body)))
+    sealed = forged_seal(body, "ingest", ingest.sign_raw(hop_digest(SIGN_IN, "ingest", body)))
     with pytest.raises(HopAuthError, match="may not send on this topic"):
         auth(data_path, "sign").open(SIGN_IN, sealed)
 
@@ -120,7 +120,7 @@ def test_a_seal_by_the_wrong_key_is_refused(data_path, tmp_path):
     downstream cannot forge its upstream)."""
     body = encode_envelope("validate", [item_encoder.encode(record_item(1))])
     for key in (HopKeys.of(data_path).signing_key("sign"), HopKeys.of(_other_keys(tmp_path)).signing_key("validate")):
-        sealed = forged_seal(body, "validate", key.sign_raw(signed_bytes(SIGN_IN, "validate", body)))
+        sealed = forged_seal(body, "validate", key.sign_raw(hop_digest(SIGN_IN, "validate", body)))
         with pytest.raises(HopAuthError, match="does not verify"):
             auth(data_path, "sign").open(SIGN_IN, sealed)
 
