@@ -217,3 +217,14 @@ def test_the_envelope_inside_stays_the_hop_format(data_path):
     assert sealed["type"] == "sealed/1" and sealed["source"] == "validate"
     inner = envelope_decoder(ValidatedRecord).decode(json.dumps(sealed["body"]).encode())
     assert inner.items == [record_item(1)]
+
+
+def test_keys_hop_init_makes_the_keys_once(tmp_path, monkeypatch, capsys):
+    from mro_edge.cli import main
+
+    monkeypatch.setenv("MRO_DATA_DIR", str(tmp_path / "data"))
+    assert main(["keys", "hop-init"]) == 0
+    assert f"new: {', '.join(CHAIN)}" in capsys.readouterr().out
+    assert all(HopKeys.of(tmp_path / "data").private_path(s).exists() for s in CHAIN)
+    assert main(["keys", "hop-init"]) == 0
+    assert "new:" not in capsys.readouterr().out
