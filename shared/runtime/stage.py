@@ -1,7 +1,8 @@
 """The stage runtime's loop: everything a pipeline stage needs except its domain logic.
 
 For each batch of MQTT messages (DESIGN.md section 2):
-  1. decode transport -> typed inputs (device publishes, or the hop's items: `shared.runtime.messages`);
+  1. decode transport -> typed inputs (device publishes, or the hop's items: `shared.runtime.messages`),
+     a pipeline message only once its hop seal proves the entitled sender (`shared.runtime.hopauth`);
   2. ONE synced LMDB write transaction: settle receipted outbox rows, notices, then the batch
      (`shared.runtime.delivery.run_batch`: dedupe, the handler's verdicts, fates, outbox and
      DLQ rows) -> commit; a handler that raises is isolated record by record (`poison`);
