@@ -84,8 +84,6 @@ class StageRuntime:
         self.config = config
         self.topics = Topics(config.station)
         self.log = get_logger(stage=stage.name)
-        self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
-                           map_size_mb=config.stage.map_size_mb)
         self.intake = stage.consumes == "devices"
         self.input_topic = self.topics.device_in_all if self.intake else self.topics.stage_input(stage.name)
         self.receipt_topic = self.topics.stage_receipt(stage.name)
@@ -99,6 +97,8 @@ class StageRuntime:
                                            tuple(topic for topic, _ in subscriptions))
         except HopKeyError as exc:
             raise StageRefused("hop_key", str(exc)) from None
+        self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
+                           map_size_mb=config.stage.map_size_mb)
         self.status = StatusReport(stage.name, self.store, self._queue_depth, stage.status_extra,
                                    lambda: (self.link.contested, self.link.session_resets))
         self.link = MqttLink(config, client_id=f"mro-{config.station}-{stage.name}",

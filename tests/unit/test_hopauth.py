@@ -35,6 +35,7 @@ from shared.runtime.messages import (
     item_encoder,
     json_encode,
 )
+from shared.runtime.mqtt import Inbound
 from shared.runtime.stage import StageRefused, StageRuntime
 from shared.runtime.testing import STATION
 from shared.runtime.topics import Topics
@@ -228,3 +229,50 @@ def test_keys_hop_init_makes_the_keys_once(tmp_path, monkeypatch, capsys):
     assert all(HopKeys.of(tmp_path / "data").private_path(s).exists() for s in CHAIN)
     assert main(["keys", "hop-init"]) == 0
     assert "new:" not in capsys.readouterr().out
+
+
+@pytest.fixture
+def sign_runtime(data_path):
+    """sign's runtime on the module's keys; nothing connects (decode only)."""
+    from services.sign.stage import Sign
+
+    runtime = StageRuntime(Sign(), load_config(env={"MRO_DATA_DIR": str(data_path), "MRO_STATION": STATION,
+                                                    "MRO_MQTT_URL": "mqtt://127.0.0.1:9"}))
+    yield runtime
+    runtime.store.close()
+
+
+def _forgeries(data_path: Path, tmp_path: Path) -> dict[str, tuple[str, bytes]]:
+    body = encode_envelope("validate", [item_encoder.encode(record_item(1))])
+    validate, uplink = auth(data_path, "validate"), auth(data_path, "uplink")
+    sealed = validate.seal(SIGN_IN, body)
+    other = HopKeys.of(_other_keys(tmp_path)).signing_key("validate")
+    receipt = json_encode(StageReceipt("uplink", ["k"]))
+    return {
+        "missing": (SIGN_IN, body),
+        "tampered": (SIGN_IN, sealed.replace(b'"24.6"', b'"99999"')),
+        "wrong source": (SIGN_IN, forged_seal(body, "uplink", HopKeys.of(data_path).signing_key("uplink").sign_raw(
+            hop_digest(SIGN_IN, "uplink", body)))),
+        "wrong hop": (SIGN_IN, validate.seal(TOPICS.outcomes, body)),
+        "wrong key": (SIGN_IN, forged_seal(body, "validate", other.sign_raw(hop_digest(SIGN_IN, "validate", body)))),
+        "inner source": (SIGN_IN, validate.seal(SIGN_IN, encode_envelope("ingest", [item_encoder.encode(
+            record_item(1))]))),
+        "receipt unsealed": (TOPICS.stage_receipt("sign"), receipt),
+        "receipt by another": (TOPICS.stage_receipt("sign"), uplink.seal(TOPICS.stage_receipt("sign"), json_encode(
+            StageReceipt("validate", ["k"])))),
+    }
+
+
+def test_every_forgery_decodes_to_a_hop_auth_report_and_nothing_else(data_path, tmp_path, sign_runtime):
+    runtime = sign_runtime
+    forgeries = _forgeries(data_path, tmp_path)
+    assert b'"24.6"' in forgeries["missing"][1]  # the tampering below really changes the torque
+    for name, (topic, payload) in forgeries.items():
+        batch = runtime.decode([Inbound(topic, payload, 1, 0, 0)])
+        assert not batch.inputs and not batch.receipted and not batch.upstream and not batch.broken, name
+        [report] = batch.forged
+        assert [e["rule"] for e in report["errors"]] == ["hop_auth"], name
+        assert report["stage"] == "sign" and topic in report["errors"][0]["expected"], name
+    good = runtime.decode([Inbound(SIGN_IN, auth(data_path, "validate").seal(
+        SIGN_IN, encode_envelope("validate", [item_encoder.encode(record_item(1))])), 1, 0, 0)])
+    assert good.inputs == [record_item(1)] and not good.forged and good.upstream == {"validate": [record_item(1).key]}
