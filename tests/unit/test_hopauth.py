@@ -276,3 +276,18 @@ def test_every_forgery_decodes_to_a_hop_auth_report_and_nothing_else(data_path, 
     good = runtime.decode([Inbound(SIGN_IN, auth(data_path, "validate").seal(
         SIGN_IN, encode_envelope("validate", [item_encoder.encode(record_item(1))])), 1, 0, 0)])
     assert good.inputs == [record_item(1)] and not good.forged and good.upstream == {"validate": [record_item(1).key]}
+
+
+def test_the_chain_is_the_registry_s_stages_and_their_downstreams():
+    """hopauth.CHAIN (shared cannot import services) must stay what the stages say they feed."""
+    from importlib import import_module
+
+    from services.registry import SERVICES, Kind
+
+    stages = [s for s in SERVICES if s.kind is Kind.STAGE]
+    assert tuple(s.name for s in stages) == CHAIN
+    for service in stages:
+        module, _, name = service.entry.partition(":")
+        downstream = getattr(import_module(module), name).downstream
+        position = CHAIN.index(service.name)
+        assert downstream == (CHAIN[position + 1] if position + 1 < len(CHAIN) else None), service.name
