@@ -34,9 +34,10 @@ RUN pip install -c /tmp/constraints.txt --upgrade pip \
  && pip install -c /tmp/constraints.txt /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels /tmp/constraints.txt
 
-# The data volume (and the broker-auth and tls volumes inside it) start owned by the service
-# user with mode 0700: docker copies this ownership into a new named volume on first mount.
-RUN install -d -o 1883 -g 1883 -m 0700 /data /data/broker /data/tls
+# The data volume (and the broker-auth, tls and hop-key volumes inside it) start owned by the
+# service user with mode 0700: docker copies this ownership into a new named volume on first mount.
+RUN install -d -o 1883 -g 1883 -m 0700 /data /data/broker /data/tls /data/hopkeys /data/hopkeys/ingest \
+      /data/hopkeys/validate /data/hopkeys/sign /data/hopkeys/uplink
 
 # The configuration is the packaged default (config/edge.toml in the repository); MRO_CONFIG
 # points at another file, MRO_<SECTION>_<KEY> overrides one setting.

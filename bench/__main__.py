@@ -36,15 +36,16 @@ def _env_int(name: str, default: int) -> int:
 
 
 def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = None) -> dict:
-    """The drain, ledger, compliance, stock-client intake and TLS figures (issues 3-5, 8, 13), each
-    with its own same-run reference. `intake`: extra arguments of bench.intake and bench.tls
-    (brokers, rate, seed, latency_s)."""
+    """The drain, ledger, compliance, stock-client intake, TLS and hop authentication figures
+    (issues 3-5, 8, 13), each with its own same-run reference. `intake`: extra arguments of
+    bench.intake and bench.tls (brokers, rate, seed, latency_s)."""
     figures = {}
     for part, module, function in (("drain", "bench.drain", "run_drain_bench"),
                                    ("ledger", "bench.ledger", "run_ledger_bench"),
                                    ("compliance", "bench.compliance", "run_compliance_bench"),
                                    ("intake", "bench.intake", "run_intake_bench"),
-                                   ("tls", "bench.tls", "run_tls_bench")):
+                                   ("tls", "bench.tls", "run_tls_bench"),
+                                   ("hopauth", "bench.hopauth", "run_hopauth_bench")):
         if part not in parts:
             continue
         print(f"\n=== {part} ===", flush=True)
@@ -61,9 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small runs (about a minute in all)")
-    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls",
+    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls,hopauth",
                         help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance, "
-                             "intake (stock device clients, issue 8), tls (TLS beside plain MQTT, issue 13)")
+                             "intake (stock device clients, issue 8), tls (TLS beside plain MQTT, issue 13), "
+                             "hopauth (hop seal cost, issue 13)")
     parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,embedded"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,

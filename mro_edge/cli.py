@@ -203,6 +203,7 @@ def _ready_message(supervisor, not_up: list, log_file: Path | None) -> str:
 
 
 def cmd_run(config: Config, args) -> int:
+    from mro_edge.commands_ledger import provision_hop_keys
     from mro_edge.endpoints import mark_stopped, write_run_file
     from mro_edge.supervisor import Console, LogSink, Supervisor, SupervisorError, summary_line
     from services.broker.credentials import BrokerCredentials
@@ -221,6 +222,7 @@ def cmd_run(config: Config, args) -> int:
     configure_logging("run", config.station, stream=sink.stream())
     if not args.no_broker:
         BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
+    provision_hop_keys(config)  # before any stage starts: a stage without its keys refuses
     login = service_credentials(config)
     warnings: list = []
     if args.no_broker:
@@ -278,12 +280,15 @@ def _mosquitto_pid_file(args) -> Path | None:
 
 
 def cmd_devices_init(config: Config, args) -> int:
-    """Only the services' own user: device accounts are the operator's (`devices add`), and the
-    simulator makes its fleet's accounts itself when it starts."""
+    """Only the services' own user and hop keys: device accounts are the operator's (`devices add`),
+    and the simulator makes its fleet's accounts itself when it starts."""
+    from mro_edge.commands_ledger import provision_hop_keys
+
     store = _credentials(config)
     user, _ = store.ensure_service_user()
     print(f"service user {user} ready; {len(store.devices())} devices; "
           f"password file {store.passwd_path}, ACL {store.acl_path}")
+    print(provision_hop_keys(config))
     return 0
 
 
@@ -640,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # (command, action) of the commands that may create a data directory, or need none
 CREATES_STATE = {("run", None), ("service", None), ("devices", "init"), ("keys", "generate"),
-                 ("certs", "init"), ("certs", "broker"), ("certs", "device")}
+                 ("certs", "init"), ("certs", "broker"), ("certs", "device"), ("keys", "hop-init")}
 NO_DATA_DIR = {("audit", "verify"), ("schema", "check"), ("registry", "sign")}
 # the commands that work on the gateway's database only (no data directory with MRO_GATEWAY_DB_URL)
 GATEWAY_ADMIN = {("gateway", "register-edge"), ("gateway", "tokens"), ("gateway", "revoke-token")}

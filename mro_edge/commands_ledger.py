@@ -49,6 +49,24 @@ def _current(config: Config):
 
 # -- keys -------------------------------------------------------------------------------------------
 
+def provision_hop_keys(config: Config) -> str:
+    """The stages' hop keys (`shared.runtime.hopauth`), made if absent; a line saying what exists."""
+    from shared.runtime.hopauth import HopKeyError, HopKeys, ensure_hop_keys
+
+    try:
+        made = ensure_hop_keys(config.data_path)
+    except HopKeyError as exc:
+        raise _user_error(str(exc)) from None
+    new = f", new: {', '.join(made)}" if made else ""
+    return f"hop keys ready in {HopKeys.of(config.data_path).dir}{new}"
+
+
+def cmd_keys_hop_init(config: Config, args) -> int:
+    config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    print(provision_hop_keys(config))
+    return 0
+
+
 def cmd_keys_generate(config: Config, args) -> int:
     from shared.ledger.keys import KeyFileError
 
@@ -239,6 +257,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ksub.add_parser(
         "rotate", help="stage a new key; the sign service appends the signed rotation and switches"
     ).set_defaults(func=cmd_keys_rotate)
+    ksub.add_parser(
+        "hop-init", help="each stage's hop key (authenticates its pipeline messages); never replaces one"
+    ).set_defaults(func=cmd_keys_hop_init)
     export = ksub.add_parser("export-public", help="public key as PEM (SubjectPublicKeyInfo)")
     export.add_argument("--next", action="store_true", help="the key of the pending rotation instead")
     export.set_defaults(func=cmd_keys_export_public)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.broker.credentials import BrokerCredentials, reload_mosquitto
+from shared.runtime.hopauth import ensure_hop_keys
 from shared.runtime.mqtt import mqtt_connack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +145,7 @@ class BrokerProc:
         self.url = f"mqtts://127.0.0.1:{tls.port}" if tls else f"mqtt://127.0.0.1:{self.port}"
         self.credentials = BrokerCredentials(self.data_dir / "broker", station)
         self.service_user = self.credentials.ensure_service_user()
+        ensure_hop_keys(self.data_dir)  # as `mro-edge run` / `devices init` do before any stage starts
         self.log_path = self.data_dir / f"{kind}.log"
         self.pid_file = self.data_dir / f"{kind}.pid"
         self._proc: subprocess.Popen[bytes] | None = None

@@ -33,6 +33,7 @@ from services.sign.guard import (
     check_tree,
     refuse,
 )
+from shared.contract import FieldError, error_report
 from shared.ledger.canonical import canonical_json, sha256_hex
 from shared.ledger.entry import (
     GENESIS_PREV,
@@ -55,10 +56,38 @@ from shared.ledger.store import (
 )
 from shared.runtime.clock import utc_now
 from shared.runtime.handler import Stage
-from shared.runtime.messages import SignedRow, ValidatedRecord, json_encode, record_body
+from shared.runtime.messages import (
+    SERVICE_KIND,
+    DeviceRef,
+    SchemaChange,
+    SignedRow,
+    ValidatedRecord,
+    json_encode,
+    record_body,
+)
 from shared.runtime.store import u64
-from shared.runtime.verdicts import Recorded, Verdict
+from shared.runtime.verdicts import Recorded, Rejected, Verdict
 from shared.runtime.work import UnitOfWork
+
+CONTROL_PLANE = DeviceRef(SERVICE_KIND, "validate")  # services.validate.changes.CONTROL_DEVICE
+ENTRY_SOURCE_RULE = "entry_source"
+
+
+def entry_source_error(item: ValidatedRecord) -> FieldError | None:
+    """Sign signs only what the stage entitled to send it may send: a `schema_change` only from
+    validate's control plane, a contract record only for the fleet device that made it (whose
+    receipt it answers). Hop authentication already proves validate sent the batch; this keeps
+    a record from speaking for another device or for the box itself."""
+    record, device = item.record, item.device
+    if isinstance(record, SchemaChange):
+        if device == CONTROL_PLANE:
+            return None
+        expected = f"a schema_change from {CONTROL_PLANE.kind}/{CONTROL_PLANE.id}"
+    else:
+        if device.kind != SERVICE_KIND and (device.kind, device.id) == (record.device.kind, record.device.id):
+            return None
+        expected = f"a {record.type} sent for its own device {record.device.kind}/{record.device.id}"
+    return FieldError("$.device", ENTRY_SOURCE_RULE, expected, f"{device.kind[:32]}/{device.id[:40]}")
 
 
 def next_signer(head: SignedEntry | None, first_kid: str) -> str:
@@ -188,6 +217,10 @@ class Sign(Stage[ValidatedRecord]):
 
     def judge(self, item: ValidatedRecord, uow: UnitOfWork) -> Verdict:
         record = item.record
+        error = entry_source_error(item)
+        if error is not None:
+            return Rejected(error_report(stage=self.name, errors=[error], received_at=utc_now(),
+                                         event_id=record.event_id, idempotency_key=item.key))
         signed = self._append(item.key, record.type, record_body(record), uow)
         return Recorded(signed.seq, SignedRow(item.key, record.event_id, signed.seq, _row(signed)))
 

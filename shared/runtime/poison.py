@@ -35,6 +35,8 @@ def isolate(runtime: StageRuntime, batch: Batch) -> tuple[list[UnitOfWork], list
         settled = uow.settle_receipts(batch.receipted)
         for message in batch.broken:
             delivery.reject(uow, broken_envelope_report(runtime.stage.name, message), None)
+        for report in batch.forged:
+            delivery.reject(uow, report, None)
     uows.append(uow)
     failures_in_a_row = 0
     singles: list[Any] = [*batch.notices, *batch.inputs]

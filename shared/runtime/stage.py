@@ -1,7 +1,8 @@
 """The stage runtime's loop: everything a pipeline stage needs except its domain logic.
 
 For each batch of MQTT messages (DESIGN.md section 2):
-  1. decode transport -> typed inputs (device publishes, or the hop's items: `shared.runtime.messages`);
+  1. decode transport -> typed inputs (device publishes, or the hop's items: `shared.runtime.messages`),
+     a pipeline message only once its hop seal proves the entitled sender (`shared.runtime.hopauth`);
   2. ONE synced LMDB write transaction: settle receipted outbox rows, notices, then the batch
      (`shared.runtime.delivery.run_batch`: dedupe, the handler's verdicts, fates, outbox and
      DLQ rows) -> commit; a handler that raises is isolated record by record (`poison`);
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lmdb
@@ -28,10 +29,11 @@ import msgspec
 
 from shared.runtime import delivery, watchdog
 from shared.runtime.alarms import alarm_payload
-from shared.runtime.clock import utc_from_epoch
+from shared.runtime.clock import utc_from_epoch, utc_now
 from shared.runtime.config import Config
 from shared.runtime.freeze import Freeze
 from shared.runtime.handler import DeviceMessage, Stage
+from shared.runtime.hopauth import HopAuth, HopAuthError, HopKeyError, hop_auth_report
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import (
     FateQuery,
@@ -71,6 +73,7 @@ class Batch:
     notices: list[Inbound] = field(default_factory=list)
     upstream: dict[str, list[str]] = field(default_factory=dict)
     broken: list[Inbound] = field(default_factory=list)
+    forged: list[dict[str, Any]] = field(default_factory=list)  # hop_auth reports: never processed
 
 
 class StageRuntime:
@@ -81,8 +84,6 @@ class StageRuntime:
         self.config = config
         self.topics = Topics(config.station)
         self.log = get_logger(stage=stage.name)
-        self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
-                           map_size_mb=config.stage.map_size_mb)
         self.intake = stage.consumes == "devices"
         self.input_topic = self.topics.device_in_all if self.intake else self.topics.stage_input(stage.name)
         self.receipt_topic = self.topics.stage_receipt(stage.name)
@@ -91,13 +92,20 @@ class StageRuntime:
         self.decoder = None if self.intake else envelope_decoder(stage.input_type | FateQuery)
         subscriptions = [(self.input_topic, 1), (self.receipt_topic, 1), (self.topics.control(stage.name), 1)]
         subscriptions += [(topic, 1) for topic in self.notice_topics]
+        try:
+            self.hop = HopAuth.for_service(config.data_path, self.topics, stage.name,
+                                           tuple(topic for topic, _ in subscriptions))
+        except HopKeyError as exc:
+            raise StageRefused("hop_key", str(exc)) from None
+        self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
+                           map_size_mb=config.stage.map_size_mb)
         self.status = StatusReport(stage.name, self.store, self._queue_depth, stage.status_extra,
                                    lambda: (self.link.contested, self.link.session_resets))
         self.link = MqttLink(config, client_id=f"mro-{config.station}-{stage.name}",
                              subscriptions=subscriptions,
                              will=(self.topics.status(stage.name), self.status.payload("down")))
         self.outbox = (
-            Outbox(self.store, self.link.publish, topic=self.topics.stage_input(stage.downstream),
+            Outbox(self.store, self.publish_sealed, topic=self.topics.stage_input(stage.downstream),
                    source=stage.name,
                    batch=config.stage.outbox_batch, redeliver_after_s=config.stage.redeliver_after_s,
                    max_in_flight=config.stage.max_in_flight)
@@ -124,6 +132,10 @@ class StageRuntime:
         self.status.sent()
         self.link.publish(self.topics.status(self.stage.name), self.status.payload(state or self.state),
                           retain=True)
+
+    def publish_sealed(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish, sealed with this service's hop key if `topic` is a pipeline hop (`hopauth`)."""
+        self.link.publish(topic, self.hop.seal(topic, payload), qos, retain)
 
     def _alarm(self, kind: str, detail: str) -> None:
         self.log.error("alarm", alarm=kind, detail=detail, state_transition=f"ALARM_{kind.upper()}")
@@ -172,27 +184,64 @@ class StageRuntime:
         return messages
 
     def decode(self, messages: list[Inbound]) -> Batch:
+        """Sort and decode a batch; a pipeline message whose hop seal fails is kept only as a
+        `hop_auth` report (DLQ and alarm): its items are never judged, its receipt never settles."""
         batch = Batch()
         for message in messages:
             if message.topic == self.receipt_topic:
+                opened = self._open(message, batch)
+                if opened is None:
+                    continue
                 try:
-                    batch.receipted.extend(stage_receipt_decoder.decode(message.payload).keys)
+                    receipt = stage_receipt_decoder.decode(opened[1])
                 except msgspec.DecodeError:
                     self.log.warning("unreadable stage receipt ignored", topic=message.topic)
+                    continue
+                if self._claims(message, batch, receipt.stage, opened[0]):
+                    batch.receipted.extend(receipt.keys)
             elif message.topic in self.notice_topics:
-                batch.notices.append(message)
+                opened = self._open(message, batch)
+                if opened is not None:
+                    batch.notices.append(replace(message, payload=opened[1]))
             elif self.decoder is None:
                 batch.inputs.append(DeviceMessage(message.topic, message.payload,
                                                   utc_from_epoch(message.received_at)))
             else:
+                opened = self._open(message, batch)
+                if opened is None:
+                    continue
                 try:
-                    envelope = self.decoder.decode(message.payload)
+                    envelope = self.decoder.decode(opened[1])
                 except msgspec.DecodeError:
                     batch.broken.append(message)
                     continue
-                batch.inputs.extend(envelope.items)
-                batch.upstream.setdefault(envelope.source, []).extend(item.key for item in envelope.items)
+                if self._claims(message, batch, envelope.source, opened[0]):
+                    batch.inputs.extend(envelope.items)
+                    batch.upstream.setdefault(envelope.source, []).extend(item.key for item in envelope.items)
         return batch
+
+    def _open(self, message: Inbound, batch: Batch) -> tuple[str | None, bytes] | None:
+        """(sender, body) of a message, the sender None on a topic that is not sealed; None once a
+        failed seal is reported."""
+        if not self.hop.sealed(message.topic):
+            return None, message.payload
+        try:
+            return self.hop.open(message.topic, message.payload)
+        except HopAuthError as exc:
+            self._forged(message, batch, exc.received)
+            return None
+
+    def _claims(self, message: Inbound, batch: Batch, named: str, sealer: str | None) -> bool:
+        """The stage a message names inside is the one that sealed it (receipts go back to it)."""
+        if sealer is None or named == sealer:
+            return True
+        self._forged(message, batch, f"sealed by {sealer!r} but naming {named[:32]!r} as its sender")
+        return False
+
+    def _forged(self, message: Inbound, batch: Batch, received: str) -> None:
+        self.log.error("forged pipeline message", topic=message.topic, detail=received,
+                       state_transition="HOP_AUTH_FAILED")
+        batch.forged.append(hop_auth_report(self.stage.name, message.topic, received, utc_now()))
 
     def _process(self, messages: list[Inbound]) -> None:
         batch = self.decode(messages)
@@ -204,15 +253,18 @@ class StageRuntime:
         self.freeze.recovered()
         for message in messages:
             self.link.ack(message)
+        if batch.forged:
+            self._alarm("hop_auth", f"{len(batch.forged)} pipeline message(s) not sealed by the service "
+                        f"entitled to send them, first: {batch.forged[0]['errors'][0]['received']}; "
+                        "kept in the DLQ, nothing of them processed")
         for uow in uows:
             for topic, payload, qos, retain in uow.messages():
-                self.link.publish(topic, payload, qos, retain)
+                self.publish_sealed(topic, payload, qos, retain)
             for t in uow.transitions:
                 self.log.info("record", correlation_id=t.correlation_id, idempotency_key=t.key,
                               state_transition=t.state, **t.extra)
         for source, keys in batch.upstream.items():
-            self.link.publish(self.topics.stage_receipt(source),
-                              json_encode(StageReceipt(self.stage.name, keys)))
+            self.publish_sealed(self.topics.stage_receipt(source), json_encode(StageReceipt(self.stage.name, keys)))
 
     # the batch transaction
     @contextmanager
@@ -235,6 +287,8 @@ class StageRuntime:
                     self.notice(notice, uow)
                 for message in batch.broken:
                     delivery.reject(uow, broken_envelope_report(self.stage.name, message), None)
+                for report in batch.forged:
+                    delivery.reject(uow, report, None)
                 if batch.inputs:
                     delivery.run_batch(self.stage, batch.inputs, uow)
             uows: list[UnitOfWork] = [uow]

@@ -20,6 +20,7 @@ from shared.contract import decode_record, idempotency_key, normalize
 from shared.ledger.keys import SigningKey
 from shared.runtime.clock import utc_now
 from shared.runtime.config import load_config
+from shared.runtime.hopauth import ensure_hop_keys
 from shared.runtime.messages import (
     DeviceRef,
     FateQuery,
@@ -59,6 +60,7 @@ class Harness:
         keys = self.data / "keys"
         keys.mkdir(parents=True, exist_ok=True)
         (keys / "registry-authority.pub.pem").write_text(AUTHORITY.public_pem())
+        ensure_hop_keys(self.data)
         self.rng = random.Random(5)
         self.start()
 

@@ -262,6 +262,22 @@ def test_app_services_read_the_operator_site_never_the_image_registries(producti
             }, name
 
 
+def test_each_stage_holds_only_its_own_hop_key(production: dict[str, Any]) -> None:
+    """init makes every stage's hop key (shared/runtime/hopauth.py); a stage's container mounts
+    its own private-key volume and no other (the public keys are in the shared data volume)."""
+    from shared.runtime.hopauth import CHAIN, HOPKEYS_DIR
+
+    def hop_keys(name: str) -> set[str]:
+        return {target.rsplit("/", 1)[1] for target in mounts(production["services"][name])
+                if target.startswith(f"/data/{HOPKEYS_DIR}/")}
+
+    assert hop_keys("init") == set(CHAIN)
+    for name in production["services"]:
+        assert hop_keys(name) == ({name} if name in CHAIN else set()) or name == "init", name
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert all(f"/data/{HOPKEYS_DIR}/{stage}" in dockerfile for stage in CHAIN), "volumes start owned by 1883"
+
+
 def test_the_site_template_is_what_the_validate_stage_loads() -> None:
     """deploy/site-template, mounted at /site: edge.toml loads, the registries the compose
     environment forces are its registries/ (empty until the operator fills them), never the

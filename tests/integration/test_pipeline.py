@@ -176,15 +176,22 @@ def test_poison_is_isolated_and_good_records_keep_flowing(pipeline):
 
 
 def test_garbage_on_a_pipeline_topic_goes_to_the_dlq(pipeline):
+    """Unsealed garbage fails hop authentication; garbage sealed by the entitled stage (a bug in
+    it) is an unreadable envelope. Both are reported and the stage keeps going."""
+    from shared.runtime.hopauth import HopAuth
     from shared.runtime.mqtt import MqttLink
     from shared.runtime.topics import Topics
 
+    topic = Topics(pipeline.station).stage_input("validate")
+    ingest = HopAuth.for_service(pipeline.data_dir, Topics(pipeline.station), "ingest", ())
     link = MqttLink(pipeline.config, client_id="test-garbage", persistent=False)
     link.start()
-    link.publish(Topics(pipeline.station).stage_input("validate"), b"\x00garbage")
-    wait_until(lambda: pipeline.dlq("validate"), 20, 0.2, "an envelope report in the validate DLQ")
+    link.publish(topic, b"\x00garbage")
+    wait_until(lambda: pipeline.dlq("validate"), 20, 0.2, "a hop_auth report in the validate DLQ")
+    link.publish(topic, ingest.seal(topic, b'["garbage"]'))
+    wait_until(lambda: len(pipeline.dlq("validate")) == 2, 20, 0.2, "an envelope report in the validate DLQ")
     link.stop()
-    assert pipeline.dlq("validate")[0]["errors"][0]["rule"] == "envelope"
+    assert [r["errors"][0]["rule"] for r in pipeline.dlq("validate")] == ["hop_auth", "envelope"]
     assert pipeline.alive("validate")
 
 

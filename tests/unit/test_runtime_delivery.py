@@ -23,6 +23,7 @@ from shared.runtime.clock import utc_now
 from shared.runtime.config import Config, load_config
 from shared.runtime.delivery import apply_outcomes, run_batch
 from shared.runtime.handler import DeviceMessage
+from shared.runtime.hopauth import ensure_hop_keys
 from shared.runtime.messages import (
     DeviceRef,
     Fate,
@@ -128,6 +129,7 @@ def test_a_received_record_crosses_the_hop_unchanged(seed, kind):
 def validate(tmp_path) -> Iterator[Validate]:
     config = load_config(env={"MRO_DATA_DIR": str(tmp_path), "MRO_STATION": STATION,
                               "MRO_MQTT_URL": "mqtt://127.0.0.1:9"})
+    ensure_hop_keys(tmp_path)
     runtime = StageRuntime(Validate(), config)
     runtime.stage.open(runtime)
     yield runtime.stage

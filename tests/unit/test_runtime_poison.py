@@ -14,6 +14,7 @@ from shared.contract import decode_record, idempotency_key, normalize
 from shared.runtime.clock import utc_now
 from shared.runtime.config import load_config
 from shared.runtime.handler import Stage
+from shared.runtime.hopauth import ensure_hop_keys
 from shared.runtime.messages import DeviceRef, Fate, ReceivedRecord, ValidatedRecord, fate_decode
 from shared.runtime.poison import FAILURES_IN_A_ROW, StageFault
 from shared.runtime.stage import Batch, StageRuntime
@@ -43,6 +44,7 @@ class Fussy(Stage[ReceivedRecord]):
 def runtime(tmp_path) -> Iterator[StageRuntime]:
     config = load_config(env={"MRO_DATA_DIR": str(tmp_path), "MRO_STATION": STATION,
                               "MRO_MQTT_URL": "mqtt://127.0.0.1:9"})
+    ensure_hop_keys(tmp_path)
     runtime = StageRuntime(Fussy(), config)
     yield runtime
     runtime.store.close()
