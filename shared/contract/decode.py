@@ -58,6 +58,18 @@ def decode_record(payload: bytes, *, station: str, device_kind: str, device_id: 
     return record
 
 
+def peek_event_id(payload: bytes, *, max_bytes: int = 65536, max_depth: int = 16) -> str | None:
+    """The event_id of a message that will not be decoded in full (a rate-limited one), so its
+    `rejected` receipt can still name it; None when it has no well-formed one. Costs one
+    untyped decode at most, and nothing for an oversized message or a nesting bomb."""
+    if len(payload) > max_bytes or _depth_exceeds(payload, max_depth):
+        return None
+    try:
+        return readable_event_id(_untyped.decode(payload))
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+
+
 def _diagnose(payload: bytes, station: str, device_kind: str, device_id: str,
               cause: Exception) -> tuple[object, list[FieldError]]:
     """(decoded object or None, every error) for a payload the fast path refused."""

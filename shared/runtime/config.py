@@ -37,7 +37,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_depth: int = 16
     clock_skew_s: int = 300
     max_backdate_days: int = 30
-    max_raw_in_report: int = 65536
+    max_raw_in_report: int = 4096
+    device_rate_per_s: float = 50.0
+    device_burst: int = 2000
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -48,6 +50,7 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_in_flight: int = 2000
     status_interval_s: float = 2.0
     map_size_mb: int = 4096
+    dlq_budget_kb: int = 65536
 
 
 class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):
