@@ -91,9 +91,15 @@ def _diagnose(payload: bytes, station: str, device_kind: str, device_id: str,
 
 
 def duplicate_errors(payload: bytes) -> list[FieldError]:
-    """One `duplicate_key` error per repeated key, at its path (the second and later copies)."""
-    return [FieldError(json_path(steps), "duplicate_key", DUPLICATE_EXPECTED, "the key again")
-            for steps in duplicate_keys(payload, MAX_ERRORS)]
+    """One `duplicate_key` error per repeated key, at its path (the second and later copies).
+
+    Only called on what msgspec has parsed; should Python's parser still disagree, the message
+    is refused as JSON rather than left to raise in the stage (which would count as poison)."""
+    try:
+        found = duplicate_keys(payload, MAX_ERRORS)
+    except (ValueError, RecursionError):
+        return [FieldError("$", "json", "one JSON object (RFC 8259)", "not readable as strict JSON")]
+    return [FieldError(json_path(steps), "duplicate_key", DUPLICATE_EXPECTED, "the key again") for steps in found]
 
 
 def from_msgspec(cause: Exception) -> FieldError:
