@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -21,7 +23,7 @@ from mro_edge.cli import read_statuses
 from mro_edge.simulator.records import valid_record
 from shared.runtime import dlq
 from shared.runtime.store import Store
-from tests.pipeline import Pipeline, wait_until
+from tests.pipeline import ROOT, Pipeline, wait_until
 
 GARBAGE = b"garbage " * 8192  # 64 KiB, at the message size limit, not JSON
 
@@ -94,6 +96,11 @@ def test_a_garbage_flood_cannot_freeze_intake_or_fill_the_store(make_pipeline):
     ingest = statuses["ingest"]
     assert ingest["state"] == "up" and ingest["pid"] == pid and pipeline.alive("ingest")
     assert ingest["dlq_bytes"] == usage.bytes and ingest["dlq_dropped"] == usage.dropped
+    shown = subprocess.run([sys.executable, "-m", "mro_edge", "dlq", "summary", "--json"], env=pipeline.env,
+                           cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    [row] = [s for s in json.loads(shown.stdout) if s["stage"] == "ingest"]
+    assert (row["bytes"], row["budget_bytes"], row["dropped"]) == (usage.bytes, budget_kb * 1024, usage.dropped)
+    assert row["counted"] == [{"device_id": "FLOOD-1", "rule": "json", "count": usage.dropped}]
 
 
 def test_a_device_over_its_rate_is_refused_and_others_are_not(make_pipeline):

@@ -139,6 +139,20 @@ def test_trailing_newline_on_an_identifier_is_refused(field):
     assert _errors(json.dumps(record).encode())
 
 
+@pytest.mark.parametrize("topic,parsed", [
+    ("mro/HGR1/in/tablet/TAB-01", ("tablet", "TAB-01")),
+    ("mro/HGR1/in/tablet/TAB-01\n", None),
+    ("mro/HGR1/in/tablet/TAB\u202e01", None),
+    ("mro/HGR1/in/toaster/TAB-01", None),
+    ("mro/HGR1/in/tablet/", None),
+    ("mro/HGR2/in/tablet/TAB-01", None),
+])
+def test_topics_match_device_ids_whole(topic, parsed):
+    from shared.runtime.topics import Topics
+
+    assert Topics("HGR1").parse_device_in(topic) == parsed
+
+
 def test_device_id_type_is_the_topics_pattern():
     from shared.runtime.topics import DEVICE_ID_PATTERN
 
