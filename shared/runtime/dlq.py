@@ -7,8 +7,9 @@ errors (the rest are counted in `errors_omitted`; the device's receipt and the D
 get them all). While the budget has room a report is stored whole. Once it is reached, the
 rejection is still answered (receipt, DLQ topic) but only counted: per device and rule in
 `dlq_summary`, and in total in `dlq_dropped`; the first report not stored raises one
-`dlq_full` alarm. Rejections that are never stored whole (`rate_limited`) are counted the same
-way. Good records never wait for any of this.
+`dlq_full` alarm (again only after the DLQ has had room, e.g. under a larger budget).
+Rejections that are never stored whole (`rate_limited`) are counted the same way. Good
+records never wait for any of this.
 
 Tables owned here (other code uses `usage` and `summary`):
 
@@ -70,13 +71,15 @@ def keep(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None, erro
         last = uow.last(DLQ)
         uow.put(DLQ, u64(from_u64(last[0]) + 1 if last else 0), encoded, append=True)
         _add(uow, _BYTES, size)
+        if uow.get(META, _FULL) is not None:
+            uow.delete(META, _FULL)  # room again: the next time it fills is worth an alarm
         return True
     count(uow, device, (e.rule for e in errors))
     if not _counter(uow, _FULL):
         _add(uow, _FULL, 1)
         detail = (f"the {uow.stage.name} DLQ is at its budget ({used} of {budget} bytes): further rejections "
                   f"are still answered and published, but only counted per device and rule "
-                  f"(mro-edge dlq summary); raise [stage] dlq_budget_kb or clear the DLQ")
+                  f"(mro-edge dlq summary); find the device sending them, or raise [stage] dlq_budget_kb")
         uow.publish(uow.topics.alarm, alarm_payload(uow.stage.name, "dlq_full", detail, dlq_bytes=used,
                                                     budget_bytes=budget))
     return False

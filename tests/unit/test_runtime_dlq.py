@@ -103,6 +103,14 @@ def test_the_budget_is_never_exceeded_and_every_rejection_is_kept_or_counted(siz
     assert sum(last.dlq_summary().values()) == last.meta("dlq_dropped")
 
 
+def test_the_alarm_comes_again_only_after_the_dlq_had_room_again():
+    stage, tables = ingest_stage(), MemoryTables()
+    first = [alarms(batch(stage, tables, [message("FLOOD-1", b"{")], 0)) for _ in range(3)]
+    assert [len(a) for a in first] == [1, 0, 0]
+    assert not alarms(batch(stage, tables, [message("FLOOD-1", b"{")], 10_000))  # a larger budget: stored
+    assert [len(alarms(batch(stage, tables, [message("FLOOD-1", b"{")], 0))) for _ in range(2)] == [1, 0]
+
+
 def test_summary_rows_are_bounded(monkeypatch):
     monkeypatch.setattr(dlq, "SUMMARY_ROWS", 3)
     stage, tables = ingest_stage(), MemoryTables()
