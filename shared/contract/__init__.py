@@ -54,10 +54,11 @@ contract              the field                   the decoder refused the value 
 
 `decode_record` reports everything up to and including `topic_mismatch`; `check_rules` the
 last five. The ingest stage adds one rule of its own before decoding: `rate_limited` (path
-`$`), a device publishing faster than `[ingest] rate_per_s` / `burst` allow
-(`services/ingest/stage.py`). The regulatory rules the validate stage applies next (registries, sign-off chains,
-technician e-signatures, contract versions mro.record/2 and later) have their own ids, listed
-in `shared.compliance`.
+`$`), a device publishing faster than `[limits] device_rate_per_s` / `device_burst` allow
+(`services/ingest/stage.py`): the record was not read or kept, and must be sent again later.
+The regulatory rules the validate stage applies next (registries, sign-off chains, technician
+e-signatures, contract versions mro.record/2 and later) have their own ids, listed in
+`shared.compliance`.
 """
 
 from shared.contract.body import idempotency_key, normalize, record_from_body
