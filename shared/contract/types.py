@@ -36,7 +36,7 @@ from msgspec import UNSET, Meta, UnsetType
 from shared.contract.hygiene import FREE_TEXT_PATTERN
 from shared.contract.scalars import Quantity, UtcTimestamp
 from shared.ledger.canonical import MAX_SAFE_INTEGER
-from shared.runtime.topics import DEVICE_ID_PATTERN, DEVICE_KINDS
+from shared.runtime.topics import DEVICE_ID_PATTERN, DEVICE_KINDS, STATION_PATTERN
 
 SCHEMA = "mro.record/1"
 
@@ -73,7 +73,7 @@ FREE_TEXT = {"free_text": True}
 
 EventId = Annotated[str, Meta(pattern=UUID_PATTERN, extra={"rule": "format"},
                               description="a UUID like 0b6e4c1a-8d2f-4e5b-9c7a-1f2e3d4c5b6a")]
-StationId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z",
+StationId = Annotated[str, Meta(pattern=STATION_PATTERN,
                                 description="the station id of the topic (1-32 of A-Z a-z 0-9 _ -)")]
 DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN,
                                description="the device id of the topic (1-64 of A-Z a-z 0-9 _ . : -)")]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from shared.runtime.topics import STATION_PATTERN
 
 # The shipped edge.toml is package data of `mro_edge_config` (pyproject.toml installs the
 # repository's config/ directory under that name, with the example registries beside it): the
@@ -178,6 +181,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
     _split_url(config.mqtt.url)
+    if re.search(STATION_PATTERN, config.station) is None:
+        raise ConfigError(f"MRO_STATION (station) {config.station!r} is not a station id: 1-32 of A-Z a-z 0-9 _ -, "
+                          "starting with a letter or digit (it is part of every MQTT topic)")
     if config.mqtt.password and not config.mqtt.username:
         raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) "
                           "is not: set both, or neither to use the service login in "

@@ -9,6 +9,7 @@ DEVICE_KINDS = ("rfid_reader", "barcode_scanner", "torque_wrench", "tablet")
 # Device ids of contract v1 (also `shared.contract.types.DeviceId`); `\Z`, not `$`, which would
 # also match before a trailing newline.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"
+STATION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z"
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 
 

@@ -211,3 +211,11 @@ def test_rate_limited_garbage_is_answered_without_an_event_id(payload):
     uow = batch(stage, tables, [message("FLOOD-1", payload)], None)
     [(_, receipt)] = uow.receipts()
     assert receipt.status == "rejected" and receipt.event_id is None
+
+
+@pytest.mark.parametrize("station", ["HGR1\n", "a/b", "+", "", "x" * 33])
+def test_a_station_id_is_matched_whole_in_the_config(station):
+    from shared.runtime.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="not a station id"):
+        load_config(env={"MRO_STATION": station})
