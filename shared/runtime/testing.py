@@ -90,8 +90,11 @@ class MemoryUnitOfWork(UnitOfWork):
 
     def dlq_summary(self) -> dict[tuple[str, str], int]:
         """(device id, rule) -> reports counted but not stored whole."""
-        rows = self.tables.table(SUMMARY).items()
-        return {tuple(key.decode().split("\0", 1)): from_u64(value) for key, value in rows}  # type: ignore[misc]
+        counts: dict[tuple[str, str], int] = {}
+        for key, value in self.tables.table(SUMMARY).items():
+            device_id, _, rule = key.decode().partition("\0")
+            counts[(device_id, rule)] = from_u64(value)
+        return counts
 
     def meta(self, name: str) -> int:
         raw = self.tables.table("meta").get(name.encode())
