@@ -1,6 +1,7 @@
 """Compliance benchmark (issue 5): validation throughput with every rule on beside structural checks
 only, measured in the same run on the same pre-decoded records, and the schema dry-run time over
-100,000 historical records held in an LMDB ledger.
+100,000 historical records held in an LMDB ledger. Beside them, ingest's contract decode of the
+same kind of device messages with and without the duplicate-key check (issue 13).
 
     python -m bench.compliance [--quick] [--json FILE]
 
@@ -103,6 +104,41 @@ def _throughput(records, judge, repeat: int) -> float:
     return len(records) * repeat / (time.perf_counter() - started)
 
 
+def _decode_us(payloads: list[tuple[bytes, str, str]], repeat: int) -> tuple[float, float]:
+    """Microseconds per message of `decode_record` without and with the duplicate-key check: the
+    best of `repeat` passes each, the two alternating so that a busy machine slows both alike."""
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(repeat):
+        for check in (False, True):
+            started = time.perf_counter()
+            for payload, kind, device_id in payloads:
+                decode_record(payload, station=STATION, device_kind=kind, device_id=device_id,
+                              check_duplicates=check)
+            best[check] = min(best[check], time.perf_counter() - started)
+    return best[False] / len(payloads) * 1e6, best[True] / len(payloads) * 1e6
+
+
+def decode_figures(quick: bool, out=print) -> dict:
+    """The duplicate-key check's price on realistic device messages (JSON as devices send it)."""
+    rng = random.Random(2026)
+    payloads = []
+    for i in range(2_000 if quick else 5_000):
+        kind, device_id = FLEET[i % len(FLEET)]
+        record = valid_record(rng, station=STATION, device_kind=kind, device_id=device_id)
+        payloads.append((json.dumps(record).encode(), kind, device_id))
+    _decode_us(payloads[:500], 1)  # warm up
+    plain, checked = _decode_us(payloads, 7)
+    figures = {"decode_messages": len(payloads),
+               "decode_mean_bytes": round(sum(len(p) for p, _, _ in payloads) / len(payloads)),
+               "decode_plain_us": round(plain, 2), "decode_checked_us": round(checked, 2),
+               "duplicate_check_overhead": round(checked / plain - 1, 3)}
+    out(f"contract decode, {len(payloads)} device messages of {figures['decode_mean_bytes']} bytes on average:")
+    out(f"  without the duplicate-key check  {plain:8.2f} us/message")
+    out(f"  with it (as ingest runs)         {checked:8.2f} us/message "
+        f"(+{figures['duplicate_check_overhead']:.0%})")
+    return figures
+
+
 def run_compliance_bench(quick: bool = False, out=print) -> dict:
     registry = load_registry(DEFAULT_REGISTRIES)
     pool = 2_000 if quick else 5_000
@@ -145,6 +181,8 @@ def run_compliance_bench(quick: bool = False, out=print) -> dict:
     out(f"  all rules (compliance on)   {figures['all_rules_per_s']:>10,} records/s "
         f"({figures['all_rules_vs_structural']:.2f}x)")
     out(f"  all rules, no signature     {figures['all_rules_without_signatures_per_s']:>10,} records/s")
+
+    figures.update(decode_figures(quick, out))
 
     history = 20_000 if quick else 100_000
     version = compile_version(DRIFT_VERSION)

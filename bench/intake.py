@@ -54,6 +54,7 @@ SETTINGS = {
     "MRO_LOG_LEVEL": "WARNING",
     "MRO_STAGE_REDELIVER_AFTER_S": "15",
     "MRO_STAGE_STATUS_INTERVAL_S": "2",
+    "MRO_LIMITS_DEVICE_RATE_PER_S": "0",  # four bench devices stand in for a fleet: no per-device limit
 }
 # (raw messages, end-to-end records, broker kills per mode)
 FULL = {"mosquitto": (20_000, 12_000, 3), "embedded": (12_000, 6_000, 3)}

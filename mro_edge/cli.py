@@ -489,6 +489,42 @@ def cmd_dlq(config: Config, args) -> int:
     return 0
 
 
+def cmd_dlq_summary(config: Config, args) -> int:
+    """Per stage: the DLQ's bytes against its budget, and the rejections only counted (budget
+    reached, rate_limited) per device and rule."""
+    import lmdb
+
+    from shared.runtime import dlq
+    from shared.runtime.store import Store, StoreError
+
+    budget = config.stage.dlq_budget_kb * 1024
+    stages = []
+    for stage in service_names(Kind.STAGE):
+        path = config.stage_dir(stage)
+        if not (path / "data.mdb").exists():
+            continue
+        try:
+            store = Store(path, (dlq.DLQ, dlq.SUMMARY, dlq.META), readonly=True)
+        except (StoreError, lmdb.Error):
+            continue  # a store written before the DLQ summary existed: nothing counted yet
+        try:
+            usage, rows = dlq.usage(store), dlq.summary(store)
+        finally:
+            store.close()
+        stages.append({"stage": stage, "rows": usage.rows, "bytes": usage.bytes, "budget_bytes": budget,
+                       "dropped": usage.dropped,
+                       "counted": [{"device_id": d, "rule": r, "count": n} for d, r, n in rows]})
+    if args.json:
+        print(json.dumps(stages, indent=2))
+        return 0
+    for s in stages:
+        print(f"{s['stage']:<9} {s['rows']} reports, {s['bytes']:,} of {s['budget_bytes']:,} bytes; "
+              f"{s['dropped']} rejections counted only")
+        for c in s["counted"]:
+            print(f"  {c['device_id'] or '-':<24} {c['rule']:<20} {c['count']}")
+    return 0
+
+
 def cmd_resume(config: Config, args) -> int:
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
 
@@ -638,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list = qsub.add_parser("list", help="every DLQ entry with its error report")
     dlq_list.add_argument("--json", action="store_true")
     dlq_list.set_defaults(func=cmd_dlq)
+    dlq_summary = qsub.add_parser("summary", help="DLQ bytes against the budget, and rejections only counted "
+                                                  "(budget reached, rate_limited) per device and rule")
+    dlq_summary.add_argument("--json", action="store_true")
+    dlq_summary.set_defaults(func=cmd_dlq_summary)
     for module in COMMAND_MODULES:
         import_module(module).register(sub)
     return parser

@@ -3,7 +3,8 @@
 A device keeps every record it sent until it gets a receipt for it (`received`, `duplicate`
 or `rejected`) and re-sends it after a timeout; ingest's dedupe makes the re-sends harmless.
 It also waits for the final answer (`recorded` with a ledger seq, or `rejected`) so a run can
-check that nothing was lost.
+check that nothing was lost. A rejection for `rate_limited` only is no answer: ingest did not
+read the record, so it is sent again after the timeout like one never receipted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ FINAL = ("recorded", "rejected")
 HELD = ("received", "duplicate", "rejected", "recorded")
 
 
+def rate_limited(receipt: dict) -> bool:
+    """A `rejected` receipt that only says "too fast, send it again later"."""
+    errors = receipt.get("errors") or []
+    return receipt.get("status") == "rejected" and bool(errors) and all(
+        e.get("rule") == "rate_limited" for e in errors)
+
+
 @dataclass
 class Sent:
     payload: bytes
@@ -34,14 +42,14 @@ class Sent:
 
     @property
     def held(self) -> bool:
-        return any(r["status"] in HELD for r in self.receipts)
+        return any(r["status"] in HELD and not rate_limited(r) for r in self.receipts)
 
     @property
     def final(self) -> dict | None:
         """The receipt that settles this record: `recorded` or `rejected`, or a `duplicate` that
         names the ledger seq (or any `duplicate`, when a duplicate is what we sent)."""
         for receipt in self.receipts:
-            if receipt["status"] in FINAL:
+            if receipt["status"] in FINAL and not rate_limited(receipt):
                 return receipt
             if receipt["status"] == "duplicate" and (
                 receipt.get("seq") is not None or self.expect == "duplicate"

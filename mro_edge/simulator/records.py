@@ -209,12 +209,15 @@ def bad_cases(rng: random.Random, *, station: str, device_kind: str, device_id: 
 
     unsent = fresh()
     unsent.pop("notes", None)
+    twice = fresh()  # the same key twice, even with the same value, is refused
     utc = received_at.astimezone(UTC)
     cases = [
         BadCase("not_json", _dumps(fresh())[:-1], "$", "json", "ingest"),
         BadCase("not_utf8", _dumps(unsent)[:-1] + b', "notes": "Stamp \xff\xfe"}', "$", "utf8", "ingest"),
         BadCase("oversize", _dumps(fresh())[:-1] + b" " * 65536 + b"}", "$", "max_size", "ingest"),
         BadCase("not_an_object", _dumps([fresh()]), "$", "type", "ingest"),
+        BadCase("duplicate_key", _dumps(twice)[:-1] + b', "work_order_id": ' + _dumps(twice["work_order_id"]) + b"}",
+                "$.work_order_id", "duplicate_key", "ingest"),
         *(edited(*case) for case in _FIELD_CASES),
         edited("occurred_at_offset", "$.occurred_at", "format", f"{utc:%Y-%m-%dT%H:%M:%S}+00:00"),
         edited("occurred_at_date_only", "$.occurred_at", "format", f"{utc:%Y-%m-%d}"),
@@ -440,6 +443,10 @@ _FIELD_CASES: tuple[tuple[str, str, str, Any, str | None], ...] = (
     ("removal_reason_enum", "$.removal_reason", "enum", "BORED", "part_removal"),
     ("result_enum", "$.result", "enum", "MAYBE", _TORQUE),
     ("notes_too_long", "$.notes", "max_length", "n" * 2001, None),
+    ("notes_bidi_override", "$.notes", "text_control_char", "Torque checked \u202eKO\u202c", None),
+    ("description_zero_width", "$.description", "text_control_char", "Replaced\u200b seal", _ACTION),
+    ("finding_ansi_escape", "$.findings[0]", "text_control_char", ["\x1b[2JLoose clamp."], _INSPECTION),
+    ("notes_nul", "$.notes", "text_control_char", "Stamp\x00ed", None),
     ("description_too_long", "$.description", "max_length", "d" * 2001, _ACTION),
     ("description_empty", "$.description", "min_length", "", _ACTION),
     ("data_reference_too_long", "$.data_reference", "max_length", "A320 AMM " + "1" * 112, _ACTION),

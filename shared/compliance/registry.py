@@ -90,7 +90,7 @@ class Authorisation(_Entry, frozen=True, kw_only=True):
 
 
 class TechnicianEntry(_Entry, frozen=True, kw_only=True):
-    cert_no: Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9][A-Z0-9-]{3,19}$")]
+    cert_no: Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9][A-Z0-9-]{3,19}\Z")]
     name: str = ""
     status: Literal["active", "suspended"] = "active"
     status_since: date | None = None

@@ -55,7 +55,7 @@ from shared.contract.types import RECORD_CLASSES, RECORD_TYPES, SCHEMA
 from shared.ledger.canonical import canonical_json, sha256_hex
 
 BASE_VERSION = SCHEMA
-_VERSION = re.compile(r"^mro\.record/([1-9][0-9]{0,5})$")
+_VERSION = re.compile(r"^mro\.record/([1-9][0-9]{0,5})\Z")
 _KINDS = ("require", "pattern", "allow", "max_length")
 _TOP = {"version", "title", "reference", *_KINDS}
 _KEYS = {

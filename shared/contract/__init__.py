@@ -14,6 +14,14 @@ max_size              $                           message larger than `max_bytes
 utf8                  $                           message is not UTF-8
 max_depth             $                           objects/arrays nested deeper than `max_depth`
 json                  $                           message is not JSON
+duplicate_key         the repeated key            an object names the same key twice (JSON
+                                                  decoders disagree on which copy counts)
+text_control_char     the field (or key)          text holds a C0/C1 control character (free
+                                                  text may hold LF and TAB), a bidi control
+                                                  (U+202A-E, U+2066-9, U+200E/F, U+061C) or a
+                                                  zero-width character (U+200B-D, U+2060,
+                                                  U+FEFF); `received` names the code point and
+                                                  its position, never the text
 type                  the field ($ if top level)  wrong JSON type (a string for a quantity, a
                                                   bool or 1.5 for a count, a non-object record)
 required              the missing field           required field absent
@@ -45,9 +53,12 @@ contract              the field                   the decoder refused the value 
 ====================  ==========================  ============================================
 
 `decode_record` reports everything up to and including `topic_mismatch`; `check_rules` the
-last five. The regulatory rules the validate stage applies next (registries, sign-off chains,
-technician e-signatures, contract versions mro.record/2 and later) have their own ids, listed
-in `shared.compliance`.
+last five. The ingest stage adds one rule of its own before decoding: `rate_limited` (path
+`$`), a device publishing faster than `[limits] device_rate_per_s` / `device_burst` allow
+(`services/ingest/stage.py`): the record was not read or kept, and must be sent again later.
+The regulatory rules the validate stage applies next (registries, sign-off chains, technician
+e-signatures, contract versions mro.record/2 and later) have their own ids, listed in
+`shared.compliance`.
 """
 
 from shared.contract.body import idempotency_key, normalize, record_from_body
@@ -74,7 +85,8 @@ from shared.contract.types import (
 )
 
 RULES: tuple[str, ...] = (
-    "max_size", "utf8", "max_depth", "json", "type", "required", "unknown_field", "schema_version", "enum",
+    "max_size", "utf8", "max_depth", "json", "duplicate_key", "text_control_char", "type", "required",
+    "unknown_field", "schema_version", "enum",
     "pattern", "format", "min_length", "max_length", "minimum", "maximum", "precision", "ata_chapter",
     "registration", "topic_mismatch", "torque_range", "torque_result", "calibration_overdue",
     "occurred_in_future", "occurred_too_old", "contract",

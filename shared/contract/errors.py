@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from shared.contract.hygiene import escape_forbidden
+
 MAX_RECEIVED = 80
 
 
@@ -54,9 +56,10 @@ def cut(text: str, limit: int = MAX_RECEIVED) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _json_string(text: str) -> str:
-    """Quoted like JSON, so a string "12.5" is told apart from the number and stray spaces show."""
-    return msgspec.json.encode(text).decode()
+def json_string(text: str) -> str:
+    """Quoted like JSON, so a string "12.5" is told apart from the number and stray spaces show;
+    control, bidi and zero-width code points escaped, so a report cannot carry them."""
+    return escape_forbidden(msgspec.json.encode(text).decode())
 
 
 def describe(value: Any, *, free_text: bool = False) -> str:
@@ -66,7 +69,7 @@ def describe(value: Any, *, free_text: bool = False) -> str:
     if kind is str:
         if free_text:
             return f"<redacted: {len(value)} chars>"
-        return cut(_json_string(value[:MAX_RECEIVED]) + ("…" if len(value) > MAX_RECEIVED else ""))
+        return cut(json_string(value[:MAX_RECEIVED]) + ("…" if len(value) > MAX_RECEIVED else ""))
     if value is None:
         return "null"
     if kind is bool:

@@ -8,11 +8,13 @@ from shared.contract.errors import FieldError
 
 
 def error_report(*, stage: str, errors: list[FieldError], received_at: str, event_id: str | None = None,
-                 idempotency_key: str | None = None, raw: bytes | None = None, max_raw: int = 65536) -> dict:
+                 idempotency_key: str | None = None, raw: bytes | None = None, max_raw: int = 4096) -> dict:
     """`{stage, event_id?, idempotency_key?, received_at, errors, raw_b64?, raw_truncated?}`.
 
     The errors carry no free text (see `shared.contract.errors`); `raw` is the message as it
-    arrived, for the DLQ operator, cut to `max_raw` bytes with `raw_truncated: true` when cut.
+    arrived, for the DLQ operator, cut to `max_raw` bytes (`[limits] max_raw_in_report`, 4 KiB:
+    enough to see what a device sent, too little for a flood of garbage to fill the DLQ) with
+    `raw_truncated: true` when cut.
     """
     report: dict = {"stage": stage}
     if event_id is not None:

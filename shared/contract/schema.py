@@ -15,7 +15,8 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from shared.contract.errors import FieldError, RuleViolation, cut, describe
+from shared.contract.errors import FieldError, RuleViolation, cut, describe, json_string
+from shared.contract.hygiene import TEXT_EXPECTED, forbidden_received
 from shared.contract.scalars import (
     DATE_EXPECTED,
     QUANTITY_EXPECTED,
@@ -115,7 +116,15 @@ def readable_event_id(obj: Any) -> str | None:
 def _child(path: str, key: str) -> str:
     if _PLAIN_KEY.fullmatch(key):
         return f"{path}.{key}"
-    return f"{path}[{msgspec.json.encode(cut(key, 40)).decode()}]"
+    return f"{path}[{json_string(cut(key, 40))}]"
+
+
+def json_path(steps: tuple[str | int, ...]) -> str:
+    """`$.aircraft.registration`, `$.findings[0]`, `$["odd key"]` for a path of keys and indexes."""
+    path = "$"
+    for step in steps:
+        path = f"{path}[{step}]" if isinstance(step, int) else _child(path, step)
+    return path
 
 
 def _names(struct: mi.StructType) -> frozenset[str]:
@@ -132,7 +141,9 @@ def _struct(obj: dict, struct: mi.StructType, path: str, errors: list[FieldError
     for key, value in obj.items():
         if len(errors) >= MAX_ERRORS:
             return
-        if key not in known:
+        if key not in known and (bad := forbidden_received(key)) is not None:
+            errors.append(FieldError(_child(path, key), "text_control_char", TEXT_EXPECTED, f"key with {bad}"))
+        elif key not in known:
             errors.append(FieldError(_child(path, key), "unknown_field", "no such field in contract v1 here",
                                      describe(value, free_text=True)))
     for field in struct.fields:
@@ -153,6 +164,11 @@ def _value(value: Any, t: mi.Type, path: str, errors: list[FieldError], hints: _
                        bool(extra.get("free_text")))
         _value(value, t.type, path, errors, hints)
         return
+    if type(value) is str and isinstance(t, mi.StrType | mi.LiteralType):
+        bad = forbidden_received(value)
+        if bad is not None:  # before any other rule: says what is wrong without quoting the text
+            errors.append(FieldError(path, "text_control_char", TEXT_EXPECTED, bad))
+            return
     problem = _problem(value, t, path, errors, hints)
     if problem is not None:
         rule, expected = problem

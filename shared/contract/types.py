@@ -7,7 +7,8 @@ needs beyond msgspec's own constraints: `description` is the human "expected" te
 may name a specific rule id for a pattern failure and mark free text (redacted in reports).
 
 Patterns end in `\\Z`, not `$`: msgspec matches with `re.search`, and `$` also matches before a
-trailing newline, which would let "N123AB\\n" through.
+trailing newline, which would let "N123AB\\n" through. Free text carries a pattern too
+(`shared.contract.hygiene.FREE_TEXT_PATTERN`): no control, bidi or zero-width code points.
 
 Registrations accepted (`REGISTRATION_PATTERN`):
 
@@ -32,9 +33,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from shared.contract.hygiene import FREE_TEXT_PATTERN
 from shared.contract.scalars import Quantity, UtcTimestamp
 from shared.ledger.canonical import MAX_SAFE_INTEGER
-from shared.runtime.topics import DEVICE_KINDS
+from shared.runtime.topics import DEVICE_ID_PATTERN, DEVICE_KINDS, STATION_PATTERN
 
 SCHEMA = "mro.record/1"
 
@@ -71,9 +73,9 @@ FREE_TEXT = {"free_text": True}
 
 EventId = Annotated[str, Meta(pattern=UUID_PATTERN, extra={"rule": "format"},
                               description="a UUID like 0b6e4c1a-8d2f-4e5b-9c7a-1f2e3d4c5b6a")]
-StationId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z",
+StationId = Annotated[str, Meta(pattern=STATION_PATTERN,
                                 description="the station id of the topic (1-32 of A-Z a-z 0-9 _ -)")]
-DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z",
+DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN,
                                description="the device id of the topic (1-64 of A-Z a-z 0-9 _ . : -)")]
 WorkOrderId = Annotated[str, Meta(pattern=r"^[A-Z0-9][A-Z0-9/-]{2,29}\Z",
                                   description="3-30 of A-Z 0-9 / - (starting with a letter or digit)")]
@@ -95,12 +97,12 @@ ReleaseCertificate = Annotated[str, Meta(pattern=r"^[A-Z0-9][A-Z0-9./-]{0,39}\Z"
                                                      "digit)")]
 CertNo = Annotated[str, Meta(pattern=r"^[A-Z0-9][A-Z0-9-]{3,19}\Z",
                              description="4-20 of A-Z 0-9 - (starting with a letter or digit)")]
-Signature = Annotated[str, Meta(min_length=1, max_length=1024, extra=FREE_TEXT)]
-Notes = Annotated[str, Meta(max_length=2000, extra=FREE_TEXT)]
-Description = Annotated[str, Meta(min_length=1, max_length=2000, extra=FREE_TEXT)]
-DataReference = Annotated[str, Meta(min_length=1, max_length=120, extra=FREE_TEXT)]
-Finding = Annotated[str, Meta(min_length=1, max_length=500, extra=FREE_TEXT)]
-Position = Annotated[str, Meta(min_length=1, max_length=40, extra=FREE_TEXT)]
+Signature = Annotated[str, Meta(min_length=1, max_length=1024, pattern=FREE_TEXT_PATTERN, extra=FREE_TEXT)]
+Notes = Annotated[str, Meta(max_length=2000, pattern=FREE_TEXT_PATTERN, extra=FREE_TEXT)]
+Description = Annotated[str, Meta(min_length=1, max_length=2000, pattern=FREE_TEXT_PATTERN, extra=FREE_TEXT)]
+DataReference = Annotated[str, Meta(min_length=1, max_length=120, pattern=FREE_TEXT_PATTERN, extra=FREE_TEXT)]
+Finding = Annotated[str, Meta(min_length=1, max_length=500, pattern=FREE_TEXT_PATTERN, extra=FREE_TEXT)]
+Position = Annotated[str, Meta(min_length=1, max_length=40, pattern=FREE_TEXT_PATTERN, extra=FREE_TEXT)]
 Count = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
 
 CertKind = Literal["FAA-A", "FAA-P", "FAA-AP", "FAA-IA", "FAA-REPAIRMAN",

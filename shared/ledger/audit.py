@@ -109,8 +109,8 @@ KEY_PEM = "ledger-key.pem"
 KEYS = "keys"
 PROOFS = "proofs"
 README = "README.txt"
-_PROOF_NAME = re.compile(r"^(0|[1-9][0-9]*)\.json$")
-_HEX32 = re.compile(r"^[0-9a-f]{64}$")
+_PROOF_NAME = re.compile(r"^(0|[1-9][0-9]*)\.json\Z")
+_HEX32 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class AuditError(Exception):

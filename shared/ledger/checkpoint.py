@@ -63,7 +63,7 @@ MAX_SIGNATURES = 100  # the spec asks for at least 16
 _MAX_TIMESTAMP = 2**63 - 1
 _U64 = struct.Struct(">Q")
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f]")
-_SIZE = re.compile(r"^(0|[1-9][0-9]*)$")
+_SIZE = re.compile(r"^(0|[1-9][0-9]*)\Z")
 _COSIGN_HEADER = "cosignature/v1\n"
 
 

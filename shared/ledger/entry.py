@@ -34,10 +34,10 @@ MAX_SEQ = 2**53 - 1
 KEY_ROTATION = "key_rotation"
 _ROTATION_FIELDS = {"new_kid", "new_public_key", "effective_seq"}
 
-_HEX64 = r"^[0-9a-f]{64}$"
-_KID = r"^[0-9a-f]{16}$"
-_SIG_HEX = r"^[0-9a-f]{128}$"
-_RECORDED_AT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+_HEX64 = r"^[0-9a-f]{64}\Z"
+_KID = r"^[0-9a-f]{16}\Z"
+_SIG_HEX = r"^[0-9a-f]{128}\Z"
+_RECORDED_AT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z\Z"
 
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 Hex64 = Annotated[str, msgspec.Meta(pattern=_HEX64)]

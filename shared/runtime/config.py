@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+
+from shared.runtime.topics import STATION_PATTERN
 
 # The shipped edge.toml is package data of `mro_edge_config` (pyproject.toml installs the
 # repository's config/ directory under that name, with the example registries beside it): the
@@ -64,7 +67,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_depth: int = 16
     clock_skew_s: int = 300
     max_backdate_days: int = 30
-    max_raw_in_report: int = 65536
+    max_raw_in_report: int = 4096
+    device_rate_per_s: float = 50.0
+    device_burst: int = 2000
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,6 +80,7 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_in_flight: int = 2000
     status_interval_s: float = 2.0
     map_size_mb: int = 4096
+    dlq_budget_kb: int = 65536
 
 
 class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -262,6 +268,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
     _split_url(config.mqtt.url)
+    if re.search(STATION_PATTERN, config.station) is None:
+        raise ConfigError(f"MRO_STATION (station) {config.station!r} is not a station id: 1-32 of A-Z a-z 0-9 _ -, "
+                          "starting with a letter or digit (it is part of every MQTT topic)")
     _check_tls(config)
     if config.mqtt.password and not config.mqtt.username:
         raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) "

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from shared.contract.errors import FieldError
+from shared.runtime import dlq
 from shared.runtime.clock import utc_now
 from shared.runtime.handler import IntakeStage
 from shared.runtime.messages import (
@@ -86,7 +87,7 @@ def admit(stage: IntakeStage, message: DeviceMessage, uow: UnitOfWork) -> Any:
     """The record of a device publish, or None once its rejection is settled."""
     admitted = stage.admit(message)
     if isinstance(admitted, Rejected):
-        reject(uow, admitted.report, device_of_topic(uow, message.topic))
+        reject(uow, admitted.report, device_of_topic(uow, message.topic), counted_only=admitted.counted_only)
         return None
     return admitted
 
@@ -114,8 +115,8 @@ def settle(uow: UnitOfWork, item: Routed, verdict: Verdict) -> None:
             receipt(uow, device, DeviceReceipt("recorded", utc_now(), event_id, key, seq=seq))
             outcome(uow, device, Outcome(key, "recorded", seq=seq))
             finished(uow, event_id, key, stage.accepted_state, seq=seq)
-        case Rejected(report=report):
-            errors = reject(uow, report, device)
+        case Rejected(report=report, counted_only=counted_only):
+            errors = reject(uow, report, device, counted_only=counted_only)
             uow.set_fate(key, Fate("rejected", errors=errors))
             outcome(uow, device, Outcome(key, "rejected", errors=errors))
         case Held(reason=reason):
@@ -148,17 +149,21 @@ def answer(uow: UnitOfWork, query: Routed, fate: Fate | None) -> None:
         finished(uow, event_id, key, "DUPLICATE")
 
 
-def reject(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None) -> list[FieldError]:
-    """Keep the error report in the stage's DLQ, publish it to the DLQ topic and tell the device."""
-    encoded = json_encode(report)
-    uow.keep_report(encoded)
-    uow.publish(uow.topics.dlq(uow.stage.name), encoded)
+def reject(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None, *,
+           counted_only: bool = False) -> list[FieldError]:
+    """Keep the error report in the stage's DLQ (within its budget, `shared.runtime.dlq`), publish
+    it to the DLQ topic and tell the device; `counted_only`: tell the device and count it, no more."""
     errors = msgspec.convert(report["errors"], list[FieldError])
+    if counted_only:
+        dlq.count(uow, device, (error.rule for error in errors))
+    else:
+        uow.keep_report(report, device, errors)
+        uow.publish(uow.topics.dlq(uow.stage.name), json_encode(report))
+        uow.note(report.get("event_id"), report.get("idempotency_key"), "REJECTED",
+                 rules=[error.rule for error in errors])
     receipt(uow, device, DeviceReceipt("rejected", utc_now(), report.get("event_id"),
                                        report.get("idempotency_key"), errors=errors))
     uow.failed += 1
-    uow.note(report.get("event_id"), report.get("idempotency_key"), "REJECTED",
-             rules=[error.rule for error in errors])
     return errors
 
 

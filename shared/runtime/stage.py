@@ -27,7 +27,7 @@ from typing import Any
 import lmdb
 import msgspec
 
-from shared.runtime import delivery, watchdog
+from shared.runtime import delivery, dlq, watchdog
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_from_epoch, utc_now
 from shared.runtime.config import Config
@@ -50,7 +50,7 @@ from shared.runtime.store import Store
 from shared.runtime.topics import Topics
 from shared.runtime.work import DLQ, SEEN, LmdbUnitOfWork, UnitOfWork
 
-RUNTIME_TABLES = (SEEN, DLQ, "meta", *OUTBOX_TABLES)
+RUNTIME_TABLES = (SEEN, DLQ, dlq.SUMMARY, "meta", *OUTBOX_TABLES)
 REFUSED_EXIT = 3
 
 
@@ -271,7 +271,8 @@ class StageRuntime:
     def transaction(self) -> Iterator[LmdbUnitOfWork]:
         """One synced write transaction as a unit of work; its counters commit with it."""
         with self.store.write() as txn:
-            uow = LmdbUnitOfWork(self.stage, self.topics, self.store, txn, self.outbox)
+            uow = LmdbUnitOfWork(self.stage, self.topics, self.store, txn, self.outbox,
+                                 dlq_budget=self.config.stage.dlq_budget_kb * 1024)
             yield uow
             meta = self.store.table("meta")
             add_counts(lambda k: txn.get(k, db=meta), lambda k, v: txn.put(k, v, db=meta), uow.processed,

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shared.runtime import dlq
 from shared.runtime.clock import utc_now
 from shared.runtime.messages import json_encode
 from shared.runtime.store import Store, from_u64, u64
@@ -55,8 +56,10 @@ class StatusReport:
             state = "contested"  # someone else keeps taking our session: not `up`
         status: dict[str, Any] = {"service": self.name, "state": state, "pid": os.getpid(), "at": utc_now()}
         processed, failed = read_counts(self.store)
+        usage = dlq.usage(self.store)
         status.update(queue_depth=self._queue_depth(), processed=processed, failed=failed,
-                      session_resets=session_resets, **self._extra())
+                      session_resets=session_resets, dlq_rows=usage.rows, dlq_bytes=usage.bytes,
+                      dlq_dropped=usage.dropped, **self._extra())
         return json_encode(status)
 
     def due(self, interval_s: float) -> bool:

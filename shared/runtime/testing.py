@@ -17,8 +17,10 @@ from typing import Any
 import msgspec
 
 from shared.contract.scalars import stored_hook
+from shared.runtime.dlq import SUMMARY
 from shared.runtime.handler import Stage
 from shared.runtime.messages import DeviceReceipt, Fate, fate_decode
+from shared.runtime.store import from_u64
 from shared.runtime.topics import Topics
 from shared.runtime.work import DLQ, SEEN, UnitOfWork
 
@@ -41,8 +43,9 @@ class MemoryTables:
 
 
 class MemoryUnitOfWork(UnitOfWork):
-    def __init__(self, stage: Stage, tables: MemoryTables | None = None, topics: Topics | None = None):
-        super().__init__(stage, topics or Topics(STATION))
+    def __init__(self, stage: Stage, tables: MemoryTables | None = None, topics: Topics | None = None,
+                 dlq_budget: int | None = None):
+        super().__init__(stage, topics or Topics(STATION), dlq_budget)
         self.tables = tables if tables is not None else MemoryTables()
         self.forwarded: list[bytes] = []
 
@@ -84,6 +87,18 @@ class MemoryUnitOfWork(UnitOfWork):
 
     def dlq(self) -> list[dict[str, Any]]:
         return [json.loads(value) for _, value in sorted(self.tables.table(DLQ).items())]
+
+    def dlq_summary(self) -> dict[tuple[str, str], int]:
+        """(device id, rule) -> reports counted but not stored whole."""
+        counts: dict[tuple[str, str], int] = {}
+        for key, value in self.tables.table(SUMMARY).items():
+            device_id, _, rule = key.decode().partition("\0")
+            counts[(device_id, rule)] = from_u64(value)
+        return counts
+
+    def meta(self, name: str) -> int:
+        raw = self.tables.table("meta").get(name.encode())
+        return from_u64(raw) if raw else 0
 
     def states(self) -> list[tuple[str | None, str]]:
         return [(t.correlation_id, t.state) for t in self.transitions]

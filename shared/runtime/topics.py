@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEVICE_KINDS = ("rfid_reader", "barcode_scanner", "torque_wrench", "tablet")
+# Device ids of contract v1 (also `shared.contract.types.DeviceId`); `\Z`, not `$`, which would
+# also match before a trailing newline.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"
+STATION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z"
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,12 @@ class Topics:
         return f"{self.root}/receipt/+"
 
     def parse_device_in(self, topic: str) -> tuple[str, str] | None:
-        """(device_kind, device_id) of an `in` topic, or None if the topic is not one."""
+        """(device_kind, device_id) of an `in` topic, or None if the topic is not one (also when
+        the kind is not a device kind or the id not a whole device id)."""
         parts = topic.split("/")
         if len(parts) != 5 or parts[0] != "mro" or parts[1] != self.station or parts[2] != "in":
+            return None
+        if parts[3] not in DEVICE_KINDS or _DEVICE_ID.search(parts[4]) is None:
             return None
         return parts[3], parts[4]
 

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import lmdb
 
-from shared.runtime import delivery
+from shared.runtime import delivery, dlq
+from shared.runtime.dlq import DLQ
 from shared.runtime.messages import (
+    DeviceRef,
     Fate,
     Outcome,
     Outcomes,
@@ -29,14 +31,16 @@ from shared.runtime.messages import (
     json_encode,
 )
 from shared.runtime.outbox import Outbox
-from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.store import Store
 from shared.runtime.topics import Topics
 from shared.runtime.verdicts import Verdict
 
 if TYPE_CHECKING:
+    from shared.contract.errors import FieldError
     from shared.runtime.handler import Stage
 
-SEEN, DLQ = "seen", "dlq"
+SEEN = "seen"
+__all__ = ["DLQ", "SEEN", "LmdbUnitOfWork", "Transition", "UnitOfWork"]
 
 
 @dataclass
@@ -48,9 +52,12 @@ class Transition:
 
 
 class UnitOfWork(ABC):
-    def __init__(self, stage: Stage, topics: Topics):
+    """`dlq_budget`: bytes the stage's `dlq` table may hold (`shared.runtime.dlq`); None: no limit."""
+
+    def __init__(self, stage: Stage, topics: Topics, dlq_budget: int | None = None):
         self.stage = stage
         self.topics = topics
+        self.dlq_budget = dlq_budget
         self.outgoing: list[tuple[str, bytes, int, bool]] = []
         self.transitions: list[Transition] = []
         self.outcomes: list[Outcome] = []
@@ -82,9 +89,9 @@ class UnitOfWork(ABC):
     def set_fate(self, key: str, fate: Fate) -> None:
         self.put(SEEN, key.encode(), fate_encode(fate))
 
-    def keep_report(self, encoded: bytes) -> None:
-        last = self.last(DLQ)
-        self.put(DLQ, u64(from_u64(last[0]) + 1 if last else 0), encoded, append=True)
+    def keep_report(self, report: dict[str, Any], device: DeviceRef | None, errors: list[FieldError]) -> bool:
+        """Store the report in the DLQ within its budget, or count it (`shared.runtime.dlq`)."""
+        return dlq.keep(self, report, device, errors, self.dlq_budget)
 
     # what handlers use
     def forward(self, output: Any) -> None:
@@ -114,8 +121,8 @@ class LmdbUnitOfWork(UnitOfWork):
     """The service's unit of work: one synced LMDB write transaction of the stage's store."""
 
     def __init__(self, stage: Stage, topics: Topics, store: Store, txn: lmdb.Transaction,
-                 outbox: Outbox | None):
-        super().__init__(stage, topics)
+                 outbox: Outbox | None, dlq_budget: int | None = None):
+        super().__init__(stage, topics, dlq_budget)
         self._store = store
         self._txn = txn
         self._outbox = outbox
