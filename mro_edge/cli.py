@@ -64,7 +64,7 @@ def _login_hint(config: Config) -> str:
 
     if config.mqtt.username:
         return f"-u {shlex.quote(config.mqtt.username)} -P \"$MRO_MQTT_PASSWORD\""
-    return f"-u mro-services -P \"$(cat {shlex.quote(str(service_secret_path(config)))})\""
+    return f"-u mro-operator -P \"$(cat {shlex.quote(str(service_secret_path(config)))})\""
 
 
 def _where_to_look(config: Config, supervisor, log_file: Path | None, run_file: Path) -> str:
@@ -162,10 +162,15 @@ def _take_data_dir(config: Config, args):
 
 
 def _children_env(config: Config) -> dict[str, str]:
-    """The environment of every child: the endpoints this run settled on."""
-    return dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station,
-                MRO_MQTT_URL=config.mqtt.url, MRO_LINK_GATEWAY_URL=config.link.gateway_url,
-                MRO_GATEWAY_LISTEN=config.gateway.listen)
+    """The environment of every child: the endpoints this run settled on. No password: the
+    supervisor names each child's own password file (Supervisor.login_env)."""
+    env = dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station,
+               MRO_MQTT_URL=config.mqtt.url, MRO_LINK_GATEWAY_URL=config.link.gateway_url,
+               MRO_GATEWAY_LISTEN=config.gateway.listen)
+    if not config.mqtt.username:
+        env.pop("MRO_MQTT_PASSWORD", None)
+        env.pop("MRO_MQTT_PASSWORD_FILE", None)
+    return env
 
 
 def _ready_message(supervisor, not_up: list, log_file: Path | None) -> str:
@@ -192,8 +197,8 @@ def cmd_run(config: Config, args) -> int:
                    backups=config.supervisor.log_backups)
     configure_logging("run", config.station, stream=sink.stream())
     if not args.no_broker:
-        BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
-    login = service_credentials(config)
+        BrokerCredentials(config.data_path / "broker", config.station).ensure_service_users()
+    login = service_credentials(config, "operator")
     warnings: list = []
     if args.no_broker:
         warnings = _check_broker(config, login, allow_anonymous=args.allow_anonymous_broker, embedded=False)
@@ -253,8 +258,9 @@ def cmd_devices_init(config: Config, args) -> int:
     """Only the services' own user: device accounts are the operator's (`devices add`), and the
     simulator makes its fleet's accounts itself when it starts."""
     store = _credentials(config)
-    user, _ = store.ensure_service_user()
-    print(f"service user {user} ready; {len(store.devices())} devices; "
+    users = store.ensure_service_users()
+    print(f"service users ready: {', '.join(users.values())} (each password in its own file under "
+          f"{store.secrets_dir}, never printed); {len(store.devices())} devices; "
           f"password file {store.passwd_path}, ACL {store.acl_path}")
     return 0
 

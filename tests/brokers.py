@@ -91,7 +91,9 @@ class BrokerProc:
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.credentials = BrokerCredentials(self.data_dir / "broker", station)
-        self.service_user = self.credentials.ensure_service_user()
+        self.credentials.ensure_service_users()
+        # the operator's login: reads status, alarms, DLQ and receipts; sends commands
+        self.service_user = self.credentials.service_login("operator")
         self.log_path = self.data_dir / f"{kind}.log"
         self.pid_file = self.data_dir / f"{kind}.pid"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -112,6 +114,16 @@ class BrokerProc:
         self.pid_file.write_text(f"{self._proc.pid}\n")
         self.wait_ready()
 
+    def login(self, service: str) -> tuple[str, str]:
+        """One service's own broker login (user, password)."""
+        return self.credentials.service_login(service)
+
+    def client_id(self, client: str) -> str:
+        """The client id the service connection `client` uses (mro-<station>-<client>-<tag>)."""
+        from services.broker.credentials import CLIENT_OWNERS, service_client_id
+
+        return service_client_id(self.station, client, self.login(CLIENT_OWNERS[client])[1])
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -121,7 +133,7 @@ class BrokerProc:
         return self._proc.pid if self._proc else None
 
     def wait_ready(self, timeout: float = 10) -> None:
-        """Until the broker accepts the services user (TCP connect and CONNACK 0)."""
+        """Until the broker accepts the operator's login (TCP connect and CONNACK 0)."""
         deadline = time.monotonic() + timeout
         last: Exception | str = "no attempt"
         while time.monotonic() < deadline:

@@ -40,7 +40,7 @@ from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
-from shared.runtime.mqtt import MqttLink
+from shared.runtime.mqtt import MqttLink, client_id_for, service_credentials
 from shared.runtime.topics import Topics
 
 
@@ -63,7 +63,8 @@ class Heartbeat:
         self.uplink: dict = {}
         self._uplink_topic = self.topics.status("uplink")
         self._own_topic = self.topics.status("connectivity")
-        self.link = MqttLink(config, client_id=f"mro-{config.station}-heartbeat",
+        login = service_credentials(config, "heartbeat")
+        self.link = MqttLink(config, client_id=client_id_for(config, "heartbeat", login), credentials=login,
                              subscriptions=[(self._uplink_topic, 0), (self._own_topic, 0)], persistent=False,
                              will=(self.topics.status("heartbeat"),
                                    json_encode({"service": "heartbeat", "state": "down"})))

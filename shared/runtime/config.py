@@ -21,6 +21,8 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True):
     url: str = "mqtt://127.0.0.1:1883"
     username: str = ""
     password: str = ""
+    # a file holding the password (first line), e.g. a container's own secret; wins over `password`
+    password_file: str = ""
     keepalive_s: int = 30
 
     @property
@@ -175,10 +177,10 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
     _split_url(config.mqtt.url)
-    if config.mqtt.password and not config.mqtt.username:
-        raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) "
-                          "is not: set both, or neither to use the service login in "
-                          "$MRO_DATA_DIR/broker/service.secret")
+    if (config.mqtt.password or config.mqtt.password_file) and not config.mqtt.username:
+        raise ConfigError("MRO_MQTT_PASSWORD or MRO_MQTT_PASSWORD_FILE (mqtt.password, mqtt.password_file) is "
+                          "set but MRO_MQTT_USERNAME (mqtt.username) is not: set both, or neither to use each "
+                          "service's own login in $MRO_DATA_DIR/secrets/")
     if not config.link.gateway_url:
         config.link.gateway_url = local_gateway_url(config.gateway.listen)
     return config

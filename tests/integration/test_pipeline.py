@@ -176,10 +176,12 @@ def test_poison_is_isolated_and_good_records_keep_flowing(pipeline):
 
 
 def test_garbage_on_a_pipeline_topic_goes_to_the_dlq(pipeline):
-    from shared.runtime.mqtt import MqttLink
+    from shared.runtime.mqtt import MqttLink, service_credentials
     from shared.runtime.topics import Topics
 
-    link = MqttLink(pipeline.config, client_id="test-garbage", persistent=False)
+    # only ingest's user may publish on validate's input: a broken ingest is what sends garbage
+    link = MqttLink(pipeline.config, client_id="test-garbage", persistent=False,
+                    credentials=service_credentials(pipeline.config, "ingest"))
     link.start()
     link.publish(Topics(pipeline.station).stage_input("validate"), b"\x00garbage")
     wait_until(lambda: pipeline.dlq("validate"), 20, 0.2, "an envelope report in the validate DLQ")
