@@ -178,9 +178,10 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"{path}: {exc}; see the comments in config/edge.toml") from None
     _split_url(config.mqtt.url)
     if (config.mqtt.password or config.mqtt.password_file) and not config.mqtt.username:
-        raise ConfigError("MRO_MQTT_PASSWORD or MRO_MQTT_PASSWORD_FILE (mqtt.password, mqtt.password_file) is "
-                          "set but MRO_MQTT_USERNAME (mqtt.username) is not: set both, or neither to use each "
-                          "service's own login in $MRO_DATA_DIR/secrets/")
+        which = ("MRO_MQTT_PASSWORD (mqtt.password)" if config.mqtt.password
+                 else "MRO_MQTT_PASSWORD_FILE (mqtt.password_file)")
+        raise ConfigError(f"{which} is set but MRO_MQTT_USERNAME (mqtt.username) is not: set both, or "
+                          "neither, and each service logs in with its own password file in the data directory")
     if not config.link.gateway_url:
         config.link.gateway_url = local_gateway_url(config.gateway.listen)
     return config
