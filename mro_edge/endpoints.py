@@ -80,7 +80,7 @@ def apply_run_file(config: Config, env: Mapping[str, str] | None = None) -> dict
 
 def service_secret_path(config: Config, service: str = "operator") -> Path:
     """The file holding one service's broker password (BrokerCredentials.secret_path)."""
-    return config.data_path.resolve() / "secrets" / f"{service}.secret"
+    return config.data_path.resolve() / "secrets" / service / "password"
 
 
 def require_data_dir(config: Config, env: Mapping[str, str] | None = None) -> None:

@@ -333,7 +333,7 @@ class Supervisor:
         name = child.name if child.name in SERVICE_ACL else "operator" if child.service is None else None
         if name is None:
             return {}
-        path = self.config.data_path.resolve() / "secrets" / f"{name}.secret"
+        path = self.config.data_path.resolve() / "secrets" / name / "password"
         return {"MRO_MQTT_USERNAME": service_user(name), "MRO_MQTT_PASSWORD_FILE": str(path)}
 
     def _spawn(self, child: Child) -> subprocess.Popen:

@@ -18,8 +18,8 @@ A device can publish to exactly one topic, fixed to its registered kind and to i
 it cannot pose as another device or another kind. Each service can publish only what its code
 publishes: only validate may feed `pipeline/sign`, only the stages that settle a record may
 send device receipts and outcomes, only the operator may send control, schema and registry
-commands. Service passwords are 256 random bits, one file per service (0600) under
-`$MRO_DATA_DIR/secrets/`, never printed; each process reads only its own.
+commands. Service passwords are 256 random bits, one file per service (0600) at
+`$MRO_DATA_DIR/secrets/<service>/password`, never printed; each process reads only its own.
 
 Client ids: the services connect as `mro-<station>-<client>-<tag>`, the tag derived from the
 service's own password (`service_client_id`), so no other user can know, let alone take, a
@@ -60,9 +60,11 @@ LEGACY_SERVICE_USER = "mro-services"  # the superuser every service shared befor
 
 # Mosquitto 2 "$7$" hashes: PBKDF2-HMAC-SHA512, base64 salt and key. mosquitto_passwd 2.0 writes
 # 101 rounds, fine for our 256-bit random passwords but weak for a human-chosen one; Mosquitto
-# verifies whatever count the hash names. 100,000 rounds cost ~80 ms per CONNECT here (2 cores):
-# the embedded broker remembers successful checks (`check`), Mosquitto pays it per CONNECT.
-PBKDF2_ITERATIONS = 100_000
+# verifies whatever count the hash names. Cost is paid on every CONNECT, with a right or wrong
+# password, on Mosquitto's one thread: 50,000 rounds are ~40 ms here (2 cores, unloaded; 100,000
+# were ~80 ms, and a connect flood with a known user name would buy that much broker time per
+# attempt). The embedded broker remembers successful checks (`check`).
+PBKDF2_ITERATIONS = 50_000
 SALT_BYTES = 12
 _VERIFIED_MAX = 4096  # remembered successful checks (embedded broker)
 
@@ -211,7 +213,7 @@ _FileSig = tuple[int, int, int] | None
 
 @functools.cache
 def _unknown_user_hash() -> str:
-    """A hash no password matches, made on first use (100,000 rounds are not paid at import)."""
+    """A hash no password matches, made on first use (its rounds are not paid at import)."""
     return hash_password(secrets.token_urlsafe(32))
 
 
@@ -305,9 +307,10 @@ class BrokerCredentials:
     # ---- administration -------------------------------------------------------------
 
     def secret_path(self, service: str) -> Path:
-        """Where `service`'s password is kept (0600): the one file that process reads."""
+        """Where `service`'s password is kept (0600, in a 0700 directory of its own, so compose can
+        mount each service's directory into its container alone): the one file it reads."""
         service_user(service)
-        return self.secrets_dir / f"{service}.secret"
+        return self.secrets_dir / service / "password"
 
     def ensure_service_users(self) -> dict[str, str]:
         """Every service's user (SERVICE_ACL), its password file and the ACL; made once, kept.
@@ -323,6 +326,7 @@ class BrokerCredentials:
             for service in SERVICE_NAMES:
                 password = self._read_secret(service)
                 if password is None:
+                    self.secret_path(service).parent.mkdir(mode=0o700, exist_ok=True)
                     password = secrets.token_urlsafe(32)
                     self._write_atomic(self.secret_path(service), password + "\n")
                 user = service_user(service)
@@ -380,7 +384,7 @@ class BrokerCredentials:
 
         A successful check is remembered (keyed by a hash of user, password and stored hash, so
         a changed password or file never matches a stale entry): a reconnecting client costs one
-        SHA-256 instead of 100,000 PBKDF2 rounds. Failures are never remembered."""
+        SHA-256 instead of PBKDF2_ITERATIONS rounds. Failures are never remembered."""
         stored = self._load_passwd().get(username)
         if stored is None:
             verify_password(password, _unknown_user_hash())  # same work as for a known user

@@ -21,6 +21,7 @@ import pytest
 
 from services.broker.credentials import (
     LEGACY_SERVICE_USER,
+    PBKDF2_ITERATIONS,
     SERVICE_ACL,
     SERVICE_NAMES,
     BrokerCredentials,
@@ -366,6 +367,22 @@ def test_embedded_broker_names_the_taken_port(tmp_path: Path) -> None:
     message = str(error.value)
     assert "is taken (probably Mosquitto)" in message
     assert "MRO_MQTT_URL=mqtt://127.0.0.1:1884" in message and "--no-broker" in message
+
+
+def test_modern_hashes_are_accepted_by_both_brokers(broker: BrokerProc) -> None:
+    """The $7$ hashes we write (PBKDF2-SHA512 at PBKDF2_ITERATIONS rounds) log in on a real
+    Mosquitto as on the embedded broker; prints what a CONNECT costs on each."""
+    device, password = new_device(broker)
+    line = next(li for li in broker.credentials.passwd_path.read_text().splitlines() if li.startswith(device + ":"))
+    assert line.split(":", 1)[1].startswith(f"$7${PBKDF2_ITERATIONS}$")
+    costs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert mqtt_connack(broker.port, device, password, timeout=10) == 0
+        costs.append(time.perf_counter() - started)
+    assert mqtt_connack(broker.port, device, password + "x", timeout=10) != 0
+    print(f"{broker.kind}: CONNECT with a {PBKDF2_ITERATIONS}-round hash: "
+          f"{', '.join(f'{c * 1000:.0f}' for c in costs)} ms")
 
 
 def test_password_file_interoperates_with_mosquitto_passwd(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_run_records_its_endpoints_and_the_cli_finds_them(stack):
     listen = stack.env["MRO_GATEWAY_LISTEN"]
     assert record["mqtt_url"] == stack.broker.url
     assert record["gateway_url"] == f"http://{listen}"  # derived from the one setting
-    assert record["pid"] == stack.pid and record["service_secret"].endswith("secrets/operator.secret")
+    assert record["pid"] == stack.pid and record["service_secret"].endswith("secrets/operator/password")
     statuses = status_json(stack)  # no MRO_MQTT_URL: the address comes from run.json
     children = stack.children()
     for name in RUN_NO_BROKER:
@@ -153,7 +153,7 @@ def test_run_with_its_embedded_broker_and_simulator_prints_no_password(tmp_path)
     finally:
         run.stop()
     assert init.returncode == 0, init.stderr
-    secrets = {path.stem: path.read_text().strip() for path in (data_dir / "secrets").glob("*.secret")}
+    secrets = {path.parent.name: path.read_text().strip() for path in (data_dir / "secrets").glob("*/password")}
     assert len(secrets) >= 7
     outputs = [run.console(), init.stdout + init.stderr, (data_dir / "run.json").read_text()]
     outputs += [log.read_text(errors="replace") for log in (data_dir / "logs").glob("mro-edge.log*")]
@@ -164,7 +164,7 @@ def test_run_with_its_embedded_broker_and_simulator_prints_no_password(tmp_path)
             assert secret not in "\n".join(environ.values()), (name, child)
     for name in ("ingest", "validate", "sign", "uplink", "heartbeat"):
         assert environments[name]["MRO_MQTT_USERNAME"] == f"mro-{name}", name
-        assert environments[name]["MRO_MQTT_PASSWORD_FILE"] == str(data_dir / "secrets" / f"{name}.secret")
+        assert environments[name]["MRO_MQTT_PASSWORD_FILE"] == str(data_dir / "secrets" / name / "password")
     assert "MRO_MQTT_PASSWORD_FILE" not in environments["broker"]
 
 
@@ -192,9 +192,10 @@ def test_outside_a_project_the_cli_says_where_it_looked(tmp_path):
 
 
 def test_no_secret_on_the_console_in_run_json_status_or_logs(stack):
-    files = sorted((stack.data_dir / "secrets").glob("*.secret"))
-    assert {f.stem for f in files} >= {"ingest", "validate", "sign", "uplink", "heartbeat", "supervisor", "operator"}
-    operator = stack.data_dir / "secrets" / "operator.secret"
+    files = sorted((stack.data_dir / "secrets").glob("*/password"))
+    assert {f.parent.name for f in files} >= {"ingest", "validate", "sign", "uplink", "heartbeat", "supervisor",
+                                              "operator"}
+    operator = stack.data_dir / "secrets" / "operator" / "password"
     assert f'-u mro-operator -P "$(cat {operator})"' in stack.console()
     for path in files:
         secret = path.read_text().strip()
@@ -245,7 +246,8 @@ def test_devices_add_prints_a_ready_mosquitto_pub_line_then_list_and_remove(stac
     device.username_pw_set("TQW-77", password)
     device.on_connect = lambda c, *_: c.subscribe("mro/HGR1/receipt/TQW-77", qos=1)
     device.on_message = lambda _c, _u, m: receipts.append(json.loads(m.payload))
-    wait_until(lambda: mqtt_connack(stack.broker.port, "TQW-77", password) == 0, 10, 0.2, "the device login")
+    wait_until(lambda: mqtt_connack(stack.broker.port, "TQW-77", password, timeout=10) == 0, 10, 0.2,
+               "the device login")
     device.connect("127.0.0.1", stack.broker.port)
     device.loop_start()
     try:

@@ -167,7 +167,7 @@ def test_the_readme_walkthrough_works_as_pasted_on_a_real_stack(tmp_path):
 
         # the receipt watcher, in the background; subscribed once a probe on its topic comes through
         terminal.paste(watch)
-        secret = (work / "var" / "secrets" / "ingest.secret").read_text().strip()  # ingest sends receipts
+        secret = (work / "var" / "secrets" / "ingest" / "password").read_text().strip()  # ingest sends receipts
         deadline = time.monotonic() + 20
         while not any("probe" in r for r in terminal.receipts()):
             assert time.monotonic() < deadline, f"the receipt watcher never subscribed:\n{terminal.errors()}"
