@@ -51,6 +51,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.registry import SERVICES
 from shared.runtime.files import write_atomic
 from shared.runtime.topics import DEVICE_KINDS
 
@@ -248,9 +249,11 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "health": ((), ()),
 }
 SERVICE_NAMES = tuple(SERVICE_ACL)
-# client ids (as mro-<station>-<client>-<tag>) and the service that owns each
-CLIENT_OWNERS = {"ingest": "ingest", "validate": "validate", "sign": "sign", "sign-alarm": "sign",
-                 "uplink": "uplink", "heartbeat": "heartbeat", "supervisor": "supervisor"}
+# client ids (as mro-<station>-<client>-<tag>) and the service that owns each: the registry's
+# `mqtt_clients`, and the supervisor's monitor
+CLIENT_OWNERS = {client: service.name for service in SERVICES for client in service.mqtt_clients}
+CLIENT_OWNERS["supervisor"] = "supervisor"
+assert set(CLIENT_OWNERS.values()) <= set(SERVICE_ACL), "every MQTT client of the registry needs SERVICE_ACL"
 
 
 def service_user(service: str) -> str:
