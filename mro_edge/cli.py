@@ -59,12 +59,14 @@ def _sub_line(config: Config, login_hint: str) -> str:
 
 
 def _login_hint(config: Config) -> str:
-    """How to pass the service login on a command line, without printing the password."""
+    """How to pass the operator's login on a command line, without printing the password."""
     from mro_edge.endpoints import service_secret_path
 
     if config.mqtt.username:
         return f"-u {shlex.quote(config.mqtt.username)} -P \"$MRO_MQTT_PASSWORD\""
-    return f"-u mro-operator -P \"$(cat {shlex.quote(str(service_secret_path(config)))})\""
+    from services.broker.credentials import service_user
+
+    return f"-u {service_user('operator')} -P \"$(cat {shlex.quote(str(service_secret_path(config)))})\""
 
 
 def _where_to_look(config: Config, supervisor, log_file: Path | None, run_file: Path) -> str:

@@ -157,6 +157,8 @@ def test_run_with_its_embedded_broker_and_simulator_prints_no_password(tmp_path)
     assert len(secrets) >= 7
     outputs = [run.console(), init.stdout + init.stderr, (data_dir / "run.json").read_text()]
     outputs += [log.read_text(errors="replace") for log in (data_dir / "logs").glob("mro-edge.log*")]
+    fleet = json.loads((data_dir / "broker" / "simulator-devices.json").read_text())
+    secrets |= {device_id: login[1] for device_id, (_, login) in fleet.items()}  # the simulated devices'
     for name, secret in secrets.items():
         for text in outputs:
             assert secret not in text, name
