@@ -194,7 +194,7 @@ class BrokerProc:
 
 
 def start_broker(kind: str, data_dir: Path, station: str = "HGR1") -> BrokerProc:
-    """A started broker of `kind` with a services user, on a free port, files in `data_dir`."""
+    """A started broker of `kind` with every service's user, on a free port, files in `data_dir`."""
     broker = BrokerProc(kind, data_dir, station)
     broker.start()
     return broker

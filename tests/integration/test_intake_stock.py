@@ -249,7 +249,7 @@ def assert_intake_flows(pipeline, devices, rng, seen, what: str, history: set, n
 
 
 def test_refused_connects_with_service_client_ids_change_nothing(pipeline, broker):
-    """No username, or a wrong password (the services' user's, a device's), with every
+    """No username, or a wrong password (the operator's, a device's), with every
     service's client id, clean and persistent: refused, and intake goes on untouched."""
     from mro_edge.cli import read_statuses
 
