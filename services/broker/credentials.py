@@ -253,7 +253,8 @@ SERVICE_NAMES = tuple(SERVICE_ACL)
 # `mqtt_clients`, and the supervisor's monitor
 CLIENT_OWNERS = {client: service.name for service in SERVICES for client in service.mqtt_clients}
 CLIENT_OWNERS["supervisor"] = "supervisor"
-assert set(CLIENT_OWNERS.values()) <= set(SERVICE_ACL), "every MQTT client of the registry needs SERVICE_ACL"
+if _unlisted := set(CLIENT_OWNERS.values()) - set(SERVICE_ACL):
+    raise RuntimeError(f"services {sorted(_unlisted)} connect to the broker but have no SERVICE_ACL entry")
 
 
 def service_user(service: str) -> str:
