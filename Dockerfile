@@ -34,10 +34,14 @@ RUN pip install -c /tmp/constraints.txt --upgrade pip \
  && pip install -c /tmp/constraints.txt /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels /tmp/constraints.txt
 
-# The data volume (and the broker-auth, tls and hop-key volumes inside it) start owned by the
-# service user with mode 0700: docker copies this ownership into a new named volume on first mount.
-RUN install -d -o 1883 -g 1883 -m 0700 /data /data/broker /data/tls /data/hopkeys /data/hopkeys/ingest \
-      /data/hopkeys/validate /data/hopkeys/sign /data/hopkeys/uplink
+# The data volume (and the broker-auth, tls, hop-key and secret-<service> volumes inside it)
+# start owned by the service user with mode 0700: docker copies this ownership into a new named
+# volume on first mount (compose.yaml mounts each service's password directory and each stage's
+# hop key directory into its container alone).
+RUN install -d -o 1883 -g 1883 -m 0700 /data /data/broker /data/tls /data/secrets /data/hopkeys \
+ && for s in ingest validate sign uplink heartbeat supervisor operator health; do \
+      install -d -o 1883 -g 1883 -m 0700 "/data/secrets/$s"; done \
+ && for s in ingest validate sign uplink; do install -d -o 1883 -g 1883 -m 0700 "/data/hopkeys/$s"; done
 
 # The configuration is the packaged default (config/edge.toml in the repository); MRO_CONFIG
 # points at another file, MRO_<SECTION>_<KEY> overrides one setting.

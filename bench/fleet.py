@@ -132,7 +132,7 @@ class UplinkStub:
         self.ready = threading.Event()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-uplink-{os.getpid()}",
                              clean_session=True, protocol=paho.MQTTv311)
-        client.username_pw_set(*broker.service_user)
+        client.username_pw_set(*broker.login("uplink"))  # reads uplink's input, receipts sign
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
         client.on_connect = lambda c, *_: c.subscribe(self.input_topic, qos=1)

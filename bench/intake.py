@@ -36,7 +36,7 @@ import psutil
 
 from bench.fleet import UplinkStub
 from bench.monitor import StageProbe
-from bench.raw import raw_throughput
+from bench.raw import RAW_TOPIC, raw_throughput
 from bench.stats import percentiles
 from tests.pipeline import Pipeline
 from tests.stockclients import (
@@ -209,7 +209,7 @@ def run_one(kind: str, root: Path, *, quick: bool, rate: float, latency_s: float
     pipeline = stub = watcher = probe = None
     try:
         say(f"[intake/{kind}] raw QoS1 reference: {raw_n} x 700 B ...")
-        result["raw"] = raw_throughput(broker, raw_n, "mro/HGR1/pipeline/bench/raw")
+        result["raw"] = raw_throughput(broker, raw_n, RAW_TOPIC)
         stub = UplinkStub(broker, "HGR1")
         pipeline = Pipeline(broker, data_dir, **SETTINGS)
         pipeline.start()

@@ -17,29 +17,32 @@ from bench.fleet import set_nodelay
 from bench.stats import percentiles
 
 RECORD_BYTES = 700  # about the size of a real record (mro_edge.simulator.records)
+RAW_TOPIC = "mro/HGR1/pipeline/validate"  # ingest may write it, validate read it (broker ACL)
 PUBLISHER_INFLIGHT = 1000  # what the stage links use (shared.runtime.mqtt) and mosquitto.conf allows
 
 
-def _client(broker, name: str) -> paho.Client:
+def _client(broker, name: str, service: str) -> paho.Client:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{name}-{os.getpid()}",
                          clean_session=True, protocol=paho.MQTTv311)
-    client.username_pw_set(*broker.service_user)
+    client.username_pw_set(*broker.login(service))
     client.max_inflight_messages_set(PUBLISHER_INFLIGHT)
     client.max_queued_messages_set(0)
     return client
 
 
 class _Pair:
-    """A connected publisher and a subscriber (QoS1) on one topic; `on_arrival(payload, t)`."""
+    """A connected publisher and a subscriber (QoS1) on one topic; `on_arrival(payload, t)`. They
+    log in as ingest and validate, the one pair of users that may send and read validate's input
+    (RAW_TOPIC); the reference runs before the pipeline starts."""
 
     def __init__(self, broker, topic: str, on_arrival) -> None:
         self.topic = topic
         self.subscribed = threading.Event()
-        self.sub = _client(broker, "raw-sub")
+        self.sub = _client(broker, "raw-sub", "validate")
         self.sub.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.sub.on_subscribe = lambda *_: self.subscribed.set()
         self.sub.on_message = lambda _c, _u, m: on_arrival(m.payload, time.perf_counter())
-        self.pub = _client(broker, "raw-pub")
+        self.pub = _client(broker, "raw-pub", "ingest")
         connected = threading.Event()
         self.pub.on_connect = lambda *_: connected.set()
         host, port = "127.0.0.1", broker.port

@@ -13,7 +13,7 @@ import psutil
 
 from bench.fleet import Fleet, UplinkStub
 from bench.monitor import ProcessSampler, StageProbe, wait_progress
-from bench.raw import raw_latency, raw_throughput
+from bench.raw import RAW_TOPIC, raw_latency, raw_throughput
 from bench.stats import percentiles
 from tests.brokers import start_broker
 from tests.pipeline import Pipeline
@@ -211,10 +211,10 @@ def run_broker(kind: str, plan: Plan, root: Path, say) -> dict:
     pipeline = stub = probe = sampler = None
     try:
         say(f"[{kind}] raw QoS1 reference: {plan.raw_n} x 700 B ...")
-        result["raw"] = raw_throughput(broker, plan.raw_n, "mro/HGR1/pipeline/bench/raw")
+        result["raw"] = raw_throughput(broker, plan.raw_n, RAW_TOPIC)
         say(f"[{kind}] raw latency at {plan.rate:g} msg/s for {plan.raw_latency_s:g} s ...")
         result["raw_latency"] = raw_latency(
-            broker, plan.rate, plan.raw_latency_s, "mro/HGR1/pipeline/bench/lat"
+            broker, plan.rate, plan.raw_latency_s, RAW_TOPIC
         )
         if plan.uplink_stub:
             stub = UplinkStub(broker, "HGR1")

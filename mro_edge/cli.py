@@ -72,12 +72,14 @@ def _sub_line(config: Config, login_hint: str) -> str:
 
 
 def _login_hint(config: Config) -> str:
-    """How to pass the service login on a command line, without printing the password."""
+    """How to pass the operator's login on a command line, without printing the password."""
     from mro_edge.endpoints import service_secret_path
 
     if config.mqtt.username:
         return f"-u {shlex.quote(config.mqtt.username)} -P \"$MRO_MQTT_PASSWORD\""
-    return f"-u mro-services -P \"$(cat {shlex.quote(str(service_secret_path(config)))})\""
+    from services.broker.credentials import service_user
+
+    return f"-u {service_user('operator')} -P \"$(cat {shlex.quote(str(service_secret_path(config)))})\""
 
 
 def _where_to_look(config: Config, supervisor, log_file: Path | None, run_file: Path) -> str:
@@ -189,10 +191,15 @@ def _check_tls_files(config: Config, *, embedded: bool) -> None:
 
 
 def _children_env(config: Config) -> dict[str, str]:
-    """The environment of every child: the endpoints this run settled on."""
-    return dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station,
-                MRO_MQTT_URL=config.mqtt.url, MRO_LINK_GATEWAY_URL=config.link.gateway_url,
-                MRO_GATEWAY_LISTEN=config.gateway.listen)
+    """The environment of every child: the endpoints this run settled on. No password: the
+    supervisor names each child's own password file (Supervisor.login_env)."""
+    env = dict(os.environ, MRO_DATA_DIR=config.data_dir, MRO_STATION=config.station,
+               MRO_MQTT_URL=config.mqtt.url, MRO_LINK_GATEWAY_URL=config.link.gateway_url,
+               MRO_GATEWAY_LISTEN=config.gateway.listen)
+    if not config.mqtt.username:
+        env.pop("MRO_MQTT_PASSWORD", None)
+        env.pop("MRO_MQTT_PASSWORD_FILE", None)
+    return env
 
 
 def _ready_message(supervisor, not_up: list, log_file: Path | None) -> str:
@@ -221,9 +228,9 @@ def cmd_run(config: Config, args) -> int:
                    backups=config.supervisor.log_backups)
     configure_logging("run", config.station, stream=sink.stream())
     if not args.no_broker:
-        BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
+        BrokerCredentials(config.data_path / "broker", config.station).ensure_service_users()
     provision_hop_keys(config)  # before any stage starts: a stage without its keys refuses
-    login = service_credentials(config)
+    login = service_credentials(config, "operator")
     warnings: list = []
     if args.no_broker:
         warnings = _check_broker(config, login, allow_anonymous=args.allow_anonymous_broker, embedded=False)
@@ -285,8 +292,9 @@ def cmd_devices_init(config: Config, args) -> int:
     from mro_edge.commands_ledger import provision_hop_keys
 
     store = _credentials(config)
-    user, _ = store.ensure_service_user()
-    print(f"service user {user} ready; {len(store.devices())} devices; "
+    users = store.ensure_service_users()
+    print(f"service users ready: {', '.join(users.values())} (each password in its own file under "
+          f"{store.secrets_dir}, never printed); {len(store.devices())} devices; "
           f"password file {store.passwd_path}, ACL {store.acl_path}")
     print(provision_hop_keys(config))
     return 0

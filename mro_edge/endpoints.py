@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from services.broker.credentials import SERVICE_USER
+from services.broker.credentials import service_user
 from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.files import write_atomic
@@ -48,7 +48,7 @@ def write_run_file(config: Config, **extra) -> Path:
         **{f"mqtt_{name}": str(Path(path).resolve()) for name in ("ca_file", "cert_file", "key_file")
            if (path := getattr(config.mqtt, name))},
         "gateway_url": config.link.gateway_url,
-        "mqtt_username": config.mqtt.username or SERVICE_USER,
+        "mqtt_username": config.mqtt.username or service_user("operator"),
         "service_secret": None if config.mqtt.username else str(service_secret_path(config)),
         **extra,
     }
@@ -84,8 +84,9 @@ def apply_run_file(config: Config, env: Mapping[str, str] | None = None) -> dict
     return record
 
 
-def service_secret_path(config: Config) -> Path:
-    return config.data_path.resolve() / "broker" / "service.secret"
+def service_secret_path(config: Config, service: str = "operator") -> Path:
+    """The file holding one service's broker password (BrokerCredentials.secret_path)."""
+    return config.data_path.resolve() / "secrets" / service / "password"
 
 
 def require_data_dir(config: Config, env: Mapping[str, str] | None = None) -> None:
@@ -105,9 +106,15 @@ def require_data_dir(config: Config, env: Mapping[str, str] | None = None) -> No
 
 
 def client_login(config: Config, record: dict | None) -> None:
-    """The service login for a client command, without ever creating one: MRO_MQTT_USERNAME and
-    MRO_MQTT_PASSWORD, else the secret `mro-edge run` / `devices init` keeps. Sets `config.mqtt`."""
+    """The operator's login for a client command, without ever creating one: MRO_MQTT_USERNAME and
+    MRO_MQTT_PASSWORD(_FILE), else the file `mro-edge run` / `devices init` keeps. Sets `config.mqtt`."""
     if config.mqtt.username:
+        if config.mqtt.password_file:
+            try:
+                config.mqtt.password = Path(config.mqtt.password_file).read_text().splitlines()[0].strip()
+            except (OSError, IndexError):
+                raise NoDataDir(f"cannot read the password file {config.mqtt.password_file} "
+                                "(MRO_MQTT_PASSWORD_FILE)") from None
         return
     secret = service_secret_path(config)
     try:
@@ -115,7 +122,7 @@ def client_login(config: Config, record: dict | None) -> None:
     except FileNotFoundError:
         password = ""
     if password:
-        config.mqtt.username, config.mqtt.password = SERVICE_USER, password
+        config.mqtt.username, config.mqtt.password = service_user("operator"), password
         return
     if record and record.get("mqtt_username") and not record.get("service_secret"):
         raise NoDataDir(f"the stack in {config.data_path.resolve()} logs in to its broker as "

@@ -208,15 +208,17 @@ class Monitor:
     """The supervisor's MQTT client: reads every retained status and alarm, publishes its own."""
 
     def __init__(self, config: Config) -> None:
-        from shared.runtime.mqtt import MqttLink
+        from shared.runtime.mqtt import MqttLink, client_id_for, service_credentials
 
         self.topics = Topics(config.station)
         self.statuses: dict[str, dict] = {}
         self.alarms: queue.SimpleQueue[dict] = queue.SimpleQueue()
         down = json.dumps({"service": "supervisor", "state": "down", "pid": os.getpid()}).encode()
+        login = service_credentials(config, "supervisor")
         self.link = MqttLink(
             config,
-            client_id=f"mro-{config.station}-supervisor",
+            client_id=client_id_for(config, "supervisor", login),
+            credentials=login,
             subscriptions=[(self.topics.status_all, 0), (self.topics.alarm, 0)],
             persistent=False,
             will=(self.topics.status("supervisor"), down),
@@ -330,9 +332,24 @@ class Supervisor:
 
     # ---- processes --------------------------------------------------------------------------
 
+    def login_env(self, child: Child) -> dict[str, str]:
+        """The child's own broker login: its user and the file with its password (never the
+        password itself, never another service's). Nothing when the operator configured one
+        login for all (MRO_MQTT_USERNAME) or the child does not speak MQTT."""
+        if self.config.mqtt.username:
+            return {}
+        from services.broker.credentials import SERVICE_ACL, service_user
+
+        name = child.name if child.name in SERVICE_ACL else "operator" if child.service is None else None
+        if name is None:
+            return {}
+        path = self.config.data_path.resolve() / "secrets" / name / "password"
+        return {"MRO_MQTT_USERNAME": service_user(name), "MRO_MQTT_PASSWORD_FILE": str(path)}
+
     def _spawn(self, child: Child) -> subprocess.Popen:
         self.watchdog_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        env = dict(self.env, MRO_SUPERVISOR_PID=str(os.getpid()), MRO_WATCHDOG_FILE=str(child.watchdog))
+        env = dict(self.env, MRO_SUPERVISOR_PID=str(os.getpid()), MRO_WATCHDOG_FILE=str(child.watchdog),
+                   **self.login_env(child))
         try:
             child.seen_mtime = os.stat(child.watchdog).st_mtime
         except FileNotFoundError:

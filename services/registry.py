@@ -31,7 +31,9 @@ class Service:
     kind: Kind
     entry: str  # "module:attribute": the Stage class of a stage, else a function of the Config
     on_box: bool  # runs on the edge box; False: central, started locally only by `mro-edge run`
-    mqtt_clients: tuple[str, ...] = ()  # fixed client ids it connects with, as mro-<station>-<each>
+    # the connections it makes, each with client id mro-<station>-<each>-<tag> as its own broker user
+    # (services/broker/credentials.py: SERVICE_ACL, service_client_id)
+    mqtt_clients: tuple[str, ...] = ()
 
     @property
     def publishes_status(self) -> bool:

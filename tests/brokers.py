@@ -144,7 +144,9 @@ class BrokerProc:
         self.tls = tls
         self.url = f"mqtts://127.0.0.1:{tls.port}" if tls else f"mqtt://127.0.0.1:{self.port}"
         self.credentials = BrokerCredentials(self.data_dir / "broker", station)
-        self.service_user = self.credentials.ensure_service_user()
+        self.credentials.ensure_service_users()
+        # the operator's login: reads status, alarms, DLQ and receipts; sends commands
+        self.service_user = self.credentials.service_login("operator")
         ensure_hop_keys(self.data_dir)  # as `mro-edge run` / `devices init` do before any stage starts
         self.log_path = self.data_dir / f"{kind}.log"
         self.pid_file = self.data_dir / f"{kind}.pid"
@@ -179,6 +181,16 @@ class BrokerProc:
         self.pid_file.write_text(f"{self._proc.pid}\n")
         self.wait_ready()
 
+    def login(self, service: str) -> tuple[str, str]:
+        """One service's own broker login (user, password)."""
+        return self.credentials.service_login(service)
+
+    def client_id(self, client: str) -> str:
+        """The client id the service connection `client` uses (mro-<station>-<client>-<tag>)."""
+        from services.broker.credentials import CLIENT_OWNERS, service_client_id
+
+        return service_client_id(self.station, client, self.login(CLIENT_OWNERS[client])[1])
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -188,7 +200,7 @@ class BrokerProc:
         return self._proc.pid if self._proc else None
 
     def wait_ready(self, timeout: float = 10) -> None:
-        """Until the broker accepts the services user (TCP connect and CONNACK 0)."""
+        """Until the broker accepts the operator's login (TCP connect and CONNACK 0)."""
         deadline = time.monotonic() + timeout
         last: Exception | str = "no attempt"
         while time.monotonic() < deadline:
@@ -249,8 +261,8 @@ class BrokerProc:
 
 
 def start_broker(kind: str, data_dir: Path, station: str = "HGR1", tls: BrokerTls | None = None) -> BrokerProc:
-    """A started broker of `kind` with a services user, on a free port, files in `data_dir`; with
-    `tls`, its TLS listener too (and `url` is that listener's mqtts:// URL)."""
+    """A started broker of `kind` with every service's user, on a free port, files in `data_dir`;
+    with `tls`, its TLS listener too (and `url` is that listener's mqtts:// URL)."""
     broker = BrokerProc(kind, data_dir, station, tls=tls)
     broker.start()
     return broker

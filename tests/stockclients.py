@@ -43,7 +43,9 @@ _PUBACK = re.compile(rb"received PUBACK \(Mid: (\d+)")
 
 
 def service_client_ids(station: str = STATION) -> list[str]:
-    """The fixed client ids the services connect with (services/registry.py `mqtt_clients`)."""
+    """The services' well-known client ids, `mro-<station>-<client>` (services/registry.py
+    `mqtt_clients`), as an attacker would guess them: the services themselves add a tag derived
+    from their password (BrokerProc.client_id gives the real one)."""
     return [f"mro-{station}-{name}" for service in SERVICES for name in service.mqtt_clients]
 
 
@@ -371,7 +373,7 @@ def assert_exactly_once(outcome: Outcome, *, max_lost: int = 0, what: str = "") 
 
 
 class Watcher:
-    """A paho subscriber (services user, or any login) that keeps (topic, payload, arrival time)."""
+    """A paho subscriber (any login) that keeps (topic, payload, arrival time)."""
 
     def __init__(self, port: int, login: tuple[str, str] | None, filters: list[str], *,
                  client_id: str = "", persistent: bool = False, on_message: Callable | None = None) -> None:
@@ -429,7 +431,7 @@ class Watcher:
 
 
 def receipts_watcher(broker, on_receipt: Callable[[str, str, float], None] | None = None) -> Watcher:
-    """Every device receipt on the station (services user): `on_receipt(event_id, status, t)`."""
+    """Every device receipt on the station (the operator's login): `on_receipt(event_id, status, t)`."""
 
     def handle(_topic: str, payload: bytes, now: float) -> None:
         try:

@@ -1,14 +1,15 @@
 #!/bin/sh
-# Health check of the mosquitto service: the services' user logs in and a SUBSCRIBE is answered
+# Health check of the mosquitto service: the health user (it may read and write nothing) logs in
+# and a SUBSCRIBE is answered
 # within 4 s (mosquitto_sub -E). The third failure in a row kills the broker, so the container
 # exits and `restart: unless-stopped` starts it again (docker itself never restarts an
 # unhealthy container). Cost: one small C process per check.
 #
-# Paths and port: MRO_AUTH_DIR, MOSQUITTO_PORT (the container's by default; the tests set them).
-auth="${MRO_AUTH_DIR:-/mosquitto/auth}"
+# Paths and port: MRO_HEALTH_SECRET, MOSQUITTO_PORT (the container's by default; the tests set them).
+secret="${MRO_HEALTH_SECRET:-/mosquitto/health/password}"
 failures="${TMPDIR:-/tmp}/mro-health-failures"
 
-if mosquitto_sub -h 127.0.0.1 -p "${MOSQUITTO_PORT:-1883}" -u mro-services -P "$(cat "$auth/service.secret")" \
+if mosquitto_sub -h 127.0.0.1 -p "${MOSQUITTO_PORT:-1883}" -u mro-health -P "$(cat "$secret")" \
      -t mro/healthcheck -E -W 4 >/dev/null; then
   rm -f "$failures"
   exit 0

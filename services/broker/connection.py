@@ -13,7 +13,7 @@ import time
 
 from services.broker import packets as p
 from services.broker.core import Broker, Session
-from services.broker.credentials import SERVICE_USER
+from services.broker.credentials import SERVICE_USERS
 from shared.runtime.logs import get_logger
 
 log = get_logger()
@@ -150,7 +150,7 @@ class Connection:
             return
         self.session = session
         self.keepalive = connect.keepalive
-        if session.username == SERVICE_USER:
+        if session.username in SERVICE_USERS:
             self.splitter.max_packet = self.broker.limits.service_max_packet
         if connect.will_topic is not None:
             self.will = p.Publish(connect.will_topic, connect.will_payload, connect.will_qos,

@@ -5,7 +5,7 @@ Guarantees (each pinned by tests/integration/test_broker_acl.py and test_intake_
 - A QoS 1/2 publish on `mro/<station>/in/...` is acknowledged (PUBACK/PUBREC) only after it
   sits in a synced LMDB commit of the intake spool. Publishes from every connection are
   grouped into one commit, so the cost of fsync is shared.
-- The ingest service's persistent session (`mro-<station>-ingest`) is fed from the spool, in
+- The ingest service's persistent session (`mro-<station>-ingest-<tag>`, user `mro-ingest`) is fed from the spool, in
   order, at most `max_inflight` unacknowledged; an entry is deleted only when ingest PUBACKs
   it (after its own commit). Nothing in between lives only in memory.
 - Any other persistent session keeps its unacknowledged QoS 1 messages until PUBACK and
@@ -15,7 +15,8 @@ Guarantees (each pinned by tests/integration/test_broker_acl.py and test_intake_
   message, counted in the broker status (the stages' outboxes re-send their own traffic).
 - A connection is authenticated before any session is touched. A session belongs to the user
   that made it: another user cannot take it over or wipe it, and client ids starting with
-  `mro-` are reserved for the services' user. Every delivery, queued or live, passes the
+  `mro-` are reserved for the services, each service's own ids for its own user alone
+  (`BrokerCredentials.owns_client_id`). Every delivery, queued or live, passes the
   read ACL of the session's user.
 """
 
@@ -30,7 +31,14 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from services.broker import packets as p
-from services.broker.credentials import SERVICE_USER, BrokerCredentials, topic_matches, valid_filter
+from services.broker.credentials import (
+    BrokerCredentials,
+    CredentialsError,
+    service_client_id,
+    service_user,
+    topic_matches,
+    valid_filter,
+)
 from services.broker.spool import Spool, SpoolEntry, SpoolFull
 from shared.runtime.logs import get_logger
 from shared.runtime.topics import Topics
@@ -88,7 +96,7 @@ class Session:
         self.username = username
         self.password = password
         self.persistent = persistent
-        self.intake = client_id == broker.intake_client and username == SERVICE_USER
+        self.intake = client_id == broker.intake_client and username == service_user("ingest")
         self.subscriptions: dict[str, int] = {}
         self.inflight: dict[int, Delivery] = {}
         self.queue: deque[Delivery] = deque()
@@ -199,7 +207,7 @@ class Broker:
         self.topics = topics
         self.limits = limits or Limits()
         self.intake_prefix = topics.root + "/in/"
-        self.intake_client = f"mro-{topics.station}-ingest"
+        self.intake_client = self._intake_client()
         self.sessions: dict[str, Session] = {}
         self.exact: dict[str, dict[Session, int]] = {}
         self.wild: dict[str, dict[Session, int]] = {}
@@ -215,6 +223,14 @@ class Broker:
         self.room_for_intake.set()
         self._acl: dict[tuple[str, str, str, int], bool] = {}
         self._files = credentials.file_state()
+
+    def _intake_client(self) -> str:
+        """The ingest service's client id (derived from its password, as the service derives it)."""
+        try:
+            _, password = self.credentials.service_login("ingest")
+        except (CredentialsError, OSError):
+            return ""
+        return service_client_id(self.topics.station, "ingest", password)
 
     # ---- access control (cached; the cache is dropped whenever the files change) ----------
 
@@ -242,6 +258,7 @@ class Broker:
             return
         self._files = state
         self._acl.clear()
+        self.intake_client = self._intake_client()
         for session in list(self.sessions.values()):
             if not self.credentials.check(session.username, session.password):
                 log.warning("session revoked", client_id=session.client_id, user=session.username,
@@ -289,7 +306,7 @@ class Broker:
             if not connect.clean_session:
                 return p.IDENTIFIER_REJECTED, None
             client_id = f"auto-{id(connection):x}-{time.monotonic_ns()}"
-        if client_id.startswith("mro-") and username != SERVICE_USER:
+        if not self.credentials.owns_client_id(username, client_id):
             return p.NOT_AUTHORIZED, None
         existing = self.sessions.get(client_id)
         if existing is not None and existing.username != username:
@@ -302,6 +319,8 @@ class Broker:
         old = session.connection
         if old is None:
             return
+        log.warning("session taken over", client_id=session.client_id, user=session.username,
+                    state_transition="SESSION_TAKEN_OVER")
         if old.will is not None:
             self.publish_internal(old.will)
             old.will = None

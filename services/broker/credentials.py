@@ -4,16 +4,28 @@ Mosquitto reads the two files natively (`password_file`, `acl_file`, re-read on 
 embedded broker reads the very same files through this module. So there is one source of
 truth and access control cannot drift between the brokers.
 
-Nobody is anonymous. The ACL this module writes:
+Nobody is anonymous, and nobody is a superuser. The ACL this module writes:
 
     pattern read mro/<station>/receipt/%u        # every user reads only its own receipts
-    user mro-services
-    topic readwrite mro/#                        # the pipeline services
+    user mro-ingest                              # one user per service (SERVICE_ACL) ...
+    topic read mro/<station>/in/+/+
+    topic write mro/<station>/pipeline/validate  # ... with exactly the topics its code uses
+    ...
     user <device_id>
     topic write mro/<station>/in/<kind>/<device_id>
 
 A device can publish to exactly one topic, fixed to its registered kind and to its own id, so
-it cannot pose as another device or another kind. The files are generated: hand edits to the
+it cannot pose as another device or another kind. Each service can publish only what its code
+publishes: only validate may feed `pipeline/sign`, only the stages that settle a record may
+send device receipts and outcomes, only the operator may send control, schema and registry
+commands. Service passwords are 256 random bits, one file per service (0600) at
+`$MRO_DATA_DIR/secrets/<service>/password`, never printed; each process reads only its own.
+
+Client ids: the services connect as `mro-<station>-<client>-<tag>`, the tag derived from the
+service's own password (`service_client_id`), so no other user can know, let alone take, a
+service's id on Mosquitto 2.0 (which lets any authenticated user take over any client id and
+has no per-user id binding short of `use_username_as_clientid`). The embedded broker also
+binds every `mro-` id to its user (`owns_client_id`). The files are generated: hand edits to the
 ACL are overwritten on the next change; extra users added to the password file with
 `mosquitto_passwd` are kept.
 
@@ -28,6 +40,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import hmac
 import os
@@ -38,17 +51,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.registry import SERVICES
 from shared.runtime.files import write_atomic
 from shared.runtime.topics import DEVICE_KINDS
 
-SERVICE_USER = "mro-services"
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always matched whole (fullmatch)
+RESERVED_PREFIX = "mro-"  # user names and client ids of the box's own services
+LEGACY_SERVICE_USER = "mro-services"  # the superuser every service shared before; removed on init
 
-# Mosquitto 2 "$7$" hashes: PBKDF2-HMAC-SHA512, base64 salt and key. 101 rounds is what
-# mosquitto_passwd writes; every password here is 256 random bits (secrets.token_urlsafe(32)),
-# so key stretching would add nothing but CPU on each CONNECT.
-PBKDF2_ITERATIONS = 101
+# Mosquitto 2 "$7$" hashes: PBKDF2-HMAC-SHA512, base64 salt and key. mosquitto_passwd 2.0 writes
+# 101 rounds, fine for our 256-bit random passwords but weak for a human-chosen one; Mosquitto
+# verifies whatever count the hash names. Cost is paid on every CONNECT, with a right or wrong
+# password, on Mosquitto's one thread: 50,000 rounds are ~40 ms here (2 cores, unloaded; 100,000
+# were ~80 ms, and a connect flood with a known user name would buy that much broker time per
+# attempt). The embedded broker remembers successful checks (`check`).
+PBKDF2_ITERATIONS = 50_000
 SALT_BYTES = 12
+_VERIFIED_MAX = 4096  # remembered successful checks (embedded broker)
 
 READ = 1
 WRITE = 2
@@ -191,11 +210,82 @@ def _expanded(pattern: str, username: str | None, client_id: str | None) -> str 
 
 
 _FileSig = tuple[int, int, int] | None
-_UNKNOWN_USER_HASH = hash_password(secrets.token_urlsafe(32))
+
+
+@functools.cache
+def _unknown_user_hash() -> str:
+    """A hash no password matches, made on first use (its rounds are not paid at import)."""
+    return hash_password(secrets.token_urlsafe(32))
+
+
+# Every client of the box that is not a device, and what its code publishes and reads
+# (shared/runtime/stage.py, delivery.py, the stages, heartbeat, the supervisor, the CLI).
+# Topics are relative to mro/<station>/. A stage reads its input, its stage receipts and its
+# control topic; writes its downstream input, receipts to its upstream, its DLQ, status, alarms.
+SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # name: (read, write)
+    "ingest": (("in/+/+", "pipeline/receipt/ingest", "pipeline/control/ingest", "pipeline/outcome"),
+               ("pipeline/validate", "receipt/+", "dlq/ingest", "status/ingest", "alarm")),
+    "validate": (("pipeline/validate", "pipeline/receipt/validate", "pipeline/control/validate",
+                  "pipeline/schema", "pipeline/registry"),
+                 ("pipeline/sign", "pipeline/receipt/ingest", "pipeline/outcome", "receipt/+", "dlq/validate",
+                  "pipeline/schema/reply/+", "pipeline/registry/reply/+", "status/validate", "alarm")),
+    "sign": (("pipeline/sign", "pipeline/receipt/sign", "pipeline/control/sign"),
+             ("pipeline/uplink", "pipeline/receipt/validate", "pipeline/outcome", "receipt/+", "dlq/sign",
+              "status/sign", "alarm")),
+    "uplink": (("pipeline/uplink", "pipeline/receipt/uplink", "pipeline/control/uplink", "status/connectivity"),
+               ("pipeline/receipt/sign", "dlq/uplink", "status/uplink", "alarm")),
+    "heartbeat": (("status/uplink", "status/connectivity"), ("status/connectivity", "status/heartbeat", "alarm")),
+    # `mro-edge run`'s monitor: every status and alarm; its own status and that of a hung child
+    "supervisor": (("status/+", "alarm"),
+                   ("status/supervisor", "status/broker", "status/gateway", "status/ingest", "status/validate",
+                    "status/sign", "status/uplink", "status/heartbeat", "status/simulator", "alarm")),
+    # the operator's commands (status, resume, schema, registry push, the banner's watch lines,
+    # the anonymous-broker probe of `mro-edge run`)
+    "operator": (("status/+", "alarm", "dlq/+", "receipt/+", "in/+/+", "pipeline/schema/reply/+",
+                  "pipeline/registry/reply/+"),
+                 ("pipeline/control/+", "pipeline/schema", "pipeline/registry")),
+    # Mosquitto's container health check: it logs in and subscribes, it may read and write nothing
+    "health": ((), ()),
+}
+SERVICE_NAMES = tuple(SERVICE_ACL)
+# client ids (as mro-<station>-<client>-<tag>) and the service that owns each: the registry's
+# `mqtt_clients`, and the supervisor's monitor
+CLIENT_OWNERS = {client: service.name for service in SERVICES for client in service.mqtt_clients}
+CLIENT_OWNERS["supervisor"] = "supervisor"
+if _unlisted := set(CLIENT_OWNERS.values()) - set(SERVICE_ACL):
+    raise RuntimeError(f"services {sorted(_unlisted)} connect to the broker but have no SERVICE_ACL entry")
+
+
+def service_user(service: str) -> str:
+    """The broker user of one of the box's services (SERVICE_ACL)."""
+    if service not in SERVICE_ACL:
+        raise CredentialsError(f"unknown service {service!r}: one of {', '.join(SERVICE_NAMES)}")
+    return RESERVED_PREFIX + service
+
+
+SERVICE_USERS = frozenset(service_user(name) for name in SERVICE_NAMES)
+
+
+def service_client_id(station: str, client: str, password: str) -> str:
+    """`mro-<station>-<client>-<tag>`: the tag is derived from the service's own password, so the
+    id is stable across restarts (the persistent session survives) and unknown to other users."""
+    tag = hmac.new(password.encode(), f"mro-edge client id {station}/{client}".encode(),
+                   hashlib.sha256).hexdigest()[:16]
+    return f"{RESERVED_PREFIX}{station}-{client}-{tag}"
+
+
+def _check_id(what: str, value: str) -> None:
+    """`value` matches ID_RE whole: `$` would also accept a trailing newline, which splits a line
+    of the password file or the ACL."""
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise CredentialsError(f"{what} {value!r} is not valid: use 1 to 64 letters, digits, '_', '.' or '-', "
+                               "starting with a letter or digit")
 
 
 class BrokerCredentials:
-    """The broker's users and ACL under `$MRO_DATA_DIR/broker/` (0700; files 0600).
+    """The broker's users and ACL under `$MRO_DATA_DIR/broker/` (0700; files 0600), and the
+    services' passwords, one file each, under `secrets_dir` (default `$MRO_DATA_DIR/secrets/`).
 
     Writers hold an exclusive lock on `broker_dir/.lock` and replace each file atomically
     (temp file, fsync, rename, fsync of the directory), so a broker reloading at any moment
@@ -204,35 +294,61 @@ class BrokerCredentials:
     restart, like Mosquitto does on SIGHUP.
     """
 
-    def __init__(self, broker_dir: Path, station: str) -> None:
-        if not ID_RE.match(station):
-            raise CredentialsError(f"station {station!r} must match {ID_RE.pattern}")
+    def __init__(self, broker_dir: Path, station: str, secrets_dir: Path | None = None) -> None:
+        _check_id("station", station)
         self.broker_dir = Path(broker_dir)
         self.station = station
         self.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.broker_dir, 0o700)
+        self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.broker_dir.parent / "secrets"
         self.passwd_path = self.broker_dir / "passwd"
         self.acl_path = self.broker_dir / "acl"
-        self.secret_path = self.broker_dir / "service.secret"
         self._lock_path = self.broker_dir / ".lock"
         self._passwd: tuple[_FileSig, dict[str, str]] = (None, {})
         self._acl: tuple[_FileSig, Acl] = (None, Acl())
+        self._verified: dict[bytes, None] = {}
 
     # ---- administration -------------------------------------------------------------
 
-    def ensure_service_user(self) -> tuple[str, str]:
-        """(user, password) of the services; made once, kept in `service.secret` (0600)."""
+    def secret_path(self, service: str) -> Path:
+        """Where `service`'s password is kept (0600, in a 0700 directory of its own, so compose can
+        mount each service's directory into its container alone): the one file it reads."""
+        service_user(service)
+        return self.secrets_dir / service / "password"
+
+    def ensure_service_users(self) -> dict[str, str]:
+        """Every service's user (SERVICE_ACL), its password file and the ACL; made once, kept.
+        Returns service -> user name; the passwords stay in their files."""
         with self._locked():
-            password = self._read_secret()
-            if password is None:
-                password = secrets.token_urlsafe(32)
-                self._write_atomic(self.secret_path, password + "\n")
+            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.secrets_dir, 0o700)
             users = dict(self._load_passwd())
-            if not verify_password(password, users.get(SERVICE_USER, "")):
-                users[SERVICE_USER] = hash_password(password)
+            # the one shared superuser of earlier versions: its login and its secret go
+            users.pop(LEGACY_SERVICE_USER, None)
+            with contextlib.suppress(FileNotFoundError):
+                (self.broker_dir / "service.secret").unlink()
+            for service in SERVICE_NAMES:
+                password = self._read_secret(service)
+                if password is None:
+                    self.secret_path(service).parent.mkdir(mode=0o700, exist_ok=True)
+                    password = secrets.token_urlsafe(32)
+                    self._write_atomic(self.secret_path(service), password + "\n")
+                user = service_user(service)
+                if not verify_password(password, users.get(user, "")):
+                    users[user] = hash_password(password)
             self._write_acl(self._load_acl().devices)
             self._write_passwd(users)
-        return SERVICE_USER, password
+        return {service: service_user(service) for service in SERVICE_NAMES}
+
+    def service_login(self, service: str) -> tuple[str, str]:
+        """(user, password) of one service, making every service user first if need be."""
+        password = self._read_secret(service)
+        if password is None or service_user(service) not in self._load_passwd():
+            self.ensure_service_users()
+            password = self._read_secret(service)
+        if password is None:
+            raise CredentialsError(f"no password in {self.secret_path(service)}")
+        return service_user(service), password
 
     def add_device(self, device_id: str, kind: str) -> tuple[str, str]:
         """Register (or re-register: the old password stops working) a device; returns its login."""
@@ -268,12 +384,41 @@ class BrokerCredentials:
     # ---- decisions (used by the embedded broker) -------------------------------------
 
     def check(self, username: str, password: str) -> bool:
-        """True if the password file has `username` and `password` matches its hash."""
+        """True if the password file has `username` and `password` matches its hash.
+
+        A successful check is remembered (keyed by a hash of user, password and stored hash, so
+        a changed password or file never matches a stale entry): a reconnecting client costs one
+        SHA-256 instead of PBKDF2_ITERATIONS rounds. Failures are never remembered."""
         stored = self._load_passwd().get(username)
         if stored is None:
-            verify_password(password, _UNKNOWN_USER_HASH)  # same work as for a known user
+            verify_password(password, _unknown_user_hash())  # same work as for a known user
             return False
-        return verify_password(password, stored)
+        key = hashlib.sha256("\0".join((username, password, stored)).encode()).digest()
+        if key in self._verified:
+            return True
+        if not verify_password(password, stored):
+            return False
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[key] = None
+        return True
+
+    def owns_client_id(self, username: str, client_id: str) -> bool:
+        """May `username` use `client_id`? Ids starting with `mro-` belong to the services: a
+        service's own ids (`mro-<station>-<client>`, with or without a tag) to that service's
+        user alone, any other `mro-` id (the operator's commands) to any service user."""
+        if not client_id.startswith(RESERVED_PREFIX):
+            return True
+        if username not in SERVICE_USERS:
+            return False
+        prefix = f"{RESERVED_PREFIX}{self.station}-"
+        if client_id.startswith(prefix):
+            rest = client_id[len(prefix):]
+            owners = [owner for client, owner in CLIENT_OWNERS.items()
+                      if rest == client or rest.startswith(client + "-")]
+            if owners:
+                return username == service_user(owners[0])
+        return True
 
     def may_publish(self, username: str, topic: str, client_id: str | None = None) -> bool:
         if not topic or any(c in topic for c in "+#\0"):
@@ -297,10 +442,10 @@ class BrokerCredentials:
     # ---- internals ------------------------------------------------------------------
 
     def _check_device_id(self, device_id: str) -> None:
-        if not ID_RE.match(device_id):
-            raise CredentialsError(f"device id {device_id!r} must match {ID_RE.pattern}")
-        if device_id == SERVICE_USER:
-            raise CredentialsError(f"device id {device_id!r} is reserved for the services")
+        _check_id("device id", device_id)
+        if device_id.startswith(RESERVED_PREFIX):
+            raise CredentialsError(f"device id {device_id!r} is not valid: ids starting with "
+                                   f"{RESERVED_PREFIX!r} are reserved for the box's services")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -311,9 +456,9 @@ class BrokerCredentials:
         finally:
             os.close(fd)
 
-    def _read_secret(self) -> str | None:
+    def _read_secret(self, service: str) -> str | None:
         try:
-            value = self.secret_path.read_text().strip()
+            value = self.secret_path(service).read_text().strip()
         except FileNotFoundError:
             return None
         return value or None
@@ -345,12 +490,14 @@ class BrokerCredentials:
             "",
             "# Every user reads its own receipts only.",
             f"pattern read {root}/receipt/%u",
-            "",
-            "# The pipeline services.",
-            f"user {SERVICE_USER}",
-            "topic readwrite mro/#",
         ]
+        for service, (reads, writes) in SERVICE_ACL.items():
+            lines += ["", f"user {service_user(service)}"]
+            lines += [f"topic read {root}/{topic}" for topic in reads]
+            lines += [f"topic write {root}/{topic}" for topic in writes]
         for device_id in sorted(devices):
+            _check_id("device id", device_id)
+            _check_id("device kind", devices[device_id])
             lines += ["", f"user {device_id}", f"topic write {root}/in/{devices[device_id]}/{device_id}"]
         self._write_atomic(self.acl_path, "\n".join(lines) + "\n")
 

@@ -76,7 +76,7 @@ class BrokerServer:
         self.config = config
         self.topics = Topics(config.station)
         credentials = BrokerCredentials(config.data_path / "broker", config.station)
-        credentials.ensure_service_user()
+        credentials.ensure_service_users()
         spool = Spool(spool_path(config), config.stage.map_size_mb)
         self.broker = Broker(credentials, spool, self.topics, limits)
         self.connections: set[Connection] = set()

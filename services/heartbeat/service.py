@@ -50,7 +50,7 @@ from shared.runtime.config import Config
 from shared.runtime.gatewayhttp import gateway_http
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
-from shared.runtime.mqtt import MqttLink
+from shared.runtime.mqtt import MqttLink, client_id_for, service_credentials
 from shared.runtime.topics import Topics
 
 
@@ -83,7 +83,8 @@ class Heartbeat:
         self.uplink = UplinkView()
         self._uplink_topic = self.topics.status("uplink")
         self._own_topic = self.topics.status("connectivity")
-        self.link = MqttLink(config, client_id=f"mro-{config.station}-heartbeat",
+        login = service_credentials(config, "heartbeat")
+        self.link = MqttLink(config, client_id=client_id_for(config, "heartbeat", login), credentials=login,
                              subscriptions=[(self._uplink_topic, 0), (self._own_topic, 0)], persistent=False,
                              will=(self.topics.status("heartbeat"),
                                    json_encode({"service": "heartbeat", "state": "down"})))

@@ -155,12 +155,14 @@ def refuse(config: Config, exc: SignRefused) -> None:
     log, detail = get_logger(stage="sign"), str(exc)
     log.error("refusing to append", alarm=exc.kind, detail=detail,
               state_transition=f"ALARM_{exc.kind.upper()}")
-    from shared.runtime.mqtt import MqttLink
+    from shared.runtime.mqtt import MqttLink, client_id_for, service_credentials
     from shared.runtime.topics import Topics
 
     topics = Topics(config.station)
     try:
-        link = MqttLink(config, client_id=f"mro-{config.station}-sign-alarm", persistent=False)
+        login = service_credentials(config, "sign")
+        link = MqttLink(config, client_id=client_id_for(config, "sign-alarm", login), persistent=False,
+                        credentials=login)
         link.start(wait_s=5)
     except Exception as err:  # best effort, whatever failed: the refusal stands anyway
         log.warning("alarm not published: no broker", error=str(err)[:200])

@@ -1,7 +1,7 @@
 """What is in force for the validate stage: the registries, the contract version and the
 schema-drift breaker.
 
-Two services-only topics (ACL: only the service user may use `mro/<station>/pipeline/#`) change it:
+Two services-only topics (ACL: only the operator may publish them, only validate reads them) change it:
 `Topics.registry` (authority-signed registry updates, `services.validate.registry`) and
 `Topics.schema` (commands from `mro-edge schema ...`, `services.validate.commands`). While the
 breaker is open, torque events and part receipts are held (`services.validate.held`) and

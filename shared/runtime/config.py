@@ -26,6 +26,8 @@ class MqttConfig(msgspec.Struct, forbid_unknown_fields=True):
     url: str = "mqtt://127.0.0.1:1883"
     username: str = ""
     password: str = ""
+    # a file holding the password (first line), e.g. a container's own secret; wins over `password`
+    password_file: str = ""
     keepalive_s: int = 30
     # mqtts:// only: the CA that signed the broker's certificate (empty: the system's trust
     # store), and this client's certificate and key for brokers that require one (mutual TLS)
@@ -272,10 +274,11 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"MRO_STATION (station) {config.station!r} is not a station id: 1-32 of A-Z a-z 0-9 _ -, "
                           "starting with a letter or digit (it is part of every MQTT topic)")
     _check_tls(config)
-    if config.mqtt.password and not config.mqtt.username:
-        raise ConfigError("MRO_MQTT_PASSWORD (mqtt.password) is set but MRO_MQTT_USERNAME (mqtt.username) "
-                          "is not: set both, or neither to use the service login in "
-                          "$MRO_DATA_DIR/broker/service.secret")
+    if (config.mqtt.password or config.mqtt.password_file) and not config.mqtt.username:
+        which = ("MRO_MQTT_PASSWORD (mqtt.password)" if config.mqtt.password
+                 else "MRO_MQTT_PASSWORD_FILE (mqtt.password_file)")
+        raise ConfigError(f"{which} is set but MRO_MQTT_USERNAME (mqtt.username) is not: set both, or "
+                          "neither, and each service logs in with its own password file in the data directory")
     if not config.link.gateway_url:
         config.link.gateway_url = local_gateway_url(config.gateway.listen, tls=bool(config.gateway.tls_cert))
     check_link(config.link)

@@ -94,13 +94,31 @@ class Inbound:
     retain: bool = False  # sent because it was retained (on subscribe), not published just now
 
 
-def service_credentials(config: Config) -> tuple[str, str]:
-    """Configured service credentials, else the ones `mro-edge run`/`devices init` keep on disk."""
+def service_credentials(config: Config, service: str) -> tuple[str, str]:
+    """The broker login of one of the box's services (`operator` for the CLI): the configured
+    one (mqtt.username with mqtt.password_file or mqtt.password), else the service's own file
+    under `$MRO_DATA_DIR/secrets/` (made with every service user when missing)."""
     if config.mqtt.username:
+        if config.mqtt.password_file:
+            try:
+                with open(config.mqtt.password_file, encoding="utf-8") as f:
+                    password = f.readline().strip()
+            except OSError as exc:
+                raise BrokerUnavailable(f"cannot read MRO_MQTT_PASSWORD_FILE {config.mqtt.password_file}: "
+                                        f"{exc.strerror}") from None
+            return config.mqtt.username, password
         return config.mqtt.username, config.mqtt.password
     from services.broker.credentials import BrokerCredentials
 
-    return BrokerCredentials(config.data_path / "broker", config.station).ensure_service_user()
+    return BrokerCredentials(config.data_path / "broker", config.station).service_login(service)
+
+
+def client_id_for(config: Config, client: str, credentials: tuple[str, str]) -> str:
+    """The fixed client id of a service's connection, `mro-<station>-<client>-<tag>`: stable
+    (its persistent session survives restarts) and known only to holders of its password."""
+    from services.broker.credentials import service_client_id
+
+    return service_client_id(config.station, client, credentials[1])
 
 
 def set_nodelay(client: paho.Client) -> None:
@@ -151,8 +169,8 @@ class MqttLink:
             protocol=paho.MQTTv311,
             manual_ack=True,
         )
-        username, password = credentials or service_credentials(config)
-        client.username_pw_set(username, password)
+        # no login given: the operator's (the CLI's commands); every service passes its own
+        client.username_pw_set(*(credentials or service_credentials(config, "operator")))
         use_tls(client, config.mqtt)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)

@@ -42,7 +42,7 @@ from shared.runtime.messages import (
     json_encode,
     stage_receipt_decoder,
 )
-from shared.runtime.mqtt import Inbound, MqttLink
+from shared.runtime.mqtt import Inbound, MqttLink, client_id_for, service_credentials
 from shared.runtime.outbox import OUTBOX_TABLES, Outbox
 from shared.runtime.poison import StageFault, broken_envelope_report, isolate
 from shared.runtime.status import StatusReport, add_counts
@@ -101,7 +101,8 @@ class StageRuntime:
                            map_size_mb=config.stage.map_size_mb)
         self.status = StatusReport(stage.name, self.store, self._queue_depth, stage.status_extra,
                                    lambda: (self.link.contested, self.link.session_resets))
-        self.link = MqttLink(config, client_id=f"mro-{config.station}-{stage.name}",
+        login = service_credentials(config, stage.name)
+        self.link = MqttLink(config, client_id=client_id_for(config, stage.name, login), credentials=login,
                              subscriptions=subscriptions,
                              will=(self.topics.status(stage.name), self.status.payload("down")))
         self.outbox = (

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from services.broker.credentials import SERVICE_USER, BrokerCredentials
+from services.broker.credentials import (
+    LEGACY_SERVICE_USER,
+    PBKDF2_ITERATIONS,
+    SERVICE_ACL,
+    SERVICE_NAMES,
+    BrokerCredentials,
+    service_user,
+    topic_matches,
+)
 from services.broker.service import PortInUseError, run_broker
 from shared.runtime.config import load_config
 from shared.runtime.topics import Topics
@@ -55,7 +63,7 @@ def clients() -> Iterator[Callable[..., Client]]:
 def wait_login(broker: BrokerProc, login: tuple[str, str], accepted: bool = True, timeout: float = 5) -> None:
     """Until the broker has (re)read its files: the login is accepted, or refused."""
     deadline = time.monotonic() + timeout
-    while (mqtt_connack(broker.port, *login) == 0) != accepted:
+    while (mqtt_connack(broker.port, *login, timeout=5) == 0) != accepted:
         assert time.monotonic() < deadline, f"{broker.kind} did not pick up the change for {login[0]}"
         time.sleep(0.05)
 
@@ -67,10 +75,40 @@ def new_device(broker: BrokerProc, kind: str = "torque_wrench") -> tuple[str, st
     return login
 
 
-def services(broker: BrokerProc, clients: Callable[..., Client], topic_filter: str = "mro/#") -> Client:
-    client = clients(broker, broker.service_user)
+class Sink:
+    """Every service user subscribed to one filter: together they read whatever the box reads
+    (no user reads everything any more), so a message nobody gets was dropped by the broker."""
+
+    def __init__(self, members: list[Client]) -> None:
+        self.members = members
+
+    def wait_for(self, topic: str, payload: bytes, timeout: float = 5):
+        deadline = time.monotonic() + timeout
+        while True:
+            for member in self.members:
+                for message in list(member.messages):
+                    if message.topic == topic and message.payload == payload:
+                        return message
+            assert time.monotonic() < deadline, f"no service user got {payload!r} on {topic}: {self.seen()}"
+            time.sleep(0.02)
+
+    def seen(self) -> list[tuple[str, bytes]]:
+        return [item for member in self.members for item in member.seen()]
+
+
+def services(broker: BrokerProc, clients: Callable[..., Client], topic_filter: str = "mro/#") -> Sink:
+    members = []
+    for name in SERVICE_NAMES:
+        client = clients(broker, broker.login(name))
+        assert client.connect() == 0
+        assert not client.subscribe(topic_filter).is_failure
+        members.append(client)
+    return Sink(members)
+
+
+def publisher(broker: BrokerProc, clients: Callable[..., Client], service: str) -> Client:
+    client = clients(broker, broker.login(service))
     assert client.connect() == 0
-    assert not client.subscribe(topic_filter).is_failure
     return client
 
 
@@ -80,7 +118,12 @@ def test_anonymous_and_wrong_passwords_are_refused(broker: BrokerProc,
     assert mqtt_connack(broker.port, None, None) != 0
     assert mqtt_connack(broker.port, device, None) != 0
     assert mqtt_connack(broker.port, device, password + "x") != 0
-    assert mqtt_connack(broker.port, SERVICE_USER, password) != 0
+    assert mqtt_connack(broker.port, LEGACY_SERVICE_USER, password) != 0
+    assert mqtt_connack(broker.port, LEGACY_SERVICE_USER, broker.login("ingest")[1]) != 0
+    for name in SERVICE_NAMES:  # each service has its own password: no other one opens it
+        assert mqtt_connack(broker.port, service_user(name), password) != 0
+        other = "ingest" if name != "ingest" else "sign"
+        assert mqtt_connack(broker.port, service_user(name), broker.login(other)[1]) != 0
     assert mqtt_connack(broker.port, "nobody", password) != 0
     assert clients(broker, None).connect().is_failure
     assert clients(broker, (device, "wrong")).connect().is_failure
@@ -116,7 +159,7 @@ def test_device_publishes_only_to_its_own_in_topic(broker: BrokerProc,
 
 
 def test_device_reads_only_its_own_receipts(broker: BrokerProc, clients: Callable[..., Client]) -> None:
-    ops = services(broker, clients)
+    ops = publisher(broker, clients, "ingest")
     ops.publish(T.status("ingest"), b"retained status", retain=True)
     me, other = new_device(broker), new_device(broker)
     spy = clients(broker, me)
@@ -127,24 +170,74 @@ def test_device_reads_only_its_own_receipts(broker: BrokerProc, clients: Callabl
     for topic_filter in (T.receipt(other[0]), f"{T.root}/receipt/+", T.status_all, "#"):
         assert not spy.subscribe(topic_filter).is_failure
     ops.publish(T.receipt(other[0]), b"not yours")
-    ops.publish(T.stage_input("sign"), b"internal")
+    publisher(broker, clients, "validate").publish(T.stage_input("sign"), b"internal")
     ops.publish(T.receipt(me[0]), b"yours")
     spy.wait_for(T.receipt(me[0]), b"yours")
     time.sleep(QUIET_S)
     assert {topic for topic, _ in spy.seen()} == {T.receipt(me[0])}
 
 
-def test_services_user_can_do_everything(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+# Every topic the box uses, each read by at least one service user (so the Sink sees it if the
+# broker lets it through).
+PROBED = [T.device_in("tablet", "any"), T.receipt("any"), T.stage_input("validate"), T.stage_input("sign"),
+          T.stage_input("uplink"), T.stage_receipt("ingest"), T.stage_receipt("validate"),
+          T.stage_receipt("sign"), T.stage_receipt("uplink"), T.outcomes, T.control("ingest"),
+          T.control("sign"), T.schema, T.registry, T.schema_reply("c1"), T.registry_reply("c1"),
+          T.dlq("ingest"), T.dlq("validate"), T.status("sign"), T.status("connectivity"),
+          T.status("supervisor"), T.alarm]
+# who may publish where, said outright (SERVICE_ACL must agree; the test checks both)
+ONLY = {
+    T.stage_input("sign"): {"validate"},
+    T.stage_input("validate"): {"ingest"},
+    T.stage_input("uplink"): {"sign"},
+    T.receipt("any"): {"ingest", "validate", "sign"},
+    T.outcomes: {"validate", "sign"},
+    T.control("sign"): {"operator"},
+    T.schema: {"operator"},
+    T.registry: {"operator"},
+    T.schema_reply("c1"): {"validate"},
+    T.status("connectivity"): {"heartbeat"},
+    T.device_in("tablet", "any"): set(),
+}
+
+
+def allowed(service: str, topic: str) -> bool:
+    return any(topic_matches(f"{T.root}/{pattern}", topic) for pattern in SERVICE_ACL[service][1])
+
+
+def test_acl_table_gives_each_topic_only_its_legitimate_senders() -> None:
+    for topic, senders in ONLY.items():
+        assert {name for name in SERVICE_NAMES if allowed(name, topic)} == senders, topic
+
+
+def test_each_service_user_publishes_exactly_its_own_topics(broker: BrokerProc,
+                                                            clients: Callable[..., Client]) -> None:
+    """Forged stage traffic: each service's credentials (and a device's) publish on every topic of
+    the box; only the ACL's own topics get through. On MQTT 3.1.1 Mosquitto PUBACKs a denied
+    publish and drops it, so the proof is that no service user ever receives it."""
     sink = services(broker, clients)
-    writer = clients(broker, broker.service_user)
-    assert writer.connect() == 0
-    topics = [T.device_in("tablet", "any"), T.receipt("any"), T.stage_input("validate"),
-              T.stage_receipt("ingest"), T.dlq("validate"), T.alarm, "mro/OTHER/pipeline/x"]
-    for topic in topics:
-        writer.publish(topic, b"svc")
-    writer.publish(T.status("sign"), b"up", retain=True)
-    for topic in topics:
-        sink.wait_for(topic, b"svc")
+    device = clients(broker, new_device(broker))
+    assert device.connect() == 0
+    writers = {name: publisher(broker, clients, name) for name in SERVICE_NAMES} | {"device": device}
+    expected = []
+    for name, writer in writers.items():
+        for topic in PROBED:
+            payload = f"from {name}".encode()
+            writer.publish(topic, payload)
+            if name != "device" and allowed(name, topic):
+                expected.append((topic, payload))
+    for topic, payload in expected:
+        sink.wait_for(topic, payload)
+    time.sleep(QUIET_S)
+    got = {(topic, payload) for topic, payload in sink.seen() if payload.startswith(b"from ")}
+    assert got == set(expected), sorted(got ^ set(expected))
+    assert (T.stage_input("sign"), b"from validate") in got
+    for name in ("ingest", "uplink", "heartbeat", "sign", "supervisor", "operator", "health", "device"):
+        assert (T.stage_input("sign"), f"from {name}".encode()) not in got, name
+
+
+def test_retained_status_reaches_late_subscribers(broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    publisher(broker, clients, "sign").publish(T.status("sign"), b"up", retain=True)
     late = services(broker, clients, T.status_all)
     assert late.wait_for(T.status("sign"), b"up").retain
 
@@ -276,11 +369,27 @@ def test_embedded_broker_names_the_taken_port(tmp_path: Path) -> None:
     assert "MRO_MQTT_URL=mqtt://127.0.0.1:1884" in message and "--no-broker" in message
 
 
+def test_modern_hashes_are_accepted_by_both_brokers(broker: BrokerProc) -> None:
+    """The $7$ hashes we write (PBKDF2-SHA512 at PBKDF2_ITERATIONS rounds) log in on a real
+    Mosquitto as on the embedded broker; prints what a CONNECT costs on each."""
+    device, password = new_device(broker)
+    line = next(li for li in broker.credentials.passwd_path.read_text().splitlines() if li.startswith(device + ":"))
+    assert line.split(":", 1)[1].startswith(f"$7${PBKDF2_ITERATIONS}$")
+    costs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert mqtt_connack(broker.port, device, password, timeout=10) == 0
+        costs.append(time.perf_counter() - started)
+    assert mqtt_connack(broker.port, device, password + "x", timeout=10) != 0
+    print(f"{broker.kind}: CONNECT with a {PBKDF2_ITERATIONS}-round hash: "
+          f"{', '.join(f'{c * 1000:.0f}' for c in costs)} ms")
+
+
 def test_password_file_interoperates_with_mosquitto_passwd(tmp_path: Path) -> None:
     """A user added by an operator with mosquitto_passwd logs in to the embedded broker and survives
     our rewrites."""
     credentials = BrokerCredentials(tmp_path / "broker", STATION)
-    credentials.ensure_service_user()
+    credentials.ensure_service_users()
     tool = shutil.which("mosquitto_passwd")
     assert tool, "mosquitto_passwd (Debian package mosquitto) is required"
     subprocess.run([tool, "-b", str(credentials.passwd_path), "mcc-console", "s3cret pass"], check=True)

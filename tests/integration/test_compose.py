@@ -28,7 +28,7 @@ import psutil
 import pytest
 import yaml
 
-from services.broker.credentials import BrokerCredentials
+from services.broker.credentials import SERVICE_NAMES, BrokerCredentials
 from services.registry import SERVICES, Kind
 from shared.compliance.registry import RegistrySource, read_file_entries
 from shared.compliance.settings import compliance_settings
@@ -58,6 +58,8 @@ GATEWAY_REGISTER = "gateway-register"
 CENTRAL = {GATEWAY, GATEWAY_REGISTER}
 DEMO_ONLY = {"simulator"} | CENTRAL
 SERVICE_UID = "1883"
+# the containers that write the broker's password file and ACL (Mosquitto reads them)
+CREDENTIAL_WRITERS = {"init", "simulator"}
 
 DEPLOY = REPO / "deploy"
 ENV_EXAMPLE = DEPLOY / "env.example"
@@ -234,7 +236,8 @@ def test_production_starts_no_simulator_and_no_simulator_accounts(
     broker_dir = tmp_path / "data" / "broker"
     assert not (broker_dir / "simulator-devices.json").exists()
     assert BrokerCredentials(broker_dir, env["MRO_STATION"]).devices() == {}
-    assert (broker_dir / "service.secret").stat().st_mode & 0o077 == 0
+    for name in SERVICE_NAMES:
+        assert (tmp_path / "data" / "secrets" / name / "password").stat().st_mode & 0o077 == 0, name
 
 
 def test_app_services_read_the_operator_site_never_the_image_registries(production: dict[str, Any]) -> None:
@@ -253,7 +256,10 @@ def test_app_services_read_the_operator_site_never_the_image_registries(producti
         assert any(v.endswith("/site:ro") for v in service["volumes"]), (
             f"{name} must mount the site read-only"
         )
-        assert volumes["/data/broker"] == mounts(production["services"][BROKER])["/mosquitto/auth"], name
+        if name in CREDENTIAL_WRITERS:  # they write the password file and ACL Mosquitto reads
+            assert volumes["/data/broker"] == mounts(production["services"][BROKER])["/mosquitto/auth"], name
+        else:
+            assert "/data/broker" not in volumes, name
         assert not any("registries" in source for source in volumes.values()), name
         if name not in ONE_SHOT:
             assert service["depends_on"] == {
@@ -276,6 +282,27 @@ def test_each_stage_holds_only_its_own_hop_key(production: dict[str, Any]) -> No
         assert hop_keys(name) == ({name} if name in CHAIN else set()) or name == "init", name
     dockerfile = (REPO / "Dockerfile").read_text()
     assert all(f"/data/{HOPKEYS_DIR}/{stage}" in dockerfile for stage in CHAIN), "volumes start owned by 1883"
+def test_each_container_gets_only_its_own_broker_secret(compose: dict[str, Any]) -> None:
+    """Every box service mounts its own secret volume (read-only) and nothing of the others',
+    and is told its user and password file, never a password; init holds them all, Mosquitto
+    only the health check's."""
+    services = compose["services"]
+    for name in BOX:
+        service = services[name]
+        secrets = {t: src for t, src in mounts(service).items() if t.startswith("/data/secrets")}
+        assert secrets == {f"/data/secrets/{name}": f"secret-{name}"}, (name, secrets)
+        assert f"secret-{name}:/data/secrets/{name}:ro" in service["volumes"], name
+        env = service["environment"]
+        assert env["MRO_MQTT_USERNAME"] == f"mro-{name}", name
+        assert env["MRO_MQTT_PASSWORD_FILE"] == f"/data/secrets/{name}/password", name
+        assert "MRO_MQTT_PASSWORD" not in env, name
+    init = {t: src for t, src in mounts(services["init"]).items() if t.startswith("/data/secrets")}
+    assert init == {f"/data/secrets/{n}": f"secret-{n}" for n in SERVICE_NAMES}
+    broker = mounts(services[BROKER])
+    assert broker["/mosquitto/health"] == "secret-health"
+    assert not [src for src in broker.values() if src.startswith("secret-") and src != "secret-health"]
+    simulator = {t: src for t, src in mounts(services["simulator"]).items() if t.startswith("/data/secrets")}
+    assert simulator == {"/data/secrets/operator": "secret-operator"}
 
 
 def test_the_site_template_is_what_the_validate_stage_loads() -> None:
@@ -622,10 +649,12 @@ def test_mosquitto_follows_device_changes_and_its_health_check_restarts_it(tmp_p
     failed check, which ends the container."""
     port = free_port()
     credentials = BrokerCredentials(tmp_path / "broker", "HGR1")
-    service = credentials.ensure_service_user()
+    credentials.ensure_service_users()
+    service = credentials.service_login("health")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MRO_")}
     env.update(PATH=_busybox_path(tmp_path), MOSQUITTO_CONF=str(render_mosquitto_conf(tmp_path, port)),
-               MRO_AUTH_DIR=str(tmp_path / "broker"), MOSQUITTO_PORT=str(port), TMPDIR=str(tmp_path))
+               MRO_AUTH_DIR=str(tmp_path / "broker"), MOSQUITTO_PORT=str(port), TMPDIR=str(tmp_path),
+               MRO_HEALTH_SECRET=str(credentials.secret_path("health")))
     log = tmp_path / "mosquitto.log"
     outer = _in_container(["sh", str(MOSQUITTO_RUN)], env, log)
     health = ["sh", str(MOSQUITTO_HEALTH)]
@@ -671,7 +700,9 @@ def test_mosquitto_follows_device_changes_and_its_health_check_restarts_it(tmp_p
 def test_mosquitto_launcher_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     """`docker compose stop`: SIGTERM to the container reaches Mosquitto, which saves and exits 0."""
     port = free_port()
-    service = BrokerCredentials(tmp_path / "broker", "HGR1").ensure_service_user()
+    credentials = BrokerCredentials(tmp_path / "broker", "HGR1")
+    credentials.ensure_service_users()
+    service = credentials.service_login("health")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MRO_")}
     env.update(PATH=_busybox_path(tmp_path), MOSQUITTO_CONF=str(render_mosquitto_conf(tmp_path, port)),
                MRO_AUTH_DIR=str(tmp_path / "broker"), TMPDIR=str(tmp_path))
@@ -704,10 +735,10 @@ def test_readme_compose_instructions_name_what_ships(production: dict[str, Any])
     for path in set(re.findall(r"\b((?:deploy|config)/[\w./-]*\w)", text)):
         assert (REPO / path).exists(), f"README names {path}, which does not exist"
     services = default_services(production)
-    named = re.findall(r"docker compose (?:exec|kill -s SIGHUP) ([a-z-]+)", text)
+    named = re.findall(r"docker compose (?:exec|kill -s SIGHUP|run --rm) ([a-z-]+)", text)
     for listed in re.findall(r"docker compose up -d ([a-z -]+?)(?:`|\s*#|$)", text, flags=re.M):
         named += listed.split()
-    assert "uplink" in named and "ingest" in named
+    assert "uplink" in named and "init" in named
     for service in named:
         assert service in services, f"README runs `{service}`, not a production service"
     settings = env_file_values(ENV_EXAMPLE)

@@ -24,7 +24,7 @@ from tests.mqttclient import Client
 
 STATION = "HGR1"
 T = Topics(STATION)
-INGEST_ID = f"mro-{STATION}-ingest"
+WELL_KNOWN_INGEST_ID = f"mro-{STATION}-ingest"  # what ingest's id looked like before it carried a tag
 
 
 @pytest.fixture
@@ -53,10 +53,11 @@ def mosquitto_pub(broker: BrokerProc, login: tuple[str, str], topic: str, lines:
 class ManualConsumer:
     """A persistent-session consumer that acks only when told, like a stage before its commit."""
 
-    def __init__(self, broker: BrokerProc, client_id: str, topic_filter: str) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
-                                  manual_ack=True)
-        self.client.username_pw_set(*broker.service_user)
+    def __init__(self, broker: BrokerProc, service: str, topic_filter: str, client_id: str | None = None) -> None:
+        """As `service` (its login), under its own client id unless `client_id` is given."""
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or broker.client_id(service),
+                                  clean_session=False, manual_ack=True)
+        self.client.username_pw_set(*broker.login(service))
         self.client.max_inflight_messages_set(0)
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Lock()
@@ -116,7 +117,7 @@ def test_pubacked_device_messages_survive_kill_9_of_the_broker_with_no_consumer(
     assert debug.count("received PUBACK") == 1000
     broker.kill()
     broker.start()
-    consumer = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+    consumer = ManualConsumer(broker, "ingest", T.device_in_all).start()
     got = consumer.wait(1000)
     assert sorted(m.payload for m in got) == sorted(f'{{"n":{i}}}'.encode() for i in range(1000))
     assert [m.payload for m in got] == [f'{{"n":{i}}}'.encode() for i in range(1000)], "spool order is kept"
@@ -127,7 +128,7 @@ def test_pubacked_device_messages_survive_kill_9_of_the_broker_with_no_consumer(
 def test_unacknowledged_intake_is_redelivered_with_dup_and_acked_intake_is_not(broker: BrokerProc) -> None:
     login = device(broker, "TAB-2")
     topic = T.device_in("tablet", "TAB-2")
-    first = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+    first = ManualConsumer(broker, "ingest", T.device_in_all).start()
     mosquitto_pub(broker, login, topic, [f"a{i}" for i in range(10)])
     first.wait(10)
     with first.lock:
@@ -137,7 +138,7 @@ def test_unacknowledged_intake_is_redelivered_with_dup_and_acked_intake_is_not(b
     time.sleep(0.3)
     first.drop()
     time.sleep(0.3)
-    again = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+    again = ManualConsumer(broker, "ingest", T.device_in_all).start()
     got = again.wait(6)
     time.sleep(0.5)
     assert again.session_present
@@ -151,13 +152,13 @@ def test_unacknowledged_intake_is_redelivered_with_dup_and_acked_intake_is_not(b
 def test_intake_survives_a_broker_kill_while_delivered_but_unacknowledged(broker: BrokerProc) -> None:
     """Delivered to ingest but not yet acknowledged (ingest had not committed): the spool still has it."""
     login = device(broker, "TAB-3")
-    consumer = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+    consumer = ManualConsumer(broker, "ingest", T.device_in_all).start()
     mosquitto_pub(broker, login, T.device_in("tablet", "TAB-3"), [f"b{i}" for i in range(50)])
     consumer.wait(50)
     consumer.drop()
     broker.kill()
     broker.start()
-    back = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+    back = ManualConsumer(broker, "ingest", T.device_in_all).start()
     assert sorted(m.payload for m in back.wait(50)) == sorted(f"b{i}".encode() for i in range(50))
     back.ack_all()
     back.close()
@@ -165,7 +166,7 @@ def test_intake_survives_a_broker_kill_while_delivered_but_unacknowledged(broker
 
 def test_qos2_publishes_are_spooled_once(broker: BrokerProc) -> None:
     login = device(broker, "TAB-4")
-    consumer = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+    consumer = ManualConsumer(broker, "ingest", T.device_in_all).start()
     mosquitto_pub(broker, login, T.device_in("tablet", "TAB-4"), [f"q{i}" for i in range(20)], qos=2)
     got = consumer.wait(20)
     time.sleep(0.3)
@@ -179,15 +180,15 @@ def test_an_unacknowledged_delivery_is_kept_past_any_timeout(broker: BrokerProc)
     """amqtt dropped a QoS 1 message after 5 s without PUBACK; here it waits for its PUBACK and is
     sent again (DUP) on reconnect, however long that takes."""
     topic = T.stage_input("validate")
-    consumer = ManualConsumer(broker, f"mro-{STATION}-validate", topic).start()
-    publisher = Client(broker, broker.service_user)
+    consumer = ManualConsumer(broker, "validate", topic).start()
+    publisher = Client(broker, broker.login("ingest"))  # validate's one legitimate sender
     assert publisher.connect() == 0
     time.sleep(0.2)
     publisher.publish(topic, b"owed")
     consumer.wait(1)
     time.sleep(6.5)
     consumer.drop()
-    back = ManualConsumer(broker, f"mro-{STATION}-validate", topic).start()
+    back = ManualConsumer(broker, "validate", topic).start()
     [message] = back.wait(1)
     assert message.payload == b"owed" and message.dup
     back.ack_all()
@@ -197,12 +198,13 @@ def test_an_unacknowledged_delivery_is_kept_past_any_timeout(broker: BrokerProc)
 
 def test_a_refused_connect_with_a_service_client_id_leaves_the_session_alone(broker: BrokerProc) -> None:
     login = device(broker, "TAB-5")
-    consumer = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+    consumer = ManualConsumer(broker, "ingest", T.device_in_all).start()
     consumer.wait(0)
     time.sleep(0.2)
-    for attacker in (None, ("TAB-5", "wrong"), login):
-        intruder = Client(broker, attacker, client_id=INGEST_ID, clean_session=True)
-        assert intruder.connect() != 0, f"{attacker and attacker[0]} took over the ingest client id"
+    for attacker in (None, ("TAB-5", "wrong"), login, broker.login("sign"), broker.service_user):
+        for client_id in (broker.client_id("ingest"), WELL_KNOWN_INGEST_ID):
+            intruder = Client(broker, attacker, client_id=client_id, clean_session=True)
+            assert intruder.connect() != 0, f"{attacker and attacker[0]} took over the ingest client id"
     mosquitto_pub(broker, login, T.device_in("tablet", "TAB-5"), ["still flowing"])
     [message] = consumer.wait(1)
     assert message.payload == b"still flowing"
@@ -218,7 +220,7 @@ def test_another_user_cannot_take_over_or_read_a_devices_session(broker: BrokerP
     assert not owner.subscribe(T.receipt("TAB-6")).is_failure
     owner.drop()
     time.sleep(0.2)
-    services = Client(broker, broker.service_user)
+    services = Client(broker, broker.login("ingest"))  # a stage that sends receipts
     assert services.connect() == 0
     services.publish(T.receipt("TAB-6"), b"for six only")
     thief = Client(broker, other_login, client_id="tablet-six", clean_session=False)
@@ -232,15 +234,18 @@ def test_another_user_cannot_take_over_or_read_a_devices_session(broker: BrokerP
 
 def test_a_queued_session_gets_only_what_its_acl_lets_it_read(broker: BrokerProc) -> None:
     login = device(broker, "TAB-8")
-    device(broker, "TAB-9")
+    other = device(broker, "TAB-9")
     spy = Client(broker, login, client_id="spy", clean_session=False)
     assert spy.connect() == 0
     spy.subscribe("mro/#")
     spy.drop()
-    services = Client(broker, broker.service_user)
+    services = Client(broker, broker.login("ingest"))  # a stage that sends receipts
     assert services.connect() == 0
+    nine = Client(broker, other)
+    assert nine.connect() == 0
     services.publish(T.receipt("TAB-9"), b"not yours")
-    services.publish(T.device_in("tablet", "TAB-9"), b"free text of another device")
+    nine.publish(T.device_in("tablet", "TAB-9"), b"free text of another device")
+    nine.close()
     services.publish(T.receipt("TAB-8"), b"yours")
     back = Client(broker, login, client_id="spy", clean_session=False)
     assert back.connect() == 0
@@ -257,12 +262,12 @@ def test_a_slow_consumer_pushes_back_on_the_publisher_and_nothing_is_dropped(tmp
     broker = start_broker("embedded", tmp_path / "data", STATION)
     try:
         topic = "mro/HGR1/pipeline/validate"
-        consumer = ManualConsumer(broker, "slow-consumer", topic).start()
+        consumer = ManualConsumer(broker, "validate", topic, client_id="slow-consumer").start()
         consumer.wait(0)
         time.sleep(0.2)
         consumer.client.loop_stop()  # stops reading its socket, like SIGSTOP
         publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fast-publisher")
-        publisher.username_pw_set(*broker.service_user)
+        publisher.username_pw_set(*broker.login("ingest"))
         publisher.max_inflight_messages_set(100)
         publisher.connect("127.0.0.1", broker.port)
         publisher.loop_start()
@@ -307,7 +312,7 @@ def test_a_full_spool_withholds_pubacks_and_resumes_once_ingest_drains_it(
         time.sleep(4)
         acked_while_full = sum(info.is_published() for info in infos)
         assert 0 < acked_while_full < total, f"{acked_while_full} of {total} acknowledged with a 1 MB spool"
-        consumer = ManualConsumer(broker, INGEST_ID, T.device_in_all).start()
+        consumer = ManualConsumer(broker, "ingest", T.device_in_all).start()
         deadline = time.monotonic() + 120
         while not all(info.is_published() for info in infos) or len(consumer.messages) < total:
             assert time.monotonic() < deadline, f"{len(consumer.messages)} delivered, " \

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from mro_edge.instance import run_lock, service_lock
@@ -123,7 +124,7 @@ def test_run_records_its_endpoints_and_the_cli_finds_them(stack):
     listen = stack.env["MRO_GATEWAY_LISTEN"]
     assert record["mqtt_url"] == stack.broker.url
     assert record["gateway_url"] == f"http://{listen}"  # derived from the one setting
-    assert record["pid"] == stack.pid and record["service_secret"].endswith("broker/service.secret")
+    assert record["pid"] == stack.pid and record["service_secret"].endswith("secrets/operator/password")
     statuses = status_json(stack)  # no MRO_MQTT_URL: the address comes from run.json
     children = stack.children()
     for name in RUN_NO_BROKER:
@@ -134,6 +135,51 @@ def test_run_records_its_endpoints_and_the_cli_finds_them(stack):
     closed = f"mqtt://127.0.0.1:{free_port()}"
     result = cli("status", env=only_data_dir(stack, MRO_MQTT_URL=closed))
     assert result.returncode == 2 and f"no MQTT broker answers at {closed}" in result.stderr, result.stderr
+
+
+def test_run_with_its_embedded_broker_and_simulator_prints_no_password(tmp_path):
+    """`mro-edge run --simulate` on free ports, briefly: neither its console, its log file,
+    `devices init` nor run.json ever carries a service's password; each child got its own
+    login (user and password file), never another's."""
+    data_dir = tmp_path / "data"
+    run = RunProc(data_dir, f"mqtt://127.0.0.1:{free_port()}", "--simulate", "--rate", "20",
+                  MRO_GATEWAY_LISTEN=f"127.0.0.1:{free_port()}")
+    run.start()
+    try:
+        wait_until(lambda: "signed" in run.console(), 30, 0.5, "a summary line")
+        init = cli("devices", "init", env=run.env)
+        children = run.children()
+        environments = {name: psutil.Process(pid).environ() for name, pid in children.items()}
+    finally:
+        run.stop()
+    assert init.returncode == 0, init.stderr
+    secrets = {path.parent.name: path.read_text().strip() for path in (data_dir / "secrets").glob("*/password")}
+    assert len(secrets) >= 7
+    outputs = [run.console(), init.stdout + init.stderr, (data_dir / "run.json").read_text()]
+    outputs += [log.read_text(errors="replace") for log in (data_dir / "logs").glob("mro-edge.log*")]
+    fleet = json.loads((data_dir / "broker" / "simulator-devices.json").read_text())
+    secrets |= {device_id: login[1] for device_id, (_, login) in fleet.items()}  # the simulated devices'
+    for name, secret in secrets.items():
+        for text in outputs:
+            assert secret not in text, name
+        for child, environ in environments.items():
+            assert secret not in "\n".join(environ.values()), (name, child)
+    for name in ("ingest", "validate", "sign", "uplink", "heartbeat"):
+        assert environments[name]["MRO_MQTT_USERNAME"] == f"mro-{name}", name
+        assert environments[name]["MRO_MQTT_PASSWORD_FILE"] == str(data_dir / "secrets" / name / "password")
+    assert "MRO_MQTT_PASSWORD_FILE" not in environments["broker"]
+
+
+def test_devices_add_refuses_an_id_with_a_trailing_newline(stack):
+    """`$` of a regex also matches before a final newline: the id is matched whole, and refused."""
+    env = only_data_dir(stack)
+    before = (stack.data_dir / "broker" / "passwd").read_text()
+    for bad in ("EVIL\n", "EVIL\nmro-ingest", "mro-evil", "EV IL", ""):
+        result = cli("devices", "add", bad, "--kind", "tablet", env=env)
+        assert result.returncode == 2, (bad, result.stdout)
+        assert "Traceback" not in result.stderr
+        assert f"device id {bad!r} is not valid" in result.stderr, result.stderr
+    assert (stack.data_dir / "broker" / "passwd").read_text() == before
 
 
 def test_outside_a_project_the_cli_says_where_it_looked(tmp_path):
@@ -148,14 +194,19 @@ def test_outside_a_project_the_cli_says_where_it_looked(tmp_path):
 
 
 def test_no_secret_on_the_console_in_run_json_status_or_logs(stack):
-    secret = (stack.data_dir / "broker" / "service.secret").read_text().strip()
-    assert len(secret) > 20
-    assert secret not in stack.console()
-    assert f'-P "$(cat {stack.data_dir / "broker" / "service.secret"})"' in stack.console()
-    assert secret not in (stack.data_dir / "run.json").read_text()
-    assert secret not in json.dumps(status_json(stack))
-    for log in (stack.data_dir / "logs").glob("mro-edge.log*"):
-        assert secret not in log.read_text(errors="replace"), log
+    files = sorted((stack.data_dir / "secrets").glob("*/password"))
+    assert {f.parent.name for f in files} >= {"ingest", "validate", "sign", "uplink", "heartbeat", "supervisor",
+                                              "operator"}
+    operator = stack.data_dir / "secrets" / "operator" / "password"
+    assert f'-u mro-operator -P "$(cat {operator})"' in stack.console()
+    for path in files:
+        secret = path.read_text().strip()
+        assert len(secret) > 20 and path.stat().st_mode & 0o077 == 0, path
+        assert secret not in stack.console(), path
+        assert secret not in (stack.data_dir / "run.json").read_text(), path
+        assert secret not in json.dumps(status_json(stack)), path
+        for log in (stack.data_dir / "logs").glob("mro-edge.log*"):
+            assert secret not in log.read_text(errors="replace"), (log, path)
 
 
 def test_every_log_line_is_json_uvicorn_included_and_the_console_summarises(stack):
@@ -197,7 +248,8 @@ def test_devices_add_prints_a_ready_mosquitto_pub_line_then_list_and_remove(stac
     device.username_pw_set("TQW-77", password)
     device.on_connect = lambda c, *_: c.subscribe("mro/HGR1/receipt/TQW-77", qos=1)
     device.on_message = lambda _c, _u, m: receipts.append(json.loads(m.payload))
-    wait_until(lambda: mqtt_connack(stack.broker.port, "TQW-77", password) == 0, 10, 0.2, "the device login")
+    wait_until(lambda: mqtt_connack(stack.broker.port, "TQW-77", password, timeout=10) == 0, 10, 0.2,
+               "the device login")
     device.connect("127.0.0.1", stack.broker.port)
     device.loop_start()
     try:

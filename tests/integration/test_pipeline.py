@@ -179,12 +179,14 @@ def test_garbage_on_a_pipeline_topic_goes_to_the_dlq(pipeline):
     """Unsealed garbage fails hop authentication; garbage sealed by the entitled stage (a bug in
     it) is an unreadable envelope. Both are reported and the stage keeps going."""
     from shared.runtime.hopauth import HopAuth
-    from shared.runtime.mqtt import MqttLink
+    from shared.runtime.mqtt import MqttLink, service_credentials
     from shared.runtime.topics import Topics
 
     topic = Topics(pipeline.station).stage_input("validate")
     ingest = HopAuth.for_service(pipeline.data_dir, Topics(pipeline.station), "ingest", ())
-    link = MqttLink(pipeline.config, client_id="test-garbage", persistent=False)
+    # only ingest's user may publish on validate's input: a broken ingest is what sends garbage
+    link = MqttLink(pipeline.config, client_id="test-garbage", persistent=False,
+                    credentials=service_credentials(pipeline.config, "ingest"))
     link.start()
     link.publish(topic, b"\x00garbage")
     wait_until(lambda: pipeline.dlq("validate"), 20, 0.2, "a hop_auth report in the validate DLQ")
@@ -235,3 +237,37 @@ def test_kill_9_of_any_process_loses_and_duplicates_nothing(pipeline, broker):
 @pytest.mark.timeout(1200)
 def test_kill_9_soak(pipeline, broker):
     crash_run(pipeline, broker, seconds=300, kills=40, rate=100, seed=5)
+
+
+def test_forged_stage_traffic_never_reaches_the_ledger(pipeline):
+    """The red team's forgery: a well-formed `{"source": "validate", "items": [...]}` published on
+    `pipeline/sign` with every other user's credentials (each service but validate, the
+    operator, a device) signs nothing; the same message from validate's user is signed, so the
+    forgery was one sign would have taken."""
+    import time
+
+    from services.broker.credentials import SERVICE_NAMES
+    from shared.runtime.messages import encode_envelope, item_encoder
+    from shared.runtime.topics import Topics
+    from tests.mqttclient import Client
+    from tests.support.sign import record_item
+
+    topic = Topics(pipeline.station).stage_input("sign")
+    forged = encode_envelope("validate", [item_encoder.encode(record_item(7, pipeline.station))])
+    device = pipeline.broker.credentials.add_device("TQW-66", "torque_wrench")
+    pipeline.broker.reload()
+    logins = {name: pipeline.broker.login(name) for name in SERVICE_NAMES if name != "validate"}
+    logins["device"] = device
+    for name, login in logins.items():
+        client = Client(pipeline.broker, login)
+        assert client.connect(timeout=10) == 0, name
+        client.publish(topic, forged)
+        client.close()
+    time.sleep(3.0)
+    assert pipeline.ledger() == [], [e.seq for e in pipeline.ledger()]
+    assert pipeline.dlq("sign") == []
+    genuine = Client(pipeline.broker, pipeline.broker.login("validate"))
+    assert genuine.connect(timeout=10) == 0
+    genuine.publish(topic, forged)
+    genuine.close()
+    wait_until(lambda: len(pipeline.ledger()) == 1, 20, 0.2, "validate's message signed")

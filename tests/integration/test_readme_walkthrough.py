@@ -167,11 +167,11 @@ def test_the_readme_walkthrough_works_as_pasted_on_a_real_stack(tmp_path):
 
         # the receipt watcher, in the background; subscribed once a probe on its topic comes through
         terminal.paste(watch)
-        secret = (work / "var" / "broker" / "service.secret").read_text().strip()
+        secret = (work / "var" / "secrets" / "ingest" / "password").read_text().strip()  # ingest sends receipts
         deadline = time.monotonic() + 20
         while not any("probe" in r for r in terminal.receipts()):
             assert time.monotonic() < deadline, f"the receipt watcher never subscribed:\n{terminal.errors()}"
-            subprocess.run(["mosquitto_pub", "-p", str(port), "-u", "mro-services", "-P", secret, "-q", "1",
+            subprocess.run(["mosquitto_pub", "-p", str(port), "-u", "mro-ingest", "-P", secret, "-q", "1",
                             "-t", RECEIPTS, "-m", '{"probe": true}'], check=True, timeout=10)
             time.sleep(0.3)
 

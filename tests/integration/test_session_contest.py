@@ -1,7 +1,7 @@
 """A service whose session another client keeps taking over says so: status `contested` and an
-alarm, never `up`. Only Mosquitto lets a client of the same user take a service's client id
-(the embedded broker reserves `mro-` ids for the services' user and refuses other users,
-tests/integration/test_embedded_broker.py); the services' user itself is the case here."""
+alarm, never `up`. Only a holder of the service's own password can do it (its client id is
+derived from that password, and the embedded broker binds it to the service's user,
+tests/integration/test_embedded_broker.py): a second copy of the service itself, as here."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ def test_a_service_kicked_off_repeatedly_reports_contested_and_raises_an_alarm(t
     pipeline = Pipeline(broker, tmp_path / "data")
     try:
         pipeline.start("ingest")
-        watcher = Client(broker, broker.service_user)
+        watcher = Client(broker, broker.service_user)  # the operator: status and alarms
         assert watcher.connect() == 0
         watcher.subscribe("mro/HGR1/alarm")
         watcher.subscribe("mro/HGR1/status/ingest")
         for _ in range(4):
-            intruder = Client(broker, broker.service_user, client_id="mro-HGR1-ingest")
+            intruder = Client(broker, broker.login("ingest"), client_id=broker.client_id("ingest"))
             assert intruder.connect() == 0
             time.sleep(0.3)
             intruder.close()

@@ -24,7 +24,7 @@ from tests.pipeline import ROOT
 
 pytestmark = pytest.mark.timeout(120)
 
-TOPIC = "mro/HGR1/status/probe-fatal"
+TOPIC = "mro/HGR1/alarm"  # the operator (the link's default login) reads it, the supervisor writes it
 
 CHILD = textwrap.dedent("""
     import sys, time
@@ -102,7 +102,7 @@ def _publish(broker, topic: str, payload: bytes) -> None:
 
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-fatal-pub-{time.monotonic_ns()}",
                          protocol=paho.MQTTv311)
-    client.username_pw_set(*broker.service_user)
+    client.username_pw_set(*broker.login("supervisor"))
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
