@@ -54,7 +54,7 @@ class BrokerServer:
         self.topics = Topics(config.station)
         credentials = BrokerCredentials(config.data_path / "broker", config.station)
         credentials.ensure_service_user()
-        spool = Spool(spool_path(config), config.stage.map_size_mb)
+        spool = Spool(spool_path(config), config.stage.map_size_mb, config.stage.map_max("spool"))
         self.broker = Broker(credentials, spool, self.topics, limits)
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None

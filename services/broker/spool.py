@@ -18,6 +18,11 @@ every append after it failed (MapFullError) and rolled back, so no later commit 
 intake stalled for good. A commit that hits the map's end therefore first commits the spool's
 `next_seq` on its own, which makes those pages reusable, and tries once more. `next_seq` is
 kept in every append, so seqs never repeat, even after a restart with an empty spool.
+
+The map grows at run time (`shared.runtime.store`): an append that would leave less than
+HEADROOM of the map free grows the map first, and only at its cap (`stage.spool_map_max_mb`) is
+the spool full; a write that hits the map's end anyway (it grew meanwhile, or freed pages are
+not reusable yet) is tried once more after the small release commit, as above.
 """
 
 from __future__ import annotations
@@ -60,8 +65,8 @@ class Spooled:
 class Spool:
     """Append in groups, read in order, delete what the consumer acknowledged."""
 
-    def __init__(self, path: Path, map_size_mb: int) -> None:
-        self.store = Store(path, (TABLE, META), map_size_mb=map_size_mb)
+    def __init__(self, path: Path, map_size_mb: int, map_max_mb: int | None = None) -> None:
+        self.store = Store(path, (TABLE, META), map_size_mb=map_size_mb, map_max_mb=map_max_mb)
         self._table = self.store.table(TABLE)
         self._meta = self.store.table(META)
         with self.store.read() as txn:
@@ -70,8 +75,7 @@ class Spool:
             recorded = txn.get(NEXT_SEQ, db=self._meta)
             self.next_seq = max(after_last, from_u64(recorded) if recorded else 1)
             self.depth = txn.stat(self._table)["entries"]
-        info = self.store.env.info()
-        self._map_pages = info["map_size"] // self.store.env.stat()["psize"]
+        self._page_size = self.store.env.stat()["psize"]
 
     def _pages_used(self) -> int:
         with self.store.read() as txn:
@@ -81,8 +85,8 @@ class Spool:
     def commit(self, entries: list[SpoolEntry], deletes: list[int]) -> list[int]:
         """One synced transaction: append `entries` (returns their seqs) and drop `deletes`.
         Raises SpoolFull near the map's end, or lmdb.Error (a full disk), with nothing changed."""
-        if entries and self._pages_used() > (1 - HEADROOM) * self._map_pages:
-            raise SpoolFull(f"intake spool at {self.store.path} is full")
+        if entries and not self._room():
+            raise SpoolFull(f"intake spool at {self.store.path} is full (stage.spool_map_max_mb)")
         try:
             removed = self._write(entries, deletes)
         except lmdb.MapFullError:
@@ -92,6 +96,13 @@ class Spool:
         self.next_seq += len(entries)
         self.depth += len(entries) - removed
         return seqs
+
+    def _room(self) -> bool:
+        """More than HEADROOM of the map is free, after growing it if need be (up to its cap)."""
+        while self._pages_used() > (1 - HEADROOM) * (self.store.map_size // self._page_size):
+            if not self.store.grow():
+                return False
+        return True
 
     def _write(self, entries: list[SpoolEntry], deletes: list[int]) -> int:
         """The transaction itself; returns how many of `deletes` were present."""
