@@ -226,3 +226,20 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+
+def table_counts(path: Path) -> dict[str, int]:
+    """Entries per named table of the environment at `path`, read without a lock file (for a
+    copy nobody writes: a backup). The unnamed main table lists the named ones."""
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64, subdir=True)
+    try:
+        with env.begin() as txn:
+            names = [bytes(key) for key, _ in txn.cursor()]
+        counts: dict[str, int] = {}
+        for name in names:
+            db = env.open_db(name, create=False)
+            with env.begin() as txn:
+                counts[name.decode()] = int(txn.stat(db)["entries"])
+        return counts
+    finally:
+        env.close()
