@@ -104,6 +104,9 @@ def take_backup(config: Config, out: Path) -> dict[str, Any]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BackupError(f"{out} exists and is not empty: give --out a new or empty directory "
                           "(a backup never overwrites another)")
+    if out.resolve().is_relative_to(data.resolve()):
+        raise BackupError(f"{out} is inside the data directory {data.resolve()}: write the backup elsewhere "
+                          "(another disk, ideally)")
     if not (data / "sign" / "data.mdb").exists():
         raise BackupError(f"no ledger under {data.resolve()}: is MRO_DATA_DIR the box's data directory?")
     out.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -16,6 +16,10 @@ This module is the one owner of that layout. Other processes read through ``Ledg
 (``open_ledger(config)``): ``head()``, ``size()``, ``root()``, ``entries(from_seq)``,
 ``checkpoint_at_most(size)``, ``latest_checkpoint()``, or several answers from one snapshot
 with ``snapshot()``; entries are streamed with a cursor, never loaded all at once.
+
+The sign service grows the store's map as the ledger grows (``shared.runtime.store``, capped by
+``stage.ledger_map_max_mb``); a ``LedgerReader`` in another process follows by itself (its next
+read adopts the new size). ``copy_to`` is the consistent copy ``mro-edge backup`` takes.
 """
 
 from __future__ import annotations
