@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.runtime.clock import utc_now
 from shared.runtime.messages import json_encode
-from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.store import MIB, Store, from_u64, u64
 
 _PROCESSED, _FAILED = b"processed", b"failed"
 
@@ -33,6 +33,13 @@ def read_counts(store: Store) -> tuple[int, int]:
         processed = txn.get(_PROCESSED, db=meta)
         failed = txn.get(_FAILED, db=meta)
     return (from_u64(processed) if processed else 0, from_u64(failed) if failed else 0)
+
+
+def store_usage(store: Store) -> dict[str, int]:
+    """How near its cap the store's map is, in MiB: `map_mb` now, `max_mb` its cap, `used_mb`
+    up to the last page written (freed pages LMDB reuses count too)."""
+    return {"map_mb": store.map_size // MIB, "used_mb": -(-store.used_bytes() // MIB),
+            "max_mb": store.max_bytes // MIB}
 
 
 class StatusReport:
@@ -56,7 +63,7 @@ class StatusReport:
         status: dict[str, Any] = {"service": self.name, "state": state, "pid": os.getpid(), "at": utc_now()}
         processed, failed = read_counts(self.store)
         status.update(queue_depth=self._queue_depth(), processed=processed, failed=failed,
-                      session_resets=session_resets, **self._extra())
+                      session_resets=session_resets, store=store_usage(self.store), **self._extra())
         return json_encode(status)
 
     def due(self, interval_s: float) -> bool:
