@@ -48,8 +48,8 @@ MANIFEST = "manifest.json"
 DATA = "data"
 CONFIG = "config"
 # never copied: lock files, logs and what a running box writes about itself
-SKIP_NAMES = {"lock.mdb", "service.lock", ".lock", "run.json", "logs"}
-SKIP_SUFFIXES = (".log", ".pid", "-wal", "-shm", ".partial")
+SKIP_NAMES = {"lock.mdb", ".lock", "run.json", "logs"}
+SKIP_SUFFIXES = (".lock", ".log", ".pid", "-wal", "-shm", ".partial")
 # store copy order (see the module docstring); stores not named here go between
 FIRST = ("spool", "ingest", "validate")
 LAST = ("uplink", "sign")

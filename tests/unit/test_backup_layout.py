@@ -34,7 +34,7 @@ def test_secrets_are_0600_public_files_keep_at_most_0644(tmp_path: Path) -> None
 
 
 def test_lock_files_logs_and_run_state_are_not_copied() -> None:
-    for name in ("lock.mdb", "service.lock", ".lock", "run.json", "logs", "sign.log", "mosquitto.pid",
+    for name in ("lock.mdb", "service.lock", "run.lock", ".lock", "run.json", "logs", "sign.log", "mosquitto.pid",
                  "gateway.db-wal"):
         assert _skipped(Path(name)), name
     for name in ("data.mdb", "ledger.key", "passwd", "acl", "token", "checkpoint.latest", "gateway.db"):
