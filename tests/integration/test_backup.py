@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.brokers import free_port
 from tests.edge import EdgeStack, database
 from tests.pipeline import ROOT, wait_until
+from tests.runstack import RunProc, cli_env
+from tests.runstack import cli as run_cli
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -118,3 +121,43 @@ def test_backup_while_running_restore_onto_a_fresh_box_and_the_chain_goes_on(tmp
         assert export.returncode == 0, export.stderr
         verified = cli(box.pipeline.env, "audit", "verify", str(restored_box / "audit"))
         assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_backup_of_mro_edge_run_with_its_own_gateway_and_a_restored_box_that_runs_on(tmp_path) -> None:
+    """`mro-edge run` (embedded broker, reference gateway in SQLite under the data directory) with
+    `mro-edge simulate` sending while the backup is taken; the restored box runs and verifies."""
+    backup = tmp_path / "backup"
+    for box in ("box1", "box2"):
+        (tmp_path / box).mkdir()
+    run = RunProc(tmp_path / "box1" / "data", f"mqtt://127.0.0.1:{free_port()}").start()
+    try:
+        first = run_cli("simulate", "--rate", "40", "--duration", "3", env=run.env, timeout=120)
+        assert first.returncode == 0, first.stdout + first.stderr
+        sending = subprocess.Popen([sys.executable, "-m", "mro_edge", "simulate", "--rate", "40", "--duration", "4"],
+                                   env=run.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        taken = run_cli("backup", "--out", str(backup), env=run.env, timeout=300)
+        assert sending.wait(120) == 0
+        assert taken.returncode == 0, taken.stderr
+    finally:
+        run.stop()
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert "data/gateway/gateway.db" in {f["path"] for f in manifest["files"]}, "the SQLite gateway, copied live"
+    assert manifest["ledger"]["size"] > 0
+
+    data2 = tmp_path / "box2" / "data"
+    env2 = cli_env(data2, f"mqtt://127.0.0.1:{free_port()}")
+    unreachable = run_cli("restore", str(backup), env=env2)
+    assert unreachable.returncode != 0 and "--no-gateway-check" in unreachable.stderr, unreachable.stderr
+    restored = run_cli("restore", str(backup), "--no-gateway-check", env=env2)
+    assert restored.returncode == 0, restored.stderr
+    run2 = RunProc(data2, env2["MRO_MQTT_URL"]).start()
+    try:
+        more = run_cli("simulate", "--rate", "40", "--duration", "3", env=run2.env, timeout=120)
+        assert more.returncode == 0, more.stdout + more.stderr
+    finally:
+        run2.stop()
+    export = run_cli("audit", "export", "--out", str(tmp_path / "audit2"), env=run2.env)
+    assert export.returncode == 0, export.stderr
+    verified = run_cli("audit", "verify", str(tmp_path / "audit2"), "--json", env=run2.env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["entries"] > manifest["ledger"]["size"]
