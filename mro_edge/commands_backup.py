@@ -21,7 +21,8 @@ redelivered and deduplicated), ``keys/checkpoint.latest`` before the ledger, the
 A restore of an OLDER backup gives a ledger behind what the gateway holds. The box's own
 witnesses (checkpoint.latest, acknowledged count) come from the same backup and cannot tell, so
 `restore` asks the gateway for its head and refuses when the gateway holds entries the backup
-lacks (`--no-gateway-check` skips this, for a box whose gateway is unreachable, knowingly).
+lacks (`--no-gateway-check` skips this, for a box whose gateway is unreachable, knowingly; the
+README says what an older backup restored that way leads to).
 """
 
 from __future__ import annotations
@@ -372,6 +373,10 @@ def cmd_restore(config: Config, args) -> int:
     print(f"  stores: {', '.join(manifest['stores'])}; ledger {ledger['size']} entries, head seq {ledger['head_seq']}")
     if result["gateway_head"] is not None:
         print(f"  the gateway holds up to seq {result['gateway_head']}: the uplink resumes from there")
+    else:
+        print("  WARNING: the gateway was not asked (--no-gateway-check). If it holds more than seq "
+              f"{ledger['head_seq']}, this backup is older than what was sent: do not start the box, restore "
+              "a newer backup (README: Backup, restore, store growth)")
     print("next:")
     print(f"  1. use the configuration of the backup ({backup / CONFIG / 'edge.toml'}, registries beside it):")
     print(f"     MRO_CONFIG={backup / CONFIG / 'edge.toml'}, with data_dir = {result['data_dir']}")
