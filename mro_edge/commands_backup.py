@@ -342,9 +342,14 @@ def restore_backup(config: Config, backup: Path, data: Path, *, check_gateway: b
 # -- the commands ----------------------------------------------------------------------------------
 
 def cmd_backup(config: Config, args) -> int:
+    import lmdb
+
     out = Path(args.out)
     try:
         manifest = take_backup(config, out)
+    except (OSError, lmdb.Error) as exc:
+        raise _user_error(f"the backup into {out} failed ({exc}): it is incomplete; remove it, make room "
+                          "or fix the permission, and run backup again") from None
     except BackupError as exc:
         if (out / MANIFEST).exists():
             raise _user_error(f"the backup in {out} does NOT verify; do not keep it: {exc}") from None
@@ -367,6 +372,9 @@ def cmd_restore(config: Config, args) -> int:
         result = restore_backup(config, backup, data, check_gateway=not args.no_gateway_check)
     except BackupError as exc:
         raise _user_error(str(exc)) from None
+    except OSError as exc:
+        raise _user_error(f"the restore into {data} failed ({exc}): it is incomplete; move {data} aside, "
+                          "make room or fix the permission, and run restore again") from None
     manifest = result["manifest"]
     ledger = manifest["ledger"]
     print(f"restored the backup of {manifest['station']} taken {manifest['created_at']} into {result['data_dir']}")
