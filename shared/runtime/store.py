@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import lmdb
@@ -74,13 +74,12 @@ class TxnGate:
     one without waiting; a resize asked for by such a thread is refused (it would wait on itself)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._open = 0
         self._resizing = False
         self._local = threading.local()
 
-    @contextmanager
-    def txn(self) -> Iterator[None]:
+    def enter(self) -> None:
         depth = getattr(self._local, "depth", 0)
         with self._cond:
             if depth == 0:
@@ -88,14 +87,21 @@ class TxnGate:
                     self._cond.wait()
             self._open += 1
         self._local.depth = depth + 1
+
+    def leave(self) -> None:
+        self._local.depth -= 1
+        with self._cond:
+            self._open -= 1
+            if self._open == 0:
+                self._cond.notify_all()
+
+    @contextmanager
+    def txn(self) -> Iterator[None]:
+        self.enter()
         try:
             yield
         finally:
-            self._local.depth = depth
-            with self._cond:
-                self._open -= 1
-                if self._open == 0:
-                    self._cond.notify_all()
+            self.leave()
 
     def exclusive(self, action: Callable[[], None], wait_s: float = GATE_WAIT_S) -> bool:
         """Run `action` with no transaction open in this process; False if that could not be had."""
@@ -174,20 +180,29 @@ class Store:
         if not self._gate.exclusive(lambda: self.env.set_mapsize(0)):
             raise StoreError(f"store {self.path} grew and cannot be remapped while this thread reads it")
 
-    @contextmanager
-    def _txn(self, write: bool) -> Iterator[lmdb.Transaction]:
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        """A transaction counted by the gate (`_end` uncounts it); adopts a map another process
+        grew first (MDB_MAP_RESIZED)."""
         for _ in range(3):
-            with self._gate.txn():
-                try:
-                    txn = self.env.begin(write=write, buffers=False)
-                except lmdb.MapResizedError:
-                    txn = None
-                if txn is not None:
-                    with txn:
-                        yield txn
-                    return
+            self._gate.enter()
+            try:
+                return self.env.begin(write=write, buffers=False)
+            except lmdb.MapResizedError:
+                self._gate.leave()
+            except BaseException:
+                self._gate.leave()
+                raise
             self._adopt_map_size()
         raise StoreError(f"store {self.path} keeps changing its map size")
+
+    @contextmanager
+    def _txn(self, write: bool) -> Iterator[lmdb.Transaction]:
+        txn = self._begin(write)
+        try:
+            with txn:
+                yield txn
+        finally:
+            self._gate.leave()
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
@@ -208,10 +223,8 @@ class Store:
                 f"store {self.path} is full at its cap of {self.max_bytes // MIB} MiB: raise the cap "
                 "in edge.toml (see README, store growth) or free disk, then `mro-edge resume`") from exc
 
-    @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        with self._txn(write=False) as txn:
-            yield txn
+    def read(self) -> AbstractContextManager[lmdb.Transaction]:
+        return self._txn(write=False)
 
     def count(self, table: str) -> int:
         with self.read() as txn:
