@@ -20,7 +20,7 @@ from services.broker.core import Broker, Limits
 from services.broker.credentials import BrokerCredentials
 from services.broker.spool import Spool
 from shared.runtime.clock import utc_now
-from shared.runtime.config import Config
+from shared.runtime.config import Config, ConfigError, load_config
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
 from shared.runtime.topics import Topics
@@ -42,6 +42,14 @@ class PortInUseError(RuntimeError):
         self.host, self.port = host, port
 
 
+def spool_cap() -> int | None:
+    """The spool's cap as the configuration says now (edge.toml and the environment, as at start)."""
+    try:
+        return load_config().stage.map_max("spool")
+    except (ConfigError, OSError):
+        return None
+
+
 def spool_path(config: Config):
     return config.data_path / "spool"
 
@@ -54,7 +62,7 @@ class BrokerServer:
         self.topics = Topics(config.station)
         credentials = BrokerCredentials(config.data_path / "broker", config.station)
         credentials.ensure_service_user()
-        spool = Spool(spool_path(config), config.stage.map_size_mb, config.stage.map_max("spool"))
+        spool = Spool(spool_path(config), config.stage.map_size_mb, config.stage.map_max("spool"), spool_cap)
         self.broker = Broker(credentials, spool, self.topics, limits)
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None

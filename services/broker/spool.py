@@ -27,19 +27,22 @@ not reusable yet) is tried once more after the small release commit, as above.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 import msgspec
 
-from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.store import MIB, Store, from_u64, u64
 
 TABLE = "intake"
 META = "meta"
 NEXT_SEQ = b"next_seq"
 
 HEADROOM = 0.15  # of the map kept free, so that deleting (copy-on-write) is always possible
+CAP_REREAD_S = 5.0  # a spool full at its cap reads `stage.spool_map_max_mb` again this often
 
 
 class SpoolFull(Exception):
@@ -65,8 +68,11 @@ class Spooled:
 class Spool:
     """Append in groups, read in order, delete what the consumer acknowledged."""
 
-    def __init__(self, path: Path, map_size_mb: int, map_max_mb: int | None = None) -> None:
+    def __init__(self, path: Path, map_size_mb: int, map_max_mb: int | None = None,
+                 cap_source: Callable[[], int | None] | None = None) -> None:
+        """`cap_source`: reads the cap (MiB) again when the spool is full at it (None: unreadable)."""
         self.store = Store(path, (TABLE, META), map_size_mb=map_size_mb, map_max_mb=map_max_mb)
+        self._cap_source = cap_source
         self._table = self.store.table(TABLE)
         self._meta = self.store.table(META)
         with self.store.read() as txn:
@@ -76,6 +82,7 @@ class Spool:
             self.next_seq = max(after_last, from_u64(recorded) if recorded else 1)
             self.depth = txn.stat(self._table)["entries"]
         self._page_size = self.store.env.stat()["psize"]
+        self._cap_read_at = 0.0
 
     def _pages_used(self) -> int:
         with self.store.read() as txn:
@@ -100,9 +107,23 @@ class Spool:
     def _room(self) -> bool:
         """More than HEADROOM of the map is free, after growing it if need be (up to its cap)."""
         while self._pages_used() > (1 - HEADROOM) * (self.store.map_size // self._page_size):
-            if not self.store.grow():
+            if not self.store.grow() and not (self._cap_raised() and self.store.grow()):
                 return False
         return True
+
+    def _cap_raised(self) -> bool:
+        """Full at the cap: read the cap again (`cap_source`, at most every CAP_REREAD_S), so that
+        raising it lets intake go on without a broker restart."""
+        if self._cap_source is None or time.monotonic() - self._cap_read_at < CAP_REREAD_S:
+            return False
+        self._cap_read_at = time.monotonic()
+        cap_mb = self._cap_source()
+        if cap_mb is None:
+            return False
+        cap = cap_mb * MIB
+        raised = cap > self.store.max_bytes
+        self.store.max_bytes = max(cap, self.store.map_size)
+        return raised
 
     def _write(self, entries: list[SpoolEntry], deletes: list[int]) -> int:
         """The transaction itself; returns how many of `deletes` were present."""

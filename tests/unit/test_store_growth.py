@@ -154,3 +154,19 @@ def test_the_spool_grows_before_it_would_drop_below_its_headroom_and_is_full_onl
     spool.commit([], seqs)
     assert spool.depth == 0
     spool.close()
+
+
+def test_a_spool_full_at_its_cap_takes_appends_again_once_its_cap_source_says_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.broker.spool.CAP_REREAD_S", 0.0)
+    cap = [2]
+    spool = Spool(tmp_path / "spool", map_size_mb=1, map_max_mb=2, cap_source=lambda: cap[0])
+    entries = [SpoolEntry("mro/HGR1/in/x/y", b"x" * 1000, 1.0) for _ in range(50)]
+    with pytest.raises(SpoolFull):
+        while True:
+            spool.commit(entries, [])
+    held = spool.depth
+    cap[0] = 8  # the operator raised stage.spool_map_max_mb
+    spool.commit(entries, [])
+    assert spool.depth == held + 50 and spool.store.map_size > 2 * MIB
+    spool.close()
