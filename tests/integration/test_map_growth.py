@@ -61,8 +61,8 @@ def test_at_its_cap_a_stage_freezes_and_goes_on_once_the_cap_is_raised_without_a
                                                         stage_env={"validate": {"MRO_CONFIG": str(toml)}}) as edge:
         edge.send(count, wait=False)
         wait_until(lambda: frozen(edge, "validate"), 90, 0.1, "validate to freeze at its 2 MiB cap")
-        alarms = [a for a in edge.alarms() if a.get("service") == "validate"]
-        assert alarms and alarms[0]["alarm"] == "frozen" and "MapFullAtCap" in alarms[0]["detail"], alarms
+        alarms = [a for a in edge.alarms() if a.get("service") == "validate" and a.get("alarm") == "frozen"]
+        assert alarms and "MapFullAtCap" in alarms[0]["detail"], alarms
         assert "cap of 2 MiB" in alarms[0]["detail"]
         pid = edge.pipeline.procs["validate"].pid
         assert len(edge.ledger()) < count
@@ -78,7 +78,7 @@ def test_at_its_cap_a_stage_freezes_and_goes_on_once_the_cap_is_raised_without_a
         assert len(ledger) == count and len({e.idem for e in ledger}) == count
         assert [e.seq for e in ledger] == list(range(count))
         assert edge.pipeline.dlq("validate") == []
-        states = [s.get("state") for s in edge.status_of("validate")]
+        states = [s.get("state") for s in edge.status_of("validate") if s.get("state") in ("frozen", "up", "down")]
         walked = [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
-        assert walked[walked.index("frozen"):] == ["frozen", "up"], walked
+        assert walked[walked.index("frozen"):] == ["frozen", "up"], walked  # never down: no restart
         assert time.monotonic() - asked < 180
