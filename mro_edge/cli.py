@@ -25,7 +25,7 @@ from shared.runtime.topics import DEVICE_KINDS, Topics
 REFUSED_EXIT = 3  # shared.runtime.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
 # Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
 COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema",
-                                     "mro_edge.commands_certs")
+                                     "mro_edge.commands_certs", "mro_edge.commands_backup")
 
 
 # status fields worth a glance in the table (all of them are in --json)
@@ -693,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # (command, action) of the commands that may create a data directory, or need none
 CREATES_STATE = {("run", None), ("service", None), ("devices", "init"), ("keys", "generate"),
-                 ("certs", "init"), ("certs", "broker"), ("certs", "device"), ("keys", "hop-init")}
+                 ("certs", "init"), ("certs", "broker"), ("certs", "device"), ("keys", "hop-init"),
+                 ("restore", None)}
 NO_DATA_DIR = {("audit", "verify"), ("schema", "check"), ("registry", "sign")}
 # the commands that work on the gateway's database only (no data directory with MRO_GATEWAY_DB_URL)
 GATEWAY_ADMIN = {("gateway", "register-edge"), ("gateway", "tokens"), ("gateway", "revoke-token")}

@@ -24,7 +24,7 @@ from services.broker.core import Broker, Limits
 from services.broker.credentials import BrokerCredentials
 from services.broker.spool import Spool
 from shared.runtime.clock import utc_now
-from shared.runtime.config import Config, split_listen
+from shared.runtime.config import Config, ConfigError, load_config, split_listen
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
 from shared.runtime.stage import REFUSED_EXIT
@@ -47,6 +47,14 @@ class PortInUseError(RuntimeError):
             "MRO_MQTT_URL=mqtt://127.0.0.1:1884 or pass --no-broker to use the broker already there."
         )
         self.host, self.port = host, port
+
+
+def spool_cap() -> int | None:
+    """The spool's cap as the configuration says now (edge.toml and the environment, as at start)."""
+    try:
+        return load_config().stage.map_max("spool")
+    except (ConfigError, OSError):
+        return None
 
 
 def spool_path(config: Config):
@@ -77,7 +85,7 @@ class BrokerServer:
         self.topics = Topics(config.station)
         credentials = BrokerCredentials(config.data_path / "broker", config.station)
         credentials.ensure_service_users()
-        spool = Spool(spool_path(config), config.stage.map_size_mb)
+        spool = Spool(spool_path(config), config.stage.map_size_mb, config.stage.map_max("spool"), spool_cap)
         self.broker = Broker(credentials, spool, self.topics, limits)
         self.connections: set[Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []

@@ -18,23 +18,31 @@ every append after it failed (MapFullError) and rolled back, so no later commit 
 intake stalled for good. A commit that hits the map's end therefore first commits the spool's
 `next_seq` on its own, which makes those pages reusable, and tries once more. `next_seq` is
 kept in every append, so seqs never repeat, even after a restart with an empty spool.
+
+The map grows at run time (`shared.runtime.store`): an append that would leave less than
+HEADROOM of the map free grows the map first, and only at its cap (`stage.spool_map_max_mb`) is
+the spool full; a write that hits the map's end anyway (it grew meanwhile, or freed pages are
+not reusable yet) is tried once more after the small release commit, as above.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 import msgspec
 
-from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.store import MIB, Store, from_u64, u64
 
 TABLE = "intake"
 META = "meta"
 NEXT_SEQ = b"next_seq"
 
 HEADROOM = 0.15  # of the map kept free, so that deleting (copy-on-write) is always possible
+CAP_REREAD_S = 5.0  # a spool full at its cap reads `stage.spool_map_max_mb` again this often
 
 
 class SpoolFull(Exception):
@@ -60,8 +68,11 @@ class Spooled:
 class Spool:
     """Append in groups, read in order, delete what the consumer acknowledged."""
 
-    def __init__(self, path: Path, map_size_mb: int) -> None:
-        self.store = Store(path, (TABLE, META), map_size_mb=map_size_mb)
+    def __init__(self, path: Path, map_size_mb: int, map_max_mb: int | None = None,
+                 cap_source: Callable[[], int | None] | None = None) -> None:
+        """`cap_source`: reads the cap (MiB) again when the spool is full at it (None: unreadable)."""
+        self.store = Store(path, (TABLE, META), map_size_mb=map_size_mb, map_max_mb=map_max_mb)
+        self._cap_source = cap_source
         self._table = self.store.table(TABLE)
         self._meta = self.store.table(META)
         with self.store.read() as txn:
@@ -70,8 +81,8 @@ class Spool:
             recorded = txn.get(NEXT_SEQ, db=self._meta)
             self.next_seq = max(after_last, from_u64(recorded) if recorded else 1)
             self.depth = txn.stat(self._table)["entries"]
-        info = self.store.env.info()
-        self._map_pages = info["map_size"] // self.store.env.stat()["psize"]
+        self._page_size = self.store.env.stat()["psize"]
+        self._cap_read_at = 0.0
 
     def _pages_used(self) -> int:
         with self.store.read() as txn:
@@ -81,8 +92,8 @@ class Spool:
     def commit(self, entries: list[SpoolEntry], deletes: list[int]) -> list[int]:
         """One synced transaction: append `entries` (returns their seqs) and drop `deletes`.
         Raises SpoolFull near the map's end, or lmdb.Error (a full disk), with nothing changed."""
-        if entries and self._pages_used() > (1 - HEADROOM) * self._map_pages:
-            raise SpoolFull(f"intake spool at {self.store.path} is full")
+        if entries and not self._room():
+            raise SpoolFull(f"intake spool at {self.store.path} is full (stage.spool_map_max_mb)")
         try:
             removed = self._write(entries, deletes)
         except lmdb.MapFullError:
@@ -92,6 +103,27 @@ class Spool:
         self.next_seq += len(entries)
         self.depth += len(entries) - removed
         return seqs
+
+    def _room(self) -> bool:
+        """More than HEADROOM of the map is free, after growing it if need be (up to its cap)."""
+        while self._pages_used() > (1 - HEADROOM) * (self.store.map_size // self._page_size):
+            if not self.store.grow() and not (self._cap_raised() and self.store.grow()):
+                return False
+        return True
+
+    def _cap_raised(self) -> bool:
+        """Full at the cap: read the cap again (`cap_source`, at most every CAP_REREAD_S), so that
+        raising it lets intake go on without a broker restart."""
+        if self._cap_source is None or time.monotonic() - self._cap_read_at < CAP_REREAD_S:
+            return False
+        self._cap_read_at = time.monotonic()
+        cap_mb = self._cap_source()
+        if cap_mb is None:
+            return False
+        cap = cap_mb * MIB
+        raised = cap > self.store.max_bytes
+        self.store.max_bytes = max(cap, self.store.map_size)
+        return raised
 
     def _write(self, entries: list[SpoolEntry], deletes: list[int]) -> int:
         """The transaction itself; returns how many of `deletes` were present."""

@@ -16,6 +16,10 @@ This module is the one owner of that layout. Other processes read through ``Ledg
 (``open_ledger(config)``): ``head()``, ``size()``, ``root()``, ``entries(from_seq)``,
 ``checkpoint_at_most(size)``, ``latest_checkpoint()``, or several answers from one snapshot
 with ``snapshot()``; entries are streamed with a cursor, never loaded all at once.
+
+The sign service grows the store's map as the ledger grows (``shared.runtime.store``, capped by
+``stage.ledger_map_max_mb``); a ``LedgerReader`` in another process follows by itself (its next
+read adopts the new size). ``copy_to`` is the consistent copy ``mro-edge backup`` takes.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from shared.ledger.entry import SignedEntry
 from shared.ledger.merkle import MERKLE_TABLE, MerkleTree, lmdb_tree
 from shared.runtime.config import Config
 from shared.runtime.files import write_atomic
-from shared.runtime.store import Store, StoreError, from_u64, u64
+from shared.runtime.store import MIB, Store, StoreError, TxnGate, from_u64, u64
 
 LEDGER_TABLE = "ledger"
 CHECKPOINTS_TABLE = "checkpoints"
@@ -150,8 +154,10 @@ class LedgerReader(Store):
         self.path = Path(path)
         if not (self.path / "data.mdb").exists():
             raise StoreError(f"no store at {self.path}: has the service run with this MRO_DATA_DIR?")
+        self._gate = TxnGate()  # the sign service grows its map: Store.read adopts the new size
+        self.max_bytes = map_size_mb * MIB
         try:
-            self.env = lmdb.open(str(self.path), map_size=map_size_mb * 1024 * 1024,
+            self.env = lmdb.open(str(self.path), map_size=map_size_mb * MIB,
                                  max_dbs=len(SIGN_TABLES) + 8, readonly=True, max_readers=64)
         except lmdb.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc

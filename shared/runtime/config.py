@@ -81,8 +81,16 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     redeliver_after_s: float = 15.0
     max_in_flight: int = 2000
     status_interval_s: float = 2.0
-    map_size_mb: int = 4096
+    map_size_mb: int = 64
+    map_max_mb: int = 4096
+    ledger_map_max_mb: int = 65536
+    spool_map_max_mb: int = 4096
     dlq_budget_kb: int = 65536
+
+    def map_max(self, store: str) -> int:
+        """The cap (MiB) of one store class: the ledger (sign's store), the broker's intake
+        spool, or any other stage's store."""
+        return {"sign": self.ledger_map_max_mb, "spool": self.spool_map_max_mb}.get(store, self.map_max_mb)
 
 
 class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):

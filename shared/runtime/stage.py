@@ -30,7 +30,7 @@ import msgspec
 from shared.runtime import delivery, dlq, watchdog
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_from_epoch, utc_now
-from shared.runtime.config import Config
+from shared.runtime.config import Config, ConfigError, load_config
 from shared.runtime.freeze import Freeze
 from shared.runtime.handler import DeviceMessage, Stage
 from shared.runtime.hopauth import HopAuth, HopAuthError, HopKeyError, hop_auth_report
@@ -46,7 +46,7 @@ from shared.runtime.mqtt import Inbound, MqttLink, client_id_for, service_creden
 from shared.runtime.outbox import OUTBOX_TABLES, Outbox
 from shared.runtime.poison import StageFault, broken_envelope_report, isolate
 from shared.runtime.status import StatusReport, add_counts
-from shared.runtime.store import Store
+from shared.runtime.store import MIB, MapFullAtCap, MapGrown, Store
 from shared.runtime.topics import Topics
 from shared.runtime.work import DLQ, SEEN, LmdbUnitOfWork, UnitOfWork
 
@@ -248,6 +248,11 @@ class StageRuntime:
         batch = self.decode(messages)
         try:
             uows = self.commit(batch)
+        except MapGrown as exc:
+            self.log.info("store map grown; batch retried", detail=str(exc), map_mb=self.store.map_size // MIB,
+                          state_transition="MAP_GROWN")
+            self._retry = messages  # rolled back whole: the next turn commits it into the bigger map
+            return
         except (lmdb.Error, StageFault) as exc:
             self._stall(messages, exc)
             return
@@ -317,6 +322,20 @@ class StageRuntime:
         self.freeze.failed(exc)
         self._settle_receipts_while_stalled()
         self.freeze.wait()
+        if isinstance(exc, MapFullAtCap):
+            self._reread_map_cap()
+
+    def _reread_map_cap(self) -> None:
+        """A store full at its cap reads the cap again (edge.toml and the environment, as at start),
+        so raising it and `mro-edge resume STAGE` lets the stage go on without a restart."""
+        try:
+            cap = load_config().stage.map_max(self.stage.name) * MIB
+        except (ConfigError, OSError) as exc:
+            self.log.warning("cannot read the configuration again", error=str(exc)[:200])
+            return
+        if cap != self.store.max_bytes:
+            self.log.info("store cap changed", cap_mb=cap // MIB, state_transition="MAP_CAP_CHANGED")
+            self.store.max_bytes = max(cap, self.store.map_size)
 
     def _settle_receipts_while_stalled(self) -> None:
         """Downstream receipts free outbox rows, which may be exactly what a full store needs:

@@ -14,7 +14,7 @@ from typing import Any
 from shared.runtime import dlq
 from shared.runtime.clock import utc_now
 from shared.runtime.messages import json_encode
-from shared.runtime.store import Store, from_u64, u64
+from shared.runtime.store import MIB, Store, from_u64, u64
 
 _PROCESSED, _FAILED = b"processed", b"failed"
 
@@ -34,6 +34,13 @@ def read_counts(store: Store) -> tuple[int, int]:
         processed = txn.get(_PROCESSED, db=meta)
         failed = txn.get(_FAILED, db=meta)
     return (from_u64(processed) if processed else 0, from_u64(failed) if failed else 0)
+
+
+def store_usage(store: Store) -> dict[str, int]:
+    """How near its cap the store's map is, in MiB: `map_mb` now, `max_mb` its cap, `used_mb`
+    up to the last page written (freed pages LMDB reuses count too)."""
+    return {"map_mb": store.map_size // MIB, "used_mb": -(-store.used_bytes() // MIB),
+            "max_mb": store.max_bytes // MIB}
 
 
 class StatusReport:
@@ -59,7 +66,7 @@ class StatusReport:
         usage = dlq.usage(self.store)
         status.update(queue_depth=self._queue_depth(), processed=processed, failed=failed,
                       session_resets=session_resets, dlq_rows=usage.rows, dlq_bytes=usage.bytes,
-                      dlq_dropped=usage.dropped, **self._extra())
+                      dlq_dropped=usage.dropped, store=store_usage(self.store), **self._extra())
         return json_encode(status)
 
     def due(self, interval_s: float) -> bool:

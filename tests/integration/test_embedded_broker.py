@@ -294,10 +294,11 @@ def test_a_slow_consumer_pushes_back_on_the_publisher_and_nothing_is_dropped(tmp
 
 def test_a_full_spool_withholds_pubacks_and_resumes_once_ingest_drains_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A spool that cannot grow (its LMDB map is 1 MB here; a full disk fails the same way):
+    """A spool that cannot grow (its LMDB map is 1 MB and capped there; a full disk fails the same way):
     publishes are not acknowledged, nothing acknowledged is lost, and intake resumes by itself
     once ingest has taken (and acknowledged) what the spool held."""
     monkeypatch.setenv("MRO_STAGE_MAP_SIZE_MB", "1")
+    monkeypatch.setenv("MRO_STAGE_SPOOL_MAP_MAX_MB", "1")
     broker = start_broker("embedded", tmp_path / "data", STATION)
     try:
         login = device(broker, "TAB-10")
@@ -322,6 +323,41 @@ def test_a_full_spool_withholds_pubacks_and_resumes_once_ingest_drains_it(
         delivered = {m.payload[:6] for m in consumer.messages}
         assert delivered == {f"{i:06d}".encode() for i in range(total)}
         assert "SPOOL_COMMIT_FAILED" in broker.log_tail(200)
+        publisher.loop_stop()
+        consumer.close()
+    finally:
+        broker.kill()
+
+
+def test_the_spool_grows_from_a_1_mb_map_and_acknowledges_everything_before_ingest_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same flood with room to grow (cap 64 MiB): every publish is acknowledged with no consumer."""
+    monkeypatch.setenv("MRO_STAGE_MAP_SIZE_MB", "1")
+    monkeypatch.setenv("MRO_STAGE_SPOOL_MAP_MAX_MB", "64")
+    broker = start_broker("embedded", tmp_path / "data", STATION)
+    try:
+        login = device(broker, "TAB-11")
+        publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tab-eleven")
+        publisher.username_pw_set(*login)
+        publisher.max_inflight_messages_set(50)
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        total = 2000
+        infos = [publisher.publish(T.device_in("tablet", "TAB-11"), f"{i:06d}".encode() + b"x" * 1000, qos=1)
+                 for i in range(total)]
+        deadline = time.monotonic() + 60
+        while not all(info.is_published() for info in infos):
+            assert time.monotonic() < deadline, f"{sum(i.is_published() for i in infos)} acknowledged of {total}"
+            time.sleep(0.1)
+        assert "SPOOL_COMMIT_FAILED" not in broker.log_tail(200)
+        assert (tmp_path / "data" / "spool" / "data.mdb").stat().st_size > 1 << 20
+        consumer = ManualConsumer(broker, "ingest", T.device_in_all).start()
+        deadline = time.monotonic() + 60
+        while len(consumer.messages) < total:
+            assert time.monotonic() < deadline, f"{len(consumer.messages)} delivered of {total}"
+            consumer.ack_all()
+            time.sleep(0.1)
+        assert {m.payload[:6] for m in consumer.messages} == {f"{i:06d}".encode() for i in range(total)}
         publisher.loop_stop()
         consumer.close()
     finally:

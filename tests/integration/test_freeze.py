@@ -1,9 +1,9 @@
 """The local circuit breaker (seed 002, shared/runtime/stage.py): a stage whose store keeps failing
 freezes instead of dropping work.
 
-The fault is real, not mocked: the validate stage runs with a 1 MiB LMDB map
-(MRO_STAGE_MAP_SIZE_MB=1), so once records arrive its writes fail with MapFullError: its disk
-is full. It must fail three times in a row, publish status `frozen` and an alarm on
+The fault is real, not mocked: the validate stage runs with a 1 MiB LMDB map that may not grow
+(MRO_STAGE_MAP_SIZE_MB=1, MRO_STAGE_MAP_MAX_MB=1), so once records arrive its writes fail with
+MapFullError: its disk is full. It must fail three times in a row, publish status `frozen` and an alarm on
 `mro/<station>/alarm`, keep every record it has not processed (ingest holds them durably and
 the devices have their `received` receipts), retry at once on `mro-edge resume validate`, and
 once it runs with room again, record everything exactly once.
@@ -30,7 +30,7 @@ def stalls(edge: EdgeStack) -> int:
 
 
 def test_validate_with_a_full_store_freezes_alarms_keeps_everything_and_recovers(tmp_path) -> None:
-    tiny = {"validate": {"MRO_STAGE_MAP_SIZE_MB": "1"}}
+    tiny = {"validate": {"MRO_STAGE_MAP_SIZE_MB": "1", "MRO_STAGE_MAP_MAX_MB": "1"}}
     with database("sqlite", tmp_path) as url, EdgeStack(tmp_path, url, start_link=False, stage_env=tiny) as edge:
         edge.send(COUNT, wait=False)
 
