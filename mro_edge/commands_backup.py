@@ -183,7 +183,7 @@ def _copy_sqlite(source: Path, dest: Path) -> None:
 def _mode_for(rel: Path, path: Path) -> int:
     """Secrets (everything under keys/ and broker/ but public keys and checkpoints) 0600; other
     files keep their owner/read bits, never more than 0644."""
-    public = path.name.endswith((".pem", ".pub")) or path.name.startswith("checkpoint")  # keys: *.key
+    public = path.name.endswith((".pem", ".pub")) or path.name.startswith("checkpoint")
     if rel.parts[0] in PRIVATE and not public:
         return 0o600
     return stat.S_IMODE(path.stat().st_mode) & 0o644 or 0o600
