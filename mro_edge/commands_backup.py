@@ -54,7 +54,8 @@ SKIP_SUFFIXES = (".lock", ".log", ".pid", "-wal", "-shm", ".partial")
 # store copy order (see the module docstring); stores not named here go between
 FIRST = ("spool", "ingest", "validate")
 LAST = ("uplink", "sign")
-PRIVATE = {"keys", "broker", "secrets", "hopkeys", "tls"}  # every file in these is a secret (but public keys and certificates): 0600
+# every file in these is a secret (but public keys and certificates): 0600, directory 0700
+PRIVATE = {"keys", "broker", "secrets", "hopkeys", "tls"}
 
 
 class BackupError(Exception):
