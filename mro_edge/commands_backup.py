@@ -295,7 +295,7 @@ def _gateway_head(config: Config, data: Path) -> int | None:
 
     token_file = data / "uplink" / "token"
     token = config.link.token or (token_file.read_text().strip() if token_file.exists() else "")
-    client = GatewayClient(config.link.gateway_url, token, timeout_s=config.uplink.request_timeout_s)
+    client = GatewayClient(config.link, token, timeout_s=config.uplink.request_timeout_s)
     try:
         return client.head().seq
     except (GatewayUnavailable, GatewayError):
