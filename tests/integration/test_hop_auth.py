@@ -1,8 +1,9 @@
 """Forged pipeline traffic on real brokers (embedded and Mosquitto), real processes, real LMDB.
 
-The attacker holds the services' broker password (today the one shared `mro-services` user)
-and publishes straight onto the pipeline topics, as the red team did: batches to sign, stage
-receipts to ingest, outcome notices to ingest. Each attempt is refused by hop authentication
+The attacker holds the broker password of the service entitled to publish on a pipeline topic
+(the broker ACL lets only that service's user publish there; its hop key is what the attacker
+lacks) and publishes straight onto the pipeline topics, as the red team did: batches to sign,
+stage receipts to ingest, outcome notices to ingest. Each attempt is refused by hop authentication
 (a `hop_auth` DLQ report and an alarm), nothing of it takes effect, and the stage keeps going.
 """
 
@@ -19,7 +20,7 @@ import pytest
 from mro_edge.simulator.records import valid_record
 from shared.contract import decode_record, idempotency_key, normalize
 from shared.runtime.hopauth import HopAuth, HopKeys, ensure_hop_keys, hop_digest
-from shared.runtime.mqtt import MqttLink
+from shared.runtime.mqtt import MqttLink, service_credentials
 from shared.runtime.topics import Topics
 from tests.edge import TopicRecorder
 from tests.pipeline import ROOT, Pipeline, wait_until
@@ -35,9 +36,10 @@ def stopped_pipeline(broker, tmp_path):
     pipe.stop()
 
 
-def attacker(pipe: Pipeline) -> MqttLink:
-    """A client with the services' own broker login: exactly what a leaked service password gives."""
-    link = MqttLink(pipe.config, client_id=f"attacker-{random.getrandbits(32)}", persistent=False)
+def attacker(pipe: Pipeline, service: str) -> MqttLink:
+    """A client with `service`'s own broker login: exactly what a leaked service password gives."""
+    link = MqttLink(pipe.config, client_id=f"attacker-{random.getrandbits(32)}", persistent=False,
+                    credentials=service_credentials(pipe.config, service))
     link.start()
     return link
 
@@ -102,7 +104,7 @@ def test_a_forged_batch_to_sign_is_never_signed(stopped_pipeline, tmp_path):
         envelope([item("forged-type", "k-type", made_up, DEVICE)]),
     ]
     sign_in = topics.stage_input("sign")
-    link = attacker(pipe)
+    link = attacker(pipe, "validate")
     try:
         for body in forged:
             link.publish(sign_in, body)  # the red team's message as it was
@@ -146,7 +148,7 @@ def test_a_forged_stage_receipt_does_not_delete_ingest_outbox_rows(stopped_pipel
     wait_until(lambda: receipts(device, event_id), 30, 0.2, "the `received` receipt")
     topic = Topics(pipe.station).stage_receipt("ingest")
     body = json.dumps({"type": "stage-receipt/1", "stage": "validate", "keys": [key]}).encode()
-    link = attacker(pipe)
+    link = attacker(pipe, "validate")
     try:
         link.publish(topic, body)
         link.publish(topic, attacker_seal(tmp_path, topic, "validate", body))
@@ -175,7 +177,7 @@ def test_a_forged_outcome_makes_no_false_recorded_answer(stopped_pipeline, tmp_p
     topic = Topics(pipe.station).outcomes
     body = json.dumps({"type": "outcomes/1", "outcomes": [{"key": key, "status": "recorded", "seq": 0}]}).encode()
     validate = HopAuth.for_service(pipe.data_dir, Topics(pipe.station), "validate", ())
-    link = attacker(pipe)
+    link = attacker(pipe, "sign")
     try:
         link.publish(topic, body)
         link.publish(topic, attacker_seal(tmp_path, topic, "sign", body))
