@@ -120,6 +120,8 @@ def select(uow: UnitOfWork, selection: Selection) -> tuple[list[Candidate], bool
         row = dlq.decode_row(value)
         if not row.record:
             continue  # a report without its record (ingest's, or counted beyond the budget)
+        if selection.rule is not None and selection.rule not in row.rules:
+            continue  # decided without decoding the record
         item = _record_decoder.decode(row.record)
         if matches(selection, row_id, row, item):
             if len(found) == selection.limit:
