@@ -163,3 +163,27 @@ def bodies(pipe) -> list[dict]:
 
 def ledger_keys(pipe) -> Counter[str]:
     return Counter(e.idem for e in pipe.ledger())
+
+
+def test_concurrent_redrives_of_one_record_record_it_once(edge):
+    wrench = edge.device("torque_wrench", "TQW-07")
+    data = torque(7, "TQW-07", NEW_TOOL, edge.station)
+    send_rejected(wrench, [data])
+    edge.fix_registry()
+    time.sleep(0.5)  # [compliance] registry_check_s
+    args = [sys.executable, "-m", "mro_edge", "dlq", "redrive", "--rule", "tool_unknown", "--json"]
+    procs = [subprocess.Popen(args, env=edge.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    wrench.send(data["event_id"], json.dumps(data).encode())  # and the device sends it again meanwhile
+    replies = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, (out, err)
+        replies.append(json.loads(out))
+    assert sorted(r["accepted"] for r in replies) == [0, 1], replies
+    wait_until(lambda: recorded(wrench, data["event_id"]), 60, 0.3, "`recorded`")
+    wait_until(lambda: sum(1 for b in bodies(edge) if b.get("type") == "dlq_redrive") == 1, 60, 0.3,
+               "the redrive entry")
+    time.sleep(1)
+    assert [b["event_id"] for b in bodies(edge)].count(data["event_id"]) == 1
+    assert ledger_keys(edge).most_common(1)[0][1] == 1
