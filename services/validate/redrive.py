@@ -142,6 +142,7 @@ def redrive_one(uow: UnitOfWork, candidate: Candidate, judge: Judge) -> RedriveI
         uow.note(item.event_id, item.key, "REDRIVE_STALE_ROW", dlq_id=candidate.row_id)
         return None
     generation = fate.redrive + 1
+    uow.note(item.event_id, item.key, "REDRIVEN", dlq_id=candidate.row_id, redrive=generation)
     try:
         verdict = judge(item, uow)
     except Exception as exc:  # one broken record must not stop the others
