@@ -115,8 +115,8 @@ def test_fixed_records_are_redriven_into_the_ledger_exactly_once(edge, tmp_path)
     still = redrive(edge, "--rule", "tool_unknown")
     assert [(i["event_id"], i["result"], i["rules"]) for i in still["items"]] == [
         (never["event_id"], "rejected", ["tool_unknown"])]
-    again = redrive(edge, "--rule", "tool_unknown", "--device", "TQW-07")
-    assert again["selected"] == 0 and "ledger_event_id" not in again
+    again = cli(edge, "dlq", "redrive", "--rule", "tool_unknown", "--device", "TQW-07")
+    assert again.returncode == 0 and again.stdout.startswith("0 record(s) redriven"), again
 
     accepted = {unknown["event_id"]: tqw07, overdue["event_id"]: tqw07, later["event_id"]: tqw08}
     for event_id, device in accepted.items():
