@@ -24,9 +24,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from services.validate.changes import CONTROL_DEVICE
 from services.validate.commands import check_fresh
@@ -56,10 +57,10 @@ _record_decoder = msgspec.json.Decoder(ReceivedRecord, dec_hook=stored_hook)
 class Selection(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """Which DLQ rows a redrive takes: every given filter must match (`all`: no filter at all)."""
 
-    rule: str | None = None
-    device: str | None = None
-    since: str | None = None
-    id: int | None = None
+    rule: Annotated[str, Meta(max_length=64)] | None = None
+    device: Annotated[str, Meta(max_length=64)] | None = None
+    since: Annotated[str, Meta(max_length=40)] | None = None
+    id: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] | None = None
     all: bool = False
     limit: int = DEFAULT_LIMIT
 

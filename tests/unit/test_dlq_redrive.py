@@ -139,7 +139,7 @@ def rows(tables: MemoryTables) -> list[tuple[int, dlq.Row]]:
 
 def test_a_selection_needs_a_filter_and_a_sane_limit():
     for bad in ({}, None, {"limit": 5}, {"rule": "x", "limit": 0}, {"rule": "x", "limit": 1001},
-                {"since": "yesterday"}, {"rule": 3}, {"colour": "red"}):
+                {"since": "yesterday"}, {"rule": 3}, {"colour": "red"}, {"id": -1}, {"rule": "r" * 65}):
         with pytest.raises(CommandError):
             parse_selection(bad)
     assert parse_selection({"all": True}) == Selection(all=True)
