@@ -59,7 +59,7 @@ pipeline_item = msgspec.json.Decoder(ValidatedRecord | FateQuery, dec_hook=store
 
 class Ledger(Stage[ValidatedRecord]):
     """Stands in for sign's appends only: the dedupe under test is the runtime's (`run_batch`), which
-    is what keeps sign from appending a key twice (tests/integration/test_dlq_redrive.py: real sign)."""
+    is what keeps sign from appending a key twice (tests/integration/test_dlq_redrive_pipeline.py: real sign)."""
 
     name = "sign"
     input_type = ValidatedRecord
