@@ -473,7 +473,7 @@ def cmd_ledger(config: Config, args) -> int:
 
 
 def cmd_dlq(config: Config, args) -> int:
-    from shared.runtime.store import Store
+    from shared.runtime.store import Store, from_u64
 
     entries = []
     for stage in service_names(Kind.STAGE):
@@ -482,8 +482,10 @@ def cmd_dlq(config: Config, args) -> int:
             continue
         store = Store(path, ("dlq",), readonly=True)
         with store.read() as txn:
-            for _, value in txn.cursor(db=store.table("dlq")):
-                entries.append(json.loads(value))
+            for key, value in txn.cursor(db=store.table("dlq")):
+                entry = json.loads(value)
+                entry["redrivable"] = entry.pop("record", None) is not None  # the record stays in the DLQ
+                entries.append({"dlq_id": from_u64(key), **entry})
         store.close()
     entries.sort(key=lambda e: e.get("received_at", ""))
     if args.json:
@@ -491,8 +493,8 @@ def cmd_dlq(config: Config, args) -> int:
     else:
         for e in entries:
             first = e["errors"][0] if e.get("errors") else {}
-            print(f"{e.get('received_at', '')}  {e['stage']:<9} {e.get('event_id') or '-':<37} "
-                  f"{first.get('path', '')} {first.get('rule', '')}")
+            print(f"{e.get('received_at', '')}  {e['stage']:<9} {e['dlq_id']:<6} {e.get('event_id') or '-':<37} "
+                  f"{first.get('path', '')} {first.get('rule', '')}{'  (redrivable)' if e['redrivable'] else ''}")
         print(f"{len(entries)} DLQ entries", file=sys.stderr)
     return 0
 
@@ -686,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(budget reached, rate_limited) per device and rule")
     dlq_summary.add_argument("--json", action="store_true")
     dlq_summary.set_defaults(func=cmd_dlq_summary)
+    from mro_edge.commands_dlq import add_redrive
+
+    add_redrive(qsub)
     for module in COMMAND_MODULES:
         import_module(module).register(sub)
     return parser
@@ -699,7 +704,8 @@ NO_DATA_DIR = {("audit", "verify"), ("schema", "check"), ("registry", "sign")}
 # the commands that work on the gateway's database only (no data directory with MRO_GATEWAY_DB_URL)
 GATEWAY_ADMIN = {("gateway", "register-edge"), ("gateway", "tokens"), ("gateway", "revoke-token")}
 # the commands that talk to a running stack over MQTT
-NEEDS_BROKER = {("status", None), ("resume", None), ("simulate", None), ("registry", "push")}
+NEEDS_BROKER = {("status", None), ("resume", None), ("simulate", None), ("registry", "push"),
+                ("dlq", "redrive")}
 
 
 def _prepare_client(config: Config, args) -> None:

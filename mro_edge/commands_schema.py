@@ -122,7 +122,8 @@ def cmd_schema(config, args) -> int:
     return 0 if reply.get("ok") else 1
 
 
-def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dict:
+def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float,
+         check: str = "mro-edge schema status") -> dict:
     from services.validate.commands import operator_name
     from shared.runtime.clock import utc_now
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
@@ -130,7 +131,8 @@ def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dic
 
     topics = Topics(config.station)
     command_id = uuid.uuid4().hex
-    command.update(id=command_id, sent_at=utc_now(), operator=operator_name())
+    command.update(id=command_id, sent_at=utc_now())
+    command.setdefault("operator", operator_name())
     reply_topic = reply_topic_of(topics, command_id)
     link = MqttLink(config, client_id=f"mro-cli-{command_id[:16]}", subscriptions=[(reply_topic, 1)],
                     persistent=False)
@@ -153,7 +155,7 @@ def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dic
         link.stop()
     raise _user_error(f"no answer from the validate service within {timeout:.0f} s: is it running "
                       "(mro-edge status)? If it comes back within 5 minutes it still carries the command "
-                      "out; check with `mro-edge schema status`")
+                      f"out; check with `{check}`")
 
 
 def _print_reply(reply: dict) -> None:

@@ -59,6 +59,7 @@ from shared.runtime.handler import Stage
 from shared.runtime.messages import (
     SERVICE_KIND,
     DeviceRef,
+    DlqRedrive,
     SchemaChange,
     SignedRow,
     ValidatedRecord,
@@ -74,15 +75,15 @@ ENTRY_SOURCE_RULE = "entry_source"
 
 
 def entry_source_error(item: ValidatedRecord) -> FieldError | None:
-    """Sign signs only what the stage entitled to send it may send: a `schema_change` only from
-    validate's control plane, a contract record only for the fleet device that made it (whose
+    """Sign signs only what the stage entitled to send it may send: a `schema_change` or a
+    `dlq_redrive` only from validate's control plane, a contract record only for the fleet device that made it (whose
     receipt it answers). Hop authentication already proves validate sent the batch; this keeps
     a record from speaking for another device or for the box itself."""
     record, device = item.record, item.device
-    if isinstance(record, SchemaChange):
+    if isinstance(record, SchemaChange | DlqRedrive):
         if device == CONTROL_PLANE:
             return None
-        expected = f"a schema_change from {CONTROL_PLANE.kind}/{CONTROL_PLANE.id}"
+        expected = f"a {record.type} from {CONTROL_PLANE.kind}/{CONTROL_PLANE.id}"
     else:
         if device.kind != SERVICE_KIND and (device.kind, device.id) == (record.device.kind, record.device.id):
             return None

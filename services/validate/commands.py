@@ -52,7 +52,7 @@ class SchemaCommands:
             return
         command_id = str(command.get("id") or "")[:64] or uuid.uuid4().hex
         try:
-            _check_fresh(command)
+            check_fresh(command)
             run = self.commands.get(str(command.get("command")))
             if run is None:
                 raise CommandError(f"unknown command {str(command.get('command'))[:40]!r}")
@@ -83,7 +83,7 @@ class SchemaCommands:
         }
 
 
-def _check_fresh(command: dict) -> None:
+def check_fresh(command: dict) -> None:
     """Refuse a command without a readable `sent_at` or sent more than COMMAND_TTL_S ago."""
     sent_at = command.get("sent_at")
     try:

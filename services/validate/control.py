@@ -3,7 +3,8 @@ schema-drift breaker.
 
 Two services-only topics (ACL: only the operator may publish them, only validate reads them) change it:
 `Topics.registry` (authority-signed registry updates, `services.validate.registry`) and
-`Topics.schema` (commands from `mro-edge schema ...`, `services.validate.commands`). While the
+`Topics.schema` (commands from `mro-edge schema ...`, `services.validate.commands`); a third,
+`Topics.redrive`, judges rejected records again (`mro-edge dlq redrive`, `services.validate.redrive`). While the
 breaker is open, torque events and part receipts are held (`services.validate.held`) and
 sign-offs keep flowing under the active version.
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from services.validate import held
 from services.validate.commands import SchemaCommands
+from services.validate.redrive import Redrive
 from services.validate.registry import CONTROL_TABLE, RegistryUpdates, read_overlay, read_serial
 from services.validate.state import SchemaState, decode_state, encode_state
 from shared.compliance import Compliance, RegistrySource
@@ -50,6 +52,8 @@ class SchemaControl:
         self._registry_error: str | None = None
         self.registry_updates = RegistryUpdates(self.source, self.settings.authority_public_key, self.alarm)
         self.commands = SchemaCommands(self)
+        self.redrive = Redrive(config.station, lambda item, uow: stage.judge(item, uow, may_hold=False),
+                               lambda: self.breaker_open, self.log)
 
     @staticmethod
     def compile(definition: dict | None) -> ContractVersion:
@@ -79,6 +83,8 @@ class SchemaControl:
                 self.compliance = Compliance(registry, self.active)
         elif topic == uow.topics.schema:
             self.commands.handle(payload, uow)
+        elif topic == uow.topics.redrive:
+            self.redrive.handle(payload, uow)
 
     def save(self, uow: UnitOfWork, state: SchemaState) -> None:
         """Write `state` in this batch and put its active version in force."""

@@ -34,9 +34,10 @@ class Validate(Stage[ReceivedRecord]):
     downstream = "sign"
     tables = (CONTROL_TABLE, HELD_TABLE, *STATE_TABLES)
     accepted_state = "COMPLIANCE_CHECKED"
+    keeps_rejected = True  # decoded records: kept whole in the DLQ for `mro-edge dlq redrive`
 
     def notice_topics(self, topics: Topics) -> tuple[str, ...]:
-        return (topics.schema, topics.registry)
+        return (topics.schema, topics.registry, topics.redrive)
 
     def open(self, runtime) -> None:
         self.limits = runtime.config.limits

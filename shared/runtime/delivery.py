@@ -19,6 +19,11 @@ Rejected   rejected, errors    -            `rejected`, errors      rejected
 Held       held                -            -                       -
 =========  ==================  ===========  ======================  ===============
 
+Redrive (`services.validate.redrive`): a `rejected` fate is the one final fate that can change,
+exactly once per DLQ row: the redrive settles the new verdict with generation `Fate.redrive + 1`
+and the outcome carries it, so ingest (`supersedes`) keeps the newest verdict whatever order
+notices arrive in, and never lets a `recorded` fate go.
+
 Durability: fates, outbox rows and DLQ reports commit with the batch. Device receipts and
 outcome notices are published after the commit, best effort: a device that missed its receipt
 sends the record again, and that re-send is answered from the fate (ingest answers
@@ -97,30 +102,34 @@ def device_of_topic(uow: UnitOfWork, topic: str) -> DeviceRef | None:
     return DeviceRef(*parsed) if parsed else None
 
 
-def settle(uow: UnitOfWork, item: Routed, verdict: Verdict) -> None:
-    """Store the fate the verdict gives `item` and send what it owes (see the table above)."""
+def settle(uow: UnitOfWork, item: Routed, verdict: Verdict, *, redrive: int = 0) -> None:
+    """Store the fate the verdict gives `item` and send what it owes (see the table above).
+
+    `redrive`: the generation of this verdict (0 the first judgement, n the n-th DLQ redrive),
+    kept in the fate and told in the outcome so ingest replaces an older final fate with it."""
     stage = uow.stage
     key, event_id, device = item.key, item.event_id, item.device
     match verdict:
         case Accepted(output=output, log=log):
-            uow.set_fate(key, Fate(stage.accepted_as))
+            uow.set_fate(key, Fate(stage.accepted_as, redrive=redrive))
             uow.forward(output)
             if stage.consumes == "devices":
                 receipt(uow, device, DeviceReceipt("received", utc_now(), event_id, key))
             finished(uow, event_id, key, stage.accepted_state, **log)
         case Recorded(seq=seq, output=output):
-            uow.set_fate(key, Fate("recorded", seq))
+            uow.set_fate(key, Fate("recorded", seq, redrive=redrive))
             if output is not None:
                 uow.forward(output)
             receipt(uow, device, DeviceReceipt("recorded", utc_now(), event_id, key, seq=seq))
             outcome(uow, device, Outcome(key, "recorded", seq=seq))
             finished(uow, event_id, key, stage.accepted_state, seq=seq)
         case Rejected(report=report, counted_only=counted_only):
-            errors = reject(uow, report, device, counted_only=counted_only)
-            uow.set_fate(key, Fate("rejected", errors=errors))
-            outcome(uow, device, Outcome(key, "rejected", errors=errors))
+            kept = item if stage.keeps_rejected else None
+            errors = reject(uow, report, device, counted_only=counted_only, record=kept, redrive=redrive)
+            uow.set_fate(key, Fate("rejected", errors=errors, redrive=redrive))
+            outcome(uow, device, Outcome(key, "rejected", errors=errors, redrive=redrive))
         case Held(reason=reason):
-            uow.set_fate(key, Fate("held"))
+            uow.set_fate(key, Fate("held", redrive=redrive))
             uow.note(event_id, key, "HELD", reason=reason)
 
 
@@ -139,7 +148,7 @@ def answer(uow: UnitOfWork, query: Routed, fate: Fate | None) -> None:
     elif fate.status == "rejected":
         receipt(uow, device, DeviceReceipt("rejected", utc_now(), event_id, key, errors=fate.errors))
         if not intake:
-            outcome(uow, device, Outcome(key, "rejected", errors=fate.errors))
+            outcome(uow, device, Outcome(key, "rejected", errors=fate.errors, redrive=fate.redrive))
     elif fate.status != "held":
         if device is not None and event_id is not None and uow.stage.downstream:
             uow.forward(FateQuery(key, event_id, device))
@@ -150,14 +159,15 @@ def answer(uow: UnitOfWork, query: Routed, fate: Fate | None) -> None:
 
 
 def reject(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None, *,
-           counted_only: bool = False) -> list[FieldError]:
+           counted_only: bool = False, record: Any = None, redrive: int = 0) -> list[FieldError]:
     """Keep the error report in the stage's DLQ (within its budget, `shared.runtime.dlq`), publish
-    it to the DLQ topic and tell the device; `counted_only`: tell the device and count it, no more."""
+    it to the DLQ topic and tell the device; `counted_only`: tell the device and count it, no more.
+    `record`: the decoded record itself, kept in the DLQ row so it can be redriven."""
     errors = msgspec.convert(report["errors"], list[FieldError])
     if counted_only:
         dlq.count(uow, device, (error.rule for error in errors))
     else:
-        uow.keep_report(report, device, errors)
+        uow.keep_report(report, device, errors, record=record, redrive=redrive)
         uow.publish(uow.topics.dlq(uow.stage.name), json_encode(report))
         uow.note(report.get("event_id"), report.get("idempotency_key"), "REJECTED",
                  rules=[error.rule for error in errors])
@@ -171,8 +181,20 @@ def apply_outcomes(uow: UnitOfWork, payload: bytes) -> None:
     """Outcome notices at the intake stage: remember each record's final fate for its re-sends."""
     for told in outcomes_decoder.decode(payload).outcomes:
         fate = uow.fate(told.key)
-        if fate is not None and not fate.final:
-            uow.set_fate(told.key, Fate(told.status, told.seq, told.errors))
+        if fate is not None and supersedes(told, fate):
+            uow.set_fate(told.key, Fate(told.status, told.seq, told.errors, told.redrive))
+
+
+def supersedes(told: Outcome, fate: Fate) -> bool:
+    """Whether an outcome notice replaces the fate ingest keeps: any final fate replaces an open
+    one; a `recorded` one is never replaced (the ledger is final); a `rejected` one gives way to
+    `recorded` (a redrive got it into the ledger) or to a newer redrive's rejection. Notices may
+    arrive in any order, so a stale rejection never overwrites a newer verdict."""
+    if not fate.final:
+        return True
+    if fate.status == "recorded":
+        return False
+    return told.status == "recorded" or told.redrive > fate.redrive
 
 
 def receipt(uow: UnitOfWork, device: DeviceRef | None, message: DeviceReceipt) -> None:

@@ -11,14 +11,22 @@ rejection is still answered (receipt, DLQ topic) but only counted: per device an
 Rejections that are never stored whole (`rate_limited`) are counted the same way. Good
 records never wait for any of this.
 
+Redrive (`mro-edge dlq redrive`, `services.validate.redrive`): a stage whose rejections are of
+decoded records (`Stage.keeps_rejected`: validate) keeps the whole typed record in the row
+(`record`, a `ReceivedRecord`, bounded by the contract's size limit), so it can be judged again
+once its cause is fixed; `redrive` is the generation of the verdict that stored the row. A
+report only counted (budget reached) keeps no record and cannot be redriven. Ingest's rejections
+are of messages that never decoded: they keep only the capped raw prefix and are not redrivable.
+
 Tables owned here (other code uses `usage` and `summary`):
 
-* `dlq`: u64 sequence -> the encoded report (`mro-edge dlq list`);
+* `dlq`: u64 sequence -> the encoded report, with `record` and `redrive` where kept
+  (`mro-edge dlq list`, `Row`);
 * `dlq_summary`: device id NUL rule -> u64 count of reports not stored whole, at most
   SUMMARY_ROWS rows (further devices count under `*`);
-* in `meta`: `dlq_bytes` (bytes of the `dlq` table's keys and values, the number an operator or a
-  whole-box storage budget reads), `dlq_dropped` (reports counted only), `dlq_full` (the alarm
-  was raised).
+* in `meta`: `dlq_next` (the next row id: ids are never reused), `dlq_bytes` (bytes of the
+  `dlq` table's keys and values, the number an operator or a whole-box storage budget reads),
+  `dlq_dropped` (reports counted only), `dlq_full` (the alarm was raised).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shared.runtime.alarms import alarm_payload
-from shared.runtime.messages import DeviceRef, json_encode
+from shared.runtime.messages import DeviceRef, item_encoder, json_encode
 from shared.runtime.store import Store, StoreError, from_u64, u64
 
 if TYPE_CHECKING:
@@ -42,7 +50,27 @@ ROW_ERRORS = 20
 SUMMARY_ROWS = 10_000
 ANY_DEVICE = "*"
 _BYTES, _DROPPED, _FULL, _SUMMARY_ROWS = b"dlq_bytes", b"dlq_dropped", b"dlq_full", b"dlq_summary_rows"
+_NEXT = b"dlq_next"
 _KEY_BYTES = 8
+
+
+class Row(msgspec.Struct, frozen=True):
+    """What a redrive reads of a stored row (the report's other fields stay as they are)."""
+
+    stage: str
+    received_at: str = ""
+    errors: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    event_id: str | None = None
+    idempotency_key: str | None = None
+    record: msgspec.Raw = msgspec.Raw(b"")  # empty: no record kept (not redrivable)
+    redrive: int = 0
+
+    @property
+    def rules(self) -> list[str]:
+        return sorted({str(error.get("rule")) for error in self.errors})
+
+
+decode_row = msgspec.json.Decoder(Row).decode
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -62,14 +90,22 @@ def stored_form(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def keep(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None, errors: list[FieldError],
-         budget: int | None) -> bool:
-    """Store `report` if the budget (bytes, None: none) has room; else count it. True if stored."""
-    encoded = json_encode(stored_form(report))
+         budget: int | None, *, record: Any = None, redrive: int = 0) -> bool:
+    """Store `report` if the budget (bytes, None: none) has room; else count it. True if stored.
+    `record` (a hop message) is kept whole in the row for a redrive; `redrive` is its generation."""
+    row = stored_form(report)
+    if record is not None:
+        row = {**row, "record": msgspec.Raw(item_encoder.encode(record))}
+    if redrive:
+        row = {**row, "redrive": redrive}
+    encoded = json_encode(row)
     used = _counter(uow, _BYTES)
     size = len(encoded) + _KEY_BYTES
     if budget is None or used + size <= budget:
         last = uow.last(DLQ)
-        uow.put(DLQ, u64(from_u64(last[0]) + 1 if last else 0), encoded, append=True)
+        row_id = max(from_u64(last[0]) + 1 if last else 0, _counter(uow, _NEXT))
+        uow.put(DLQ, u64(row_id), encoded, append=True)
+        uow.put(META, _NEXT, u64(row_id + 1))  # ids are never reused, even once redrive empties the DLQ
         _add(uow, _BYTES, size)
         if uow.get(META, _FULL) is not None:
             uow.delete(META, _FULL)  # room again: the next time it fills is worth an alarm
@@ -83,6 +119,16 @@ def keep(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None, erro
         uow.publish(uow.topics.alarm, alarm_payload(uow.stage.name, "dlq_full", detail, dlq_bytes=used,
                                                     budget_bytes=budget))
     return False
+
+
+def remove(uow: UnitOfWork, row_id: int) -> None:
+    """Delete one stored row (redriven: accepted, or replaced by its new report) and free its bytes."""
+    key = u64(row_id)
+    raw = uow.get(DLQ, key)
+    if raw is None:
+        return
+    uow.delete(DLQ, key)
+    _add(uow, _BYTES, -min(len(raw) + _KEY_BYTES, _counter(uow, _BYTES)))
 
 
 def count(uow: UnitOfWork, device: DeviceRef | None, rules: Iterable[str]) -> None:

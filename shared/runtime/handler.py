@@ -43,6 +43,7 @@ class Stage(ABC, Generic[In]):
     tables: ClassVar[tuple[str, ...]] = ()
     accepted_as: ClassVar[FateStatus] = "validated"  # the fate of a record this stage passes on
     accepted_state: ClassVar[str] = "ACCEPTED"  # logged when a record is accepted or recorded
+    keeps_rejected: ClassVar[bool] = False  # True: a rejected input is kept whole in the DLQ (redrive)
 
     def notice_topics(self, topics: Topics) -> tuple[str, ...]:
         """Extra topics this stage listens to besides its input and its receipts."""

@@ -61,6 +61,41 @@ class SchemaChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         return "schema_change"
 
 
+class RedriveItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One record a DLQ redrive judged again: `accepted` (on to the ledger) or still rejected
+    with `rules`."""
+
+    key: str
+    event_id: str
+    device_id: str
+    dlq_id: int
+    result: Literal["accepted", "rejected"]
+    rules: list[str] | None = None
+
+
+class DlqRedrive(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type",
+                 tag="dlq_redrive"):
+    """The ledger record of one DLQ redrive (validate's own, `services.validate.redrive`): who asked,
+    which selection, and every record judged again with its result."""
+
+    schema: str
+    event_id: str
+    station: str
+    at: str
+    command_id: str
+    operator: str
+    selection: dict[str, Any]
+    selected: int
+    accepted: int
+    rejected: int
+    items: list[RedriveItem]
+    more: bool = False
+
+    @property
+    def type(self) -> str:
+        return "dlq_redrive"
+
+
 class ReceivedRecord(msgspec.Struct, frozen=True, tag="received/1"):
     """ingest -> validate: a record that passed device contract v1, as the device stated it."""
 
@@ -78,7 +113,7 @@ class ValidatedRecord(msgspec.Struct, frozen=True, tag="validated/1"):
     """validate -> sign: a record judged valid and compliant, to be appended to the ledger."""
 
     key: str
-    record: Record | SchemaChange
+    record: Record | SchemaChange | DlqRedrive
     device: DeviceRef
 
     @property
@@ -124,11 +159,16 @@ FateStatus = Literal["received", "validated", "held", "recorded", "rejected"]
 
 class Fate(msgspec.Struct, frozen=True, omit_defaults=True, tag="fate/1"):
     """What a stage knows about a record it holds (its `seen` value): received / validated (passed
-    on), held, recorded at `seq`, or rejected with `errors`."""
+    on), held, recorded at `seq`, or rejected with `errors`.
+
+    `redrive` counts how often a DLQ redrive judged the record again (0: never; omitted then, so
+    fates written before redrive existed read the same): a redrive moves a `rejected` fate to its
+    new verdict with `redrive + 1`, so a newer fate is told apart from a stale one."""
 
     status: FateStatus
     seq: int | None = None
     errors: list[FieldError] | None = None
+    redrive: int = 0
 
     @property
     def final(self) -> bool:
@@ -142,6 +182,7 @@ class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
     status: Literal["recorded", "rejected"]
     seq: int | None = None
     errors: list[FieldError] | None = None
+    redrive: int = 0
 
 
 class Outcomes(msgspec.Struct, frozen=True, tag="outcomes/1"):
@@ -174,7 +215,7 @@ fate_encode = msgspec.msgpack.Encoder().encode
 fate_decode = msgspec.msgpack.Decoder(Fate).decode
 
 
-def record_body(record: Record | SchemaChange) -> dict[str, Any]:
+def record_body(record: Record | SchemaChange | DlqRedrive) -> dict[str, Any]:
     """The canonical body of a record as it is signed (`shared.contract.normalize`, also for
     the box's own records)."""
     return msgspec.to_builtins(record, enc_hook=enc_hook)

@@ -68,8 +68,9 @@ def stage_error(stage: str, exc: Exception) -> dict[str, Any]:
             "received": type(exc).__name__}
 
 
-def reject_poison(uow: UnitOfWork, item: Any, exc: Exception) -> None:
-    """Reject a record its stage cannot process (the handler raised on it alone)."""
+def reject_poison(uow: UnitOfWork, item: Any, exc: Exception, *, redrive: int = 0) -> None:
+    """Reject a record its stage cannot process (the handler raised on it alone); `redrive`: the
+    generation of the verdict (`shared.runtime.delivery.settle`)."""
     name = uow.stage.name
     report: dict[str, Any] = {"stage": name, "received_at": utc_now(), "errors": [stage_error(name, exc)]}
     if isinstance(item, DeviceMessage):
@@ -78,7 +79,7 @@ def reject_poison(uow: UnitOfWork, item: Any, exc: Exception) -> None:
     report = {"stage": name, "event_id": item.event_id, "idempotency_key": item.key, **report}
     if report["event_id"] is None:
         del report["event_id"]
-    delivery.settle(uow, item, Rejected(report))
+    delivery.settle(uow, item, Rejected(report), redrive=redrive)
 
 
 def broken_envelope_report(stage: str, message: Inbound) -> dict[str, Any]:

@@ -12,6 +12,7 @@ stage) over the same state. Nothing is rolled back: a batch that raises leaves w
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -67,6 +68,11 @@ class MemoryUnitOfWork(UnitOfWork):
             return None
         key = max(rows)
         return key, rows[key]
+
+    def scan(self, table: str, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        rows = self.tables.table(table)
+        for key in sorted(k for k in rows if k >= start):
+            yield key, rows[key]
 
     def owe(self, key: str, encoded_item: bytes) -> None:
         if key in self.tables.outbox:

@@ -96,3 +96,11 @@ class Topics:
 
     def registry_reply(self, command_id: str) -> str:
         return f"{self.root}/pipeline/registry/reply/{command_id}"
+
+    # operator commands to redrive the validate stage's DLQ (`mro-edge dlq redrive`) and their replies
+    @property
+    def redrive(self) -> str:
+        return f"{self.root}/pipeline/control/validate/redrive"
+
+    def redrive_reply(self, command_id: str) -> str:
+        return f"{self.root}/pipeline/control/validate/redrive/reply/{command_id}"

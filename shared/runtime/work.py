@@ -13,6 +13,7 @@ that leaves the process leaves after the commit.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,10 @@ class UnitOfWork(ABC):
     def last(self, table: str) -> tuple[bytes, bytes] | None: ...
 
     @abstractmethod
+    def scan(self, table: str, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """The rows of `table` from key `start` on, in key order (do not write `table` meanwhile)."""
+
+    @abstractmethod
     def owe(self, key: str, encoded_item: bytes) -> None:
         """An outbox row for the downstream stage (a no-op while `key` is still owed)."""
 
@@ -89,18 +94,21 @@ class UnitOfWork(ABC):
     def set_fate(self, key: str, fate: Fate) -> None:
         self.put(SEEN, key.encode(), fate_encode(fate))
 
-    def keep_report(self, report: dict[str, Any], device: DeviceRef | None, errors: list[FieldError]) -> bool:
-        """Store the report in the DLQ within its budget, or count it (`shared.runtime.dlq`)."""
-        return dlq.keep(self, report, device, errors, self.dlq_budget)
+    def keep_report(self, report: dict[str, Any], device: DeviceRef | None, errors: list[FieldError], *,
+                    record: Any = None, redrive: int = 0) -> bool:
+        """Store the report (and `record`, for a redrive) in the DLQ within its budget, or count it
+        (`shared.runtime.dlq`)."""
+        return dlq.keep(self, report, device, errors, self.dlq_budget, record=record, redrive=redrive)
 
     # what handlers use
     def forward(self, output: Any) -> None:
         """Owe a record the stage originates itself (a schema change, a key rotation) downstream."""
         self.owe(output.key, item_encoder.encode(output))
 
-    def settle(self, item: Any, verdict: Verdict) -> None:
-        """Act on a verdict reached outside `judge` (a held record released) exactly as on one from it."""
-        delivery.settle(self, item, verdict)
+    def settle(self, item: Any, verdict: Verdict, *, redrive: int = 0) -> None:
+        """Act on a verdict reached outside `judge` (a held record released, a DLQ record redriven
+        as generation `redrive`) exactly as on one from it."""
+        delivery.settle(self, item, verdict, redrive=redrive)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.outgoing.append((topic, payload, qos, retain))
@@ -139,6 +147,11 @@ class LmdbUnitOfWork(UnitOfWork):
     def last(self, table: str) -> tuple[bytes, bytes] | None:
         cursor = self._txn.cursor(db=self._store.table(table))
         return (cursor.key(), cursor.value()) if cursor.last() else None
+
+    def scan(self, table: str, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        cursor = self._txn.cursor(db=self._store.table(table))
+        if cursor.set_range(start):
+            yield from cursor.iternext()
 
     def owe(self, key: str, encoded_item: bytes) -> None:
         if self._outbox is None:
