@@ -227,9 +227,10 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ingest": (("in/+/+", "pipeline/receipt/ingest", "pipeline/control/ingest", "pipeline/outcome"),
                ("pipeline/validate", "receipt/+", "dlq/ingest", "status/ingest", "alarm")),
     "validate": (("pipeline/validate", "pipeline/receipt/validate", "pipeline/control/validate",
-                  "pipeline/schema", "pipeline/registry"),
+                  "pipeline/control/validate/redrive", "pipeline/schema", "pipeline/registry"),
                  ("pipeline/sign", "pipeline/receipt/ingest", "pipeline/outcome", "receipt/+", "dlq/validate",
-                  "pipeline/schema/reply/+", "pipeline/registry/reply/+", "status/validate", "alarm")),
+                  "pipeline/schema/reply/+", "pipeline/registry/reply/+", "pipeline/control/validate/redrive/reply/+",
+                  "status/validate", "alarm")),
     "sign": (("pipeline/sign", "pipeline/receipt/sign", "pipeline/control/sign"),
              ("pipeline/uplink", "pipeline/receipt/validate", "pipeline/outcome", "receipt/+", "dlq/sign",
               "status/sign", "alarm")),
@@ -243,8 +244,8 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # the operator's commands (status, resume, schema, registry push, the banner's watch lines,
     # the anonymous-broker probe of `mro-edge run`)
     "operator": (("status/+", "alarm", "dlq/+", "receipt/+", "in/+/+", "pipeline/schema/reply/+",
-                  "pipeline/registry/reply/+"),
-                 ("pipeline/control/+", "pipeline/schema", "pipeline/registry")),
+                  "pipeline/registry/reply/+", "pipeline/control/validate/redrive/reply/+"),
+                 ("pipeline/control/+", "pipeline/control/validate/redrive", "pipeline/schema", "pipeline/registry")),
     # Mosquitto's container health check: it logs in and subscribes, it may read and write nothing
     "health": ((), ()),
 }
