@@ -150,6 +150,12 @@ class ComplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
     registry_check_s: float = 1.0
 
 
+class MccConfig(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:8780"
+    metrics_public: bool = True
+    session_hours: float = 12.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     station: str = "HGR1"
     data_dir: str = "./var"
@@ -163,6 +169,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     compliance: ComplianceConfig = msgspec.field(default_factory=ComplianceConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    mcc: MccConfig = msgspec.field(default_factory=MccConfig)
 
     @property
     def data_path(self) -> Path:
