@@ -242,3 +242,44 @@ def test_headless_chromium_shows_what_the_box_does(tmp_path) -> None:
         driver.quit()
         box.pipeline.stop()
         broker.stop()
+
+
+def test_uplink_metrics_follow_a_real_outage(tmp_path) -> None:
+    """The whole box with a real gateway behind a link fault: while the link is refused the
+    backlog and the oldest unsent record's age grow on /metrics; once it passes again both go
+    to zero and the acknowledged seq is the ledger's head, as the gateway's own /metrics says."""
+    from tests.edge import EdgeStack, database
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with database("sqlite", tmp_path) as db_url, \
+            EdgeStack(tmp_path, db_url, MRO_MCC_LISTEN=f"127.0.0.1:{port}") as edge:
+        edge.pipeline.start("mcc", wait=False)
+        box = Box(edge.pipeline, url)
+
+        def figures() -> dict[tuple[str, tuple], float]:
+            try:
+                return box.metrics()
+            except httpx.HTTPError:
+                return {}
+
+        edge.proxy.set("refuse")
+        edge.wait_state("ISOLATED")
+        edge.send(20)
+        held = wait_until(lambda: (f := figures()).get(("mro_uplink_backlog_entries", ())) == 20
+                          and f.get(("mro_link_state", (("state", "ISOLATED"),))) == 1 and f, 60, 0.5,
+                          "/metrics to show the 20 entries held while ISOLATED")
+        assert held[("mro_uplink_oldest_unsent_seconds", ())] > 0
+
+        edge.proxy.set("pass")
+        edge.wait_state("CONNECTED", timeout_s=60)
+        head = edge.ledger()[-1].seq
+        drained = wait_until(lambda: (f := figures()).get(("mro_uplink_backlog_entries", ())) == 0
+                             and f.get(("mro_uplink_acked_seq", ())) == head and f, 60, 0.5,
+                             "/metrics to show the backlog drained")
+        assert drained[("mro_uplink_oldest_unsent_seconds", ())] == 0
+        assert drained[("mro_link_state", (("state", "CONNECTED"),))] == 1
+        central = httpx.get(edge.gateway.url + "/metrics", timeout=10).text
+        heads = {s.labels["origin"]: s.value for family in text_string_to_metric_families(central)
+                 for s in family.samples if s.name == "mro_gateway_head_seq"}
+        assert heads[edge.origin] == head
