@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from pathlib import Path
 
 import uvicorn
@@ -112,4 +111,4 @@ def run_mcc(config: Config) -> None:
         stop.set()
         worker.join(timeout=2)
         link.stop()
-        log.info("mcc stopped", state_transition="STOPPED", at=time.time())
+        log.info("mcc stopped", state_transition="STOPPED")

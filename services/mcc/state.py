@@ -121,7 +121,7 @@ class RateBuckets:
     def series(self, now: float) -> list[tuple[float, int]]:
         """One point per minute of the window ending now, zero where nothing was counted."""
         end = now - now % 60
-        start = end - 60 * (self.buckets.maxlen or RATE_MINUTES - 1) + 60
+        start = end - 60 * ((self.buckets.maxlen or RATE_MINUTES) - 1)
         counts = {b[0]: int(b[1]) for b in self.buckets}
         return [(m, counts.get(m, 0)) for m in range(int(start), int(end) + 1, 60)]
 
@@ -198,17 +198,29 @@ class BoxState:
             del self.devices[next(iter(self.devices))]
 
     # reading
+    def supervised(self, name: str) -> str:
+        """What `mro-edge run`'s supervisor says of the service, when it is not simply up."""
+        children = self.statuses.get("supervisor", {}).get("children")
+        child = children.get(name) if isinstance(children, dict) else None
+        if not isinstance(child, dict):
+            return ""
+        restarts, hung = child.get("restarts") or 0, child.get("hung") or 0
+        if child.get("state") == "up" and not restarts and not hung:
+            return ""
+        return (f"; supervisor: {_text(child.get('state'), 16)}, {restarts} restart(s), "
+                f"{hung} hang(s), last exit {child.get('last_exit')}")
+
     def service_view(self, name: str, now: float) -> ServiceView:
         status = self.statuses.get(name)
         if status is None:
-            return ServiceView(name, "unknown", "no status seen yet: not started, or never reached the broker",
-                               None, {})
+            return ServiceView(name, "unknown", "no status seen yet: not started, or never reached the broker"
+                               + self.supervised(name), None, {})
         state = _text(status.get("state"), 16)
         seen = self.seen[name]
         if state != "down" and now - seen > STALE_AFTER_S:
             return ServiceView(name, "silent", f"no status for {int(now - seen)} s: hung, or the broker "
-                               "connection is broken", seen, status)
-        return ServiceView(name, state, _why(state, status), seen, status)
+                               "connection is broken" + self.supervised(name), seen, status)
+        return ServiceView(name, state, _why(state, status) + self.supervised(name), seen, status)
 
     def oldest_unsent_s(self, now: float) -> float | None:
         at = parse_utc(self.statuses.get("uplink", {}).get("oldest_unsent_at"))

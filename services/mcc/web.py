@@ -35,6 +35,7 @@ MAX_SESSIONS = 64
 FORM_MAX = 4096
 EVENT_INTERVAL_S = 1.0
 FAILED_LOGIN_DELAY_S = 1.0
+CHECKS_AT_ONCE = 2  # password checks (PBKDF2, ~0.1 s of CPU each) run at once; more wait their turn
 _encode = msgspec.json.Encoder().encode
 
 LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>MCC login</title>
@@ -93,6 +94,7 @@ class McWeb:
         self.sessions = Sessions(session_hours)
         self.page = page_html()
         self.log = get_logger(component="mcc-web")
+        self._checks = asyncio.Semaphore(CHECKS_AT_ONCE)  # a login flood cannot take the box's CPU
 
     def snapshot(self) -> bytes:
         with self.lock:
@@ -118,7 +120,10 @@ class McWeb:
         form = parse_qs(body[:FORM_MAX].decode("utf-8", "replace"))
         name = (form.get("user") or [""])[0]
         password = (form.get("password") or [""])[0]
-        ok = len(body) <= FORM_MAX and await asyncio.to_thread(users.check, self.users_file, name, password)
+        ok = False
+        if len(body) <= FORM_MAX:
+            async with self._checks:
+                ok = await asyncio.to_thread(users.check, self.users_file, name, password)
         if not ok:
             self.log.warning("mcc login refused", state_transition="LOGIN_REFUSED")
             await asyncio.sleep(FAILED_LOGIN_DELAY_S)

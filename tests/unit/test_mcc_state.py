@@ -151,3 +151,14 @@ def test_the_exposition_parses_and_matches_the_model() -> None:
     assert samples[("mro_link_state", (("state", "ISOLATED"),))] == 1
     assert samples[("mro_link_state_seconds", ())] == 5
     assert samples[("mro_dlq_reports_total", (("stage", "validate"),))] == 1
+
+
+def test_the_supervisors_word_is_added_to_the_reason() -> None:
+    state = box()
+    state.on_status("sign", {"state": "down"}, T0)
+    state.on_status("supervisor", {"state": "up", "children": {
+        "sign": {"state": "restarting", "restarts": 3, "hung": 1, "last_exit": 1},
+        "ingest": {"state": "up", "restarts": 0, "hung": 0}}}, T0)
+    views = {v.name: v for v in state.services(T0)}
+    assert "supervisor: restarting, 3 restart(s), 1 hang(s), last exit 1" in views["sign"].why
+    assert "supervisor" not in views["ingest"].why
