@@ -79,6 +79,8 @@ class BoxCollector(Collector):
                     gauge.add_metric([view.name], value)
             yield gauge
 
+        yield from self._stores(stages)
+
         dlq = CounterMetricFamily("mro_dlq_reports", "DLQ reports the MCC saw published (since it started)",
                                   labels=["stage"])
         for stage, count in sorted(box.dlq_counts.items()):
@@ -92,6 +94,20 @@ class BoxCollector(Collector):
 
         yield from self._uplink(now)
         yield from self._link(now)
+
+    def _stores(self, stages: list) -> Iterator[Metric]:
+        """A stage's LMDB store against its budget, once stages report `store` {used_mb, map_mb,
+        max_mb} (the storage budget work); nothing is exposed for a stage that does not."""
+        for field, text in (("used", "bytes a stage's LMDB store uses"),
+                            ("map", "bytes of a stage's LMDB map (address space)"),
+                            ("max", "bytes a stage's LMDB store may grow to (its budget)")):
+            gauge = GaugeMetricFamily(f"mro_stage_store_{field}_bytes", text, labels=["stage"])
+            for view in stages:
+                store = view.status.get("store")
+                value = store.get(f"{field}_mb") if isinstance(store, dict) else None
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    gauge.add_metric([view.name], float(value) * 1024 * 1024)
+            yield gauge
 
     def _uplink(self, now: float) -> Iterator[Metric]:
         box = self.state

@@ -151,6 +151,14 @@ def test_the_exposition_parses_and_matches_the_model() -> None:
     assert samples[("mro_link_state", (("state", "ISOLATED"),))] == 1
     assert samples[("mro_link_state_seconds", ())] == 5
     assert samples[("mro_dlq_reports_total", (("stage", "validate"),))] == 1
+    assert not any(name.startswith("mro_stage_store_") for name, _ in samples)  # no stage reports `store`
+    state.on_status("sign", {"state": "up", **figures.payload(), "store": {"used_mb": 1.5, "map_mb": 8,
+                                                                           "max_mb": 2}}, T0)
+    text = exposition(state, threading.Lock(), lambda: T0 + 5).decode()
+    stores = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+              if s.name.startswith("mro_stage_store_")}
+    assert stores == {"mro_stage_store_used_bytes": 1.5 * 2**20, "mro_stage_store_map_bytes": 8 * 2**20,
+                      "mro_stage_store_max_bytes": 2 * 2**20}
 
 
 def test_the_supervisors_word_is_added_to_the_reason() -> None:
