@@ -39,7 +39,7 @@ RUN pip install -c /tmp/constraints.txt --upgrade pip \
 # volume on first mount (compose.yaml mounts each service's password directory and each stage's
 # hop key directory into its container alone).
 RUN install -d -o 1883 -g 1883 -m 0700 /data /data/broker /data/tls /data/secrets /data/hopkeys \
- && for s in ingest validate sign uplink heartbeat supervisor operator health; do \
+ && for s in ingest validate sign uplink heartbeat supervisor operator health mcc; do \
       install -d -o 1883 -g 1883 -m 0700 "/data/secrets/$s"; done \
  && for s in ingest validate sign uplink; do install -d -o 1883 -g 1883 -m 0700 "/data/hopkeys/$s"; done
 

@@ -25,7 +25,8 @@ from shared.runtime.topics import DEVICE_KINDS, Topics
 REFUSED_EXIT = 3  # shared.runtime.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
 # Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
 COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema",
-                                     "mro_edge.commands_certs", "mro_edge.commands_backup")
+                                     "mro_edge.commands_certs", "mro_edge.commands_backup",
+                                     "mro_edge.commands_mcc")
 
 
 # status fields worth a glance in the table (all of them are in --json)

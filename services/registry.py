@@ -23,6 +23,7 @@ class Kind(StrEnum):
     GATEWAY = "gateway"  # the reference central gateway, off the box
     STAGE = "stage"  # a pipeline stage: a `shared.runtime.stage.Stage` run by `run_stage`
     MONITOR = "monitor"  # watches and publishes status, records nothing
+    VIEW = "view"  # only subscribes and shows (the MCC page and /metrics): publishes nothing
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ SERVICES: tuple[Service, ...] = (
         on_box=True,
         mqtt_clients=("heartbeat",),
     ),
+    Service("mcc", Kind.VIEW, "services.mcc.service:run_mcc", on_box=True, mqtt_clients=("mcc",)),
 )
 BY_NAME = {service.name: service for service in SERVICES}
 

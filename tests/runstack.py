@@ -31,7 +31,8 @@ def cli_env(data_dir: Path, mqtt_url: str, **settings: str) -> dict[str, str]:
         if not k.startswith("MRO_") and k not in ("MAKELEVEL", "MAKEFLAGS")
     }
     env.update(MRO_DATA_DIR=str(data_dir), MRO_MQTT_URL=mqtt_url, MRO_LOG_LEVEL="INFO", PYTHONPATH=str(ROOT),
-               MRO_GATEWAY_LISTEN=f"127.0.0.1:{free_port()}", MRO_STAGE_STATUS_INTERVAL_S="1",
+               MRO_GATEWAY_LISTEN=f"127.0.0.1:{free_port()}",
+               MRO_MCC_LISTEN=f"127.0.0.1:{free_port()}", MRO_STAGE_STATUS_INTERVAL_S="1",
                MRO_LINK_PROBE_INTERVAL_S="1")
     env.update(settings)
     return env

@@ -246,6 +246,8 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "operator": (("status/+", "alarm", "dlq/+", "receipt/+", "in/+/+", "pipeline/schema/reply/+",
                   "pipeline/registry/reply/+", "pipeline/control/validate/redrive/reply/+"),
                  ("pipeline/control/+", "pipeline/control/validate/redrive", "pipeline/schema", "pipeline/registry")),
+    # the MCC status page and /metrics (services/mcc): it only reads
+    "mcc": (("status/+", "dlq/+", "alarm", "receipt/+"), ()),
     # Mosquitto's container health check: it logs in and subscribes, it may read and write nothing
     "health": ((), ()),
 }

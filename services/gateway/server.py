@@ -355,6 +355,23 @@ class Gateway:
             getattr(self.log, result.log)("checkpoint refused", origin=origin, **result.body["error"])
         return _json(result.body, result.status)
 
+    async def metrics(self, _request: Request) -> Response:
+        """Prometheus figures per origin, without a token like /health: a scraper has none, and
+        they are numbers about chains, no record content (services.gateway.metrics)."""
+        from services.gateway.metrics import exposition
+
+        def read() -> bytes:
+            assert self.storage is not None
+            with self.storage.transaction(write=False) as tx:
+                figures = tx.origin_figures()
+            return exposition(figures, time.time())
+
+        try:
+            body = await anyio.to_thread.run_sync(read)
+        except StorageError as exc:
+            return self._unavailable(exc)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def cosigner_key(self, _request: Request) -> Response:
         assert self.cosigner is not None
         return _json(self.cosigner.describe())
@@ -367,6 +384,7 @@ def _routes(gateway: Gateway) -> list[Route]:
         Route("/v1/entries", gateway.post_entries, methods=["POST"]),
         Route("/v1/checkpoints", gateway.post_checkpoint, methods=["POST"]),
         Route("/v1/cosigner-key", gateway.cosigner_key, methods=["GET"]),
+        Route("/metrics", gateway.metrics, methods=["GET"]),
     ]
 
 

@@ -253,6 +253,13 @@ class Tx(ABC):
         rows = self._rows("SELECT seq, hash FROM heads WHERE origin = ?", (origin,))
         return (int(rows[0][0]), rows[0][1]) if rows else (-1, GENESIS_PREV)
 
+    def origin_figures(self) -> list[tuple[str, int, str | None, int]]:
+        """Per origin: (origin, head seq, recorded_at of the head entry, cosigned checkpoint size)."""
+        rows = self._rows(
+            "SELECT h.origin, h.seq, e.recorded_at, (SELECT MAX(c.size) FROM checkpoints c WHERE c.origin = h.origin) "
+            "FROM heads h LEFT JOIN entries e ON e.origin = h.origin AND e.seq = h.seq ORDER BY h.origin")
+        return [(origin, int(seq), recorded, int(size or 0)) for origin, seq, recorded, size in rows]
+
     def lock_head(self, origin: str, now: str) -> tuple[int, str]:
         """The head, held against other writers of this origin until the transaction ends."""
         self.ensure_head(origin, now)

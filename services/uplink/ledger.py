@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from services.uplink.client import Head
-from shared.ledger.entry import GENESIS_PREV, export_row
+from shared.ledger.entry import GENESIS_PREV, export_row, parse_entry
 from shared.ledger.store import LedgerReader, open_ledger
 from shared.runtime.config import Config
 from shared.runtime.messages import json_encode
@@ -46,6 +46,15 @@ class LedgerView:
             if entry.seq > last:
                 break
             yield entry.seq, json_encode(export_row(entry))
+
+    def recorded_at(self, seq: int) -> str | None:
+        """When the entry of `seq` was recorded (RFC 3339 UTC), None if the ledger has no such entry."""
+        reader = self._open()
+        if reader is None:
+            return None
+        for entry in reader.entries(seq):
+            return parse_entry(entry.entry).recorded_at if entry.seq == seq else None
+        return None
 
     def checkpoint_at_most(self, size: int) -> bytes | None:
         """The newest signed checkpoint covering at most `size` entries, if any."""

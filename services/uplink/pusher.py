@@ -147,6 +147,12 @@ class Pusher(threading.Thread):
                 "breaker": self.breaker.state, "link": link, "link_epoch": epoch,
                 "cosigned_size": self.cosigner.cosigned_size}
 
+    def oldest_unsent_at(self) -> str | None:
+        """When the oldest entry the gateway does not hold yet was recorded; None: it holds all."""
+        if self.ledger.head().seq <= self.drain.acked:
+            return None
+        return self.ledger.recorded_at(self.drain.acked + 1)
+
     def _shown(self) -> tuple:
         """What a status is published at once for: the breaker's state (every one shows,
         HALF_OPEN included), the link state and epoch, and `in_sync` while RECONCILING (it ends

@@ -53,4 +53,4 @@ class Uplink(Stage[SignedRow]):
         self.pusher.wake.set()
 
     def status_extra(self) -> dict:
-        return self.pusher.view()
+        return {**self.pusher.view(), "oldest_unsent_at": self.pusher.oldest_unsent_at()}

@@ -160,6 +160,12 @@ class ComplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
     registry_check_s: float = 1.0
 
 
+class MccConfig(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:8780"
+    metrics_public: bool = True
+    session_hours: float = 12.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     station: str = "HGR1"
     data_dir: str = "./var"
@@ -173,6 +179,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     compliance: ComplianceConfig = msgspec.field(default_factory=ComplianceConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    mcc: MccConfig = msgspec.field(default_factory=MccConfig)
 
     @property
     def data_path(self) -> Path:
@@ -253,7 +260,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
     sections = {"mqtt": MqttConfig, "broker": BrokerConfig, "limits": LimitsConfig, "stage": StageConfig,
                 "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
-                "ledger": LedgerConfig, "supervisor": SupervisorConfig}
+                "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value

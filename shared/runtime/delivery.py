@@ -82,9 +82,12 @@ def run_batch(stage: Stage, inputs: list[Any], uow: UnitOfWork) -> None:
                 continue
         fate = uow.fate(item.key)
         if isinstance(item, FateQuery) or (intake and fate is not None):
+            uow.duplicates += not isinstance(item, FateQuery)
             answer(uow, item, fate)
         elif fate is None:
             settle(uow, item, stage.judge(item, uow))
+        else:
+            uow.duplicates += 1
     stage.finish(uow)
 
 
@@ -116,6 +119,7 @@ def settle(uow: UnitOfWork, item: Routed, verdict: Verdict, *, redrive: int = 0)
             if stage.consumes == "devices":
                 receipt(uow, device, DeviceReceipt("received", utc_now(), event_id, key))
             finished(uow, event_id, key, stage.accepted_state, **log)
+            uow.passed += 1
         case Recorded(seq=seq, output=output):
             uow.set_fate(key, Fate("recorded", seq, redrive=redrive))
             if output is not None:
@@ -123,6 +127,7 @@ def settle(uow: UnitOfWork, item: Routed, verdict: Verdict, *, redrive: int = 0)
             receipt(uow, device, DeviceReceipt("recorded", utc_now(), event_id, key, seq=seq))
             outcome(uow, device, Outcome(key, "recorded", seq=seq))
             finished(uow, event_id, key, stage.accepted_state, seq=seq)
+            uow.passed += 1
         case Rejected(report=report, counted_only=counted_only):
             kept = item if stage.keeps_rejected else None
             errors = reject(uow, report, device, counted_only=counted_only, record=kept, redrive=redrive)
@@ -168,7 +173,9 @@ def reject(uow: UnitOfWork, report: dict[str, Any], device: DeviceRef | None, *,
         dlq.count(uow, device, (error.rule for error in errors))
     else:
         uow.keep_report(report, device, errors, record=record, redrive=redrive)
-        uow.publish(uow.topics.dlq(uow.stage.name), json_encode(report))
+        # the DLQ topic names the sending device (a validated id, never free text) for the MCC page
+        published = report if device is None else {**report, "device_id": device.id}
+        uow.publish(uow.topics.dlq(uow.stage.name), json_encode(published))
         uow.note(report.get("event_id"), report.get("idempotency_key"), "REJECTED",
                  rules=[error.rule for error in errors])
     receipt(uow, device, DeviceReceipt("rejected", utc_now(), report.get("event_id"),

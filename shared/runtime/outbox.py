@@ -43,6 +43,7 @@ class Outbox:
         self._keys = store.table("outbox_keys")
         self._meta = store.table("meta")
         self._in_flight: OrderedDict[int, float] = OrderedDict()
+        self._first_sent: dict[int, float] = {}  # row id -> when first published (in flight only)
         self._next_unsent = 0
 
     def add(self, txn, key: str, encoded_item: bytes) -> None:
@@ -72,6 +73,13 @@ class Outbox:
     def forget(self, row_ids: list[int]) -> None:
         for row_id in row_ids:
             self._in_flight.pop(row_id, None)
+            self._first_sent.pop(row_id, None)
+
+    def oldest_unreceipted_s(self) -> float | None:
+        """Seconds since the oldest row still in flight was first published; None: none is."""
+        if not self._first_sent:
+            return None
+        return round(time.monotonic() - min(self._first_sent.values()), 3)
 
     def pending(self) -> int:
         return self.store.count("outbox")
@@ -87,6 +95,7 @@ class Outbox:
             self._publish(self.topic, encode_envelope(self.source, [value for _, value in chunk]))
             for row_id, _ in chunk:
                 self._in_flight[row_id] = now
+                self._first_sent.setdefault(row_id, now)
                 self._in_flight.move_to_end(row_id)
         return len(rows)
 
@@ -98,6 +107,7 @@ class Outbox:
                 value = txn.get(u64(row_id), db=self._rows)
                 if value is None:
                     self._in_flight.pop(row_id, None)
+                    self._first_sent.pop(row_id, None)
                 else:
                     rows.append((row_id, value))
             room -= len(rows)

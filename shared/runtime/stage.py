@@ -100,7 +100,8 @@ class StageRuntime:
         self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
                            map_size_mb=config.stage.map_size_mb)
         self.status = StatusReport(stage.name, self.store, self._queue_depth, stage.status_extra,
-                                   lambda: (self.link.contested, self.link.session_resets))
+                                   lambda: (self.link.contested, self.link.session_resets),
+                                   lambda: self.outbox.oldest_unreceipted_s() if self.outbox else None)
         login = service_credentials(config, stage.name)
         self.link = MqttLink(config, client_id=client_id_for(config, stage.name, login), credentials=login,
                              subscriptions=subscriptions,
@@ -246,6 +247,7 @@ class StageRuntime:
 
     def _process(self, messages: list[Inbound]) -> None:
         batch = self.decode(messages)
+        started = time.monotonic()
         try:
             uows = self.commit(batch)
         except MapGrown as exc:
@@ -256,6 +258,10 @@ class StageRuntime:
         except (lmdb.Error, StageFault) as exc:
             self._stall(messages, exc)
             return
+        self.status.figures.batch(received=len(batch.inputs), passed=sum(u.passed for u in uows),
+                                  rejected=sum(u.failed for u in uows),
+                                  duplicates=sum(u.duplicates for u in uows),
+                                  seconds=time.monotonic() - started)
         self.freeze.recovered()
         for message in messages:
             self.link.ack(message)

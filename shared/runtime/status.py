@@ -17,6 +17,42 @@ from shared.runtime.messages import json_encode
 from shared.runtime.store import MIB, Store, from_u64, u64
 
 _PROCESSED, _FAILED = b"processed", b"failed"
+# upper bounds (seconds) of the batch commit latency histogram; a synced LMDB commit on an SD
+# card takes milliseconds, a stalled one seconds
+COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class StageFigures:
+    """Cumulative figures of this process for the retained status, so one collector (the MCC's
+    /metrics) can expose every stage without each process opening a port: records in, out
+    (accepted or recorded), rejected and duplicate, and the batch commit latency histogram.
+    They start at zero with the process, as Prometheus counters do."""
+
+    def __init__(self) -> None:
+        self.records = {"in": 0, "out": 0, "rejected": 0, "duplicate": 0}
+        self._counts = [0] * (len(COMMIT_BUCKETS_S) + 1)  # the last one: above every bound
+        self._sum = 0.0
+
+    def batch(self, *, received: int, passed: int, rejected: int, duplicates: int, seconds: float) -> None:
+        for name, delta in (("in", received), ("out", passed), ("rejected", rejected), ("duplicate", duplicates)):
+            self.records[name] += delta
+        self._sum += seconds
+        for i, bound in enumerate(COMMIT_BUCKETS_S):
+            if seconds <= bound:
+                self._counts[i] += 1
+                break
+        else:
+            self._counts[-1] += 1
+
+    def payload(self) -> dict[str, Any]:
+        """`records` and `commit_seconds` {buckets: [[le, cumulative count], ...], sum, count}."""
+        cumulative, running = [], 0
+        for bound, count in zip(COMMIT_BUCKETS_S, self._counts, strict=False):
+            running += count
+            cumulative.append([bound, running])
+        return {"records": dict(self.records),
+                "commit_seconds": {"buckets": cumulative, "sum": round(self._sum, 6),
+                                   "count": running + self._counts[-1]}}
 
 
 def add_counts(get: Callable[[bytes], bytes | None], put: Callable[[bytes, bytes], object], processed: int,
@@ -47,8 +83,11 @@ class StatusReport:
     """Builds the status payload; `state` is up / frozen / contested / down."""
 
     def __init__(self, name: str, store: Store, queue_depth: Callable[[], int],
-                 extra: Callable[[], dict[str, Any]], session: Callable[[], tuple[bool, int]]):
+                 extra: Callable[[], dict[str, Any]], session: Callable[[], tuple[bool, int]],
+                 oldest_unreceipted_s: Callable[[], float | None] = lambda: None):
         self.name = name
+        self.figures = StageFigures()
+        self._oldest_unreceipted_s = oldest_unreceipted_s
         self.store = store
         self._queue_depth = queue_depth
         self._extra = extra
@@ -66,7 +105,8 @@ class StatusReport:
         usage = dlq.usage(self.store)
         status.update(queue_depth=self._queue_depth(), processed=processed, failed=failed,
                       session_resets=session_resets, dlq_rows=usage.rows, dlq_bytes=usage.bytes,
-                      dlq_dropped=usage.dropped, store=store_usage(self.store), **self._extra())
+                      dlq_dropped=usage.dropped, store=store_usage(self.store),
+                      outbox_oldest_s=self._oldest_unreceipted_s(), **self.figures.payload(), **self._extra())
         return json_encode(status)
 
     def due(self, interval_s: float) -> bool:

@@ -64,6 +64,8 @@ class UnitOfWork(ABC):
         self.outcomes: list[Outcome] = []
         self.processed = 0
         self.failed = 0
+        self.passed = 0  # accepted or recorded: sent on (the status's records.out)
+        self.duplicates = 0  # inputs whose key already had a fate
 
     # storage (the stage's tables and the runtime's)
     @abstractmethod

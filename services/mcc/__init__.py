@@ -1,0 +1,1 @@
+"""Maintenance control (MCC): a read-only live status page and Prometheus metrics for the box."""

@@ -1,0 +1,163 @@
+"""Prometheus exposition of the box's figures, read from the MCC's model (`state.BoxState`).
+
+One collector exposes every process's figures: the stages publish cumulative counters and
+their commit latency histogram in their retained status (`shared.runtime.status`), so no stage
+opens a port. Names follow Prometheus conventions: `mro_` prefix, `_total` counters, base units
+(`_seconds`, entries, records). No device id or free text is ever a label: the label values
+are service, stage, state and alarm kind names, all from a small fixed set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.mcc.state import LINK_STATES, BoxState
+
+SERVICE_STATES = ("up", "down", "frozen", "contested", "silent", "unknown")
+BREAKER_STATES = ("CLOSED", "OPEN", "HALF_OPEN")
+RECORDS = (("in", "records a stage took in"), ("out", "records a stage accepted or recorded and passed on"),
+           ("rejected", "records a stage rejected to its DLQ"),
+           ("duplicate", "records a stage already had a fate for"))
+
+
+class BoxCollector(Collector):
+    def __init__(self, state: BoxState, lock, clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.lock = lock
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            yield from self._collect(self.clock())
+
+    def _collect(self, now: float) -> Iterator[Metric]:
+        box = self.state
+        services = box.services(now)
+        state = GaugeMetricFamily("mro_service_state", "1 for the state each box service is in", labels=["service",
+                                                                                                        "state"])
+        age = GaugeMetricFamily("mro_service_status_age_seconds", "seconds since the service's last status",
+                                labels=["service"])
+        for view in services:
+            for name in SERVICE_STATES:
+                state.add_metric([view.name, name], 1.0 if view.state == name else 0.0)
+            if view.seen_at is not None:
+                age.add_metric([view.name], max(0.0, now - view.seen_at))
+        yield state
+        yield age
+
+        stages = [v for v in services if "records" in v.status]
+        for field, text in RECORDS:
+            family = CounterMetricFamily(f"mro_stage_records_{field}", f"{text} (since its process started)",
+                                         labels=["stage"])
+            for view in stages:
+                family.add_metric([view.name], float(view.status["records"].get(field, 0)))
+            yield family
+        commit = HistogramMetricFamily("mro_stage_batch_commit_seconds", "latency of a stage's batch commit "
+                                       "(one synced LMDB write transaction)", labels=["stage"])
+        for view in stages:
+            histogram = view.status.get("commit_seconds") or {}
+            buckets = [(_le(bound), float(count)) for bound, count in histogram.get("buckets", [])]
+            buckets.append(("+Inf", float(histogram.get("count", 0))))
+            commit.add_metric([view.name], buckets, float(histogram.get("sum", 0.0)))
+        yield commit
+        for name, field, text in (
+            ("mro_stage_queue_depth_records", "queue_depth", "records waiting in a stage (inbox and outbox)"),
+            ("mro_stage_outbox_oldest_unreceipted_seconds", "outbox_oldest_s",
+             "age of the oldest record a stage published downstream that is not receipted yet"),
+            ("mro_stage_dlq_rows", "dlq_rows", "error reports kept in a stage's DLQ table"),
+            ("mro_stage_dlq_bytes", "dlq_bytes", "bytes of a stage's DLQ table"),
+        ):
+            gauge = GaugeMetricFamily(name, text, labels=["stage"])
+            for view in stages:
+                value = box.number(view.name, field)
+                if value is not None:
+                    gauge.add_metric([view.name], value)
+            yield gauge
+
+        yield from self._stores(stages)
+
+        dlq = CounterMetricFamily("mro_dlq_reports", "DLQ reports the MCC saw published (since it started)",
+                                  labels=["stage"])
+        for stage, count in sorted(box.dlq_counts.items()):
+            dlq.add_metric([stage], float(count))
+        yield dlq
+        alarms = CounterMetricFamily("mro_alarms", "alarms the MCC saw published (since it started)",
+                                     labels=["alarm"])
+        for kind, count in sorted(box.alarm_counts.items()):
+            alarms.add_metric([kind], float(count))
+        yield alarms
+
+        yield from self._uplink(now)
+        yield from self._link(now)
+
+    def _stores(self, stages: list) -> Iterator[Metric]:
+        """A stage's LMDB store against its budget, once stages report `store` {used_mb, map_mb,
+        max_mb} (the storage budget work); nothing is exposed for a stage that does not."""
+        for field, text in (("used", "bytes a stage's LMDB store uses"),
+                            ("map", "bytes of a stage's LMDB map (address space)"),
+                            ("max", "bytes a stage's LMDB store may grow to (its budget)")):
+            gauge = GaugeMetricFamily(f"mro_stage_store_{field}_bytes", text, labels=["stage"])
+            for view in stages:
+                store = view.status.get("store")
+                value = store.get(f"{field}_mb") if isinstance(store, dict) else None
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    gauge.add_metric([view.name], float(value) * 1024 * 1024)
+            yield gauge
+
+    def _uplink(self, now: float) -> Iterator[Metric]:
+        box = self.state
+        for name, field, text in (
+            ("mro_uplink_backlog_entries", "backlog", "ledger entries the gateway does not hold yet"),
+            ("mro_uplink_acked_seq", "acked_seq", "highest ledger seq the gateway acknowledged"),
+            ("mro_uplink_cosigned_size", "cosigned_size", "tree size of the newest checkpoint the gateway cosigned"),
+        ):
+            value = box.number("uplink", field)
+            if value is not None:
+                yield GaugeMetricFamily(name, text, value=value)
+        oldest = box.oldest_unsent_s(now)
+        if "uplink" in box.statuses:
+            yield GaugeMetricFamily("mro_uplink_oldest_unsent_seconds", "age of the oldest ledger entry the "
+                                    "gateway does not hold yet (0: it holds every entry)", value=oldest or 0.0)
+        rate = box.drain_rate(now)
+        if rate is not None:
+            yield GaugeMetricFamily("mro_uplink_drain_entries_per_second", "entries the gateway acknowledged "
+                                    "per second, over the last two minutes", value=rate)
+        breaker = box.statuses.get("uplink", {}).get("breaker")
+        if breaker is not None:
+            family = GaugeMetricFamily("mro_uplink_breaker_state", "1 for the state the uplink's circuit "
+                                       "breaker is in", labels=["state"])
+            for name in BREAKER_STATES:
+                family.add_metric([name], 1.0 if breaker == name else 0.0)
+            yield family
+
+    def _link(self, now: float) -> Iterator[Metric]:
+        box = self.state
+        if not box.link_history:
+            return
+        current = box.link_history[-1].state
+        family = GaugeMetricFamily("mro_link_state", "1 for the link state the heartbeat reports", labels=["state"])
+        for name in LINK_STATES:
+            family.add_metric([name], 1.0 if current == name else 0.0)
+        yield family
+        yield GaugeMetricFamily("mro_link_state_seconds", "seconds the link has been in its current state",
+                                value=box.link_seconds(now) or 0.0)
+        probe = box.connectivity.get("last_probe_ms")
+        if isinstance(probe, int | float):
+            yield GaugeMetricFamily("mro_link_probe_seconds", "duration of the heartbeat's last gateway probe",
+                                    value=probe / 1000)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def exposition(state: BoxState, lock, now: Callable[[], float] = time.time) -> bytes:
+    """The text exposition format of every figure, for `/metrics`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BoxCollector(state, lock, now))
+    return generate_latest(registry)
