@@ -41,7 +41,8 @@ RUN pip install -c /tmp/constraints.txt --upgrade pip \
 RUN install -d -o 1883 -g 1883 -m 0700 /data /data/broker /data/tls /data/secrets /data/hopkeys \
  && for s in ingest validate sign uplink heartbeat supervisor operator health mcc; do \
       install -d -o 1883 -g 1883 -m 0700 "/data/secrets/$s"; done \
- && for s in ingest validate sign uplink; do install -d -o 1883 -g 1883 -m 0700 "/data/hopkeys/$s"; done
+ && install -d -o 1883 -g 1883 -m 0700 /data/hopkeys/ingest /data/hopkeys/validate /data/hopkeys/sign \
+      /data/hopkeys/uplink
 
 # The configuration is the packaged default (config/edge.toml in the repository); MRO_CONFIG
 # points at another file, MRO_<SECTION>_<KEY> overrides one setting.

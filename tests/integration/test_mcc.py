@@ -234,8 +234,12 @@ def test_headless_chromium_shows_what_the_box_does(tmp_path) -> None:
         wait_until(lambda: text('#devices tr[data-device="TAB-07"]'), 30, 0.3, "the device's last seen")
         wait_until(lambda: int(text("#rate-total") or 0) >= 1, 90, 0.5, "records counted in the chart")
         assert driver.execute_script("return document.querySelectorAll('#rate-chart rect').length") >= 1
-        # no stage reports its store against a budget yet: the disk section stays hidden, never faked
-        assert driver.execute_script("return document.getElementById('disk').hidden") is True
+        # every stage reports its store's use against its cap (shared/runtime/status.py `store`)
+        for stage in ("ingest", "validate", "sign"):
+            cap = box.pipeline.config.stage.map_max(stage)
+            assert f"{cap} MB" in wait_until(lambda s=stage: text(f'#stores tr[data-store="{s}"]'), 30, 0.3,
+                                             f"{stage}'s store in the disk section")
+        assert driver.execute_script("return document.getElementById('disk').hidden") is False
 
         box.pipeline.kill("sign")
         wait_until(lambda: service_state("sign") == "down", 30, 0.3, "the killed stage shown down")
