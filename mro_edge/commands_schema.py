@@ -122,7 +122,9 @@ def cmd_schema(config, args) -> int:
     return 0 if reply.get("ok") else 1
 
 
-def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dict:
+def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float, *, service: str = "validate",
+         check: str = "`mro-edge schema status`") -> dict:
+    """Send an operator command to a running service on its control topic and wait for its reply."""
     from services.validate.commands import operator_name
     from shared.runtime.clock import utc_now
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
@@ -151,9 +153,9 @@ def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float) -> dic
                 return json.loads(message.payload)
     finally:
         link.stop()
-    raise _user_error(f"no answer from the validate service within {timeout:.0f} s: is it running "
+    raise _user_error(f"no answer from the {service} service within {timeout:.0f} s: is it running "
                       "(mro-edge status)? If it comes back within 5 minutes it still carries the command "
-                      "out; check with `mro-edge schema status`")
+                      f"out; check with {check}")
 
 
 def _print_reply(reply: dict) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.runtime.files import write_atomic
-from shared.runtime.topics import DEVICE_KINDS
+from shared.runtime.topics import ALL_DEVICE_KINDS
 
 SERVICE_USER = "mro-services"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -237,8 +237,8 @@ class BrokerCredentials:
     def add_device(self, device_id: str, kind: str) -> tuple[str, str]:
         """Register (or re-register: the old password stops working) a device; returns its login."""
         self._check_device_id(device_id)
-        if kind not in DEVICE_KINDS:
-            raise CredentialsError(f"device kind {kind!r} must be one of {', '.join(DEVICE_KINDS)}")
+        if kind not in ALL_DEVICE_KINDS:
+            raise CredentialsError(f"device kind {kind!r} must be one of {', '.join(ALL_DEVICE_KINDS)}")
         password = secrets.token_urlsafe(32)
         with self._locked():
             devices = dict(self._load_acl().devices)

@@ -70,6 +70,8 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_raw_in_report: int = 4096
     device_rate_per_s: float = 50.0
     device_burst: int = 2000
+    read_window_s: float = 5.0
+    max_unassigned_reads: int = 10000
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -150,6 +152,14 @@ class ComplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
     registry_check_s: float = 1.0
 
 
+class PlaceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A place on the hangar floor (a bay, a station) and the device ids that belong to it."""
+
+    readers: list[str] = msgspec.field(default_factory=list)
+    scanners: list[str] = msgspec.field(default_factory=list)
+    controllers: list[str] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     station: str = "HGR1"
     data_dir: str = "./var"
@@ -163,6 +173,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     compliance: ComplianceConfig = msgspec.field(default_factory=ComplianceConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    places: dict[str, PlaceConfig] = msgspec.field(default_factory=dict)
 
     @property
     def data_path(self) -> Path:

@@ -68,6 +68,9 @@ class MemoryUnitOfWork(UnitOfWork):
         key = max(rows)
         return key, rows[key]
 
+    def items(self, table: str, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        return sorted((k, v) for k, v in self.tables.table(table).items() if k.startswith(prefix))
+
     def owe(self, key: str, encoded_item: bytes) -> None:
         if key in self.tables.outbox:
             return

@@ -78,6 +78,10 @@ class UnitOfWork(ABC):
     def last(self, table: str) -> tuple[bytes, bytes] | None: ...
 
     @abstractmethod
+    def items(self, table: str, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        """The rows of a small table whose key starts with `prefix`, in key order."""
+
+    @abstractmethod
     def owe(self, key: str, encoded_item: bytes) -> None:
         """An outbox row for the downstream stage (a no-op while `key` is still owed)."""
 
@@ -139,6 +143,17 @@ class LmdbUnitOfWork(UnitOfWork):
     def last(self, table: str) -> tuple[bytes, bytes] | None:
         cursor = self._txn.cursor(db=self._store.table(table))
         return (cursor.key(), cursor.value()) if cursor.last() else None
+
+    def items(self, table: str, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        cursor = self._txn.cursor(db=self._store.table(table))
+        rows: list[tuple[bytes, bytes]] = []
+        if not cursor.set_range(prefix):
+            return rows
+        for key, value in cursor:
+            if not bytes(key).startswith(prefix):
+                break
+            rows.append((bytes(key), bytes(value)))
+        return rows
 
     def owe(self, key: str, encoded_item: bytes) -> None:
         if self._outbox is None:
