@@ -63,6 +63,10 @@ class Ingest(IntakeStage):
         self.places = runtime.config.places
         self.window = ReadWindow(self.limits.read_window_s)
         self._unassigned: int | None = None  # count, refreshed in every transaction that may change it
+        store = getattr(runtime, "store", None)  # the service's; unit tests run without one
+        if store is not None:
+            with store.read() as txn:
+                self._unassigned = txn.stat(store.table(book.UNASSIGNED))["entries"]
 
     def admit(self, message: DeviceMessage, uow: UnitOfWork) -> ReceivedRecord | list[ReceivedRecord] | Rejected:
         device_kind, device_id = self.topics.parse_device_in(message.topic) or ("", "")

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from mro_edge.cli import read_statuses
 from services.devices.epc import encode_adi_var
 from shared.ledger.entry import parse_entry
 from tests.pipeline import ROOT, wait_until
@@ -84,6 +85,8 @@ def test_reads_become_records_within_a_session_and_wait_unassigned_without_one(p
     wait_until(lambda: len(asked(pipeline, "reads", "list")["reads"]) == 2, 60, 0.5, "the lost scan kept")
     [lost] = [r for r in asked(pipeline, "reads", "list")["reads"] if r["device_id"] == "SCAN-01"]
     assert lost["reason"] == "framing_lost" and lost["assignable"] is False and lost["serial"] is None
+    wait_until(lambda: read_statuses(pipeline.config, 0.5).get("ingest", {}).get("unassigned_reads") == 2, 30, 0.5,
+               "ingest's status to count the unassigned reads for MCC")
 
     opened = cli(pipeline, *OPEN)
     assert opened.returncode == 0, opened.stderr

@@ -245,3 +245,18 @@ def test_any_sequence_assigns_each_read_to_at_most_one_session_and_loses_none(op
                 kept += 1
     unassigned = command(stage, tables, {"command": "reads_list", "id": "z"})[0]["total"]
     assert unassigned == kept and records + kept + repeated == reads
+
+
+def test_an_impinj_reader_in_a_session_records_through_the_same_path(ingest):
+    places = dict(PLACES, BAY2=PlaceConfig(readers=["R700-1"]))
+    stage = Ingest()
+    stage.open(SimpleNamespace(config=Config(station=STATION, places=places), topics=TOPICS))
+    tables = MemoryTables()
+    assert command(stage, tables, open_command(place="BAY2"))[0]["ok"]
+    epc = encode_adi_var(0, "35962", "PQ7VZ4", "IMP1")
+    event = {"timestamp": "2026-12-06T04:00:00.5Z", "hostname": "r700",
+             "tagInventoryEvent": {"epcHex": epc, "antennaPort": 1, "peakRssiCdbm": -5200}}
+    uow = publish(stage, tables, "rfid_impinj", "R700-1", json.dumps(event).encode())
+    [received] = uow.forwarded_as(ReceivedRecord)
+    assert received.record.part.serial_number == "IMP1" and received.device.id == "R700-1"
+    assert received.record.device.kind == "rfid_reader"
