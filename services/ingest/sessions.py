@@ -37,7 +37,9 @@ from shared.runtime.work import UnitOfWork
 SESSIONS = "sessions"  # place -> WorkSessionOpened (JSON)
 UNASSIGNED = "unassigned"  # read_id -> UnassignedRead (JSON)
 SESSION_PARTS = "session_parts"  # session_id|cage|pn|serial -> b""
-TABLES = (SESSIONS, UNASSIGNED, SESSION_PARTS)
+COMMANDS = "session_commands"  # command id -> the reply it got (a re-sent command is answered again)
+TABLES = (SESSIONS, UNASSIGNED, SESSION_PARTS, COMMANDS)
+CHANGES = ("open", "close", "reads_assign")  # commands that change state: carried out once per id
 SESSION_DEVICE = DeviceRef(SERVICE_KIND, "ingest")
 SESSION_SCHEMA = "mro.work_session/1"
 SESSIONS_NAMESPACE = uuid.UUID("0c5e2f7a-4b1d-5e93-8a6c-3f2d1e0b7c45")
@@ -135,6 +137,16 @@ def first_in_session(uow: UnitOfWork, session: WorkSessionOpened, read: RawRead)
         return False
     uow.put(SESSION_PARTS, key, b"")
     return True
+
+
+def answered(uow: UnitOfWork, command_id: str) -> dict[str, Any] | None:
+    """The reply a state-changing command already got, if it was carried out."""
+    raw = uow.get(COMMANDS, command_id.encode())
+    return msgspec.json.decode(raw) if raw is not None else None
+
+
+def remember(uow: UnitOfWork, command_id: str, reply: dict[str, Any]) -> None:
+    uow.put(COMMANDS, command_id.encode(), _encode(reply))
 
 
 # --- opening and closing ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ transaction (`services.ingest.sessions`, which also handles the session commands
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -30,12 +31,13 @@ from services.ingest.ratelimit import RateLimiter
 from services.ingest.reads import CONTRACT_KIND, RawRead, reads_of, record_body
 from shared.contract import ContractError, FieldError, decode_record, error_report, idempotency_key, normalize
 from shared.contract.decode import peek_event_id
+from shared.contract.types import UUID_PATTERN
 from shared.runtime import delivery
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_now
 from shared.runtime.handler import DeviceMessage, IntakeStage
 from shared.runtime.logs import get_logger
-from shared.runtime.messages import DeviceRef, ReceivedRecord, json_encode
+from shared.runtime.messages import DeviceReceipt, DeviceRef, ReceivedRecord, json_encode
 from shared.runtime.topics import RAW_DEVICE_KINDS, Topics
 from shared.runtime.verdicts import Accepted, Rejected, Verdict
 from shared.runtime.work import UnitOfWork
@@ -75,6 +77,9 @@ class Ingest(IntakeStage):
             return self._rate_limited(message)
         if device_kind in RAW_DEVICE_KINDS:
             return self._raw(message, device_kind, device_id, uow)
+        if device_kind == "tablet" and (command := self._session_command(message.payload)) is not None:
+            self._tablet(message, command, device_id, uow)
+            return []
         try:
             record = decode_record(
                 message.payload,
@@ -191,17 +196,54 @@ class Ingest(IntakeStage):
         except ValueError:
             get_logger(stage=self.name).warning("unreadable session command ignored")
             return
-        command_id = command["id"][:64]
+        reply = self._execute(command, str(command.get("operator", ""))[:64], uow)
+        uow.publish(self.topics.sessions_reply(command["id"][:64]), json_encode(reply))
+
+    def _session_command(self, payload: bytes) -> dict[str, Any] | None:
+        """A tablet's work session command (`"schema": "mro.work_session/1"`), or None for a record."""
+        if len(payload) > self.limits.max_message_bytes or book.SESSION_SCHEMA.encode() not in payload:
+            return None
         try:
-            reply = self._command(command, uow)
+            doc = json.loads(payload)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) and doc.get("schema") == book.SESSION_SCHEMA else None
+
+    def _tablet(self, message: DeviceMessage, command: dict[str, Any], device_id: str, uow: UnitOfWork) -> None:
+        """A technician's tablet opens or closes the session at its place: answered with a device
+        receipt (`received`, or `rejected` with rule `work_session` and a DLQ report)."""
+        device = DeviceRef("tablet", device_id)
+        command_id = command.get("id")
+        if not isinstance(command_id, str) or re.search(UUID_PATTERN, command_id) is None:
+            reply = {"ok": False, "message": "id must be a UUID chosen by the tablet for this command"}
+            command_id = None
+        elif command.get("command") not in ("open", "close"):
+            reply = {"ok": False, "message": "a tablet may send command open or close"}
+        else:
+            reply = self._execute(command, f"tablet/{device_id}", uow)
+        if reply["ok"]:
+            delivery.receipt(uow, device, DeviceReceipt("received", utc_now(), command_id))
+            return
+        error = FieldError("$", "work_session", str(reply["message"]), f"command {str(command.get('command'))[:16]!r}")
+        delivery.reject(uow, error_report(stage=self.name, errors=[error], received_at=message.received_at,
+                                          event_id=command_id), device)
+
+    def _execute(self, command: dict[str, Any], operator: str, uow: UnitOfWork) -> dict[str, Any]:
+        """Carry out a command once per id: a state change sent again gets the reply it got."""
+        command_id, changes = command["id"][:64], command.get("command") in book.CHANGES
+        if changes and (done := book.answered(uow, command_id)) is not None:
+            return done
+        try:
+            reply = self._command(command, operator, uow)
         except book.SessionError as exc:
             reply = {"ok": False, "message": str(exc)}
+        if changes and reply["ok"]:
+            book.remember(uow, command_id, reply)
         self._unassigned = book.unassigned_count(uow)
-        uow.publish(self.topics.sessions_reply(command_id), json_encode(reply))
+        return reply
 
-    def _command(self, command: dict[str, Any], uow: UnitOfWork) -> dict[str, Any]:
+    def _command(self, command: dict[str, Any], operator: str, uow: UnitOfWork) -> dict[str, Any]:
         action = command.get("command")
-        operator = str(command.get("operator", ""))[:64]
         command_id = command["id"][:64]
         if action == "open":
             entry = book.opened_entry(command, station=self.station, places=self.places, at=utc_now(),
@@ -238,7 +280,9 @@ class Ingest(IntakeStage):
             raise book.SessionError(f"no session is open at place {where!r}: open one "
                                     "(mro-edge session open) or name another with --place")
         book.drop_unassigned(uow, read_id)
-        book.first_in_session(uow, session, kept.read)
+        if not book.first_in_session(uow, session, kept.read):
+            return {"ok": True, "message": f"read {read_id}: its part is already recorded in session "
+                    f"{session.session_id} (one record per part per session)"}
         made = self._made(session, kept.read, kept.read.received_at, uow)
         if made is None:
             return {"ok": False, "message": f"read {read_id}: the record it makes is refused by the contract; "

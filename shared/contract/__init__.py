@@ -57,7 +57,9 @@ last five. The ingest stage adds one rule of its own before decoding: `rate_limi
 `$`), a device publishing faster than `[limits] device_rate_per_s` / `device_burst` allow
 (`services/ingest/stage.py`): the record was not read or kept, and must be sent again later;
 and `unassigned_full` (path `$`), a raw hangar device's read that no work session took while
-`[limits] max_unassigned_reads` unassigned reads are already kept.
+`[limits] max_unassigned_reads` unassigned reads are already kept; and `work_session`, a
+tablet's work session command (`"schema": "mro.work_session/1"`, not a record) that cannot be
+carried out (its `expected` says why and what to do).
 
 Raw hangar devices (topic kinds `rfid_zebra`, `rfid_impinj`, `partmark_scanner`; an additive
 change to the topics, not to mro.record/1) publish their vendors' formats; a read within a work

@@ -11,6 +11,7 @@ import copy
 import json
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -115,10 +116,18 @@ def test_reads_become_records_within_a_session_and_wait_unassigned_without_one(p
     assert "0 open session(s)" in cli(pipeline, "session", "list").stdout
 
 
-def test_a_puback_survives_kill_9_of_ingest(pipeline, hangar):
-    """The reader got its PUBACK while ingest was dead: the read still becomes its record."""
-    assert cli(pipeline, *OPEN).returncode == 0
-    wait_until(lambda: any(t == "work_session_opened" for t, _ in entries(pipeline)), 60, 0.5, "session open")
+def test_a_tablet_opens_the_session_and_a_puback_survives_kill_9_of_ingest(pipeline, hangar):
+    """A technician's tablet opens the session on its own `in` topic; then the reader gets its
+    PUBACK while ingest is dead, and the read still becomes its record."""
+    [tab] = register_devices(pipeline.broker, (("tablet", "TAB-01"),))
+    publish(pipeline, tab, json.dumps({
+        "schema": "mro.work_session/1", "id": str(uuid.uuid4()), "command": "open", "place": "BAY1",
+        "work_order_id": "WO-7781", "aircraft": {"registration": "N327HA", "serial_number": "4521"},
+        "ata": "32-41", "technician": {"cert_no": "3512874", "cert_kind": "FAA-AP"},
+        "part_action": "receive"}).encode())
+    [opened] = wait_until(lambda: [b for t, b in entries(pipeline) if t == "work_session_opened"], 60, 0.5,
+                          "the tablet's session in the ledger")
+    assert opened["operator"] == "tablet/TAB-01"
     pipeline.kill("ingest")
     publish(pipeline, hangar["ZEBRA-01"], zebra_event("KILL99"))
     pipeline.restart("ingest")

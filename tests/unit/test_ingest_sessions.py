@@ -260,3 +260,41 @@ def test_an_impinj_reader_in_a_session_records_through_the_same_path(ingest):
     [received] = uow.forwarded_as(ReceivedRecord)
     assert received.record.part.serial_number == "IMP1" and received.device.id == "R700-1"
     assert received.record.device.kind == "rfid_reader"
+
+
+def tablet(stage: Ingest, tables: MemoryTables, doc: dict) -> MemoryUnitOfWork:
+    return publish(stage, tables, "tablet", "TAB-12", json.dumps(doc).encode())
+
+
+def test_a_tablet_opens_and_closes_a_session_with_receipts_and_a_resend_is_answered_once(ingest):
+    tables = MemoryTables()
+    doc = dict(open_command(), schema=book.SESSION_SCHEMA, id="0b6e4c1a-8d2f-4e5b-9c7a-1f2e3d4c5b6a")
+    uow = tablet(ingest, tables, doc)
+    [opened] = uow.forwarded_as(ReceivedRecord)
+    assert isinstance(opened.record, WorkSessionOpened) and opened.record.operator == "tablet/TAB-12"
+    assert [(d, r.status, r.event_id) for d, r in uow.receipts()] == [("TAB-12", "received", doc["id"])]
+    again = tablet(ingest, tables, doc)  # the tablet missed its receipt and sent the command again
+    assert again.forwarded == [] and [r.status for _, r in again.receipts()] == ["received"]
+
+    bad = dict(doc, id="7f0c1a1e-8d2f-4e5b-9c7a-1f2e3d4c5b6a", work_order_id="WO-2")
+    uow = tablet(ingest, tables, bad)
+    [(_, receipt)] = uow.receipts()
+    assert receipt.status == "rejected" and receipt.errors[0].rule == "work_session"
+    assert "close it first" in receipt.errors[0].expected and uow.dlq()[0]["stage"] == "ingest"
+
+    close = {"schema": book.SESSION_SCHEMA, "id": "1c6e4c1a-8d2f-4e5b-9c7a-1f2e3d4c5b6a", "command": "close",
+             "place": "BAY1"}
+    [closed] = tablet(ingest, tables, close).forwarded_as(ReceivedRecord)
+    assert isinstance(closed.record, WorkSessionClosed) and closed.record.operator == "tablet/TAB-12"
+
+
+def test_assigning_a_read_of_a_part_the_session_already_recorded_makes_no_second_record(ingest):
+    tables = MemoryTables()
+    publish(ingest, tables, "partmark_scanner", "SC-1", mark())
+    [read] = command(ingest, tables, {"command": "reads_list", "id": "l"})[0]["reads"]
+    command(ingest, tables, open_command())
+    assert len(publish(ingest, tables, "rfid_zebra", "ZB-1",
+                       zebra(encode_adi_var(0, "0CVA5", "4202435-01", "674A36458"))).forwarded) == 1
+    reply, uow = command(ingest, tables, {"command": "reads_assign", "id": "a", "read_id": read["read_id"]})
+    assert reply["ok"] and "already recorded" in reply["message"] and uow.forwarded == []
+    assert command(ingest, tables, {"command": "reads_list", "id": "l2"})[0]["total"] == 0
