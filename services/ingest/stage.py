@@ -134,7 +134,9 @@ class Ingest(IntakeStage):
         records: list[ReceivedRecord] = []
         now = time.monotonic()
         for read in reads:
-            if isinstance(read.source, TagRead) and not self.window.admit(device_id, read.source.epc_hex, now):
+            # the read's id as token: a batch retried after a failed commit sees its reads again
+            if isinstance(read.source, TagRead) and not self.window.admit(device_id, read.source.epc_hex, now,
+                                                                           read.read_id):
                 continue
             target = book.route(place, sessions, read)
             if isinstance(target, str):

@@ -298,3 +298,20 @@ def test_assigning_a_read_of_a_part_the_session_already_recorded_makes_no_second
     reply, uow = command(ingest, tables, {"command": "reads_assign", "id": "a", "read_id": read["read_id"]})
     assert reply["ok"] and "already recorded" in reply["message"] and uow.forwarded == []
     assert command(ingest, tables, {"command": "reads_list", "id": "l2"})[0]["total"] == 0
+
+
+def test_a_batch_retried_after_a_failed_commit_keeps_every_read():
+    """The read window is in memory: a batch whose transaction failed (rolled back, so new tables
+    here) is processed again and must keep what it held the first time, not take it for repeats."""
+    ingest = Ingest()
+    ingest.open(SimpleNamespace(config=Config(station=STATION, places=PLACES), topics=TOPICS))  # a 5 s window
+    payloads = [("rfid_zebra", "ZB-2", zebra(encode_adi_var(0, "35962", "PQ7VZ4", "RETRY1"))),
+                ("rfid_zebra", "ZB-1", zebra(encode_adi_var(0, "35962", "PQ7VZ4", "RETRY2")))]
+    base = MemoryTables()
+    command(ingest, base, open_command())
+    for _attempt in range(2):
+        tables = MemoryTables()
+        tables.tables = {name: dict(rows) for name, rows in base.tables.items()}
+        made = [len(publish(ingest, tables, kind, device, payload).forwarded) for kind, device, payload in payloads]
+        assert made == [0, 1]
+        assert command(ingest, tables, {"command": "reads_list", "id": "l"})[0]["total"] == 1
