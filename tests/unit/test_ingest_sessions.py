@@ -200,10 +200,11 @@ op = st.one_of(
     st.tuples(st.just("open"), st.sampled_from(["BAY1", "BAY2"]), st.integers(0, 9)),
     st.tuples(st.just("close"), st.sampled_from(["BAY1", "BAY2"]), st.just(0)),
     st.tuples(st.just("read"), st.sampled_from(["ZB-1", "ZB-2", "ZB-9"]), st.integers(0, len(PARTS) - 1)),
+    st.tuples(st.just("assign"), st.just(""), st.integers(0, 5)),
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(op, max_size=40))
 def test_any_sequence_assigns_each_read_to_at_most_one_session_and_loses_none(ops):
     stage = Ingest()
@@ -222,6 +223,26 @@ def test_any_sequence_assigns_each_read_to_at_most_one_session_and_loses_none(op
             reply, _ = command(stage, tables, {"command": "close", "id": f"x{n}", "place": target})
             assert reply["ok"] == (target in open_now)
             open_now.pop(target, None)
+        elif kind == "assign":
+            listed = command(stage, tables, {"command": "reads_list", "id": f"l{n}"})[0]["reads"]
+            if not listed:
+                continue
+            read = listed[value % len(listed)]
+            reply, uow = command(stage, tables, {"command": "reads_assign", "id": f"a{n}",
+                                                 "read_id": read["read_id"]})
+            assert reply["ok"] == (read["place"] in open_now), reply
+            if reply["ok"]:
+                kept -= 1
+                wo = open_now[read["place"]]
+                made = uow.forwarded_as(ReceivedRecord)
+                if (wo, read["serial"]) in recorded:
+                    assert made == []
+                    repeated += 1
+                else:
+                    [record] = made
+                    assert record.record.work_order_id == wo
+                    recorded.add((wo, read["serial"]))
+                    records += 1
         else:
             reads += 1
             cage, pn, serial = PARTS[value]
@@ -243,6 +264,8 @@ def test_any_sequence_assigns_each_read_to_at_most_one_session_and_loses_none(op
             else:
                 assert made == [] and "UNASSIGNED" in states
                 kept += 1
+        assert command(stage, tables, {"command": "reads_list", "id": f"c{n}"})[0]["total"] == kept
+        assert records + kept + repeated == reads
     unassigned = command(stage, tables, {"command": "reads_list", "id": "z"})[0]["total"]
     assert unassigned == kept and records + kept + repeated == reads
 
