@@ -20,13 +20,13 @@ from pathlib import Path
 
 from services.registry import BY_NAME, Kind, service_names
 from shared.runtime.config import Config, ConfigError, load_config
-from shared.runtime.topics import DEVICE_KINDS, Topics
+from shared.runtime.topics import ALL_DEVICE_KINDS, Topics
 
 REFUSED_EXIT = 3  # shared.runtime.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
 # Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
 COMMAND_MODULES: tuple[str, ...] = ("mro_edge.commands_ledger", "mro_edge.commands_schema",
                                      "mro_edge.commands_certs", "mro_edge.commands_backup",
-                                     "mro_edge.commands_mcc")
+                                     "mro_edge.commands_mcc", "mro_edge.commands_sessions")
 
 
 # status fields worth a glance in the table (all of them are in --json)
@@ -336,8 +336,8 @@ def cmd_devices_remove(config: Config, args) -> int:
 def cmd_devices_add(config: Config, args) -> int:
     from services.broker.credentials import reload_mosquitto
 
-    if args.kind not in DEVICE_KINDS:
-        raise UserError(f"--kind must be one of {', '.join(DEVICE_KINDS)}")
+    if args.kind not in ALL_DEVICE_KINDS:
+        raise UserError(f"--kind must be one of {', '.join(ALL_DEVICE_KINDS)}")
     try:
         username, password = _credentials(config).add_device(args.id, args.kind)
     except ValueError as exc:
@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_devices_init)
     add = dsub.add_parser("add", help="create (or rotate) a device's credentials")
     add.add_argument("id")
-    add.add_argument("--kind", required=True, choices=DEVICE_KINDS)
+    add.add_argument("--kind", required=True, choices=ALL_DEVICE_KINDS)
     add.add_argument("--json", action="store_true")
     add.add_argument("--mosquitto-pub", action="store_true",
                      help="print a ready mosquitto_pub command for this device (append -m 'RECORD')")

@@ -123,7 +123,8 @@ def cmd_schema(config, args) -> int:
 
 
 def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float,
-         check: str = "mro-edge schema status") -> dict:
+         check: str = "mro-edge schema status", *, service: str = "validate") -> dict:
+    """Send an operator command to a running service on its control topic and wait for its reply."""
     from services.validate.commands import operator_name
     from shared.runtime.clock import utc_now
     from shared.runtime.mqtt import BrokerUnavailable, MqttLink
@@ -153,7 +154,7 @@ def _ask(config, command: dict, topic_of, reply_topic_of, timeout: float,
                 return json.loads(message.payload)
     finally:
         link.stop()
-    raise _user_error(f"no answer from the validate service within {timeout:.0f} s: is it running "
+    raise _user_error(f"no answer from the {service} service within {timeout:.0f} s: is it running "
                       "(mro-edge status)? If it comes back within 5 minutes it still carries the command "
                       f"out; check with `{check}`")
 

@@ -25,7 +25,7 @@ from shared.runtime.config import Config
 from shared.runtime.config import split_listen as split_broker_listen
 from shared.runtime.mqtt import mqtt_connack, use_tls
 from shared.runtime.tls import TlsProblem, client_context, explain
-from shared.runtime.topics import DEVICE_KINDS, Topics
+from shared.runtime.topics import ALL_DEVICE_KINDS, Topics
 
 CONNACK_REASONS = {
     1: "unacceptable protocol version",
@@ -180,7 +180,7 @@ def probe_anonymous(config: Config, service_login: tuple[str, str], wait_s: floa
 
     probe = f"anonymous-probe-{secrets.token_hex(6)}"
     device_topics = Topics(config.station)
-    topics = [device_topics.device_in(kind, probe) for kind in DEVICE_KINDS]
+    topics = [device_topics.device_in(kind, probe) for kind in ALL_DEVICE_KINDS]
     arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
     ready: queue.SimpleQueue[str] = queue.SimpleQueue()
 

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from services.registry import SERVICES
 from shared.runtime.files import write_atomic
-from shared.runtime.topics import DEVICE_KINDS
+from shared.runtime.topics import ALL_DEVICE_KINDS
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always matched whole (fullmatch)
 RESERVED_PREFIX = "mro-"  # user names and client ids of the box's own services
@@ -224,8 +224,10 @@ def _unknown_user_hash() -> str:
 # control topic; writes its downstream input, receipts to its upstream, its DLQ, status, alarms.
 SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (read, write)
-    "ingest": (("in/+/+", "pipeline/receipt/ingest", "pipeline/control/ingest", "pipeline/outcome"),
-               ("pipeline/validate", "receipt/+", "dlq/ingest", "status/ingest", "alarm")),
+    "ingest": (("in/+/+", "pipeline/receipt/ingest", "pipeline/control/ingest", "pipeline/outcome",
+                "pipeline/sessions"),
+               ("pipeline/validate", "receipt/+", "dlq/ingest", "pipeline/sessions/reply/+", "status/ingest",
+                "alarm")),
     "validate": (("pipeline/validate", "pipeline/receipt/validate", "pipeline/control/validate",
                   "pipeline/control/validate/redrive", "pipeline/schema", "pipeline/registry"),
                  ("pipeline/sign", "pipeline/receipt/ingest", "pipeline/outcome", "receipt/+", "dlq/validate",
@@ -244,8 +246,10 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # the operator's commands (status, resume, schema, registry push, the banner's watch lines,
     # the anonymous-broker probe of `mro-edge run`)
     "operator": (("status/+", "alarm", "dlq/+", "receipt/+", "in/+/+", "pipeline/schema/reply/+",
-                  "pipeline/registry/reply/+", "pipeline/control/validate/redrive/reply/+"),
-                 ("pipeline/control/+", "pipeline/control/validate/redrive", "pipeline/schema", "pipeline/registry")),
+                  "pipeline/registry/reply/+", "pipeline/control/validate/redrive/reply/+",
+                  "pipeline/sessions/reply/+"),
+                 ("pipeline/control/+", "pipeline/control/validate/redrive", "pipeline/schema", "pipeline/registry",
+                  "pipeline/sessions")),
     # the MCC status page and /metrics (services/mcc): it only reads
     "mcc": (("status/+", "dlq/+", "alarm", "receipt/+"), ()),
     # Mosquitto's container health check: it logs in and subscribes, it may read and write nothing
@@ -356,8 +360,8 @@ class BrokerCredentials:
     def add_device(self, device_id: str, kind: str) -> tuple[str, str]:
         """Register (or re-register: the old password stops working) a device; returns its login."""
         self._check_device_id(device_id)
-        if kind not in DEVICE_KINDS:
-            raise CredentialsError(f"device kind {kind!r} must be one of {', '.join(DEVICE_KINDS)}")
+        if kind not in ALL_DEVICE_KINDS:
+            raise CredentialsError(f"device kind {kind!r} must be one of {', '.join(ALL_DEVICE_KINDS)}")
         password = secrets.token_urlsafe(32)
         with self._locked():
             devices = dict(self._load_acl().devices)

@@ -6,19 +6,39 @@ decodes the message against device contract v1 and derives the idempotency key f
 content; the runtime then drops re-sends (answering them with what became of the original)
 and owes every new record to the validate stage, with its `received` receipt after the commit
 (`shared.runtime.delivery`).
+
+A raw hangar device (`RAW_DEVICE_KINDS`: RFID readers, part-mark scanners) publishes its
+vendor's format instead: its reads are parsed (`services.ingest.reads`), repeated tag reads
+within `[limits] read_window_s` count once, and each read becomes a contract record within the
+open work session at the device's place, or is kept as an unassigned read in the same
+transaction (`services.ingest.sessions`, which also handles the session commands).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from typing import Any
 
+import msgspec
+
+from services.devices.dedupe import ReadWindow
+from services.devices.malformed import Malformed
+from services.devices.rfid import TagRead
+from services.ingest import sessions as book
 from services.ingest.ratelimit import RateLimiter
+from services.ingest.reads import CONTRACT_KIND, RawRead, reads_of, record_body
 from shared.contract import ContractError, FieldError, decode_record, error_report, idempotency_key, normalize
 from shared.contract.decode import peek_event_id
+from shared.contract.types import UUID_PATTERN
+from shared.runtime import delivery
 from shared.runtime.alarms import alarm_payload
+from shared.runtime.clock import utc_now
 from shared.runtime.handler import DeviceMessage, IntakeStage
 from shared.runtime.logs import get_logger
-from shared.runtime.messages import DeviceRef, ReceivedRecord
+from shared.runtime.messages import DeviceReceipt, DeviceRef, ReceivedRecord, json_encode
+from shared.runtime.topics import RAW_DEVICE_KINDS, Topics
 from shared.runtime.verdicts import Accepted, Rejected, Verdict
 from shared.runtime.work import UnitOfWork
 
@@ -30,6 +50,10 @@ class Ingest(IntakeStage):
     name = "ingest"
     downstream = "validate"
     accepted_state = "RECEIVED"
+    tables = book.TABLES
+
+    def notice_topics(self, topics: Topics) -> tuple[str, ...]:
+        return (topics.sessions,)
 
     def open(self, runtime) -> None:
         self.station = runtime.config.station
@@ -38,12 +62,24 @@ class Ingest(IntakeStage):
         self.limiter = RateLimiter(self.limits.device_rate_per_s, self.limits.device_burst)
         self._limited: set[str] = set()  # devices refused in the current batch
         self._alarmed: dict[str, float] = {}  # device id -> when its rate alarm was last raised
+        self.places = runtime.config.places
+        self.window = ReadWindow(self.limits.read_window_s)
+        self._unassigned: int | None = None  # count, refreshed in every transaction that may change it
+        store = getattr(runtime, "store", None)  # the service's; unit tests run without one
+        if store is not None:
+            with store.read() as txn:
+                self._unassigned = txn.stat(store.table(book.UNASSIGNED))["entries"]
 
-    def admit(self, message: DeviceMessage) -> ReceivedRecord | Rejected:
+    def admit(self, message: DeviceMessage, uow: UnitOfWork) -> ReceivedRecord | list[ReceivedRecord] | Rejected:
         device_kind, device_id = self.topics.parse_device_in(message.topic) or ("", "")
         if not self.limiter.allow(device_id):
             self._limited.add(device_id)
             return self._rate_limited(message)
+        if device_kind in RAW_DEVICE_KINDS:
+            return self._raw(message, device_kind, device_id, uow)
+        if device_kind == "tablet" and (command := self._session_command(message.payload)) is not None:
+            self._tablet(message, command, device_id, uow)
+            return []
         try:
             record = decode_record(
                 message.payload,
@@ -77,6 +113,196 @@ class Ingest(IntakeStage):
         return Rejected(error_report(stage=self.name, errors=[error], received_at=message.received_at,
                                      event_id=event_id), counted_only=True)
 
+    # --- raw hangar devices --------------------------------------------------------------------
+
+    def _raw(self, message: DeviceMessage, kind: str, device_id: str,
+             uow: UnitOfWork) -> list[ReceivedRecord] | Rejected:
+        """Each read of a raw publish: a record within the open session at the device's place,
+        or an unassigned read kept in this transaction. Nothing a reader sent is dropped but a
+        tag read repeating one within the read window."""
+        if len(message.payload) > self.limits.max_message_bytes:
+            error = FieldError("$", "max_size", f"at most {self.limits.max_message_bytes} bytes",
+                               f"{len(message.payload)} bytes")
+            return Rejected(error_report(stage=self.name, errors=[error], received_at=message.received_at,
+                                         raw=message.payload, max_raw=self.limits.max_raw_in_report))
+        reads = reads_of(kind, device_id, message.payload, message.received_at)
+        if isinstance(reads, Malformed):
+            return Rejected(error_report(stage=self.name, errors=reads.errors, received_at=message.received_at,
+                                         raw=message.payload, max_raw=self.limits.max_raw_in_report))
+        place = book.place_of(self.places, kind, device_id)
+        sessions = book.open_sessions(uow)
+        records: list[ReceivedRecord] = []
+        now = time.monotonic()
+        for read in reads:
+            # the read's id as token: a batch retried after a failed commit sees its reads again
+            if isinstance(read.source, TagRead) and not self.window.admit(device_id, read.source.epc_hex, now,
+                                                                           read.read_id):
+                continue
+            target = book.route(place, sessions, read)
+            if isinstance(target, str):
+                self._keep(uow, book.UnassignedRead(read=read, reason=target, place=place))
+            elif book.first_in_session(uow, target, read):
+                made = self._made(target, read, message.received_at, uow)
+                if made is not None:
+                    records.append(made)
+            else:
+                uow.note(None, None, "READ_REPEATED", read_id=read.read_id, session_id=target.session_id)
+        return records
+
+    def _made(self, session: Any, read: RawRead, received_at: str, uow: UnitOfWork) -> ReceivedRecord | None:
+        """The contract record of a part read within `session`, decoded as a device's would be;
+        one the contract refuses goes to the DLQ like any device's (None)."""
+        kind = CONTRACT_KIND[read.device_kind]
+        try:
+            record = decode_record(json_encode(record_body(session, read)), station=self.station,
+                                   device_kind=kind, device_id=read.device_id,
+                                   max_bytes=self.limits.max_message_bytes, max_depth=self.limits.max_depth)
+        except ContractError as exc:
+            report = error_report(stage=self.name, errors=exc.errors, received_at=received_at,
+                                  event_id=exc.event_id)
+            delivery.reject(uow, report, DeviceRef(kind, read.device_id))
+            return None
+        key = idempotency_key(normalize(record))
+        return ReceivedRecord(key, record, received_at, DeviceRef(kind, read.device_id))
+
+    def _keep(self, uow: UnitOfWork, kept: book.UnassignedRead) -> None:
+        """Keep an unassigned read; a full store refuses it to the DLQ (rule unassigned_full)."""
+        count = self._count(uow)
+        if count >= self.limits.max_unassigned_reads and uow.get(book.UNASSIGNED, kept.read.read_id.encode()) is None:
+            error = FieldError("$", "unassigned_full",
+                               f"at most {self.limits.max_unassigned_reads} unassigned reads: assign them "
+                               "(mro-edge reads assign) or open work sessions at the readers' places",
+                               f"read {kept.read.read_id} of {kept.read.device_id}")
+            delivery.reject(uow, error_report(stage=self.name, errors=[error], received_at=kept.read.received_at),
+                            DeviceRef(kept.read.device_kind, kept.read.device_id))
+            return
+        if book.keep_unassigned(uow, kept):
+            self._unassigned = count + 1
+            uow.note(None, None, "UNASSIGNED", read_id=kept.read.read_id, reason=kept.reason,
+                     device_id=kept.read.device_id)
+
+    def _count(self, uow: UnitOfWork) -> int:
+        if self._unassigned is None:
+            self._unassigned = book.unassigned_count(uow)
+        return self._unassigned
+
+    # --- session commands (mro-edge session / reads) ---------------------------------------------
+
+    def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
+        if topic != self.topics.sessions:
+            return
+        try:
+            command = json.loads(payload)
+            if not isinstance(command, dict) or not isinstance(command.get("id"), str):
+                raise ValueError
+        except ValueError:
+            get_logger(stage=self.name).warning("unreadable session command ignored")
+            return
+        reply = self._execute(command, str(command.get("operator", ""))[:64], uow)
+        uow.publish(self.topics.sessions_reply(command["id"][:64]), json_encode(reply))
+
+    def _session_command(self, payload: bytes) -> dict[str, Any] | None:
+        """A tablet's work session command (`"schema": "mro.work_session/1"`), or None for a record."""
+        if len(payload) > self.limits.max_message_bytes or book.SESSION_SCHEMA.encode() not in payload:
+            return None
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) and doc.get("schema") == book.SESSION_SCHEMA else None
+
+    def _tablet(self, message: DeviceMessage, command: dict[str, Any], device_id: str, uow: UnitOfWork) -> None:
+        """A technician's tablet opens or closes the session at its place: answered with a device
+        receipt (`received`, or `rejected` with rule `work_session` and a DLQ report)."""
+        device = DeviceRef("tablet", device_id)
+        command_id = command.get("id")
+        if not isinstance(command_id, str) or re.search(UUID_PATTERN, command_id) is None:
+            reply = {"ok": False, "message": "id must be a UUID chosen by the tablet for this command"}
+            command_id = None
+        elif command.get("command") not in ("open", "close"):
+            reply = {"ok": False, "message": "a tablet may send command open or close"}
+        else:
+            reply = self._execute(command, f"tablet/{device_id}", uow)
+        if reply["ok"]:
+            delivery.receipt(uow, device, DeviceReceipt("received", utc_now(), command_id))
+            return
+        error = FieldError("$", "work_session", str(reply["message"]), f"command {str(command.get('command'))[:16]!r}")
+        delivery.reject(uow, error_report(stage=self.name, errors=[error], received_at=message.received_at,
+                                          event_id=command_id), device)
+
+    def _execute(self, command: dict[str, Any], operator: str, uow: UnitOfWork) -> dict[str, Any]:
+        """Carry out a command once per id: a state change sent again gets the reply it got."""
+        command_id, changes = command["id"][:64], command.get("command") in book.CHANGES
+        if changes and (done := book.answered(uow, command_id)) is not None:
+            return done
+        try:
+            reply = self._command(command, operator, uow)
+        except book.SessionError as exc:
+            reply = {"ok": False, "message": str(exc)}
+        if changes and reply["ok"]:
+            book.remember(uow, command_id, reply)
+        self._unassigned = book.unassigned_count(uow)
+        return reply
+
+    def _command(self, command: dict[str, Any], operator: str, uow: UnitOfWork) -> dict[str, Any]:
+        action = command.get("command")
+        command_id = command["id"][:64]
+        if action == "open":
+            entry = book.opened_entry(command, station=self.station, places=self.places, at=utc_now(),
+                                      operator=operator)
+            book.store_open(uow, entry)
+            self._ledger(uow, entry)
+            return {"ok": True, "message": f"session {entry.session_id} open at {entry.place}",
+                    "session": msgspec.to_builtins(entry)}
+        if action == "close":
+            session, parts = book.store_close(uow, str(command.get("place", "")))
+            closed = book.closed_entry(session, at=utc_now(), command_id=command_id, operator=operator,
+                                       records=parts)
+            self._ledger(uow, closed)
+            return {"ok": True, "message": f"session {session.session_id} at {session.place} closed "
+                    f"({parts} part(s) recorded)", "session_id": session.session_id, "records": parts}
+        if action == "list":
+            return {"ok": True, "sessions": [msgspec.to_builtins(s) for s in book.open_sessions(uow).values()],
+                    "unassigned": book.unassigned_count(uow)}
+        if action == "reads_list":
+            kept = book.unassigned(uow)
+            return {"ok": True, "total": len(kept), "reads": [_shown(k) for k in kept[:1000]]}
+        if action == "reads_assign":
+            return self._assign(uow, str(command.get("read_id", "")), command.get("place"))
+        raise book.SessionError("command must be open, close, list, reads_list or reads_assign")
+
+    def _assign(self, uow: UnitOfWork, read_id: str, place: Any) -> dict[str, Any]:
+        kept = book.take_unassigned(uow, read_id)
+        if not kept.assignable:
+            raise book.SessionError(f"read {read_id} names no part ({kept.read.problem}): it cannot be made "
+                                    "a record without guessing; it stays listed")
+        where = str(place) if place else kept.place
+        session = book.session_at(uow, where) if where else None
+        if session is None:
+            raise book.SessionError(f"no session is open at place {where!r}: open one "
+                                    "(mro-edge session open) or name another with --place")
+        book.drop_unassigned(uow, read_id)
+        if not book.first_in_session(uow, session, kept.read):
+            return {"ok": True, "message": f"read {read_id}: its part is already recorded in session "
+                    f"{session.session_id} (one record per part per session)"}
+        made = self._made(session, kept.read, kept.read.received_at, uow)
+        if made is None:
+            return {"ok": False, "message": f"read {read_id}: the record it makes is refused by the contract; "
+                    "its report is in the DLQ (mro-edge dlq list)"}
+        if uow.fate(made.key) is None:
+            uow.settle(made, Accepted(made, log={"device_id": made.device.id, "read_id": read_id}))
+        return {"ok": True, "message": f"read {read_id} recorded in session {session.session_id}",
+                "event_id": made.event_id, "idempotency_key": made.key}
+
+    def _ledger(self, uow: UnitOfWork, entry: Any) -> None:
+        """A session entry goes downstream as ingest's own record, to the ledger."""
+        key = book.entry_key(entry)
+        uow.forward(ReceivedRecord(key, entry, entry.at, book.SESSION_DEVICE))
+        uow.note(entry.event_id, key, entry.type.upper(), session_id=entry.session_id, place=entry.place)
+
+    def status_extra(self) -> dict[str, Any]:
+        return {"unassigned_reads": self._unassigned} if self._unassigned is not None else {}
+
     def judge(self, item: ReceivedRecord, uow: UnitOfWork) -> Verdict:
         return Accepted(item, log={"device_id": item.device.id})
 
@@ -97,5 +323,15 @@ class Ingest(IntakeStage):
                                                 state_transition="RATE_LIMITED")
             uow.publish(self.topics.alarm, alarm_payload(self.name, "rate_limited", detail, device_id=device_id))
         self._limited.clear()
+        self._count(uow)
         if len(self._alarmed) > self.limiter.max_devices:
             self._alarmed = {d: t for d, t in self._alarmed.items() if now - t < RATE_ALARM_EVERY_S}
+
+
+def _shown(kept: book.UnassignedRead) -> dict[str, Any]:
+    """One unassigned read as `mro-edge reads list` shows it (no raw bytes)."""
+    read = kept.read
+    return {"read_id": read.read_id, "device_kind": read.device_kind, "device_id": read.device_id,
+            "place": kept.place, "reason": kept.reason, "received_at": read.received_at,
+            "occurred_at": read.occurred_at, "cage": read.cage, "part_number": read.part_number,
+            "serial": read.serial, "assignable": kept.assignable}

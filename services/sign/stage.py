@@ -63,6 +63,8 @@ from shared.runtime.messages import (
     SchemaChange,
     SignedRow,
     ValidatedRecord,
+    WorkSessionClosed,
+    WorkSessionOpened,
     json_encode,
     record_body,
 )
@@ -71,19 +73,25 @@ from shared.runtime.verdicts import Recorded, Rejected, Verdict
 from shared.runtime.work import UnitOfWork
 
 CONTROL_PLANE = DeviceRef(SERVICE_KIND, "validate")  # services.validate.changes.CONTROL_DEVICE
+SESSION_PLANE = DeviceRef(SERVICE_KIND, "ingest")  # services.ingest.sessions.SESSION_DEVICE
 ENTRY_SOURCE_RULE = "entry_source"
 
 
 def entry_source_error(item: ValidatedRecord) -> FieldError | None:
     """Sign signs only what the stage entitled to send it may send: a `schema_change` or a
-    `dlq_redrive` only from validate's control plane, a contract record only for the fleet device that made it (whose
-    receipt it answers). Hop authentication already proves validate sent the batch; this keeps
+    `dlq_redrive` only from validate's control plane, a contract record only for the fleet device
+    that made it (whose receipt it answers), a work session entry only from ingest's session plane.
+    Hop authentication already proves validate sent the batch; this keeps
     a record from speaking for another device or for the box itself."""
     record, device = item.record, item.device
     if isinstance(record, SchemaChange | DlqRedrive):
         if device == CONTROL_PLANE:
             return None
         expected = f"a {record.type} from {CONTROL_PLANE.kind}/{CONTROL_PLANE.id}"
+    elif isinstance(record, WorkSessionOpened | WorkSessionClosed):
+        if device == SESSION_PLANE:
+            return None
+        expected = f"a {record.type} from {SESSION_PLANE.kind}/{SESSION_PLANE.id}"
     else:
         if device.kind != SERVICE_KIND and (device.kind, device.id) == (record.device.kind, record.device.id):
             return None

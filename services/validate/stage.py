@@ -22,7 +22,7 @@ from services.validate.registry import CONTROL_TABLE
 from shared.compliance.rules import STATE_TABLES
 from shared.contract import check_rules, error_report, normalize
 from shared.runtime.handler import Stage
-from shared.runtime.messages import ReceivedRecord, ValidatedRecord
+from shared.runtime.messages import ReceivedRecord, ValidatedRecord, WorkSessionClosed, WorkSessionOpened
 from shared.runtime.topics import Topics
 from shared.runtime.verdicts import Accepted, Held, Rejected, Verdict
 from shared.runtime.work import UnitOfWork
@@ -52,6 +52,10 @@ class Validate(Stage[ReceivedRecord]):
 
     def judge(self, item: ReceivedRecord, uow: UnitOfWork, *, may_hold: bool = True) -> Verdict:
         record = item.record
+        if isinstance(record, WorkSessionOpened | WorkSessionClosed):
+            # ingest's own entry (its context was checked against the contract when it was
+            # opened); sign accepts it only from ingest's session plane (`entry_source`)
+            return Accepted(ValidatedRecord(item.key, record, item.device))
         errors = check_rules(
             record,
             received_at=datetime.fromisoformat(item.received_at),

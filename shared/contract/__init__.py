@@ -55,7 +55,17 @@ contract              the field                   the decoder refused the value 
 `decode_record` reports everything up to and including `topic_mismatch`; `check_rules` the
 last five. The ingest stage adds one rule of its own before decoding: `rate_limited` (path
 `$`), a device publishing faster than `[limits] device_rate_per_s` / `device_burst` allow
-(`services/ingest/stage.py`): the record was not read or kept, and must be sent again later.
+(`services/ingest/stage.py`): the record was not read or kept, and must be sent again later;
+and `unassigned_full` (path `$`), a raw hangar device's read that no work session took while
+`[limits] max_unassigned_reads` unassigned reads are already kept; and `work_session`, a
+tablet's work session command (`"schema": "mro.work_session/1"`, not a record) that cannot be
+carried out (its `expected` says why and what to do).
+
+Raw hangar devices (topic kinds `rfid_zebra`, `rfid_impinj`, `partmark_scanner`; an additive
+change to the topics, not to mro.record/1) publish their vendors' formats; a read within a work
+session becomes an mro.record/1 part record whose `device.kind` is `rfid_reader` or
+`barcode_scanner` (`services/ingest/reads.py`). Their vendor-format errors use the parsers'
+rules (`services/devices/`).
 The regulatory rules the validate stage applies next (registries, sign-off chains, technician
 e-signatures, contract versions mro.record/2 and later) have their own ids, listed in
 `shared.compliance`.

@@ -72,6 +72,8 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_raw_in_report: int = 4096
     device_rate_per_s: float = 50.0
     device_burst: int = 2000
+    read_window_s: float = 5.0
+    max_unassigned_reads: int = 10000
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -166,6 +168,14 @@ class MccConfig(msgspec.Struct, forbid_unknown_fields=True):
     session_hours: float = 12.0
 
 
+class PlaceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A place on the hangar floor (a bay, a station) and the device ids that belong to it."""
+
+    readers: list[str] = msgspec.field(default_factory=list)
+    scanners: list[str] = msgspec.field(default_factory=list)
+    controllers: list[str] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     station: str = "HGR1"
     data_dir: str = "./var"
@@ -180,6 +190,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     mcc: MccConfig = msgspec.field(default_factory=MccConfig)
+    places: dict[str, PlaceConfig] = msgspec.field(default_factory=dict)
 
     @property
     def data_path(self) -> Path:

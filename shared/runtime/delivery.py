@@ -75,29 +75,26 @@ def run_batch(stage: Stage, inputs: list[Any], uow: UnitOfWork) -> None:
     """One batch of a stage's inputs (device publishes for the intake stage, hop items otherwise)."""
     stage.begin(uow)
     intake = isinstance(stage, IntakeStage)
-    for item in inputs:
-        if isinstance(stage, IntakeStage):
-            item = admit(stage, item, uow)
-            if item is None:
-                continue
-        fate = uow.fate(item.key)
-        if isinstance(item, FateQuery) or (intake and fate is not None):
-            uow.duplicates += not isinstance(item, FateQuery)
-            answer(uow, item, fate)
-        elif fate is None:
-            settle(uow, item, stage.judge(item, uow))
-        else:
-            uow.duplicates += 1
+    for input_ in inputs:
+        for item in admit(stage, input_, uow) if isinstance(stage, IntakeStage) else (input_,):
+            fate = uow.fate(item.key)
+            if isinstance(item, FateQuery) or (intake and fate is not None):
+                uow.duplicates += not isinstance(item, FateQuery)
+                answer(uow, item, fate)
+            elif fate is None:
+                settle(uow, item, stage.judge(item, uow))
+            else:
+                uow.duplicates += 1
     stage.finish(uow)
 
 
-def admit(stage: IntakeStage, message: DeviceMessage, uow: UnitOfWork) -> Any:
-    """The record of a device publish, or None once its rejection is settled."""
-    admitted = stage.admit(message)
+def admit(stage: IntakeStage, message: DeviceMessage, uow: UnitOfWork) -> list[Any]:
+    """The records of a device publish (none once its rejection is settled)."""
+    admitted = stage.admit(message, uow)
     if isinstance(admitted, Rejected):
         reject(uow, admitted.report, device_of_topic(uow, message.topic), counted_only=admitted.counted_only)
-        return None
-    return admitted
+        return []
+    return admitted if isinstance(admitted, list) else [admitted]
 
 
 def device_of_topic(uow: UnitOfWork, topic: str) -> DeviceRef | None:

@@ -80,5 +80,7 @@ class IntakeStage(Stage[ReceivedRecord]):
     accepted_as = "received"
 
     @abstractmethod
-    def admit(self, message: DeviceMessage) -> ReceivedRecord | Rejected:
-        """The record a device publish carries, or why it is not one (a DLQ report)."""
+    def admit(self, message: DeviceMessage, uow: UnitOfWork) -> ReceivedRecord | list[ReceivedRecord] | Rejected:
+        """The record a device publish carries, or why it is not one (a DLQ report). A raw
+        hangar device's publish may carry several records, or none the stage did not keep
+        itself in the batch transaction `uow` (an unassigned read)."""

@@ -96,11 +96,55 @@ class DlqRedrive(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, 
         return "dlq_redrive"
 
 
+class _WorkSessionEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+    """A work session's ledger entry (ingest's own, `services.ingest.sessions`): who opened or
+    closed which session at which place, for which work order. `command_id` and `operator`
+    name the operator command that did it."""
+
+    schema: str
+    event_id: str
+    station: str
+    session_id: str
+    place: str
+    work_order_id: str
+    at: str
+    command_id: str
+    operator: str
+
+    @property
+    def type(self) -> str:
+        tag = type(self).__struct_config__.tag
+        assert isinstance(tag, str)
+        return tag
+
+
+class WorkSessionOpened(_WorkSessionEntry, frozen=True, kw_only=True, omit_defaults=True,
+                        tag="work_session_opened"):
+    """The session's whole context: every record made from a read within it carries these."""
+
+    aircraft: dict[str, str]
+    ata: str
+    technician: dict[str, str]
+    part_action: Literal["receive", "install", "remove"]
+    condition: str
+    position: str | None = None
+    removal_reason: str | None = None
+
+
+class WorkSessionClosed(_WorkSessionEntry, frozen=True, kw_only=True, omit_defaults=True,
+                        tag="work_session_closed"):
+    records: int = 0
+
+
+WorkSessionEntry = WorkSessionOpened | WorkSessionClosed
+
+
 class ReceivedRecord(msgspec.Struct, frozen=True, tag="received/1"):
-    """ingest -> validate: a record that passed device contract v1, as the device stated it."""
+    """ingest -> validate: a record that passed device contract v1, as the device stated it, or
+    a work session entry of ingest's own (device `service/ingest`)."""
 
     key: str
-    record: Record
+    record: Record | WorkSessionOpened | WorkSessionClosed
     received_at: str
     device: DeviceRef
 
@@ -113,7 +157,7 @@ class ValidatedRecord(msgspec.Struct, frozen=True, tag="validated/1"):
     """validate -> sign: a record judged valid and compliant, to be appended to the ledger."""
 
     key: str
-    record: Record | SchemaChange | DlqRedrive
+    record: Record | SchemaChange | DlqRedrive | WorkSessionOpened | WorkSessionClosed
     device: DeviceRef
 
     @property
@@ -215,7 +259,7 @@ fate_encode = msgspec.msgpack.Encoder().encode
 fate_decode = msgspec.msgpack.Decoder(Fate).decode
 
 
-def record_body(record: Record | SchemaChange | DlqRedrive) -> dict[str, Any]:
+def record_body(record: Record | SchemaChange | DlqRedrive | WorkSessionOpened | WorkSessionClosed) -> dict[str, Any]:
     """The canonical body of a record as it is signed (`shared.contract.normalize`, also for
     the box's own records)."""
     return msgspec.to_builtins(record, enc_hook=enc_hook)

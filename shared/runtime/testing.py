@@ -74,6 +74,9 @@ class MemoryUnitOfWork(UnitOfWork):
         for key in sorted(k for k in rows if k >= start):
             yield key, rows[key]
 
+    def items(self, table: str, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        return sorted((k, v) for k, v in self.tables.table(table).items() if k.startswith(prefix))
+
     def owe(self, key: str, encoded_item: bytes) -> None:
         if key in self.tables.outbox:
             return

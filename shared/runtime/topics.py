@@ -6,6 +6,10 @@ import re
 from dataclasses import dataclass
 
 DEVICE_KINDS = ("rfid_reader", "barcode_scanner", "torque_wrench", "tablet")
+# Hangar devices that publish their vendor's own format, not contract JSON (`services.ingest.reads`):
+# ingest parses them and makes a record only within an open work session at the device's place.
+RAW_DEVICE_KINDS = ("rfid_zebra", "rfid_impinj", "partmark_scanner")
+ALL_DEVICE_KINDS = DEVICE_KINDS + RAW_DEVICE_KINDS  # what a device may be registered as
 # Device ids of contract v1 (also `shared.contract.types.DeviceId`); `\Z`, not `$`, which would
 # also match before a trailing newline.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"
@@ -42,7 +46,7 @@ class Topics:
         parts = topic.split("/")
         if len(parts) != 5 or parts[0] != "mro" or parts[1] != self.station or parts[2] != "in":
             return None
-        if parts[3] not in DEVICE_KINDS or _DEVICE_ID.search(parts[4]) is None:
+        if parts[3] not in ALL_DEVICE_KINDS or _DEVICE_ID.search(parts[4]) is None:
             return None
         return parts[3], parts[4]
 
@@ -104,3 +108,11 @@ class Topics:
 
     def redrive_reply(self, command_id: str) -> str:
         return f"{self.root}/pipeline/control/validate/redrive/reply/{command_id}"
+
+    # operator commands to ingest (work sessions, unassigned reads) and their replies
+    @property
+    def sessions(self) -> str:
+        return f"{self.root}/pipeline/sessions"
+
+    def sessions_reply(self, command_id: str) -> str:
+        return f"{self.root}/pipeline/sessions/reply/{command_id}"

@@ -85,6 +85,10 @@ class UnitOfWork(ABC):
         """The rows of `table` from key `start` on, in key order (do not write `table` meanwhile)."""
 
     @abstractmethod
+    def items(self, table: str, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        """The rows of a small table whose key starts with `prefix`, in key order."""
+
+    @abstractmethod
     def owe(self, key: str, encoded_item: bytes) -> None:
         """An outbox row for the downstream stage (a no-op while `key` is still owed)."""
 
@@ -154,6 +158,17 @@ class LmdbUnitOfWork(UnitOfWork):
         cursor = self._txn.cursor(db=self._store.table(table))
         if cursor.set_range(start):
             yield from cursor.iternext()
+
+    def items(self, table: str, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        cursor = self._txn.cursor(db=self._store.table(table))
+        rows: list[tuple[bytes, bytes]] = []
+        if not cursor.set_range(prefix):
+            return rows
+        for key, value in cursor:
+            if not bytes(key).startswith(prefix):
+                break
+            rows.append((bytes(key), bytes(value)))
+        return rows
 
     def owe(self, key: str, encoded_item: bytes) -> None:
         if self._outbox is None:

@@ -239,3 +239,11 @@ def test_window_never_emits_a_tag_twice_within_the_window_and_stays_bounded(step
         else:
             assert now - emitted[(reader, epc)] < window_s
         assert len(window) <= cap
+
+
+def test_read_window_admits_the_emitted_read_again_but_not_another_within_the_window():
+    window = ReadWindow(5.0)
+    assert window.admit("r1", "AA01", 0.0, "read-1")
+    assert window.admit("r1", "AA01", 1.0, "read-1")  # the same read, processed again (a retried batch)
+    assert not window.admit("r1", "AA01", 1.0, "read-2")
+    assert not window.admit("r1", "AA01", 1.0)
