@@ -242,11 +242,13 @@ def test_kill_9_soak(pipeline, broker):
 def test_forged_stage_traffic_never_reaches_the_ledger(pipeline):
     """The red team's forgery: a well-formed `{"source": "validate", "items": [...]}` published on
     `pipeline/sign` with every other user's credentials (each service but validate, the
-    operator, a device) signs nothing; the same message from validate's user is signed, so the
-    forgery was one sign would have taken."""
+    operator, a device) never reaches sign (the broker ACL); from validate's user it reaches sign
+    but, without validate's hop seal, is refused (`hop_auth`); sealed by validate's own hop key it
+    is signed, so the forgery was one sign would have taken."""
     import time
 
     from services.broker.credentials import SERVICE_NAMES
+    from shared.runtime.hopauth import HopAuth
     from shared.runtime.messages import encode_envelope, item_encoder
     from shared.runtime.topics import Topics
     from tests.mqttclient import Client
@@ -269,5 +271,10 @@ def test_forged_stage_traffic_never_reaches_the_ledger(pipeline):
     genuine = Client(pipeline.broker, pipeline.broker.login("validate"))
     assert genuine.connect(timeout=10) == 0
     genuine.publish(topic, forged)
+    wait_until(lambda: pipeline.dlq("sign"), 20, 0.2, "the unsealed message refused by hop authentication")
+    assert [r["errors"][0]["rule"] for r in pipeline.dlq("sign")] == ["hop_auth"]
+    assert pipeline.ledger() == []
+    seal = HopAuth.for_service(pipeline.data_dir, Topics(pipeline.station), "validate", ())
+    genuine.publish(topic, seal.seal(topic, forged))
     genuine.close()
     wait_until(lambda: len(pipeline.ledger()) == 1, 20, 0.2, "validate's message signed")
