@@ -98,7 +98,7 @@ class StageRuntime:
         except HopKeyError as exc:
             raise StageRefused("hop_key", str(exc)) from None
         self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
-                           map_size_mb=config.stage.map_size_mb)
+                           map_size_mb=config.stage.map_size_mb, map_max_mb=config.stage.map_max(stage.name))
         self.status = StatusReport(stage.name, self.store, self._queue_depth, stage.status_extra,
                                    lambda: (self.link.contested, self.link.session_resets),
                                    lambda: self.outbox.oldest_unreceipted_s() if self.outbox else None)
