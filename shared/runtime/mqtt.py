@@ -322,16 +322,18 @@ def fatal_exit(callback: str, exc: BaseException) -> None:
 
 
 def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 2.0,
-                 host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> int:
+                 host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, client_id: str | None = None,
+                 clean_session: bool = True) -> int:
     """Return code of a bare MQTT 3.1.1 CONNECT (0 = accepted); raises OSError if nothing answers
     (ssl.SSLError, an OSError, when a `tls` handshake fails: `shared.runtime.tls.explain` words it).
-    A real CONNECT, so a broker being waited for sees a client, not a half-open socket."""
+    A real CONNECT, so a broker being waited for sees a client, not a half-open socket. Without
+    `client_id` it uses a fresh probe id."""
     def utf8(value: str) -> bytes:
         data = value.encode()
         return struct.pack("!H", len(data)) + data
 
-    flags = 0x02
-    payload = utf8(f"probe-{os.getpid()}-{time.monotonic_ns()}")
+    flags = 0x02 if clean_session else 0x00
+    payload = utf8(client_id if client_id is not None else f"probe-{os.getpid()}-{time.monotonic_ns()}")
     if username is not None:
         flags |= 0x80
         payload += utf8(username)
