@@ -115,7 +115,8 @@ def service_credentials(config: Config, service: str) -> tuple[str, str]:
 
 def client_id_for(config: Config, client: str, credentials: tuple[str, str]) -> str:
     """The fixed client id of a service's connection, `mro-<station>-<client>-<tag>`: stable
-    (its persistent session survives restarts) and known only to holders of its password."""
+    (its persistent session survives restarts). Both brokers keep it for the service's own user
+    (`broker/clientids`); the tag keeps it unguessable on a Mosquitto run without that check."""
     from services.broker.credentials import service_client_id
 
     return service_client_id(config.station, client, credentials[1])
