@@ -457,7 +457,7 @@ class BrokerCredentials:
     def owns_client_id(self, username: str, client_id: str) -> bool:
         """May `username` use `client_id`? As the `clientids` file says (ClientIdOwners.allows):
         ids starting with `mro-` belong to the services, a service's own ids to its user alone.
-        Without a readable file every `mro-` id is refused, as the Mosquitto plugin does."""
+        Without a readable, well-formed file every `mro-` id is refused, as the Mosquitto plugin does."""
         return self._load_clientids().allows(username, client_id)
 
     def may_publish(self, username: str, topic: str, client_id: str | None = None) -> bool:
@@ -523,7 +523,10 @@ class BrokerCredentials:
         sig, owners = self._clientids
         if sig is None or sig != _signature(self.clientids_path):
             loaded = _read_with_signature(self.clientids_path)
-            owners = ClientIdOwners.parse(loaded[1], str(self.clientids_path)) if loaded else ClientIdOwners()
+            owners = ClientIdOwners()  # missing or malformed: every `mro-` id refused, as the plugin does
+            if loaded:
+                with contextlib.suppress(CredentialsError):
+                    owners = ClientIdOwners.parse(loaded[1], str(self.clientids_path))
             self._clientids = (loaded[0] if loaded else None, owners)
         return owners
 

@@ -331,8 +331,8 @@ def test_a_service_client_id_belongs_to_its_own_user_alone(broker: BrokerProc,
 
 def test_the_client_id_file_is_followed_without_a_restart(broker: BrokerProc) -> None:
     """`clientids` (written by credentials.py beside passwd and acl) is re-read when it changes:
-    a new owner takes effect at the next CONNECT (and on SIGHUP), a missing file refuses every
-    `mro-` id, even a service's own, until it is back."""
+    a new owner takes effect at the next CONNECT (and on SIGHUP), a malformed or missing file
+    refuses every `mro-` id, even a service's own, until a good one is back."""
     path = broker.credentials.clientids_path
     original = path.read_text()
     validate, sign = broker.login("validate"), broker.login("sign")
@@ -347,8 +347,10 @@ def test_the_client_id_file_is_followed_without_a_restart(broker: BrokerProc) ->
         time.sleep(QUIET_S)
         assert connack(broker, validate, f"{spare}-1") == 0
         assert connack(broker, sign, f"{spare}-1") in REFUSED_ID
+        write_atomic(path, (original + "owner of everything\n").encode())
+        assert connack(broker, validate, broker.client_id("validate")) in REFUSED_ID, "a malformed file"
         path.unlink()
-        assert connack(broker, validate, broker.client_id("validate")) in REFUSED_ID
+        assert connack(broker, validate, broker.client_id("validate")) in REFUSED_ID, "no file"
         assert connack(broker, validate, "validate-anything") == 0
     finally:
         write_atomic(path, original.encode())
