@@ -317,7 +317,8 @@ class ClientIdOwners:
 
 def service_client_id(station: str, client: str, password: str) -> str:
     """`mro-<station>-<client>-<tag>`: the tag is derived from the service's own password, so the
-    id is stable across restarts (the persistent session survives) and unknown to other users."""
+    id is stable across restarts (the persistent session survives) and unguessable, a second line
+    of defence behind the binding of the id to its user (`clientids`)."""
     tag = hmac.new(password.encode(), f"mro-edge client id {station}/{client}".encode(),
                    hashlib.sha256).hexdigest()[:16]
     return f"{RESERVED_PREFIX}{station}-{client}-{tag}"
