@@ -9,12 +9,15 @@ A test can SIGTERM, kill -9 and restart a broker on the same port with the same 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from shared.runtime.mqtt import mqtt_connack
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_CONF = REPO / "config" / "mosquitto" / "mosquitto.conf"
+PLUGIN_DIR = REPO / "deploy" / "mosquitto" / "plugin"
 KINDS = ("embedded", "mosquitto")
 
 
@@ -43,6 +47,29 @@ def mosquitto_binary() -> str:
     if os.environ.get("CI"):
         raise RuntimeError("mosquitto is required in CI: add the Debian package `mosquitto` to the image")
     raise RuntimeError("mosquitto is not installed; install it with `apt-get install mosquitto`")
+
+
+def mosquitto_plugin() -> Path:
+    """deploy/mosquitto/plugin/mro_clientid.so, built with its Makefile into a directory named by
+    the source's hash under the temp dir (never into the source tree), once per source version;
+    a lock keeps parallel test sessions from building it at the same time."""
+    source = PLUGIN_DIR / "mro_clientid.c"
+    digest = hashlib.sha256(source.read_bytes() + (PLUGIN_DIR / "Makefile").read_bytes()).hexdigest()[:16]
+    build = Path(tempfile.gettempdir()) / f"mro-edge-mosquitto-plugin-{os.getuid()}" / digest
+    built = build / "mro_clientid.so"
+    if built.exists():
+        return built
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            done = subprocess.run(["make", "-s", "-C", str(PLUGIN_DIR), f"BUILD_DIR={build}"],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"building the Mosquitto plugin failed (needs gcc, make and the Debian "
+                                   f"packages mosquitto-dev libmosquitto-dev; scripts/ensure-tools installs "
+                                   f"them):\n{done.stdout}{done.stderr}")
+    return built
 
 
 @dataclass(frozen=True)
@@ -79,7 +106,8 @@ def render_mosquitto_conf(data_dir: Path, port: int, tls: BrokerTls | None = Non
 
     The plain listener moves to 127.0.0.1:`port`; the TLS listener to 127.0.0.1:`tls.port` with
     `tls`'s files, or is left out without `tls` (its certificate files would not exist).
-    password_file / acl_file point into `<data_dir>/broker/`, persistence into
+    password_file / acl_file / plugin_opt_clientids point into `<data_dir>/broker/`, the plugin
+    at the one `mosquitto_plugin()` built, persistence into
     `<data_dir>/mosquitto/`. When the tests run as root, `user root` is added: Mosquitto
     started as root would otherwise switch to the `mosquitto` account, which cannot read the
     0600 files; in compose the container already runs as the files' owner, so no switch happens.
@@ -95,6 +123,8 @@ def render_mosquitto_conf(data_dir: Path, port: int, tls: BrokerTls | None = Non
     rewrites: dict[str, str | None] = {
         "password_file": None,
         "acl_file": None,
+        "plugin_opt_clientids": None,
+        "plugin": f"plugin {mosquitto_plugin()}",
         "persistence_location": f"persistence_location {persistence}/",
     }
     listeners = [f"listener {port} 127.0.0.1", f"listener {tls.port} 127.0.0.1" if tls else ""]

@@ -21,13 +21,16 @@ send device receipts and outcomes, only the operator may send control, schema an
 commands. Service passwords are 256 random bits, one file per service (0600) at
 `$MRO_DATA_DIR/secrets/<service>/password`, never printed; each process reads only its own.
 
-Client ids: the services connect as `mro-<station>-<client>-<tag>`, the tag derived from the
-service's own password (`service_client_id`), so no other user can know, let alone take, a
-service's id on Mosquitto 2.0 (which lets any authenticated user take over any client id and
-has no per-user id binding short of `use_username_as_clientid`). The embedded broker also
-binds every `mro-` id to its user (`owns_client_id`). The files are generated: hand edits to the
-ACL are overwritten on the next change; extra users added to the password file with
-`mosquitto_passwd` are kept.
+Client ids: ids starting with `mro-` belong to the services, each service's own ids
+(`mro-<station>-<client>`, and the tagged `mro-<station>-<client>-<tag>` it connects with) to
+its own user alone. This module writes that binding as a third file, `clientids`, beside the
+password file and the ACL; the embedded broker checks it (`owns_client_id`) and Mosquitto 2.0,
+which would let any authenticated user take over any client id, loads the mro_clientid plugin
+(deploy/mosquitto/plugin/) that refuses the CONNECT before any session is touched. The tag,
+derived from the service's own password (`service_client_id`), stays as a second line of
+defence for a Mosquitto run without the plugin. The files are generated: hand edits to the
+ACL and `clientids` are overwritten on the next change; extra users added to the password file
+with `mosquitto_passwd` are kept.
 
 Semantics follow Mosquitto 2.0 (src/security_default.c): a publish needs `write` and a delivery
 needs `read` on a matching line (user lines first, then patterns with %u/%c substituted; `deny`
@@ -274,9 +277,55 @@ def service_user(service: str) -> str:
 SERVICE_USERS = frozenset(service_user(name) for name in SERVICE_NAMES)
 
 
+def client_id_owners(station: str) -> dict[str, str]:
+    """`mro-<station>-<client>` -> the service user that alone may connect with it or with any
+    id starting with it and a '-' (the tagged ids): what the `clientids` file says."""
+    return {f"{RESERVED_PREFIX}{station}-{client}": service_user(owner) for client, owner in CLIENT_OWNERS.items()}
+
+
+@dataclass(frozen=True)
+class ClientIdOwners:
+    """A parsed `clientids` file: the service users, and each service client id's owner.
+
+    Lines are `service <user>` and `client <client id> <user>`; `#` starts a comment. The C
+    plugin (deploy/mosquitto/plugin/mro_clientid.c) reads the same format the same way."""
+
+    services: frozenset[str] = frozenset()
+    owners: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, source: str = "clientids") -> ClientIdOwners:
+        services: set[str] = set()
+        owners: list[tuple[str, str]] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if words[0] == "service" and len(words) == 2:
+                services.add(words[1])
+            elif words[0] == "client" and len(words) == 3:
+                owners.append((words[1], words[2]))
+            else:
+                raise CredentialsError(f"{source}:{number}: expected `service <user>` or "
+                                       f"`client <client id> <user>`, got {line.strip()!r}")
+        return cls(frozenset(services), tuple(owners))
+
+    def allows(self, username: str | None, client_id: str) -> bool:
+        """Ids outside `mro-` are anyone's; a reserved id needs a service user, and the owner
+        of the longest `client` line it equals or extends with '-', if there is one."""
+        if not client_id.startswith(RESERVED_PREFIX):
+            return True
+        if username is None or username not in self.services:
+            return False
+        matches = [(len(cid), owner) for cid, owner in self.owners
+                   if client_id == cid or client_id.startswith(cid + "-")]
+        return not matches or max(matches, key=lambda m: m[0])[1] == username  # first longest, as in C
+
+
 def service_client_id(station: str, client: str, password: str) -> str:
     """`mro-<station>-<client>-<tag>`: the tag is derived from the service's own password, so the
-    id is stable across restarts (the persistent session survives) and unknown to other users."""
+    id is stable across restarts (the persistent session survives) and unguessable, a second line
+    of defence behind the binding of the id to its user (`clientids`)."""
     tag = hmac.new(password.encode(), f"mro-edge client id {station}/{client}".encode(),
                    hashlib.sha256).hexdigest()[:16]
     return f"{RESERVED_PREFIX}{station}-{client}-{tag}"
@@ -310,9 +359,11 @@ class BrokerCredentials:
         self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.broker_dir.parent / "secrets"
         self.passwd_path = self.broker_dir / "passwd"
         self.acl_path = self.broker_dir / "acl"
+        self.clientids_path = self.broker_dir / "clientids"
         self._lock_path = self.broker_dir / ".lock"
         self._passwd: tuple[_FileSig, dict[str, str]] = (None, {})
         self._acl: tuple[_FileSig, Acl] = (None, Acl())
+        self._clientids: tuple[_FileSig, ClientIdOwners] = (None, ClientIdOwners())
         self._verified: dict[bytes, None] = {}
 
     # ---- administration -------------------------------------------------------------
@@ -344,6 +395,7 @@ class BrokerCredentials:
                 if not verify_password(password, users.get(user, "")):
                     users[user] = hash_password(password)
             self._write_acl(self._load_acl().devices)
+            self._write_clientids()
             self._write_passwd(users)
         return {service: service_user(service) for service in SERVICE_NAMES}
 
@@ -411,21 +463,10 @@ class BrokerCredentials:
         return True
 
     def owns_client_id(self, username: str, client_id: str) -> bool:
-        """May `username` use `client_id`? Ids starting with `mro-` belong to the services: a
-        service's own ids (`mro-<station>-<client>`, with or without a tag) to that service's
-        user alone, any other `mro-` id (the operator's commands) to any service user."""
-        if not client_id.startswith(RESERVED_PREFIX):
-            return True
-        if username not in SERVICE_USERS:
-            return False
-        prefix = f"{RESERVED_PREFIX}{self.station}-"
-        if client_id.startswith(prefix):
-            rest = client_id[len(prefix):]
-            owners = [owner for client, owner in CLIENT_OWNERS.items()
-                      if rest == client or rest.startswith(client + "-")]
-            if owners:
-                return username == service_user(owners[0])
-        return True
+        """May `username` use `client_id`? As the `clientids` file says (ClientIdOwners.allows):
+        ids starting with `mro-` belong to the services, a service's own ids to its user alone.
+        Without a readable, well-formed file every `mro-` id is refused, as the Mosquitto plugin does."""
+        return self._load_clientids().allows(username, client_id)
 
     def may_publish(self, username: str, topic: str, client_id: str | None = None) -> bool:
         if not topic or any(c in topic for c in "+#\0"):
@@ -485,6 +526,28 @@ class BrokerCredentials:
             acl = Acl.parse(loaded[1], str(self.acl_path)) if loaded else Acl()
             self._acl = (loaded[0] if loaded else None, acl)
         return acl
+
+    def _load_clientids(self) -> ClientIdOwners:
+        sig, owners = self._clientids
+        if sig is None or sig != _signature(self.clientids_path):
+            loaded = _read_with_signature(self.clientids_path)
+            owners = ClientIdOwners()  # missing or malformed: every `mro-` id refused, as the plugin does
+            if loaded:
+                with contextlib.suppress(CredentialsError):
+                    owners = ClientIdOwners.parse(loaded[1], str(self.clientids_path))
+            self._clientids = (loaded[0] if loaded else None, owners)
+        return owners
+
+    def _write_clientids(self) -> None:
+        lines = [
+            "# Generated by mro-edge (services/broker/credentials.py); changes are overwritten.",
+            "# Read by the embedded broker and by Mosquitto's mro_clientid plugin alike: client ids",
+            f"# starting with {RESERVED_PREFIX} are for these service users only, and each client line's",
+            "# id (and that id followed by '-' and a tag) for its owner alone.",
+        ]
+        lines += [f"service {user}" for user in sorted(SERVICE_USERS)]
+        lines += [f"client {cid} {owner}" for cid, owner in client_id_owners(self.station).items()]
+        self._write_atomic(self.clientids_path, "\n".join(lines) + "\n")
 
     def _write_passwd(self, users: dict[str, str]) -> None:
         self._write_atomic(self.passwd_path, "".join(f"{u}:{h}\n" for u, h in users.items()))

@@ -115,7 +115,8 @@ def service_credentials(config: Config, service: str) -> tuple[str, str]:
 
 def client_id_for(config: Config, client: str, credentials: tuple[str, str]) -> str:
     """The fixed client id of a service's connection, `mro-<station>-<client>-<tag>`: stable
-    (its persistent session survives restarts) and known only to holders of its password."""
+    (its persistent session survives restarts). Both brokers keep it for the service's own user
+    (`broker/clientids`); the tag keeps it unguessable on a Mosquitto run without that check."""
     from services.broker.credentials import service_client_id
 
     return service_client_id(config.station, client, credentials[1])
@@ -322,16 +323,18 @@ def fatal_exit(callback: str, exc: BaseException) -> None:
 
 
 def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 2.0,
-                 host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> int:
+                 host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, client_id: str | None = None,
+                 clean_session: bool = True) -> int:
     """Return code of a bare MQTT 3.1.1 CONNECT (0 = accepted); raises OSError if nothing answers
     (ssl.SSLError, an OSError, when a `tls` handshake fails: `shared.runtime.tls.explain` words it).
-    A real CONNECT, so a broker being waited for sees a client, not a half-open socket."""
+    A real CONNECT, so a broker being waited for sees a client, not a half-open socket. Without
+    `client_id` it uses a fresh probe id."""
     def utf8(value: str) -> bytes:
         data = value.encode()
         return struct.pack("!H", len(data)) + data
 
-    flags = 0x02
-    payload = utf8(f"probe-{os.getpid()}-{time.monotonic_ns()}")
+    flags = 0x02 if clean_session else 0x00
+    payload = utf8(client_id if client_id is not None else f"probe-{os.getpid()}-{time.monotonic_ns()}")
     if username is not None:
         flags |= 0x80
         payload += utf8(username)

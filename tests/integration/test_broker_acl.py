@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from services.broker.credentials import (
+    CLIENT_OWNERS,
     LEGACY_SERVICE_USER,
     PBKDF2_ITERATIONS,
     SERVICE_ACL,
@@ -30,6 +31,7 @@ from services.broker.credentials import (
 )
 from services.broker.service import PortInUseError, run_broker
 from shared.runtime.config import load_config
+from shared.runtime.files import write_atomic
 from shared.runtime.topics import Topics
 from tests.brokers import KINDS, BrokerProc, mqtt_connack, start_broker
 from tests.mqttclient import Client
@@ -280,6 +282,82 @@ def test_devices_come_and_go_without_a_broker_restart(broker: BrokerProc,
     broker.reload()
     wait_login(broker, rotated, accepted=False)
     assert device_id not in broker.credentials.devices()
+
+
+# What a broker answers a CONNECT with a client id that is not the user's: MQTT 3.1.1 CONNACK
+# "not authorised" (Mosquitto's plugin, the embedded broker) or "identifier rejected".
+REFUSED_ID = (5, 2)
+
+
+def connack(broker: BrokerProc, login: tuple[str, str] | None, client_id: str, clean_session: bool = True) -> int:
+    """The CONNACK code a login with `client_id` gets (a raw CONNECT, then DISCONNECT if accepted)."""
+    return mqtt_connack(broker.port, *(login or (None, None)), timeout=5, client_id=client_id,
+                        clean_session=clean_session)
+
+
+def test_a_service_client_id_belongs_to_its_own_user_alone(broker: BrokerProc,
+                                                           clients: Callable[..., Client]) -> None:
+    """Every service client id, tagged as the service connects with it (Mosquitto logs it) and
+    bare as an attacker guesses it, clean and persistent: a device's and every other service's
+    valid login is refused with "not authorised" on both brokers, and the service connection
+    holding the id is never dropped; the owner's own login is accepted."""
+    device = new_device(broker)
+    for client, owner in CLIENT_OWNERS.items():
+        tagged = broker.client_id(client)
+        holder = clients(broker, broker.login(owner), client_id=tagged, clean_session=False)
+        assert holder.connect() == 0, client
+        own_receipts = T.receipt(service_user(owner))  # every user reads its own receipts
+        assert not holder.subscribe(own_receipts).is_failure
+        others = [device] + [broker.login(name) for name in SERVICE_NAMES if name != owner]
+        for client_id in (tagged, f"mro-{STATION}-{client}"):
+            for login in others:
+                for clean in (True, False):
+                    code = connack(broker, login, client_id, clean)
+                    assert code in REFUSED_ID, f"{broker.kind}: {login[0]} as {client_id}: {code}"
+        time.sleep(QUIET_S)
+        assert not holder.disconnected.is_set(), f"{broker.kind}: {client} was kicked off"
+        publisher(broker, clients, "validate").publish(own_receipts, f"still {client}".encode())
+        holder.wait_for(own_receipts, f"still {client}".encode())
+        holder.close()
+        assert connack(broker, broker.login(owner), tagged, clean_session=False) == 0
+        assert connack(broker, broker.login(owner), f"mro-{STATION}-{client}") == 0
+    # other reserved ids are the services' (the operator's commands), other ids are anyone's
+    assert connack(broker, broker.service_user, f"mro-status-{next(_ids)}") == 0
+    assert connack(broker, device, f"mro-status-{next(_ids)}") in REFUSED_ID
+    assert connack(broker, device, f"tablet-{next(_ids)}") == 0
+    assert connack(broker, device, device[0]) == 0
+    assert connack(broker, (device[0], "wrong"), f"tablet-{next(_ids)}") != 0
+
+
+def test_the_client_id_file_is_followed_without_a_restart(broker: BrokerProc) -> None:
+    """`clientids` (written by credentials.py beside passwd and acl) is re-read when it changes:
+    a new owner takes effect at the next CONNECT (and on SIGHUP), a malformed or missing file
+    refuses every `mro-` id, even a service's own, until a good one is back."""
+    path = broker.credentials.clientids_path
+    original = path.read_text()
+    validate, sign = broker.login("validate"), broker.login("sign")
+    spare = f"mro-{STATION}-spare"
+    try:
+        assert connack(broker, validate, f"{spare}-1") == 0, "an id nobody owns"
+        write_atomic(path, (original + f"client {spare} {service_user('sign')}\n").encode())
+        assert connack(broker, validate, f"{spare}-1") in REFUSED_ID
+        assert connack(broker, sign, f"{spare}-1") == 0
+        write_atomic(path, (original + f"client {spare} {service_user('validate')}\n").encode())
+        broker.reload()
+        time.sleep(QUIET_S)
+        assert connack(broker, validate, f"{spare}-1") == 0
+        assert connack(broker, sign, f"{spare}-1") in REFUSED_ID
+        write_atomic(path, (original + "owner of everything\n").encode())
+        assert connack(broker, validate, broker.client_id("validate")) in REFUSED_ID, "a malformed file"
+        path.unlink()
+        assert connack(broker, validate, broker.client_id("validate")) in REFUSED_ID, "no file"
+        assert connack(broker, validate, "validate-anything") == 0
+    finally:
+        write_atomic(path, original.encode())
+        broker.reload()
+    time.sleep(QUIET_S)
+    assert connack(broker, validate, broker.client_id("validate")) == 0
+    assert connack(broker, validate, f"{spare}-1") == 0
 
 
 def offline_subscriber(broker: BrokerProc, clients: Callable[..., Client], client_id: str) -> Client:

@@ -395,7 +395,7 @@ def test_images_are_pinned_to_exact_versions(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         image = service["image"]
         if name == BROKER:
-            assert re.fullmatch(r"eclipse-mosquitto:2\.0\.\d+", image), f"{image}: pin an exact 2.0.x tag"
+            assert image == f"mro-edge-mosquitto:{version}", f"{name}: the image of this very version"
         else:
             assert image == f"mro-edge:{version}", f"{name}: the image of this very version"
     dockerfile = (REPO / "Dockerfile").read_text().splitlines()
@@ -404,6 +404,22 @@ def test_images_are_pinned_to_exact_versions(compose: dict[str, Any]) -> None:
         "python:3.11.13-slim-bookworm"
     ] * 2
     assert "-c constraints.txt" in "\n".join(dockerfile), "the Dockerfile installs the locked versions"
+
+
+def test_the_broker_image_is_eclipse_mosquitto_with_the_client_id_plugin(compose: dict[str, Any]) -> None:
+    """deploy/mosquitto/Dockerfile: an exact eclipse-mosquitto 2.0.x tag plus the plugin built by
+    its Makefile in an Alpine stage, copied to where mosquitto.conf loads it. (The image build
+    itself is not run here: no Docker Engine.)"""
+    build = compose["services"][BROKER]["build"]
+    assert Path(build["context"]) == MOSQUITTO_RUN.parent
+    dockerfile = (MOSQUITTO_RUN.parent / "Dockerfile").read_text().splitlines()
+    bases = [line.split()[1:] for line in dockerfile if line.startswith("FROM ")]
+    assert bases[0][1:] == ["AS", "build"] and re.fullmatch(r"alpine:3\.\d+", bases[0][0]), bases
+    assert len(bases) == 2 and re.fullmatch(r"eclipse-mosquitto:2\.0\.\d+", bases[1][0]), "pin an exact 2.0.x tag"
+    assert "RUN make -C /src BUILD_DIR=/out" in dockerfile
+    directives = conf_directives()
+    assert f"COPY --from=build /out/mro_clientid.so {directives['plugin']}" in dockerfile
+    assert str(Path(directives["plugin_opt_clientids"]).parent) == "/mosquitto/auth", "written beside passwd and acl"
 
 
 def test_every_container_rotates_its_logs(compose: dict[str, Any]) -> None:

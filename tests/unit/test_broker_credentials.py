@@ -18,7 +18,9 @@ from services.broker.credentials import (
     SERVICE_NAMES,
     Acl,
     BrokerCredentials,
+    ClientIdOwners,
     CredentialsError,
+    client_id_owners,
     hash_password,
     service_client_id,
     service_user,
@@ -137,3 +139,25 @@ def test_a_successful_check_is_remembered_and_a_failed_one_is_not(creds: BrokerC
     assert creds.check(device, device_password)
     creds.add_device("TAB-2", "tablet")  # a new password: the remembered check no longer applies
     assert not creds.check(device, device_password)
+
+
+def test_the_clientids_file_binds_each_service_id_to_its_owner(creds: BrokerCredentials) -> None:
+    """What credentials.py writes for the embedded broker and Mosquitto's plugin: every service
+    user, and each `mro-<station>-<client>` with its owner; the longest matching line decides."""
+    creds.ensure_service_users()
+    owners = ClientIdOwners.parse(creds.clientids_path.read_text())
+    assert owners.services == {service_user(name) for name in SERVICE_NAMES}
+    assert dict(owners.owners) == client_id_owners(STATION)
+    assert dict(owners.owners)[f"mro-{STATION}-sign-alarm"] == "mro-sign"
+    nested = ClientIdOwners.parse("service a\nservice b\nclient mro-X-s a\nclient mro-X-s-alarm b\n")
+    assert nested.allows("b", "mro-X-s-alarm-tag") and not nested.allows("a", "mro-X-s-alarm-tag")
+    assert nested.allows("a", "mro-X-s-tag") and not nested.allows("b", "mro-X-s")
+    assert nested.allows("a", "mro-X-sx") and nested.allows("b", "mro-X-sx"), "no '-' after it: nobody's own id"
+    assert not nested.allows(None, "mro-X-sx") and not nested.allows("c", "mro-X-sx") and nested.allows("c", "X")
+    assert not ClientIdOwners().allows("a", "mro-X-s"), "no file: every reserved id refused"
+
+
+@pytest.mark.parametrize("line", ["service", "service a b", "client mro-X-s", "owner mro-X-s a", "client a b c"])
+def test_a_malformed_clientids_line_is_an_error_naming_it(line: str) -> None:
+    with pytest.raises(CredentialsError, match=r"clientids:2: expected"):
+        ClientIdOwners.parse(f"# comment\n{line}\n")
