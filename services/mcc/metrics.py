@@ -80,6 +80,10 @@ class BoxCollector(Collector):
             yield gauge
 
         yield from self._stores(stages)
+        unassigned = box.number("ingest", "unassigned_reads")
+        if unassigned is not None:
+            yield GaugeMetricFamily("mro_ingest_unassigned_reads", "raw device reads no work session took yet "
+                                    "(`mro-edge reads list`)", value=unassigned)
 
         dlq = CounterMetricFamily("mro_dlq_reports", "DLQ reports the MCC saw published (since it started)",
                                   labels=["stage"])

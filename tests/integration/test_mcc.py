@@ -240,6 +240,8 @@ def test_headless_chromium_shows_what_the_box_does(tmp_path) -> None:
             assert f"{cap} MB" in wait_until(lambda s=stage: text(f'#stores tr[data-store="{s}"]'), 30, 0.3,
                                              f"{stage}'s store in the disk section")
         assert driver.execute_script("return document.getElementById('disk').hidden") is False
+        # ingest says how many raw reads wait for a work session: none here
+        assert wait_until(lambda: text("#unassigned-count"), 30, 0.3, "the unassigned reads") == "0"
 
         box.pipeline.kill("sign")
         wait_until(lambda: service_state("sign") == "down", 30, 0.3, "the killed stage shown down")

@@ -159,6 +159,12 @@ def test_the_exposition_parses_and_matches_the_model() -> None:
               if s.name.startswith("mro_stage_store_")}
     assert stores == {"mro_stage_store_used_bytes": 1.5 * 2**20, "mro_stage_store_map_bytes": 8 * 2**20,
                       "mro_stage_store_max_bytes": 2 * 2**20}
+    assert not any(s.name == "mro_ingest_unassigned_reads" for family in text_string_to_metric_families(text)
+                   for s in family.samples), "ingest has not said how many reads wait"
+    state.on_status("ingest", {"state": "up", **figures.payload(), "unassigned_reads": 4}, T0)
+    text = exposition(state, threading.Lock(), lambda: T0 + 5).decode()
+    assert [s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "mro_ingest_unassigned_reads"] == [4]
 
 
 def test_the_supervisors_word_is_added_to_the_reason() -> None:
