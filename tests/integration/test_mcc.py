@@ -208,7 +208,9 @@ def test_headless_chromium_shows_what_the_box_does(tmp_path) -> None:
         driver.find_element(By.ID, "user").send_keys("op")
         driver.find_element(By.ID, "password").send_keys(PASSWORD)
         driver.find_element(By.ID, "login").click()
-        wait_until(lambda: driver.find_element(By.ID, "station").text == "HGR1", 20, 0.2, "the page")
+        # the page loads after the login's redirect: until then there is no #station to read
+        wait_until(lambda: [e.text for e in driver.find_elements(By.ID, "station")] == ["HGR1"], 20, 0.2,
+                   "the page")
         assert driver.execute_script("return document.cookie") == "", "the session cookie is HttpOnly"
 
         send_good_and_bad(box)
