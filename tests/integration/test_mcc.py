@@ -204,7 +204,8 @@ def test_headless_chromium_shows_what_the_box_does(tmp_path) -> None:
         driver.find_element(By.ID, "user").send_keys("op")
         driver.find_element(By.ID, "password").send_keys("not the password")
         driver.find_element(By.ID, "login").click()
-        assert "Wrong operator or password" in driver.find_element(By.ID, "error").text
+        wait_until(lambda: any("Wrong operator or password" in e.text for e in driver.find_elements(By.ID, "error")),
+                   20, 0.2, "the refusal (answered after a deliberate delay)")
         driver.find_element(By.ID, "user").send_keys("op")
         driver.find_element(By.ID, "password").send_keys(PASSWORD)
         driver.find_element(By.ID, "login").click()
