@@ -38,10 +38,10 @@ bench: $(STAMP)
 	scripts/ensure-postgres
 	$(BIN)/python -m bench
 
-## lint: ruff (rules in pyproject.toml) on everything, mypy on shared/ and services/
+## lint: ruff (rules in pyproject.toml) on everything, mypy on shared/, services/ and mro_edge/
 lint: $(STAMP)
 	$(BIN)/ruff check shared services mro_edge tests bench
-	$(BIN)/mypy shared services
+	$(BIN)/mypy shared services mro_edge
 
 ## lock: re-resolve pyproject.toml's dependencies in a fresh virtualenv into constraints.txt
 lock:

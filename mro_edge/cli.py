@@ -17,6 +17,7 @@ import sys
 import time
 from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 from services.registry import BY_NAME, Kind, service_names
 from shared.runtime.config import Config, ConfigError, load_config
@@ -509,7 +510,7 @@ def cmd_dlq_summary(config: Config, args) -> int:
     from shared.runtime.store import Store, StoreError
 
     budget = config.stage.dlq_budget_kb * 1024
-    stages = []
+    stages: list[dict[str, Any]] = []
     for stage in service_names(Kind.STAGE):
         path = config.stage_dir(stage)
         if not (path / "data.mdb").exists():
