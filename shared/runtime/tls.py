@@ -80,8 +80,9 @@ def explain(exc: BaseException, mqtt: MqttConfig) -> str:
                 "set MRO_MQTT_CA_FILE to the CA that signed it (the ca.pem beside the broker's certificate)")
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or str(exc)).lower()
-        if "certificate" in reason and ("required" in reason or "unknown" in reason or "expired" in reason
-                                        or "bad" in reason):
+        client_refused = "certificate" in reason and any(w in reason for w in ("required", "unknown", "expired",
+                                                                                "bad"))
+        if client_refused or "alert_unknown_ca" in reason:  # the broker knows no CA of our certificate
             return (f"{where}: the broker refused this client's certificate ({exc.reason}): it requires a "
                     "valid client certificate signed by its CA; set MRO_MQTT_CERT_FILE and MRO_MQTT_KEY_FILE "
                     "(mro-edge certs device ID makes one)")

@@ -127,6 +127,10 @@ def test_explain_names_the_cause_and_the_fix(tmp_path: Path) -> None:
     wrong_host.verify_code, wrong_host.verify_message = 62, "Hostname mismatch, certificate is not valid for 'edge'."
     assert "does not name edge" in explain(wrong_host, mqtt)
     assert "plain MQTT" in explain(ConnectionResetError(104, "Connection reset by peer"), mqtt)
+    for alert in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+        refused = ssl.SSLError(1, f"[SSL: {alert}] the broker's alert")
+        refused.reason = alert  # what OpenSSL sets: Mosquitto refusing our client certificate
+        assert "refused this client's certificate" in explain(refused, mqtt), alert
 
 
 def test_certs_init_and_device_verify_with_openssl(tmp_path: Path, capsys) -> None:
