@@ -43,14 +43,10 @@ class SchemaCommands:
         }
 
     def handle(self, payload: bytes, uow: UnitOfWork) -> None:
-        try:
-            command = msgspec.json.decode(payload)
-            if not isinstance(command, dict):
-                raise ValueError("not an object")
-        except (msgspec.DecodeError, ValueError):
-            self.control.log.warning("unreadable schema command ignored")
+        read = read_command(payload, self.control.log, "schema")
+        if read is None:
             return
-        command_id = str(command.get("id") or "")[:64] or uuid.uuid4().hex
+        command, command_id = read
         try:
             check_fresh(command)
             run = self.commands.get(str(command.get("command")))
@@ -81,6 +77,19 @@ class SchemaCommands:
             "history": [definition.get("version") for definition in state.history],
             "tolerance_ppm": self.control.settings.tolerance_ppm,
         }
+
+
+def read_command(payload: bytes, log, what: str) -> tuple[dict[str, Any], str] | None:
+    """An operator command and its id (made up when it names none), or None, logged, for a
+    payload that is not a JSON object: such a command gets no reply, there is no id to answer."""
+    try:
+        command = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        command = None
+    if not isinstance(command, dict):
+        log.warning(f"unreadable {what} command ignored")
+        return None
+    return command, str(command.get("id") or "")[:64] or uuid.uuid4().hex
 
 
 def check_fresh(command: dict) -> None:

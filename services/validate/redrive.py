@@ -30,7 +30,7 @@ import msgspec
 from msgspec import Meta
 
 from services.validate.changes import CONTROL_DEVICE
-from services.validate.commands import check_fresh
+from services.validate.commands import check_fresh, read_command
 from services.validate.contract import CommandError
 from services.validate.registry import CONTROL_TABLE
 from shared.contract import idempotency_key
@@ -172,14 +172,10 @@ class Redrive:
         self.log = log
 
     def handle(self, payload: bytes, uow: UnitOfWork) -> None:
-        try:
-            command = msgspec.json.decode(payload)
-            if not isinstance(command, dict):
-                raise ValueError("not an object")
-        except (msgspec.DecodeError, ValueError):
-            self.log.warning("unreadable redrive command ignored")
+        read = read_command(payload, self.log, "redrive")
+        if read is None:
             return
-        command_id = str(command.get("id") or "")[:64] or uuid.uuid4().hex
+        command, command_id = read
         done = uow.get(CONTROL_TABLE, _DONE + command_id.encode())
         if done is not None:
             reply = {**msgspec.json.decode(done), "repeated": True}
