@@ -5,7 +5,9 @@ printouts, so it may hold nothing that changes how other text looks instead of b
 C0 and C1 control characters (an ANSI escape starts with ESC U+001B or CSI U+009B; NUL
 truncates C strings), bidi embeddings, overrides, isolates and marks (U+202A-U+202E,
 U+2066-U+2069, U+200E, U+200F, U+061C: "Trojan Source"), and zero-width or invisible
-characters (U+200B-U+200D, U+2060, U+FEFF). Free text keeps LF and TAB, for multi-line notes;
+characters (U+200B-U+200D, U+2060, U+FEFF), invisible operators (U+2061-U+2064), and the
+Unicode line and paragraph separators (U+2028, U+2029: JavaScript string literals end at them
+and some viewers break lines there). Free text keeps LF and TAB, for multi-line notes;
 identifiers have ASCII-only patterns and so exclude all of these already.
 
 msgspec, like most JSON decoders, keeps the last of two equal keys in an object. A record
@@ -30,8 +32,10 @@ FORBIDDEN: tuple[tuple[int, int, str], ...] = (
     (0x061C, 0x061C, "bidi control"),
     (0x200B, 0x200D, "zero-width"),
     (0x200E, 0x200F, "bidi control"),
+    (0x2028, 0x2029, "line separator"),
     (0x202A, 0x202E, "bidi control"),
     (0x2060, 0x2060, "zero-width"),
+    (0x2061, 0x2064, "invisible operator"),
     (0x2066, 0x2069, "bidi control"),
     (0xFEFF, 0xFEFF, "zero-width"),
 )
