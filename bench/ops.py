@@ -337,9 +337,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for name, seconds in r["cpu_s"].items():
                 cpu[name] = cpu.get(name, 0.0) + seconds
         seconds = sum(r["seconds"] for r in chosen)
+        records = sum(r["ledger_added"] for r in chosen)
+        served = {k: v for k, v in cpu.items() if k != "bench"}
         out[mode] = {"rates": rates, "mean_rate": round(sum(rates) / len(rates), 1) if rates else None,
                      "complete": all(r["complete"] for r in chosen),
-                     "cpu_pct": {k: round(100 * v / seconds, 1) for k, v in cpu.items()} if seconds else {}}
+                     "machine_busy_pct": [r["system_busy_pct"] for r in chosen],
+                     "cpu_pct": {k: round(100 * v / seconds, 1) for k, v in cpu.items()} if seconds else {},
+                     # CPU per record is steadier than records/s on a shared machine: others' load
+                     # slows a run down but does not add to our processes' CPU time
+                     "cpu_us_per_record": {k: round(1e6 * v / records) for k, v in served.items()} if records else {},
+                     "box_cpu_us_per_record": round(1e6 * sum(served.values()) / records) if records else None}
     plain, watched = out["plain"]["mean_rate"], out["watched"]["mean_rate"]
     out["watched_vs_plain"] = round(watched / plain, 3) if plain and watched else None
     scrape_times: dict[str, list[float]] = {}
@@ -367,8 +374,10 @@ def table(f: dict[str, Any]) -> str:
     if s["watched_vs_plain"] is not None:
         lines.append(f"  watched / plain: {s['watched_vs_plain']:.3f}")
     for mode in ("plain", "watched"):
-        cpu = s[mode]["cpu_pct"]
-        lines.append(f"  CPU % {mode:<8}: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k != "bench"))
+        m = s[mode]
+        lines.append(f"  CPU us/record {mode:<8}: all {m['box_cpu_us_per_record']} = "
+                     + ", ".join(f"{k} {v}" for k, v in m["cpu_us_per_record"].items())
+                     + f"; machine busy % per run {m['machine_busy_pct']}")
     watched = [r for r in f["runs"] if r["mode"] == "watched"]
     lines.append("  SSE updates read per dashboard per run: "
                  + "; ".join("/".join(str(e) for e in r["sse_events"]) for r in watched)
