@@ -339,9 +339,10 @@ def cmd_ledger_archive(config: Config, args) -> int:
     from shared.ledger.archive import ArchiveRefused, archive_ledger
     from shared.ledger.audit import AuditError
     from shared.ledger.store import open_ledger
-    from shared.runtime.logs import get_logger
+    from shared.runtime.logs import configure_logging, get_logger
     from shared.runtime.store import StoreError
 
+    configure_logging("ledger-archive", config.station)  # the archival's JSON log lines, on stderr
     if args.upto is not None and args.upto < 1:
         raise _user_error("--upto N needs N >= 1 (the number of entries, seq 0..N-1)")
     if args.older_than is not None and args.older_than < 0:
@@ -349,7 +350,7 @@ def cmd_ledger_archive(config: Config, args) -> int:
     operator = (args.by or operator_name()).strip()[:64]
     if not operator:
         raise _user_error("--by needs a name")
-    log = get_logger(service="ledger-archive", correlation_id=None)
+    log = get_logger(correlation_id=None)
     try:
         summary = archive_ledger(config, args.out, operator=operator, upto=args.upto,
                                  older_than_days=args.older_than, log=log)
@@ -379,8 +380,8 @@ def cmd_ledger_archive(config: Config, args) -> int:
     if recorded is not None:
         print(f"the sign service recorded it as ledger entry seq {recorded} (ledger_archived)")
     else:
-        print("the sign service records it as a ledger_archived entry with the next record it signs "
-              "(it is not running, or no record came yet)", file=sys.stderr)
+        print("the sign service records it as a ledger_archived entry as soon as it runs (it is not running, "
+              "or did not answer yet): check with 'mro-edge keys show' / 'mro-edge audit export'", file=sys.stderr)
     print(f"keep the archive safe (two places); verify: mro-edge audit verify {summary['archive']}   "
           "(by hand: README.txt in it)", file=sys.stderr)
     return 0
