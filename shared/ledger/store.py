@@ -45,7 +45,7 @@ from shared.ledger.entry import SignedEntry
 from shared.ledger.merkle import MERKLE_TABLE, MerkleTree, lmdb_tree
 from shared.runtime.config import Config
 from shared.runtime.files import write_atomic
-from shared.runtime.store import MIB, Store, StoreError, TxnGate, from_u64, u64
+from shared.runtime.store import MIB, MapGrown, Store, StoreError, TxnGate, from_u64, u64
 
 LEDGER_TABLE = "ledger"
 CHECKPOINTS_TABLE = "checkpoints"
@@ -379,27 +379,37 @@ class LedgerPruner:
             base = view.archived()
         if base is None:
             return 0, 0
-        entries = nodes = 0
         ledger_db, merkle_db = self.store.table(LEDGER_TABLE), self.store.table(MERKLE_TABLE)
+
+        def entries_below(txn: lmdb.Transaction) -> int:
+            cursor = txn.cursor(db=ledger_db)
+            done = 0
+            while done < batch and cursor.first() and from_u64(cursor.key()) < base.n:
+                cursor.delete()
+                done += 1
+            return done
+
+        def nodes_below(txn: lmdb.Transaction) -> int:
+            keys = prunable_keys(lambda start: _keys_from(txn, merkle_db, start), base.n, batch)
+            for key in keys:
+                txn.delete(key, db=merkle_db)
+            return len(keys)
+
+        return self._in_batches(entries_below, batch), self._in_batches(nodes_below, batch)
+
+    def _in_batches(self, delete: Any, batch: int) -> int:
+        """Run ``delete(txn)`` in its own write transaction until it deletes fewer than ``batch``
+        rows; a transaction that grew the map (``MapGrown``) is simply run again."""
+        total = 0
         while True:
-            with self.store.write() as txn:
-                cursor = txn.cursor(db=ledger_db)
-                done = 0
-                while done < batch and cursor.first() and from_u64(cursor.key()) < base.n:
-                    cursor.delete()
-                    done += 1
-            entries += done
+            try:
+                with self.store.write() as txn:
+                    done = delete(txn)
+            except MapGrown:
+                continue
+            total += done
             if done < batch:
-                break
-        while True:
-            with self.store.write() as txn:
-                keys = prunable_keys(lambda start: _keys_from(txn, merkle_db, start), base.n, batch)
-                for key in keys:
-                    txn.delete(key, db=merkle_db)
-            nodes += len(keys)
-            if len(keys) < batch:
-                break
-        return entries, nodes
+                return total
 
     def close(self) -> None:
         self.store.close()

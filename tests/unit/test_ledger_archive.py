@@ -184,3 +184,43 @@ def test_archive_verifies_with_sha256sum_and_openssl_and_detects_tampering(box, 
     with pytest.raises(AuditError, match="entries.jsonl differs"):
         verify_archive(tampered)
     assert verify_archive(Path(out))["entries"] == 30
+
+
+def test_idle_box_records_the_archival_at_once_and_an_interrupted_prune_resumes(box, tmp_path, monkeypatch):
+    gateway_holds(box, acked=60, cosigned=60)
+    archive_ledger(box, tmp_path / "a1", operator="carol", upto=20)
+    with LocalSign(box) as sign:
+        sign.open()
+        owed = sign.runtime.outbox.pending()
+        assert sign.stage.checkpointer.record_archival() is True, "no record needed to record it"
+        assert sign.stage.checkpointer.record_archival() is False, "once"
+        assert sign.runtime.outbox.pending() == owed + 1, "forwarded to the uplink"
+    with open_ledger(box) as reader:
+        head = reader.head()
+        base = reader.archived()
+    assert head is not None and base is not None and base.recorded_seq == head.seq == 60
+    assert parse_entry(head.entry).body["archived_count"] == 20
+
+    # killed after the archival was recorded, before its deletes: the next run finishes them first
+    from shared.ledger.store import LedgerPruner
+
+    real_prune = LedgerPruner.prune
+    calls: list[int] = []
+
+    def killed_after_record(self, batch=2000):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise SystemExit("killed")
+        return real_prune(self, batch)
+
+    monkeypatch.setattr(LedgerPruner, "prune", killed_after_record)
+    with pytest.raises(SystemExit):
+        archive_ledger(box, tmp_path / "a2", operator="carol", upto=40)
+    monkeypatch.setattr(LedgerPruner, "prune", real_prune)
+    with open_ledger(box) as reader, reader.snapshot() as view:
+        assert view.first_seq() == 40 and next(view.entries()).seq == 20, "recorded, not yet deleted"
+    summary = archive_ledger(box, tmp_path / "a3", operator="carol", upto=50)
+    assert (summary["first"], summary["n"], summary["entries_deleted"]) == (40, 50, 30)
+    with open_ledger(box) as reader:
+        assert next(reader.entries()).seq == 50
+    assert verify_audit(tmp_path / "a3", archives=[tmp_path / "a1", tmp_path / "a2"])["archives"] == 2
