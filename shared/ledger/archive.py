@@ -129,15 +129,14 @@ def plan_archive(view: LedgerView, receipt: Any, *, upto: int | None = None,
         young = _first_recorded_after(view, first, limit, cutoff)
         if young is not None and young < limit:
             limit, why = young, f"seq {young} is younger than {older_than_days:g} days"
-    sizes = [s for s in view.checkpoint_sizes(limit) if s > first]
-    if not sizes:
+    n = view.newest_checkpoint_size(limit)
+    if n is None or n <= first:
         raise ArchiveRefused(
             f"nothing to archive: the ledger holds seq {first}..{size - 1} and at most {limit} entries may go "
             f"({why}), but no checkpoint the sign service signed lies between {first + 1} and {limit}. Try again "
             "later (the sign service signs checkpoints as the ledger grows) or with a larger --upto/--older-than.")
-    n = sizes[0]
     note = view.checkpoint_at(n)
-    assert note is not None  # listed by checkpoint_sizes from the same snapshot
+    assert note is not None  # found by newest_checkpoint_size in the same snapshot
     return Plan(first, n, note, acked, cosigned, receipt.cosigned_note)
 
 

@@ -161,18 +161,14 @@ class LedgerView:
         value = self._txn.get(u64(size), db=db) if db is not None else None
         return bytes(value) if value is not None else None
 
-    def checkpoint_sizes(self, at_most: int) -> list[int]:
-        """Sizes of the stored checkpoints up to ``at_most``, newest first."""
+    def newest_checkpoint_size(self, at_most: int) -> int | None:
+        """The size of the newest stored checkpoint covering at most ``at_most`` entries, or None."""
         db = self._tables[CHECKPOINTS_TABLE]
         if db is None:
-            return []
+            return None
         cursor = self._txn.cursor(db=db)
         found = cursor.prev() if cursor.set_range(u64(at_most + 1)) else cursor.last()
-        sizes: list[int] = []
-        while found:
-            sizes.append(from_u64(cursor.key()))
-            found = cursor.prev()
-        return sizes
+        return from_u64(cursor.key()) if found else None
 
     def checkpoint_at_most(self, size: int) -> bytes | None:
         """The newest stored checkpoint covering at most ``size`` entries (None if there is none).
