@@ -2,7 +2,8 @@
 the archive verifies alone (verify_audit, sha256sum, openssl), the box keeps the compact range,
 checkpoints and the chain's link, signing goes on (and records the archival in the ledger), the
 box's audit export verifies from where it starts and together with the archives; refusals leave
-everything as it was. The same with the real gateway and services: tests/integration/test_ledger_archive_running_box.py."""
+everything as it was. The same with the real gateway and services:
+tests/integration/test_ledger_archive_running_box.py."""
 
 from __future__ import annotations
 
