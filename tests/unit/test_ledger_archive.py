@@ -225,3 +225,27 @@ def test_idle_box_records_the_archival_at_once_and_an_interrupted_prune_resumes(
     with open_ledger(box) as reader:
         assert next(reader.entries()).seq == 50
     assert verify_audit(tmp_path / "a3", archives=[tmp_path / "a1", tmp_path / "a2"])["archives"] == 2
+
+
+def test_an_archive_that_does_not_verify_is_not_kept_and_nothing_is_deleted(box, tmp_path):
+    import msgspec
+
+    from shared.ledger.store import LEDGER_TABLE, SIGN_TABLES, decode_entry, encode_entry
+    from shared.runtime.store import u64
+
+    gateway_holds(box, acked=60, cosigned=50)
+    store = Store(box.stage_dir("sign"), SIGN_TABLES)
+    try:
+        with store.write() as txn:
+            row = decode_entry(txn.get(u64(5), db=store.table(LEDGER_TABLE)))
+            forged = msgspec.structs.replace(row, signature=bytes(64))
+            txn.put(u64(5), encode_entry(forged), db=store.table(LEDGER_TABLE))
+    finally:
+        store.close()
+    out = tmp_path / "archive"
+    with pytest.raises(AuditError, match="signature") as refused:
+        archive_ledger(box, out, operator="alice")
+    assert refused.value.seq == 5
+    assert not out.exists() and not list(tmp_path.glob(".archive.partial-*"))
+    with open_ledger(box) as reader:
+        assert reader.archived() is None and next(reader.entries()).seq == 0
