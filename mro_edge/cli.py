@@ -680,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = lsub.add_parser("export", help="JSON Lines: seq, idempotency_key, entry, hash, signature, kid")
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_ledger)
+    from mro_edge.commands_ledger import add_ledger_archive
+
+    add_ledger_archive(lsub)
 
     dlq = sub.add_parser("dlq", help="dead-letter reports")
     qsub = dlq.add_subparsers(dest="action", required=True)

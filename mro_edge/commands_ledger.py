@@ -6,6 +6,8 @@ keys rotate         stage a new key; the sign service appends the signed rotatio
 keys export-public  the current public key as PEM (what `mro-edge gateway register-edge` takes)
 audit export        entries, signatures, checkpoint, public keys and proofs for an auditor
 audit verify        check such a directory; exit 0 only if everything verifies, else name the first bad seq
+                    (--archive DIR: with the archives that hold the entries the box no longer has)
+ledger archive      move the oldest entries the gateway holds and cosigned to a verified archive
 """
 
 from __future__ import annotations
@@ -200,6 +202,10 @@ def cmd_audit_export(config: Config, args) -> int:
         return 1
     except (FileExistsError, ValueError, StoreError) as exc:
         raise _user_error(str(exc)) from None
+    if summary["first"]:
+        print(f"seq 0..{summary['first'] - 1} were archived to {summary['archive']}: the export holds seq "
+              f"{summary['first']}..{summary['entries'] - 1} (archived.json says where it continues the archive)",
+              file=sys.stderr)
     print(f"exported {summary['entries']} entries of {summary['origin']} to {summary['out']}: tree size "
           f"{summary['tree_size']}, root {summary['root']}, checkpoint {summary['checkpoint']} by key "
           f"{summary['kid']}; proofs for seqs {', '.join(map(str, summary['proofs'])) or '(none)'}")
@@ -222,7 +228,15 @@ def cmd_audit_verify(config: Config, args) -> int:
     except (OSError, KeyFormatError) as exc:
         raise _user_error(str(exc)) from None
     try:
-        report = verify_audit(args.dir, trusted_keys=trusted, known_checkpoints=known)
+        from shared.ledger.archive import MANIFEST, check_manifest
+
+        for archive in args.archive or ():
+            if not Path(archive).is_dir():
+                raise _user_error(f"--archive {archive} is not a directory (an archive of 'mro-edge ledger archive')")
+            check_manifest(Path(archive))
+        if (Path(args.dir) / MANIFEST).exists():
+            check_manifest(Path(args.dir))
+        report = verify_audit(args.dir, trusted_keys=trusted, known_checkpoints=known, archives=args.archive or ())
     except AuditError as exc:
         if args.json:
             print(json.dumps({"ok": False, "seq": exc.seq, "reason": exc.reason}))
@@ -240,6 +254,12 @@ def cmd_audit_verify(config: Config, args) -> int:
             f"signed by {report['kid']}, {report['proofs']} inclusion proofs, "
             f"{report['known_checkpoints']} known checkpoints consistent"
         )
+        if report["archives"]:
+            print(f"   including {report['archives']} archive(s): seq 0..{report['entries'] - 1} verified as one chain")
+        elif report["first"]:
+            print(f"   seq 0..{report['first'] - 1} are NOT in this directory: they were archived to "
+                  f"{report['archived_in']} (MANIFEST.sha256 {report['archive_manifest_sha256']}); seq "
+                  f"{report['first']}.. verified from there on. Pass --archive DIR to verify them together")
         if trusted is None:
             print("the keys were taken from the export itself: confirm the kid of seq 0's key out of band, "
                   "or pass --trusted-key", file=sys.stderr)
@@ -282,6 +302,86 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aver.add_argument("--known-checkpoint", action="append", metavar="FILE",
                       help="a signed checkpoint you already hold (older export, gateway receipt): the export "
                            "must extend it (catches rollback and forks)")
+    aver.add_argument("--archive", action="append", metavar="DIR",
+                      help="an archive of 'mro-edge ledger archive' holding earlier entries (repeat, oldest first): "
+                           "verified first, and the directory must continue it")
     aver.add_argument("--json", action="store_true")
     aver.set_defaults(func=cmd_audit_verify)
 
+
+
+# -- ledger archive ---------------------------------------------------------------------------------
+
+ARCHIVE_RECORD_WAIT_S = 30.0
+
+
+def add_ledger_archive(lsub) -> None:
+    """`mro-edge ledger archive` (the `ledger` command group lives in mro_edge.cli)."""
+    archive = lsub.add_parser(
+        "archive", help="move the oldest entries the gateway holds and cosigned into a verified archive, "
+                        "then delete them here (keeps checkpoints, the Merkle frontier and the chain's link)")
+    archive.add_argument("--out", required=True, help="a new (or empty) directory for the archive")
+    bound = archive.add_mutually_exclusive_group()
+    bound.add_argument("--upto", type=int, metavar="N",
+                       help="archive at most the first N entries (seq 0..N-1)")
+    bound.add_argument("--older-than", type=float, metavar="DAYS",
+                       help="archive only entries recorded more than DAYS days ago")
+    archive.add_argument("--by", default=None, help="operator name for the ledger (default: the OS user)")
+    archive.add_argument("--wait", type=float, default=ARCHIVE_RECORD_WAIT_S,
+                         help="seconds to wait for the sign service to record the archival in the ledger")
+    archive.set_defaults(func=cmd_ledger_archive)
+
+
+def cmd_ledger_archive(config: Config, args) -> int:
+    import time
+
+    from services.validate.commands import operator_name
+    from shared.ledger.archive import ArchiveRefused, archive_ledger
+    from shared.ledger.audit import AuditError
+    from shared.ledger.store import open_ledger
+    from shared.runtime.logs import configure_logging, get_logger
+    from shared.runtime.store import StoreError
+
+    configure_logging("ledger-archive", config.station)  # the archival's JSON log lines, on stderr
+    if args.upto is not None and args.upto < 1:
+        raise _user_error("--upto N needs N >= 1 (the number of entries, seq 0..N-1)")
+    if args.older_than is not None and args.older_than < 0:
+        raise _user_error("--older-than DAYS needs DAYS >= 0")
+    operator = (args.by or operator_name()).strip()[:64]
+    if not operator:
+        raise _user_error("--by needs a name")
+    log = get_logger(correlation_id=None)
+    try:
+        summary = archive_ledger(config, args.out, operator=operator, upto=args.upto,
+                                 older_than_days=args.older_than, log=log)
+    except ArchiveRefused as exc:
+        log.warning("ledger archive refused", reason=str(exc)[:300], state_transition="LEDGER_ARCHIVE_REFUSED")
+        raise _user_error(f"nothing archived: {exc}") from None
+    except AuditError as exc:
+        log.error("ledger archive failed verification", reason=str(exc)[:300],
+                  state_transition="LEDGER_ARCHIVE_REFUSED")
+        print(f"ledger archive FAILED: the archive does not verify ({exc}); nothing was deleted and no archive "
+              "was kept. Run 'mro-edge audit export --out DIR' to find the first bad seq.", file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        raise _user_error(str(exc)) from None
+    print(f"archived seq {summary['first']}..{summary['n'] - 1} to {summary['archive']} (root {summary['root']}, "
+          f"MANIFEST.sha256 {summary['manifest_sha256']}); deleted {summary['entries_deleted']} entries and "
+          f"{summary['nodes_deleted']} Merkle nodes from the box")
+    deadline = time.monotonic() + max(args.wait, 0.0)
+    recorded = None
+    while True:
+        with open_ledger(config) as reader:
+            base = reader.archived()
+        recorded = base.recorded_seq if base is not None and base.n == summary["n"] else None
+        if recorded is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if recorded is not None:
+        print(f"the sign service recorded it as ledger entry seq {recorded} (ledger_archived)")
+    else:
+        print("the sign service records it as a ledger_archived entry as soon as it runs (it is not running, "
+              "or did not answer yet): check with 'mro-edge keys show' / 'mro-edge audit export'", file=sys.stderr)
+    print(f"keep the archive safe (two places); verify: mro-edge audit verify {summary['archive']}   "
+          "(by hand: README.txt in it)", file=sys.stderr)
+    return 0

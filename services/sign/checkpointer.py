@@ -13,9 +13,11 @@ from shared.ledger.store import (
     LEDGER_TABLE,
     decode_entry,
     latest_checkpoint_path,
+    ledger_view,
     write_latest_checkpoint,
 )
 from shared.runtime.store import u64
+from shared.runtime.work import LmdbUnitOfWork
 
 if TYPE_CHECKING:
     from services.sign.stage import Sign
@@ -36,6 +38,7 @@ class Checkpointer(threading.Thread):
     def __init__(self, stage: Sign, runtime) -> None:
         super().__init__(name="sign-checkpointer", daemon=True)
         self.stage = stage
+        self.runtime = runtime
         self.store = runtime.store
         self.log = runtime.log
         self.path = latest_checkpoint_path(runtime.config)
@@ -67,8 +70,27 @@ class Checkpointer(threading.Thread):
             self.wake.wait(CHECKPOINT_POLL_S)
             self.wake.clear()
 
+    def record_archival(self) -> bool:
+        """Append the ``ledger_archived`` entry of a new archival (``mro-edge ledger archive``) now,
+        rather than with the next record: one unit of work of the stage's own (``Sign.begin``
+        appends it and forwards it to the uplink; the stage loop's outbox pump sends it)."""
+        with ledger_view(self.store) as view:
+            base = view.archived()
+        if base is None or base.recorded_seq is not None:
+            return False
+        with self.store.write() as txn:
+            uow = LmdbUnitOfWork(self.stage, self.runtime.topics, self.store, txn, self.runtime.outbox)
+            self.stage.begin(uow)
+            self.stage.finish(uow)
+        for t in uow.transitions:
+            self.log.info("ledger archival recorded", correlation_id=t.correlation_id, key=t.key,
+                          state_transition=t.state, **t.extra)
+        return True
+
     def tick(self, *, final: bool = False) -> bytes | None:
         """Sign a checkpoint if one is due; returns the note written, if any."""
+        if not final:
+            self.record_archival()
         now = time.monotonic()
         with self.store.read() as txn:
             tree = lmdb_tree(txn, self.store.table(MERKLE_TABLE), write=False)

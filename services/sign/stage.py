@@ -49,10 +49,14 @@ from shared.ledger.entry import (
 from shared.ledger.keys import KeyFileError, LedgerKeyFiles, SigningKey
 from shared.ledger.merkle import MERKLE_TABLE, MerkleTree, leaf_hash, lmdb_tree
 from shared.ledger.store import (
+    ARCHIVED_TABLE,
     LEDGER_TABLE,
     SIGN_TABLES,
+    ArchivedBase,
     decode_entry,
+    encode_base,
     encode_entry,
+    pending_archival,
 )
 from shared.runtime.clock import utc_now
 from shared.runtime.handler import Stage
@@ -223,6 +227,9 @@ class Sign(Stage[ValidatedRecord]):
             self._append_rotation(key, pending, uow)
             self._batch.key = pending
             self._keys[pending.kid] = pending
+        archival = pending_archival(uow.last)
+        if archival is not None:
+            self._append_archival(archival, uow)
 
     def judge(self, item: ValidatedRecord, uow: UnitOfWork) -> Verdict:
         record = item.record
@@ -259,6 +266,20 @@ class Sign(Stage[ValidatedRecord]):
         signed = self._append(idem, KEY_ROTATION, body, uow, key=old)
         uow.forward(SignedRow(idem, None, seq, _row(signed)))
         uow.note(None, idem, "KEY_ROTATION_APPENDED", seq=seq, old_kid=old.kid, new_kid=new.kid)
+
+    def _append_archival(self, base: ArchivedBase, uow: UnitOfWork) -> None:
+        """The ledger's own record of ``mro-edge ledger archive`` (which cannot sign): what left the
+        box, under which root, into which archive, by whom; stored as recorded in the same transaction."""
+        from shared.ledger.archive import LEDGER_ARCHIVED, archival_body
+
+        body = archival_body(base)
+        idem = sha256_hex(canonical_json({LEDGER_ARCHIVED: body, "origin": self.origin}))
+        seq = self._batch.seq
+        signed = self._append(idem, LEDGER_ARCHIVED, body, uow)
+        uow.forward(SignedRow(idem, None, seq, _row(signed)))
+        uow.put(ARCHIVED_TABLE, u64(base.n), encode_base(msgspec.structs.replace(base, recorded_seq=seq)))
+        uow.note(None, idem, "LEDGER_ARCHIVED_APPENDED", seq=seq, archived_count=base.n,
+                 manifest_sha256=base.manifest_sha256)
 
     def status_extra(self) -> dict:
         cp = getattr(self, "checkpointer", None)

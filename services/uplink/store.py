@@ -10,7 +10,8 @@ Tables, beside the stage runtime's own (`seen`, `meta`, the outbox):
 
 The stage handler queues rows through its unit of work (table ``ENTRIES``); the pusher thread
 writes everything else through `UplinkStore`. Other processes read the acknowledged count with
-`acknowledged_count(config)` (the sign stage refuses a ledger behind it), never by table name.
+`acknowledged_count(config)` (the sign stage refuses a ledger behind it) and the gateway's receipt with
+`gateway_receipt(config)` (`mro-edge ledger archive` archives only what it covers), never by table name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import lmdb
+import msgspec
 
 from shared.runtime.config import Config
 from shared.runtime.store import Store, StoreError, from_u64, u64
@@ -117,3 +119,35 @@ def acknowledged_count(config: Config) -> int:
     finally:
         store.close()
     return from_u64(raw) if raw and len(raw) == 8 else 0
+
+
+class GatewayReceipt(msgspec.Struct, frozen=True):
+    """What the gateway confirmed, read from another process: it holds seq 0..acknowledged-1 and
+    cosigned the checkpoint ``cosigned_note`` over the first ``cosigned_size`` entries."""
+
+    acknowledged: int
+    cosigned_size: int
+    cosigned_note: bytes | None
+
+
+def gateway_receipt(config: Config) -> GatewayReceipt:
+    """The acknowledged count and the newest cosigned checkpoint (zeros if the uplink never stored any)."""
+    path = config.stage_dir(UPLINK_STAGE)
+    if not (path / "data.mdb").exists():
+        return GatewayReceipt(0, 0, None)
+    try:
+        store = Store(path, (PROGRESS,), readonly=True)
+    except (StoreError, lmdb.Error):
+        return GatewayReceipt(0, 0, None)
+    try:
+        with store.read() as txn:
+            db = store.table(PROGRESS)
+            raw = [txn.get(key, db=db) for key in (ACKNOWLEDGED_COUNT, COSIGNED_SIZE, COSIGNED_CHECKPOINT)]
+    except lmdb.Error:
+        return GatewayReceipt(0, 0, None)
+    finally:
+        store.close()
+    acked, size, note = raw
+    return GatewayReceipt(from_u64(acked) if acked and len(acked) == 8 else 0,
+                          from_u64(size) if size and len(size) == 8 else 0,
+                          bytes(note) if note else None)

@@ -41,9 +41,10 @@ def _newest_bodies(view: LedgerView, limit: int) -> Iterator[dict]:
     """Walk back from the head in windows of the records still wanted (entries stream forward only)."""
     head = view.head()
     end = head.seq + 1 if head is not None else 0
+    first = view.first_seq()  # entries before it were archived (mro-edge ledger archive)
     wanted = limit
-    while wanted > 0 and end > 0:
-        start = max(0, end - wanted)
+    while wanted > 0 and end > first:
+        start = max(first, end - wanted)
         for signed in reversed(_window(view, start, end)):
             entry = _decode(signed.entry)
             if entry.get("type") in _RECORD_TYPES:

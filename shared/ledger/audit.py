@@ -15,6 +15,15 @@ An export directory holds::
     proofs/<seq>.sig     its raw 64-byte Ed25519 signature      } openssl pkeyutl -verify -rawin
     proofs/<seq>.pem     the public key that signed it          }
     README.txt           how to check one record and the checkpoint by hand
+    archived.json        only when the entries start after seq 0 (the ledger was archived, or this is an
+                         archive of a later part): {first, prev, root, frontier, archive, manifest_sha256}:
+                         where the entries start, the hash of entry first-1 they link to, and the Merkle
+                         compact range at ``first`` (``shared.ledger.frontier``) the root is computed on from
+
+An export that starts at ``first`` verifies on its own (the chain from ``first``, the root from the
+compact range, the signed checkpoint over all ``first + len`` entries binds both), and together with
+the archives that hold seq 0..first-1 (``verify_audit(..., archives=[...])``, oldest first): then it
+must continue exactly where the last archive ends (seq, hash, compact range, keys).
 
 Keys: the first entry's key is the anchor an auditor confirms out of band (``--trusted-key``);
 every later key is introduced by a ``key_rotation`` entry signed by the key before it
@@ -56,6 +65,7 @@ from shared.ledger.checkpoint import (
     split_note,
 )
 from shared.ledger.entry import (
+    GENESIS_PREV,
     ExportLineError,
     LedgerEntry,
     SignedEntry,
@@ -63,6 +73,7 @@ from shared.ledger.entry import (
     export_line,
     parse_export_line,
 )
+from shared.ledger.frontier import frontier_hashes, frontier_root, resume_frontier
 from shared.ledger.keys import (
     KeyFileError,
     KeyFormatError,
@@ -83,6 +94,7 @@ from shared.ledger.merkle import (
 )
 from shared.ledger.store import (
     CHECKPOINTS_TABLE,
+    ArchivedBase,
     LedgerReadError,
     LedgerView,
     latest_checkpoint_path,
@@ -100,6 +112,8 @@ from shared.ledger.verify import (
 from shared.runtime.config import Config
 
 __all__ = ["AuditError", "export_audit", "verify_audit"]
+
+ARCHIVED = "archived.json"
 
 ENTRIES = "entries.jsonl"
 CHECKPOINT = "checkpoint"
@@ -138,6 +152,11 @@ class _Chain:
         self.verifier: ChainVerifier | None = None
         self.origin: str | None = None
         self.kids: dict[str, bytes] = {}
+        self.start = (0, GENESIS_PREV)
+
+    def resume(self, first: int, prev: str) -> None:
+        """The first entry to come is seq ``first``, linked to ``prev`` (a ledger whose start was archived)."""
+        self.start = (first, prev)
 
     def check(self, e: SignedEntry) -> LedgerEntry:
         if self.verifier is None:
@@ -148,7 +167,7 @@ class _Chain:
                                         "ledger keys")
             else:
                 anchors = {e.kid: self.available[e.kid]} if e.kid in self.available else {}
-            self.verifier = ChainVerifier(anchors)
+            self.verifier = ChainVerifier(anchors, expect_first_seq=self.start[0], prev=self.start[1])
         try:
             checked = self.verifier.check(e)
         except LedgerVerifyError as exc:
@@ -163,7 +182,11 @@ class _Chain:
 
     @property
     def seq(self) -> int:
-        return self.verifier.seq if self.verifier else 0
+        return self.verifier.seq if self.verifier else self.start[0]
+
+    @property
+    def prev(self) -> str:
+        return self.verifier.chain.prev if self.verifier else self.start[1]
 
     def signer_keys(self, size: int) -> dict[str, bytes]:
         """Keys that may sign a checkpoint of ``size`` entries: valid for its last entry or the next."""
@@ -181,11 +204,11 @@ class _Chain:
         return out
 
 
-def _ledger_entries(view: LedgerView) -> Iterator[SignedEntry]:
+def _ledger_entries(view: LedgerView, first: int = 0) -> Iterator[SignedEntry]:
     """The stored rows in seq order; an unreadable row is reported with the seq its key names."""
-    read = -1
+    read = first - 1
     try:
-        for e in view.entries():
+        for e in view.entries(first):
             read = e.seq
             yield e
     except LedgerReadError as exc:
@@ -357,16 +380,19 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
             wanted: list[int]) -> dict[str, Any]:
     with ExitStack() as stack:
         count = view.size()
-        _check_wanted(wanted, count)
+        base = view.archived()
+        start = _start_of(base, chain)
+        _check_wanted(wanted, count, base)
         stored_note, claims = _history_claims(view, config)
         _refuse_rollback(count, claims)
+        claims = [claim for claim in claims if claim.size >= start.size]  # older ones: in the archive
         stored = view.tree()
         stored_size = _stored_tree_size(stored)
         use_stored = stored is not None and stored_size >= count
         scratch = _scratch_tree(stack) if wanted and not use_stored else None
         (tmp / PROOFS).mkdir()
         frontier, roots, examples = _write_entries(view, chain, tmp, set(wanted), {claim.size for claim in claims},
-                                                   stored, stored_size, scratch)
+                                                   stored, stored_size, scratch, start)
         seq = chain.seq
         if seq != count:
             raise AuditError(seq, f"the ledger table lists {count} entries but {seq} were read")
@@ -386,8 +412,14 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
     (tmp / KEYS).mkdir()
     for kid, public in {**chain.kids, signer_kid: signer_public}.items():
         (tmp / KEYS / f"{kid}.pem").write_text(public_key_to_pem(public))
-    (tmp / README).write_text(_readme(origin, signer_kid, count, root, examples))
+    readme = _readme(origin, signer_kid, count, root, examples)
+    if base is not None:
+        (tmp / ARCHIVED).write_text(json.dumps(_archived_doc(base), indent=1) + "\n")
+        readme += _archived_readme(base)
+    (tmp / README).write_text(readme)
     return {
+        "first": base.n if base is not None else 0,
+        "archive": base.archive if base is not None else None,
         "entries": count,
         "origin": origin,
         "tree_size": count,
@@ -400,10 +432,44 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
     }
 
 
-def _check_wanted(wanted: list[int], count: int) -> None:
+def _check_wanted(wanted: list[int], count: int, base: ArchivedBase | None = None) -> None:
+    first = base.n if base is not None else 0
     for s in wanted:
-        if not 0 <= s < count:
-            raise ValueError(f"seq {s} is not in the ledger (it holds seq 0..{count - 1})")
+        if 0 <= s < first and base is not None:
+            raise ValueError(f"seq {s} was archived (seq 0..{first - 1} are in the archive {base.archive}): "
+                             "take it from there")
+        if not first <= s < count:
+            raise ValueError(f"seq {s} is not in the ledger (it holds seq {first}..{count - 1})")
+
+
+def _start_of(base: ArchivedBase | None, chain: _Chain) -> Frontier:
+    """The frontier the entries held continue (empty, or the archived part's compact range)."""
+    if base is None:
+        return Frontier()
+    chain.resume(base.n, base.prev)
+    frontier = resume_frontier(base.n, [bytes.fromhex(h) for h in base.frontier])
+    if frontier.root().hex() != base.root:
+        raise AuditError(None, f"the stored compact range at {base.n} does not give the archived root {base.root}")
+    return frontier
+
+
+def _archived_doc(base: ArchivedBase) -> dict[str, Any]:
+    return {"first": base.n, "prev": base.prev, "root": base.root, "frontier": base.frontier,
+            "archive": base.archive, "manifest_sha256": base.manifest_sha256}
+
+
+def _archived_readme(base: ArchivedBase) -> str:
+    return "\n".join([
+        "",
+        f"Archived part: seq 0..{base.n - 1} are not in this directory. They were moved to the archive",
+        f"{base.archive} (its MANIFEST.sha256 has SHA-256 {base.manifest_sha256}) by `mro-edge ledger archive`",
+        f"on {base.archived_at}. {ARCHIVED} gives where these entries continue it: seq {base.n}, linked to",
+        f"the hash {base.prev} of seq {base.n - 1}, and the Merkle compact range at {base.n} (root {base.root}).",
+        "Verify both together (the archive first, oldest first if there are several):",
+        "",
+        "  mro-edge audit verify <this directory> --archive <archive directory>",
+        "",
+    ])
 
 
 def _refuse_rollback(count: int, claims: list[HistoryClaim]) -> None:
@@ -434,17 +500,17 @@ def _stored_tree_size(stored: MerkleTree | None) -> int:
 
 
 def _write_entries(view: LedgerView, chain: _Chain, tmp: Path, wanted: set[int], checked_sizes: set[int],
-                   stored: MerkleTree | None, stored_size: int,
-                   scratch: MerkleTree | None) -> tuple[Frontier, dict[int, bytes], list[dict[str, Any]]]:
+                   stored: MerkleTree | None, stored_size: int, scratch: MerkleTree | None,
+                   start: Frontier | None = None) -> tuple[Frontier, dict[int, bytes], list[dict[str, Any]]]:
     """Check and write every entry to ``ENTRIES``, and the proof inputs of the ``wanted`` ones.
 
     Returns the frontier over all leaves, the roots at ``checked_sizes`` (and 0), and one example
     per wanted entry; the leaves also go into ``scratch`` when proofs need a tree of their own."""
-    frontier = Frontier()
-    roots: dict[int, bytes] = {0: EMPTY_ROOT}
+    frontier = start if start is not None else Frontier()
+    roots: dict[int, bytes] = {0: EMPTY_ROOT, frontier.size: frontier.root()}
     examples: list[dict[str, Any]] = []
     with open(tmp / ENTRIES, "wb") as f:
-        for e in _ledger_entries(view):
+        for e in _ledger_entries(view, frontier.size):
             chain.check(e)
             seq = chain.seq - 1
             leaf = leaf_hash(e.entry)
@@ -611,12 +677,25 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, SignedEntry]]:
                 raise AuditError(lineno, f"{ENTRIES} line {lineno + 1}: {exc}") from None
 
 
+class _Stream:
+    """What verifying a directory leaves for the next one (``archives``): the chain, the frontier,
+    the roots captured at the sizes of the known checkpoints, and which archives were covered."""
+
+    def __init__(self, chain: _Chain, targets: set[int]) -> None:
+        self.chain = chain
+        self.frontier = Frontier()
+        self.targets = targets
+        self.roots: dict[int, bytes] = {0: EMPTY_ROOT} if 0 in targets else {}
+        self.dirs = 0
+
+
 def verify_audit(
     path: str | Path,
     *,
     trusted_keys: Iterable[bytes] | None = None,
     known_checkpoints: Iterable[str | bytes] = (),
     extra_public_keys: Iterable[bytes] = (),
+    archives: Iterable[str | Path] = (),
 ) -> dict[str, Any]:
     """Verify an export directory; returns a report dict, raises ``AuditError`` at the first problem.
 
@@ -632,30 +711,105 @@ def verify_audit(
     ``known_checkpoints``: signed checkpoint notes the auditor already holds (older exports, the
     gateway's cosigned receipts); each must be consistent with the exported history, which catches
     rollback (export behind a known checkpoint) and forks (a different root at a known size).
+    ``archives``: directories of ``mro-edge ledger archive`` holding the entries before the
+    export's first one, oldest first: each is verified, and each next directory must continue it
+    exactly (seq, hash, compact range, key schedule). Without them, an export that starts after
+    seq 0 (``archived.json``) is verified from its start and the report says which seqs it lacks.
     """
     d = Path(path)
-    current, available = _read_keys(d)
-    for extra in extra_public_keys:
-        available[key_id(extra)] = extra
+    known = [(n, _read_checkpoint_text(n, f"known checkpoint {i}")) for i, n in enumerate(known_checkpoints)]
+    extras = list(extra_public_keys)
     trusted = {key_id(k): k for k in trusted_keys} if trusted_keys is not None else None
+    stream: _Stream | None = None
+    for archive in archives:
+        _, stream = _verify_dir(Path(archive), trusted, extras, known, stream)
+    report, stream = _verify_dir(d, trusted, extras, known, stream)
+    chain, count = stream.chain, stream.chain.seq
+    first = report.pop("_first")
+    unchecked = [k for _, k in known if k.size < first]
+    if unchecked:
+        raise AuditError(None, f"a known checkpoint covers {unchecked[0].size} entries, but this export starts at "
+                               f"seq {first}: pass the archives that hold seq 0..{first - 1} (--archive DIR)")
+    _check_known(known, chain, stream.roots, count, chain.origin or report["origin"])
+    report["known_checkpoints"] = len(known)
+    report["archives"] = stream.dirs - 1
+    return report
+
+
+def _read_archived(d: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((d / ARCHIVED).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AuditError(None, f"{ARCHIVED}: not valid JSON: {exc}") from None
+    fields = {"first": int, "prev": str, "root": str, "frontier": list, "archive": str, "manifest_sha256": str}
+    if not isinstance(doc, dict) or any(not isinstance(doc.get(k), t) for k, t in fields.items()):
+        raise AuditError(None, f"{ARCHIVED} must hold {', '.join(fields)}")
+    hexes = [doc["prev"], doc["root"], *doc["frontier"]]
+    if not all(isinstance(h, str) and _HEX32.match(h) for h in hexes) or doc["first"] < 1:
+        raise AuditError(None, f"{ARCHIVED} has a malformed field")
+    return doc
+
+
+def _start(d: Path, stream: _Stream | None, trusted: dict[str, bytes] | None,
+           available: dict[str, bytes], targets: set[int]) -> tuple[_Stream, int]:
+    """The stream this directory continues, checked against its ``archived.json``; (stream, first seq)."""
+    archived = _read_archived(d)
+    if stream is None:
+        stream = _Stream(_Chain(available, trusted), targets)
+        if archived is not None:
+            stream.chain.resume(archived["first"], archived["prev"])
+            try:
+                stream.frontier = resume_frontier(archived["first"], [bytes.fromhex(h) for h in archived["frontier"]])
+            except ValueError as exc:
+                raise AuditError(None, f"{ARCHIVED}: {exc}") from None
+            if stream.frontier.root().hex() != archived["root"]:
+                raise AuditError(None, f"{ARCHIVED}: the compact range does not give its root")
+            if stream.frontier.size in targets:
+                stream.roots[stream.frontier.size] = stream.frontier.root()
+        stream.dirs += 1
+        return stream, archived["first"] if archived else 0
+    chain, frontier = stream.chain, stream.frontier
+    if archived is None:
+        raise AuditError(None, f"{d} starts at seq 0 but follows an archive that ends at seq {chain.seq - 1}: "
+                               "give the archives oldest first, and the export last")
+    if archived["first"] != chain.seq or archived["prev"] != chain.prev:
+        raise AuditError(chain.seq, f"{d} starts at seq {archived['first']} (after hash {archived['prev']}) but the "
+                                    f"archive before it ends at seq {chain.seq - 1} with hash {chain.prev}: "
+                                    "these directories do not continue each other (missing or foreign archive)")
+    if archived["frontier"] != [h.hex() for h in frontier_hashes(frontier)] \
+            or frontier_root(frontier_hashes(frontier)).hex() != archived["root"]:
+        raise AuditError(chain.seq, f"{d}: its {ARCHIVED} compact range differs from the archive's Merkle tree")
+    chain.available.update(available)
+    stream.dirs += 1
+    return stream, archived["first"]
+
+
+def _verify_dir(d: Path, trusted: dict[str, bytes] | None, extras: list[bytes],
+                known: list[tuple[str | bytes, Checkpoint]],
+                stream: _Stream | None) -> tuple[dict[str, Any], _Stream]:
+    """One directory of ``verify_audit`` (an archive or the export), continuing ``stream``."""
+    current, available = _read_keys(d)
+    for extra in extras:
+        available[key_id(extra)] = extra
     try:
         note = (d / CHECKPOINT).read_bytes()
     except FileNotFoundError:
         raise AuditError(None, f"{CHECKPOINT} is missing") from None
     cp = _read_checkpoint_text(note, CHECKPOINT)
-    known = [(n, _read_checkpoint_text(n, f"known checkpoint {i}")) for i, n in enumerate(known_checkpoints)]
     proofs = _load_proofs(d)
-
-    targets = {cp.size} | {k.size for _, k in known}
-    roots: dict[int, bytes] = {0: EMPTY_ROOT} if 0 in targets else {}
+    stream, first = _start(d, stream, trusted, available, {cp.size} | {k.size for _, k in known})
+    stream.targets.add(cp.size)
+    if first == cp.size:
+        stream.roots[cp.size] = stream.frontier.root()
     captured: dict[int, tuple[bytes, str, bytes, bytes]] = {}
-    frontier = Frontier()
-    chain = _Chain(available, trusted)
+    frontier, chain, roots = stream.frontier, stream.chain, stream.roots
     for _lineno, e in _iter_rows(d / ENTRIES):
         chain.check(e)
         leaf = leaf_hash(e.entry)
         frontier.append(leaf)
-        if frontier.size in targets:
+        if frontier.size in stream.targets:
             roots[frontier.size] = frontier.root()
         if e.seq in proofs:
             captured[e.seq] = (leaf, e.hash, e.signature, chain.kids[e.kid])
@@ -673,7 +827,7 @@ def verify_audit(
     if signed.size > count:
         raise AuditError(count, f"missing: the export ends after {count} entries but the signed checkpoint "
                                 f"covers {signed.size} (entries were deleted from the end, or truncated)")
-    if roots[signed.size] != signed.root:
+    if signed.size < first or roots.get(signed.size) != signed.root:
         raise AuditError(None, f"the Merkle root of entries 0..{signed.size - 1} does not match the signed "
                                f"{CHECKPOINT}: the checkpoint belongs to another history, or the entries "
                                "were rewritten or forked from the history it signed")
@@ -683,18 +837,22 @@ def verify_audit(
     _check_openssl_files(d, note, signed, signers[signer])
     for s, doc in proofs.items():
         _check_proof(d, s, doc, captured.get(s), signed)
-    _check_known(known, chain, roots, count, origin or signed.origin)
-    return {
+    archived = _read_archived(d)
+    report = {
         "ok": True,
         "entries": count,
+        "first": first,
         "origin": signed.origin,
         "tree_size": signed.size,
         "root": signed.root.hex(),
         "kid": signer,
         "kids": sorted(chain.kids),
         "proofs": len(proofs),
-        "known_checkpoints": len(known),
+        "archived_in": archived["archive"] if archived and stream.dirs == 1 else None,
+        "archive_manifest_sha256": archived["manifest_sha256"] if archived and stream.dirs == 1 else None,
+        "_first": first if stream.dirs == 1 else 0,
     }
+    return report, stream
 
 
 def _open_with(note: bytes | str, origin: str, keys: Mapping[str, bytes], what: str) -> tuple[Checkpoint, str]:
