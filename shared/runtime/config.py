@@ -285,7 +285,8 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
     sections = {"mqtt": MqttConfig, "broker": BrokerConfig, "limits": LimitsConfig, "stage": StageConfig,
                 "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
-                "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig}
+                "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig,
+                "retention": RetentionConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value
