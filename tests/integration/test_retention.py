@@ -10,10 +10,16 @@ sleeping.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
+from shared.runtime import dlq, retention
+from shared.runtime.messages import json_encode
 from shared.runtime.retention import DAY_S
+from shared.runtime.stage import RUNTIME_TABLES
+from shared.runtime.store import Store, u64
 from tests.edge import EdgeStack, database
 from tests.pipeline import ROOT, STAGES, wait_until
 
@@ -86,3 +92,32 @@ def test_retention_prunes_only_what_the_gateway_holds(tmp_path) -> None:
                                   env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert verified.returncode == 0 and verified.stdout.startswith("OK: 40 entries"), \
             verified.stdout + verified.stderr
+
+
+def test_dlq_export_writes_whole_rows_then_marks_them(tmp_path) -> None:
+    """`mro-edge dlq export`: the file holds every row with its record; the stage's mark names the
+    last id exported; a second export never overwrites the file."""
+    data = tmp_path / "data"
+    store = Store(data / "validate", RUNTIME_TABLES, map_size_mb=16)
+    try:
+        with store.write() as txn:
+            for i in range(3):
+                txn.put(u64(i), json_encode({"stage": "validate", "received_at": "2026-12-01T00:00:00.000Z",
+                                             "errors": [], "record": {"n": i}}), db=store.table(dlq.DLQ))
+    finally:
+        store.close()
+    env = dict(os.environ, MRO_DATA_DIR=str(data), PYTHONPATH=str(ROOT))
+    out = tmp_path / "dlq.jsonl"
+
+    def export() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mro_edge", "dlq", "export", "--out", str(out)], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    done = export()
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["dlq_id"], r["stage"], r["record"]) for r in rows] == [(i, "validate", {"n": i}) for i in range(3)]
+    mark = retention.read_exported(data / "validate")
+    assert mark is not None and mark.through == 2
+    again = export()
+    assert again.returncode != 0 and "exists" in again.stderr and len(out.read_text().splitlines()) == 3

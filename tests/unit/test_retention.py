@@ -12,15 +12,20 @@ import pytest
 
 from shared.runtime import dlq, retention
 from shared.runtime.config import RetentionConfig
+from shared.runtime.delivery import run_batch
 from shared.runtime.handler import Stage
 from shared.runtime.logs import get_logger
 from shared.runtime.messages import Fate, Outcome, Outcomes, ReceivedRecord, fate_encode, json_encode
+from shared.runtime.outbox import Outbox
 from shared.runtime.prune import Pruner
 from shared.runtime.stage import RUNTIME_TABLES
-from shared.runtime.store import Store
+from shared.runtime.store import Store, u64
 from shared.runtime.testing import MemoryTables, MemoryUnitOfWork
 from shared.runtime.topics import Topics
 from shared.runtime.work import SEEN, LmdbUnitOfWork
+from tests.unit.test_dlq_redrive import TOPICS, command, edge, received, torque
+
+__all__ = ["edge"]  # the validate stage fixture of test_dlq_redrive
 
 DAY = retention.DAY_S
 
@@ -144,3 +149,47 @@ def test_validate_learns_the_seq_of_what_it_passed_on(clock) -> None:
     assert uow.fate("a") == Fate("recorded", 7, redrive=1)
     assert uow.fate("b") == Fate("rejected", errors=[])
     assert uow.fate("c") == Fate("held")
+
+
+def test_a_redriven_record_whose_fate_was_pruned_is_never_redriven_again(edge, tmp_path, clock) -> None:
+    """Validate on a real store: a rejected record is redriven into the ledger, its fate learns the
+    seq and is pruned once the gateway holds it; a DLQ row of it left behind is then not
+    redriven again (its key is unknown: left for a person), so it can never reach sign twice."""
+    validate = edge.validate
+    store = Store(tmp_path / "validate", RUNTIME_TABLES + validate.tables, map_size_mb=16)
+    outbox = Outbox(store, lambda *_: None, topic=TOPICS.stage_input("sign"), source="validate", batch=10,
+                    redeliver_after_s=60, max_in_flight=10)
+
+    def in_txn(action):
+        with store.write() as txn:
+            uow = LmdbUnitOfWork(validate, TOPICS, store, txn, outbox)
+            result = action(uow)
+        return result, uow
+
+    def redrive(command_id: str):
+        def act(uow):
+            validate.handle_notice(TOPICS.redrive, command({"all": True}, command_id), uow)
+        _, uow = in_txn(act)
+        [reply] = [json.loads(p) for t, p, _, _ in uow.outgoing if t == TOPICS.redrive_reply(command_id)]
+        return reply, uow
+
+    try:
+        item = received(torque(7))
+        in_txn(lambda uow: run_batch(validate, [item], uow))
+        [(row_id, stale)] = dlq.rows(store)
+        edge.registries.fix()
+        reply, _ = redrive("c1")
+        assert reply["accepted"] == 1
+        in_txn(lambda uow: retention.learn_recorded(uow, json_encode(Outcomes([Outcome(item.key, "recorded", 3)]))))
+        with store.write() as txn:  # a copy of the redriven row left behind
+            txn.put(u64(row_id + 100), stale, db=store.table(dlq.DLQ))
+
+        clock(31)
+        pruner(store, holds(4, 4)).run_round()
+        assert in_txn(lambda uow: uow.fate(item.key))[0] is None
+        again, uow = redrive("c2")
+        assert again["selected"] == 0 and again["accepted"] == 0
+        assert outbox.pending() == 2  # only the first redrive's record and its ledger entry were owed sign
+        assert [r for r, _ in dlq.rows(store)] == [row_id + 100]  # kept for a person to read
+    finally:
+        store.close()
