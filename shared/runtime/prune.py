@@ -179,8 +179,8 @@ class Pruner:
             key = age_row[8:]
             raw = txn.get(key, db=seen)
             fate = fate_decode(raw) if raw is not None else None
-            if fate is None or (fate.status == "recorded" and fate.seq is not None
-                                and fate.seq < current.prunable_below):
+            seq = retention.in_ledger_at(fate) if fate is not None else None
+            if fate is None or (seq is not None and seq < current.prunable_below):
                 if fate is not None:
                     txn.delete(key, db=seen)
                     current.seen_pruned += 1

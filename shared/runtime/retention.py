@@ -1,7 +1,7 @@
 """Retention: what a stage may forget once the gateway holds it (issue 12; `[retention]` in edge.toml).
 
 A stage's `seen` table (its fates, the dedupe state) grows with every record. A fate can go
-once three things hold: the record is `recorded` in the ledger at seq S, the gateway has
+once three things hold: the record is `recorded` in the ledger at seq S (`in_ledger_at`), the gateway has
 acknowledged AND cosigned the ledger up to past S (`GatewayHolds.prunable_below`), and the
 stage first saw the record longer ago than the dedupe window (`retention.seen_days`).
 Rejected, held and in-flight fates are never pruned (a redrive needs the rejected ones), nor is
@@ -96,12 +96,21 @@ def read_exported(stage_dir: Path) -> ExportedMark | None:
 
 
 def learn_recorded(uow: UnitOfWork, payload: bytes) -> None:
-    """Outcome notices at a stage that `learns_recorded` (validate): a fate it passed on becomes
-    `recorded` at its seq, so the pruner can tell when the gateway holds it. Only a `validated`
-    fate changes (held and rejected ones stay as the stage decided them)."""
+    """Outcome notices at a stage that `learns_recorded` (validate): a fate it passed on learns the
+    seq its record was recorded at, so the pruner can tell when the gateway holds it. The fate
+    stays `validated` (this stage did not record it: a re-send's query still goes on to sign,
+    the one stage that tells `recorded`); held and rejected fates stay as the stage decided them."""
     for told in outcomes_decoder.decode(payload).outcomes:
         if told.status != "recorded" or told.seq is None:
             continue
         fate = uow.fate(told.key)
-        if fate is not None and fate.status == "validated":
-            uow.set_fate(told.key, Fate("recorded", told.seq, redrive=fate.redrive))
+        if fate is not None and fate.status == "validated" and fate.seq is None:
+            uow.set_fate(told.key, Fate("validated", told.seq, redrive=fate.redrive))
+
+
+def in_ledger_at(fate: Fate) -> int | None:
+    """The seq a fate says its record is recorded at: a `recorded` fate's, or the one a
+    `validated` fate learnt (`learn_recorded`); None if it does not say."""
+    if fate.status in ("recorded", "validated"):
+        return fate.seq
+    return None

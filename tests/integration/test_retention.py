@@ -81,6 +81,8 @@ def test_retention_prunes_only_what_the_gateway_holds(tmp_path) -> None:
                        f"{stage} pruning the 40 fates the gateway holds")
         assert all(retention_of(edge, stage)["seen_pruned"] <= 41 for stage in PRUNERS)
 
+        assert not [a for a in edge.alarms() if a.get("alarm") == "hop_auth"], edge.alarms()
+
         # The ledger is untouched: whole, at the gateway, and it verifies.
         edge.assert_gateway_has_ledger(40)
         audit = tmp_path / "audit"

@@ -146,7 +146,7 @@ def test_validate_learns_the_seq_of_what_it_passed_on(clock) -> None:
     uow.set_fate("c", Fate("held"))
     told = Outcomes([Outcome("a", "recorded", seq=7), Outcome("b", "recorded", seq=8), Outcome("c", "rejected")])
     retention.learn_recorded(uow, json_encode(told))
-    assert uow.fate("a") == Fate("recorded", 7, redrive=1)
+    assert uow.fate("a") == Fate("validated", 7, redrive=1)  # still validate's: sign tells `recorded`
     assert uow.fate("b") == Fate("rejected", errors=[])
     assert uow.fate("c") == Fate("held")
 
