@@ -193,3 +193,24 @@ def test_a_redriven_record_whose_fate_was_pruned_is_never_redriven_again(edge, t
         assert [r for r, _ in dlq.rows(store)] == [row_id + 100]  # kept for a person to read
     finally:
         store.close()
+
+
+def test_the_mcc_exposes_what_retention_pruned() -> None:
+    import threading
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.mcc.metrics import exposition
+    from services.mcc.state import BoxState
+    from shared.runtime.status import StageFigures
+
+    state = BoxState("HGR1", ("sign",))
+    state.on_status("sign", {"state": "up", **StageFigures().payload(),
+                             "retention": {"seen_pruned": 7, "dlq_pruned": 2, "rounds": 3, "prunable_below": 40}},
+                    1_800_000_000.0)
+    text = exposition(state, threading.Lock(), lambda: 1_800_000_001.0).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("mro_stage_retention_pruned_total", (("stage", "sign"), ("table", "seen")))] == 7
+    assert samples[("mro_stage_retention_pruned_total", (("stage", "sign"), ("table", "dlq")))] == 2
+    assert samples[("mro_stage_retention_prunable_below_seq", (("stage", "sign"),))] == 40
