@@ -4,8 +4,9 @@ Nothing is pruned while the gateway holds nothing (no uplink: it never acknowled
 cosigned); once it has acknowledged and cosigned, every stage prunes the fates past the
 dedupe window, and not before: a re-send inside the window is still answered as a duplicate
 with its original seq. After pruning, the ledger is whole and verifies, and the gateway holds
-exactly it. Days pass through the retention clock file (`MRO_RETENTION_CLOCK_FILE`), never by
-sleeping.
+exactly it; a re-send after that is the window's documented consequence: signed again, and
+flagged a business duplicate by the gateway. Days pass through the retention clock file
+(`MRO_RETENTION_CLOCK_FILE`), never by sleeping.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from shared.runtime.stage import RUNTIME_TABLES
 from shared.runtime.store import Store, u64
 from tests.edge import EdgeStack, database
 from tests.pipeline import ROOT, STAGES, wait_until
+from tests.support.gateway import gateway_reader
 
 PRUNERS = (*STAGES, "uplink")
 
@@ -94,6 +96,17 @@ def test_retention_prunes_only_what_the_gateway_holds(tmp_path) -> None:
                                   env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert verified.returncode == 0 and verified.stdout.startswith("OK: 40 entries"), \
             verified.stdout + verified.stderr
+
+        # The window's consequence: a re-send after its fate was pruned is a new record, signed
+        # again, and the gateway flags it a business duplicate of the first (its own window).
+        sent.receipts.clear()
+        device.send(event_id, sent.payload)
+        late = wait_until(lambda: sent.final, 30, 0.1, "the late re-send's answer")
+        assert late["status"] == "recorded" and late["seq"] == 40, late
+        wait_until(lambda: edge.gateway_count() == 41, 60, 0.2, "the gateway holding the late re-send")
+        with gateway_reader(db_url) as tx:
+            [row] = tx.entries(edge.origin, 40, 1)
+        assert row["duplicate_of"] == original["seq"], row
 
 
 def test_dlq_export_writes_whole_rows_then_marks_them(tmp_path) -> None:
