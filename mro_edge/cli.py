@@ -693,9 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(budget reached, rate_limited) per device and rule")
     dlq_summary.add_argument("--json", action="store_true")
     dlq_summary.set_defaults(func=cmd_dlq_summary)
-    from mro_edge.commands_dlq import add_redrive
+    from mro_edge.commands_dlq import add_export, add_redrive
 
     add_redrive(qsub)
+    add_export(qsub)
     for module in COMMAND_MODULES:
         import_module(module).register(sub)
     return parser

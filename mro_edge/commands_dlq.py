@@ -3,6 +3,9 @@
 The DLQ rows live in validate's own store, so the command only sends the selection on
 `Topics.redrive` (an operator command, like `mro-edge schema ...`) and prints the answer: how many
 rows were selected, accepted into the ledger, and still rejected with which rules.
+
+`mro-edge dlq export --out FILE`: every stage's DLQ rows, whole, to a JSON-lines file, then a mark
+per stage (`shared.runtime.retention`) so the stage's retention may prune them after `dlq_days`.
 """
 
 from __future__ import annotations
@@ -64,4 +67,67 @@ def cmd_dlq_redrive(config, args) -> int:
         print(f"  dlq {item['dlq_id']:<6} {item['event_id']:<37} {item['device_id']:<20} {outcome}")
     if reply.get("ledger_event_id"):
         print(f"ledger entry (dlq_redrive) event_id {reply['ledger_event_id']}")
+    return 0
+
+
+def add_export(dlq_subparsers) -> None:
+    export = dlq_subparsers.add_parser(
+        "export", help="write every DLQ row (whole, with its record) to a JSON-lines file and mark them "
+                       "exported, so retention may prune them after [retention] dlq_days")
+    export.add_argument("--out", required=True, help="the file to write (must not exist yet)")
+    export.add_argument("--stage", default=None, help="only this stage's DLQ (default: every stage)")
+    export.set_defaults(func=cmd_dlq_export)
+
+
+def cmd_dlq_export(config, args) -> int:
+    """One JSON line per DLQ row (`{"dlq_id", **row}`, the row names its stage; the record kept whole); the file is
+    written and synced first, then each stage's mark (`retention.DLQ_EXPORTED_FILE`) says up to
+    which row id it holds, so a row is never pruned before it is safely in the file."""
+    from pathlib import Path
+
+    import lmdb
+
+    from services.registry import Kind, service_names
+    from shared.runtime import dlq, retention
+    from shared.runtime.clock import utc_now
+    from shared.runtime.files import write_atomic, write_new
+    from shared.runtime.messages import json_encode
+    from shared.runtime.store import Store, StoreError
+
+    stages = service_names(Kind.STAGE)
+    if args.stage is not None and args.stage not in stages:
+        raise _user_error(f"--stage {args.stage!r} is not a pipeline stage; one of: {', '.join(stages)}")
+    out = Path(args.out)
+    if out.exists():
+        raise _user_error(f"{out} exists: give a new file name (an export never overwrites one)")
+    lines: list[bytes] = []
+    marks: dict[str, int] = {}
+    for stage in [args.stage] if args.stage else stages:
+        path = config.stage_dir(stage)
+        if not (path / "data.mdb").exists():
+            continue
+        try:
+            store = Store(path, (dlq.DLQ,), readonly=True)
+        except (StoreError, lmdb.Error):
+            continue  # a store without a DLQ table: nothing to export
+        try:
+            rows = dlq.rows(store)
+        finally:
+            store.close()
+        for row_id, raw in rows:  # a row is a JSON object naming its stage: the id goes in front
+            lines.append(b'{"dlq_id":' + str(row_id).encode() + (b"," + raw[1:] if raw != b"{}" else b"}") + b"\n")
+        if rows:
+            marks[stage] = rows[-1][0]
+    try:
+        write_new(out, b"".join(lines))
+    except FileExistsError:
+        raise _user_error(f"{out} exists: give a new file name (an export never overwrites one)") from None
+    except OSError as exc:
+        raise _user_error(f"cannot write {out}: {exc.strerror}; check the directory exists and has room") from None
+    at = utc_now()
+    for stage, through in marks.items():
+        write_atomic(config.stage_dir(stage) / retention.DLQ_EXPORTED_FILE,
+                     json_encode(retention.ExportedMark(through, at)))
+    print(f"exported {len(lines)} DLQ rows to {out}"
+          + (f"; marked exported: {', '.join(f'{s} up to id {n}' for s, n in marks.items())}" if marks else ""))
     return 0

@@ -80,6 +80,7 @@ class BoxCollector(Collector):
             yield gauge
 
         yield from self._stores(stages)
+        yield from self._retention(stages)
         unassigned = box.number("ingest", "unassigned_reads")
         if unassigned is not None:
             yield GaugeMetricFamily("mro_ingest_unassigned_reads", "raw device reads no work session took yet "
@@ -112,6 +113,28 @@ class BoxCollector(Collector):
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     gauge.add_metric([view.name], float(value) * 1024 * 1024)
             yield gauge
+
+    def _retention(self, stages: list) -> Iterator[Metric]:
+        """What each stage's retention pruned (`retention` in its status: totals of its process's
+        life, as the records counters) and the seq below which it may prune."""
+        pruned = CounterMetricFamily("mro_stage_retention_pruned", "rows a stage's retention pruned from its "
+                                     "store (since its process started)", labels=["stage", "table"])
+        below = GaugeMetricFamily("mro_stage_retention_prunable_below_seq", "records below this ledger seq are "
+                                  "acknowledged and cosigned by the gateway, as the stage last heard",
+                                  labels=["stage"])
+        for view in stages:
+            figures = view.status.get("retention")
+            if not isinstance(figures, dict):
+                continue
+            for table in ("seen", "dlq"):
+                value = figures.get(f"{table}_pruned")
+                if isinstance(value, int) and not isinstance(value, bool):
+                    pruned.add_metric([view.name, table], float(value))
+            value = figures.get("prunable_below")
+            if isinstance(value, int) and not isinstance(value, bool):
+                below.add_metric([view.name], float(value))
+        yield pruned
+        yield below
 
     def _uplink(self, now: float) -> Iterator[Metric]:
         box = self.state

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from services.uplink.pusher import Pusher
 from services.uplink.store import ENTRIES, UPLINK_TABLES
+from shared.runtime.clock import utc_now
 from shared.runtime.handler import Stage
 from shared.runtime.messages import SignedRow
+from shared.runtime.retention import GatewayHolds
 from shared.runtime.store import u64
 from shared.runtime.topics import Topics
 from shared.runtime.verdicts import Recorded, Verdict
@@ -25,6 +27,7 @@ class Uplink(Stage[SignedRow]):
     input_type = SignedRow
     tables = UPLINK_TABLES
     accepted_state = "UPLINK_QUEUED"
+    knows_gateway_holds = True  # it tells the other stages how far they may prune
 
     def notice_topics(self, topics: Topics) -> tuple[str, ...]:
         return (topics.status("connectivity"),)
@@ -51,6 +54,12 @@ class Uplink(Stage[SignedRow]):
 
     def finish(self, uow: UnitOfWork) -> None:
         self.pusher.wake.set()
+
+    def gateway_holds(self) -> GatewayHolds | None:
+        pusher = getattr(self, "pusher", None)
+        if pusher is None:
+            return None
+        return GatewayHolds(pusher.acked + 1, pusher.cosigner.cosigned_size, utc_now())
 
     def status_extra(self) -> dict:
         return {**self.pusher.view(), "oldest_unsent_at": self.pusher.oldest_unsent_at()}

@@ -35,6 +35,7 @@ class Validate(Stage[ReceivedRecord]):
     tables = (CONTROL_TABLE, HELD_TABLE, *STATE_TABLES)
     accepted_state = "COMPLIANCE_CHECKED"
     keeps_rejected = True  # decoded records: kept whole in the DLQ for `mro-edge dlq redrive`
+    learns_recorded = True  # its fates say `validated`; sign's outcomes tell the seq (retention)
 
     def notice_topics(self, topics: Topics) -> tuple[str, ...]:
         return (topics.schema, topics.registry, topics.redrive)

@@ -142,6 +142,19 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     keep_alive_s: float = 5.0
 
 
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """What the stages prune from their own stores once the gateway holds it (shared.runtime.retention)."""
+
+    # the dedupe window: a fate (`seen`) older than this whose record the gateway acknowledged
+    # and cosigned is pruned; a re-send after that is judged as new (README, "Retention")
+    seen_days: float = 30.0
+    # DLQ rows exported (`mro-edge dlq export`) and received longer ago than this are pruned
+    dlq_days: float = 30.0
+    # seconds between pruning rounds, and rows one pruning write transaction looks at
+    interval_s: float = 60.0
+    batch: int = 500
+
+
 class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):
     hung_after_s: float = 30.0
     console_interval_s: float = 5.0
@@ -189,6 +202,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     compliance: ComplianceConfig = msgspec.field(default_factory=ComplianceConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     mcc: MccConfig = msgspec.field(default_factory=MccConfig)
     places: dict[str, PlaceConfig] = msgspec.field(default_factory=dict)
 
@@ -271,7 +285,8 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
     sections = {"mqtt": MqttConfig, "broker": BrokerConfig, "limits": LimitsConfig, "stage": StageConfig,
                 "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
-                "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig}
+                "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig,
+                "retention": RetentionConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value

@@ -131,6 +131,24 @@ def remove(uow: UnitOfWork, row_id: int) -> None:
     _add(uow, _BYTES, -min(len(raw) + _KEY_BYTES, _counter(uow, _BYTES)))
 
 
+def remove_in(txn: Any, store: Store, row_id: int) -> None:
+    """`remove` in a plain write transaction of `store` (the pruner's, `shared.runtime.prune`)."""
+    key, rows, meta = u64(row_id), store.table(DLQ), store.table(META)
+    raw = txn.get(key, db=rows)
+    if raw is None:
+        return
+    txn.delete(key, db=rows)
+    used = txn.get(_BYTES, db=meta)
+    used_bytes = from_u64(used) if used else 0
+    txn.put(_BYTES, u64(used_bytes - min(len(raw) + _KEY_BYTES, used_bytes)), db=meta)
+
+
+def rows(store: Store) -> list[tuple[int, bytes]]:
+    """(id, encoded row) of every stored row, in id order (`mro-edge dlq export`)."""
+    with store.read() as txn:
+        return [(from_u64(key), bytes(value)) for key, value in txn.cursor(db=store.table(DLQ))]
+
+
 def count(uow: UnitOfWork, device: DeviceRef | None, rules: Iterable[str]) -> None:
     """Count one report not stored whole, once per distinct rule, under its device."""
     device_id = device.id if device is not None else ""

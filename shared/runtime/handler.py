@@ -18,6 +18,7 @@ from shared.runtime.topics import Topics
 from shared.runtime.verdicts import Rejected, Verdict
 
 if TYPE_CHECKING:
+    from shared.runtime.retention import GatewayHolds
     from shared.runtime.stage import StageRuntime
     from shared.runtime.work import UnitOfWork
 
@@ -44,6 +45,11 @@ class Stage(ABC, Generic[In]):
     accepted_as: ClassVar[FateStatus] = "validated"  # the fate of a record this stage passes on
     accepted_state: ClassVar[str] = "ACCEPTED"  # logged when a record is accepted or recorded
     keeps_rejected: ClassVar[bool] = False  # True: a rejected input is kept whole in the DLQ (redrive)
+    # retention (shared.runtime.retention): True for the stage that talks to the gateway and
+    # tells the others what it holds (`gateway_holds`); `learns_recorded`: a stage whose fates
+    # of records it passed on do not say their seq learns it from sign's outcome notices
+    knows_gateway_holds: ClassVar[bool] = False
+    learns_recorded: ClassVar[bool] = False
 
     def notice_topics(self, topics: Topics) -> tuple[str, ...]:
         """Extra topics this stage listens to besides its input and its receipts."""
@@ -64,6 +70,10 @@ class Stage(ABC, Generic[In]):
 
     def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
         """Messages on `notice_topics`; processed in the same transaction as the batch."""
+
+    def gateway_holds(self) -> GatewayHolds | None:
+        """What the gateway holds, for the stage that `knows_gateway_holds` (None: not known yet)."""
+        return None
 
     def status_extra(self) -> dict[str, Any]:
         """Stage-specific fields for the retained status message."""

@@ -14,6 +14,7 @@ pipeline/sign                      validate            Envelope of ValidatedReco
 pipeline/uplink                    sign                Envelope of SignedRow | FateQuery
 pipeline/receipt/<stage>           the stage after it  StageReceipt
 pipeline/outcome                   validate, sign      Outcomes (`recorded` only from sign)
+pipeline/retention                 uplink              GatewayHolds (retained: how far to prune)
 =================================  ==================  ======================================
 
 Wire form (`Sealed`, `"type": "sealed/1"`): `{type, source, body, sig}` where `body` is the hop
@@ -97,7 +98,7 @@ def hop_digest(topic: str, source: str, body: bytes) -> bytes:
 
 def entitled_senders(topics: Topics) -> dict[str, tuple[str, ...]]:
     """Every sealed topic of the station and the services entitled to send on it."""
-    senders: dict[str, tuple[str, ...]] = {topics.outcomes: OUTCOME_SENDERS}
+    senders: dict[str, tuple[str, ...]] = {topics.outcomes: OUTCOME_SENDERS, topics.gateway_holds: ("uplink",)}
     for before, after in zip(CHAIN, CHAIN[1:], strict=False):
         senders[topics.stage_input(after)] = (before,)
         senders[topics.stage_receipt(before)] = (after,)

@@ -27,7 +27,7 @@ from typing import Any
 import lmdb
 import msgspec
 
-from shared.runtime import delivery, dlq, watchdog
+from shared.runtime import delivery, dlq, retention, watchdog
 from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_from_epoch, utc_now
 from shared.runtime.config import Config, ConfigError, load_config
@@ -45,12 +45,13 @@ from shared.runtime.messages import (
 from shared.runtime.mqtt import Inbound, MqttLink, client_id_for, service_credentials
 from shared.runtime.outbox import OUTBOX_TABLES, Outbox
 from shared.runtime.poison import StageFault, broken_envelope_report, isolate
+from shared.runtime.prune import Pruner
 from shared.runtime.status import StatusReport, add_counts
 from shared.runtime.store import MIB, MapFullAtCap, MapGrown, Store
 from shared.runtime.topics import Topics
 from shared.runtime.work import DLQ, SEEN, LmdbUnitOfWork, UnitOfWork
 
-RUNTIME_TABLES = (SEEN, DLQ, dlq.SUMMARY, "meta", *OUTBOX_TABLES)
+RUNTIME_TABLES = (SEEN, DLQ, dlq.SUMMARY, "meta", *OUTBOX_TABLES, retention.SEEN_AGE)
 REFUSED_EXIT = 3
 
 
@@ -87,8 +88,11 @@ class StageRuntime:
         self.intake = stage.consumes == "devices"
         self.input_topic = self.topics.device_in_all if self.intake else self.topics.stage_input(stage.name)
         self.receipt_topic = self.topics.stage_receipt(stage.name)
-        outcomes = (self.topics.outcomes,) if self.intake else ()  # intake keeps final fates for re-sends
-        self.notice_topics = stage.notice_topics(self.topics) + outcomes
+        # intake keeps final fates for re-sends; a stage that `learns_recorded` the seqs (retention)
+        outcomes = (self.topics.outcomes,) if self.intake or stage.learns_recorded else ()
+        holds = () if stage.knows_gateway_holds else (self.topics.gateway_holds,)
+        self.notice_topics = stage.notice_topics(self.topics) + outcomes + holds
+        self.heard_holds: retention.GatewayHolds | None = None  # as the uplink last told it
         self.decoder = None if self.intake else envelope_decoder(stage.input_type | FateQuery)
         subscriptions = [(self.input_topic, 1), (self.receipt_topic, 1), (self.topics.control(stage.name), 1)]
         subscriptions += [(topic, 1) for topic in self.notice_topics]
@@ -99,7 +103,11 @@ class StageRuntime:
             raise StageRefused("hop_key", str(exc)) from None
         self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
                            map_size_mb=config.stage.map_size_mb, map_max_mb=config.stage.map_max(stage.name))
-        self.status = StatusReport(stage.name, self.store, self._queue_depth, stage.status_extra,
+        self.pruner = Pruner(self.store, config.stage_dir(stage.name), config.retention, self.log,
+                             stage.gateway_holds if stage.knows_gateway_holds else lambda: self.heard_holds)
+        self._told_holds: retention.GatewayHolds | None = None
+        self.status = StatusReport(stage.name, self.store, self._queue_depth,
+                                   lambda: {**stage.status_extra(), "retention": self.pruner.status()},
                                    lambda: (self.link.contested, self.link.session_resets),
                                    lambda: self.outbox.oldest_unreceipted_s() if self.outbox else None)
         login = service_credentials(config, stage.name)
@@ -120,6 +128,7 @@ class StageRuntime:
         self._batch_messages = max(1, config.stage.batch_max // per_message)
         self.link.direct[self.topics.control(stage.name)] = self.freeze.on_control
         self.link.on_connect_hooks.append(self.publish_status)
+        self.link.on_connect_hooks.append(self._tell_holds_again)
         self.link.on_trouble.append(self._alarm)
 
     # status and alarms
@@ -156,6 +165,9 @@ class StageRuntime:
                     self._process(messages)
                 if self.outbox and self.link.connected.is_set():
                     self.outbox.pump()
+                self.pruner.step()  # at most one short write transaction per turn
+                if self.stage.knows_gateway_holds:
+                    self._tell_holds()
                 if self.status.due(self.config.stage.status_interval_s):
                     self.publish_status()
         finally:
@@ -318,8 +330,33 @@ class StageRuntime:
     def notice(self, message: Inbound, uow: UnitOfWork) -> None:
         if self.intake and message.topic == self.topics.outcomes:
             delivery.apply_outcomes(uow, message.payload)
+        elif message.topic == self.topics.outcomes:
+            retention.learn_recorded(uow, message.payload)
+        elif message.topic == self.topics.gateway_holds:
+            self._hear_holds(message.payload)
         else:
             self.stage.handle_notice(message.topic, message.payload, uow)
+
+    # retention: what the gateway holds, told by the stage that knows it, heard by the others
+    def _hear_holds(self, payload: bytes) -> None:
+        try:
+            self.heard_holds = retention.gateway_holds_decoder.decode(payload)
+        except msgspec.DecodeError:
+            self.log.warning("unreadable gateway-holds message ignored", topic=self.topics.gateway_holds)
+
+    def _tell_holds(self) -> None:
+        """Publish (retained, sealed) what the gateway holds whenever it changed."""
+        holds = self.stage.gateway_holds()
+        if holds is None or not self.link.connected.is_set():
+            return
+        told = self._told_holds
+        if told is not None and (told.acknowledged, told.cosigned) == (holds.acknowledged, holds.cosigned):
+            return
+        self._told_holds = holds
+        self.publish_sealed(self.topics.gateway_holds, json_encode(holds), retain=True)
+
+    def _tell_holds_again(self) -> None:
+        self._told_holds = None  # a new connection: the broker may have lost the retained message
 
     # a failing store
     def _stall(self, messages: list[Inbound], exc: Exception) -> None:

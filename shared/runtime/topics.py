@@ -86,6 +86,12 @@ class Topics:
         """Final outcome notices (recorded seq / rejected) so ingest can answer re-sends."""
         return f"{self.root}/pipeline/outcome"
 
+    @property
+    def gateway_holds(self) -> str:
+        """What the gateway holds (`GatewayHolds`, retained, sealed by uplink): how far the
+        stages may prune (`shared.runtime.retention`)."""
+        return f"{self.root}/pipeline/retention"
+
     # operator commands to the validate stage (contract versions, registries) and their replies
     @property
     def schema(self) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import lmdb
 
-from shared.runtime import delivery, dlq
+from shared.runtime import delivery, dlq, retention
 from shared.runtime.dlq import DLQ
 from shared.runtime.messages import (
     DeviceRef,
@@ -98,7 +98,12 @@ class UnitOfWork(ABC):
         return fate_decode(raw) if raw is not None else None
 
     def set_fate(self, key: str, fate: Fate) -> None:
-        self.put(SEEN, key.encode(), fate_encode(fate))
+        """Store the key's fate; its first one also gets its age (`retention.SEEN_AGE`), from
+        which the pruner tells when the dedupe window has passed."""
+        bkey = key.encode()
+        if self.get(SEEN, bkey) is None:
+            self.put(retention.SEEN_AGE, retention.age_key(retention.now_s(), bkey), b"")
+        self.put(SEEN, bkey, fate_encode(fate))
 
     def keep_report(self, report: dict[str, Any], device: DeviceRef | None, errors: list[FieldError], *,
                     record: Any = None, redrive: int = 0) -> bool:
