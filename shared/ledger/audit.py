@@ -15,6 +15,10 @@ An export directory holds::
     proofs/<seq>.sig     its raw 64-byte Ed25519 signature      } openssl pkeyutl -verify -rawin
     proofs/<seq>.pem     the public key that signed it          }
     README.txt           how to check one record and the checkpoint by hand
+    gateway.json         the gateway's cosigned checkpoints of this ledger (up to the newest 1000 at or
+                         below the export's size) and its cosigner key, fetched when the export was
+                         made; when the gateway could not be asked, ``fetched`` is false and
+                         ``reason`` says why (see ``GATEWAY_MANIFEST``)
 
 Keys: the first entry's key is the anchor an auditor confirms out of band (``--trusted-key``);
 every later key is introduced by a ``key_rotation`` entry signed by the key before it
@@ -24,6 +28,10 @@ The checkpoint is the one the sign service signed over exactly these entries whe
 one (``checkpoints`` table); otherwise the export signs one with the ledger's current key. A
 stored checkpoint (or ``keys/checkpoint.latest``) covering more entries than the store holds
 means the store was rolled back: the export refuses and says so.
+
+Trust: without an anchor (``--trusted-key``, the gateway's key registry, or gateway cosignatures
+under a cosigner key the auditor pinned) ``verify_audit`` proves self-consistency only, since an
+export carries its own keys: its report says so (``anchored_by`` empty, ``warning``).
 
 Both directions stream: entries are read one at a time and the Merkle root is recomputed with
 an O(log n) compact frontier, so memory stays flat for millions of entries. ``verify_audit``
@@ -99,7 +107,14 @@ from shared.ledger.verify import (
 )
 from shared.runtime.config import Config
 
-__all__ = ["AuditError", "export_audit", "verify_audit"]
+__all__ = ["NOT_ANCHORED", "AuditError", "export_audit", "verify_audit"]
+
+NOT_ANCHORED = (
+    "NOT ANCHORED: only self-consistency was proved. The keys came from the export itself, so a complete "
+    "forgery re-signed under another key would pass as well. Anchor it: --trusted-key PEM (the box's ledger "
+    "key obtained out of band), or --gateway URL (the gateway's key registry and its cosigned checkpoints), "
+    "or --cosigner-key VKEY (the gateway's cosignatures bundled in the export, under a key you hold)."
+)
 
 ENTRIES = "entries.jsonl"
 CHECKPOINT = "checkpoint"
@@ -109,6 +124,7 @@ KEY_PEM = "ledger-key.pem"
 KEYS = "keys"
 PROOFS = "proofs"
 README = "README.txt"
+GATEWAY_MANIFEST = "gateway.json"
 _PROOF_NAME = re.compile(r"^(0|[1-9][0-9]*)\.json\Z")
 _HEX32 = re.compile(r"^[0-9a-f]{64}\Z")
 
@@ -289,8 +305,14 @@ def export_audit(
     seqs: Iterable[int] = (),
     *,
     public_keys: Mapping[str, bytes] | None = None,
+    gateway: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write an audit export of the whole ledger to ``out_dir`` (must not exist, or be empty).
+
+    ``gateway``: what ``mro-edge audit export`` fetched from the gateway (``GATEWAY_MANIFEST``:
+    ``fetched``, ``reason``, ``cosigner``, ``checkpoints``); each bundled checkpoint is checked like
+    the box's own (none may cover more entries than the store holds, each must sign the store's
+    root at its size), so an export never bundles a gateway view that contradicts the box.
 
     The chain is verified while it is exported (a damaged store is reported with its seq and
     nothing is written); the Merkle root is recomputed from the entries, and when the sign
@@ -320,7 +342,7 @@ def export_audit(
         tmp.mkdir(mode=0o755)
         try:
             with store.snapshot() as view:
-                summary = _export(view, config, _Chain(available, trusted), private, tmp, wanted)
+                summary = _export(view, config, _Chain(available, trusted), private, tmp, wanted, gateway)
             if out.exists():
                 out.rmdir()
             os.rename(tmp, out)
@@ -353,12 +375,23 @@ def _history_claims(view: LedgerView, config: Config) -> tuple[bytes | None, lis
     return exact, claims
 
 
+def _gateway_claims(gateway: Mapping[str, Any] | None) -> list[HistoryClaim]:
+    """The sizes and roots the bundled gateway checkpoints vouch for (shape only; signatures are
+    checked by ``verify_audit``, which knows the keys current at each size)."""
+    claims = []
+    for i, row in enumerate((gateway or {}).get("checkpoints") or []):
+        cp = _read_checkpoint_text(str(row.get("cosigned_checkpoint", "")), f"the gateway's checkpoint {i}")
+        claims.append(HistoryClaim(f"the gateway's cosigned checkpoint of size {cp.size}", cp.size, cp.root))
+    return claims
+
+
 def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, SigningKey], tmp: Path,
-            wanted: list[int]) -> dict[str, Any]:
+            wanted: list[int], gateway: Mapping[str, Any] | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         count = view.size()
         _check_wanted(wanted, count)
         stored_note, claims = _history_claims(view, config)
+        claims += _gateway_claims(gateway)
         _refuse_rollback(count, claims)
         stored = view.tree()
         stored_size = _stored_tree_size(stored)
@@ -387,6 +420,8 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
     for kid, public in {**chain.kids, signer_kid: signer_public}.items():
         (tmp / KEYS / f"{kid}.pem").write_text(public_key_to_pem(public))
     (tmp / README).write_text(_readme(origin, signer_kid, count, root, examples))
+    if gateway is not None:
+        (tmp / GATEWAY_MANIFEST).write_text(json.dumps(dict(gateway), indent=1) + "\n")
     return {
         "entries": count,
         "origin": origin,
@@ -397,6 +432,7 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
         "proofs": [ex["seq"] for ex in examples],
         "merkle": "stored" if use_stored else "recomputed",
         "checkpoint": "stored" if stored_note is not None and note_text.encode() == stored_note else "signed",
+        "gateway_checkpoints": len((gateway or {}).get("checkpoints") or []) if gateway is not None else None,
     }
 
 
@@ -617,6 +653,10 @@ def verify_audit(
     trusted_keys: Iterable[bytes] | None = None,
     known_checkpoints: Iterable[str | bytes] = (),
     extra_public_keys: Iterable[bytes] = (),
+    trusted_label: str = "--trusted-key",
+    cosigner_key: tuple[str, bytes] | None = None,
+    gateway_checkpoints: Iterable[str | bytes] = (),
+    gateway_cosigner: tuple[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Verify an export directory; returns a report dict, raises ``AuditError`` at the first problem.
 
@@ -632,6 +672,12 @@ def verify_audit(
     ``known_checkpoints``: signed checkpoint notes the auditor already holds (older exports, the
     gateway's cosigned receipts); each must be consistent with the exported history, which catches
     rollback (export behind a known checkpoint) and forks (a different root at a known size).
+
+    The gateway's cosigned checkpoints (bundled in ``GATEWAY_MANIFEST``, and ``gateway_checkpoints``
+    fetched live with the ``gateway_cosigner`` key) are checked the same way, and each must carry a
+    valid cosignature: by ``cosigner_key`` when the auditor pinned one (then they anchor the
+    export), else by the key the manifest names. ``trusted_label`` says where ``trusted_keys`` came
+    from. The report's ``anchored_by`` lists the anchors; empty, ``warning`` is ``NOT_ANCHORED``.
     """
     d = Path(path)
     current, available = _read_keys(d)
@@ -644,6 +690,11 @@ def verify_audit(
         raise AuditError(None, f"{CHECKPOINT} is missing") from None
     cp = _read_checkpoint_text(note, CHECKPOINT)
     known = [(n, _read_checkpoint_text(n, f"known checkpoint {i}")) for i, n in enumerate(known_checkpoints)]
+    manifest, bundled, bundled_cosigner = _read_gateway_manifest(d, cosigner_key)
+    live = list(gateway_checkpoints) if gateway_cosigner is not None else []
+    witnessed = ([(n, bundled_cosigner, f"{GATEWAY_MANIFEST} checkpoint {i}") for i, n in enumerate(bundled)]
+                 + [(n, gateway_cosigner, f"the gateway's checkpoint {i}") for i, n in enumerate(live)])
+    known += [(n, _read_checkpoint_text(n, what)) for n, _key, what in witnessed]
     proofs = _load_proofs(d)
 
     targets = {cp.size} | {k.size for _, k in known}
@@ -684,7 +735,14 @@ def verify_audit(
     for s, doc in proofs.items():
         _check_proof(d, s, doc, captured.get(s), signed)
     _check_known(known, chain, roots, count, origin or signed.origin)
-    return {
+    for note_, cosigner, what in witnessed:
+        _check_cosigned(note_, cosigner, what)
+    anchored_by = [label for label, anchored in (
+        (trusted_label, trusted is not None),
+        (f"{len(bundled)} gateway cosignatures under the pinned cosigner key", cosigner_key is not None and bundled),
+        ("the gateway's live cosigned checkpoints", bool(live)),
+    ) if anchored]
+    report: dict[str, Any] = {
         "ok": True,
         "entries": count,
         "origin": signed.origin,
@@ -693,8 +751,62 @@ def verify_audit(
         "kid": signer,
         "kids": sorted(chain.kids),
         "proofs": len(proofs),
-        "known_checkpoints": len(known),
+        "known_checkpoints": len(known) - len(witnessed),
+        "gateway_checkpoints": len(witnessed),
+        "gateway_manifest": manifest,
+        "anchored_by": anchored_by,
     }
+    if not anchored_by:
+        report["warning"] = NOT_ANCHORED
+    return report
+
+
+def _read_gateway_manifest(d: Path, pinned: tuple[str, bytes] | None
+                           ) -> tuple[dict[str, Any] | None, list[str], tuple[str, bytes] | None]:
+    """(summary of ``GATEWAY_MANIFEST`` for the report, its cosigned notes, the key to check them with).
+
+    Absent (an export from before it existed, or ``--no-gateway``) is fine and said in the report."""
+    path = d / GATEWAY_MANIFEST
+    if not path.exists():
+        return None, [], pinned
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AuditError(None, f"{GATEWAY_MANIFEST} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("fetched"), bool):
+        raise AuditError(None, f"{GATEWAY_MANIFEST} must be an object with a boolean 'fetched'")
+    summary = {"fetched": doc["fetched"], "url": doc.get("url"), "reason": doc.get("reason")}
+    rows = doc.get("checkpoints") or []
+    if not doc["fetched"] or not rows:
+        return summary, [], pinned
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("cosigned_checkpoint"), str)
+                                             for r in rows):
+        raise AuditError(None, f"{GATEWAY_MANIFEST}: checkpoints must be objects with a cosigned_checkpoint string")
+    from shared.ledger.checkpoint import COSIGNATURE_TYPE, parse_vkey
+
+    try:
+        named = parse_vkey(str((doc.get("cosigner") or {}).get("vkey")), COSIGNATURE_TYPE)
+    except ValueError as exc:
+        raise AuditError(None, f"{GATEWAY_MANIFEST}: the cosigner's vkey is malformed: {exc}") from None
+    if pinned is not None and named != pinned:
+        raise AuditError(None, f"{GATEWAY_MANIFEST} names cosigner {named[0]!r} with another key than the pinned "
+                               f"--cosigner-key ({pinned[0]!r}): these are not that gateway's cosignatures")
+    summary["cosigner"] = named[0]
+    return summary, [r["cosigned_checkpoint"] for r in rows], pinned or named
+
+
+def _check_cosigned(note: str | bytes, cosigner: tuple[str, bytes] | None, what: str) -> None:
+    from shared.ledger.checkpoint import verified_cosignatures
+
+    if cosigner is None:
+        raise AuditError(None, f"{what}: no cosigner key to check its cosignature with")
+    name, public = cosigner
+    try:
+        stamps = verified_cosignatures(note, {name: public})
+    except (NoteError, CheckpointError) as exc:
+        raise AuditError(None, f"{what}: the cosignature of {name} does not verify: {exc}") from None
+    if name not in stamps:
+        raise AuditError(None, f"{what} carries no cosignature of {name}")
 
 
 def _open_with(note: bytes | str, origin: str, keys: Mapping[str, bytes], what: str) -> tuple[Checkpoint, str]:
