@@ -161,17 +161,21 @@ def _box_checkpoint(config: Config, size: int | None) -> bytes:
     return note
 
 
-def _gateway_checkpoint(gw, size: int | None, listing: list[dict[str, Any]]) -> bytes:
-    if not listing:
-        raise _user_error("the gateway has cosigned no checkpoint of this origin yet")
-    if size is None:
-        return str(listing[-1]["cosigned_checkpoint"]).encode()
-    for row in listing:
-        if row.get("size") == size:
-            return str(row["cosigned_checkpoint"]).encode()
-    sizes = [row.get("size") for row in listing]
-    raise _user_error(f"the gateway cosigned no checkpoint of size {size} (it holds {len(sizes)} checkpoints, "
-                      f"sizes {sizes[0]}..{sizes[-1]})")
+def _gateway_checkpoint(gw, size: int | None, *, below: int | None = None) -> bytes:
+    """The gateway's cosigned checkpoint of exactly ``size`` entries; with None, its newest one (below
+    ``below``, when given). One bounded request: never the whole list."""
+    if size is not None:
+        row = gw.checkpoint_at(size)
+        if row is None:
+            raise _user_error(f"the gateway cosigned no checkpoint of size {size} for this origin "
+                              "(GET /v1/checkpoints lists them)")
+    else:
+        rows, _more = gw.newest_checkpoints(to_size=None if below is None else below - 1, limit=1)
+        if not rows:
+            raise _user_error("the gateway has cosigned no checkpoint of this origin yet" if below is None else
+                              "the gateway holds only one cosigned checkpoint of this origin; nothing to prove yet")
+        row = rows[-1]
+    return str(row["cosigned_checkpoint"]).encode()
 
 
 def _box_tree_proof(config: Config, kind: str, a: int, b: int) -> list[bytes]:
@@ -224,13 +228,8 @@ def cmd_audit_consistency(config: Config, args) -> int:
                 notes = [_read_note(p) for p in args.checkpoints]
                 source = "files"
             elif gw is not None:
-                listing = gw.checkpoints()
-                newest = _gateway_checkpoint(gw, args.second, listing)
-                older = [r for r in listing if r.get("size", 0) < _size_of(newest)]
-                if args.first is None and not older:
-                    raise _user_error("the gateway holds only one cosigned checkpoint of this origin; "
-                                      "nothing to prove yet")
-                first = _gateway_checkpoint(gw, args.first, older if args.first is None else listing)
+                newest = _gateway_checkpoint(gw, args.second)
+                first = _gateway_checkpoint(gw, args.first, below=_size_of(newest))
                 notes, source = [first, newest], "the gateway's cosigned checkpoints"
             else:
                 second = _box_checkpoint(config, args.second)
@@ -318,7 +317,7 @@ def cmd_audit_prove(config: Config, args) -> int:
             if args.checkpoint:
                 note, from_gateway = _read_note(args.checkpoint), False
             elif gw is not None:
-                note, from_gateway = _gateway_checkpoint(gw, args.size, gw.checkpoints()), True
+                note, from_gateway = _gateway_checkpoint(gw, args.size), True
             else:
                 note, from_gateway = _box_checkpoint(config, args.size), False
             need_cosign = cosigner if from_gateway or args.cosigner_key else None

@@ -694,6 +694,7 @@ def verify_audit(
     live = list(gateway_checkpoints) if gateway_cosigner is not None else []
     witnessed = ([(n, bundled_cosigner, f"{GATEWAY_MANIFEST} checkpoint {i}") for i, n in enumerate(bundled)]
                  + [(n, gateway_cosigner, f"the gateway's checkpoint {i}") for i, n in enumerate(live)])
+    names = {len(known) + i: what for i, (_n, _key, what) in enumerate(witnessed)}
     known += [(n, _read_checkpoint_text(n, what)) for n, _key, what in witnessed]
     proofs = _load_proofs(d)
 
@@ -734,7 +735,7 @@ def verify_audit(
     _check_openssl_files(d, note, signed, signers[signer])
     for s, doc in proofs.items():
         _check_proof(d, s, doc, captured.get(s), signed)
-    _check_known(known, chain, roots, count, origin or signed.origin)
+    _check_known(known, chain, roots, count, origin or signed.origin, names)
     for note_, cosigner, what in witnessed:
         _check_cosigned(note_, cosigner, what)
     anchored_by = [label for label, anchored in (
@@ -855,14 +856,17 @@ def _check_proof(d: Path, seq: int, doc: dict[str, Any], got: tuple[bytes, str, 
 
 
 def _check_known(known: list[tuple[str | bytes, Checkpoint]], chain: _Chain, roots: dict[int, bytes],
-                 count: int, origin: str) -> None:
-    """Each checkpoint the auditor already holds must be a prefix of the exported history."""
+                 count: int, origin: str, names: Mapping[int, str] | None = None) -> None:
+    """Each checkpoint the auditor already holds must be a prefix of the exported history.
+
+    ``names``: what to call the i-th one in a finding (default "known checkpoint i")."""
     matched = 0
     for i, (note, k) in sorted(enumerate(known), key=lambda item: item[1][1].size):
+        name = (names or {}).get(i, f"known checkpoint {i}")
         _open_with(note, k.origin, chain.signer_keys(k.size) if k.size <= count else chain.signer_keys(count),
-                   f"known checkpoint {i} (size {k.size})")
+                   f"{name} (size {k.size})")
         if k.origin != origin:
-            raise AuditError(None, f"known checkpoint {i} is for origin {k.origin!r}, the export for {origin!r}")
+            raise AuditError(None, f"{name} is for origin {k.origin!r}, the export for {origin!r}")
         if k.size > count:
             raise AuditError(count, f"the export holds {count} entries but a known checkpoint covers {k.size}: "
                                     "the ledger was rolled back (restored backup, snapshot) or truncated")

@@ -38,9 +38,6 @@ from shared.runtime.config import LinkConfig
 __all__ = ["CheckedCheckpoint", "GatewayAudit", "GatewayAuditError", "ProofError", "check_checkpoint",
            "check_consistency", "check_inclusion", "decode_proof"]
 
-MAX_PAGES = 10_000  # 10 million checkpoints at 1000 per page: a bound, not an expectation
-
-
 class GatewayAuditError(Exception):
     """The gateway could not be asked, or refused: the message says which request and why."""
 
@@ -183,17 +180,11 @@ class GatewayAudit:
             out[key_id(public)] = public
         return out
 
-    def checkpoints(self, from_size: int = 0) -> list[dict[str, Any]]:
-        """Every cosigned checkpoint of the origin from ``from_size`` on, page by page."""
-        out: list[dict[str, Any]] = []
-        next_from: int | None = from_size
-        for _ in range(MAX_PAGES):
-            if next_from is None:
-                return out
-            body = self._get("/v1/checkpoints", from_size=next_from, limit=1000)
-            out.extend(body.get("checkpoints") or [])
-            next_from = body.get("next_from_size")
-        raise GatewayAuditError(f"more than {MAX_PAGES} pages of checkpoints")
+    def checkpoint_at(self, size: int) -> dict[str, Any] | None:
+        """The cosigned checkpoint of exactly ``size`` entries, or None (one row read)."""
+        body = self._get("/v1/checkpoints", from_size=size, limit=1)
+        rows = body.get("checkpoints") or []
+        return rows[0] if rows and rows[0].get("size") == size else None
 
     def newest_checkpoints(self, to_size: int | None = None, limit: int = 1000) -> tuple[list[dict[str, Any]], bool]:
         """(up to ``limit`` newest cosigned checkpoints of size <= ``to_size``, oldest first; whether

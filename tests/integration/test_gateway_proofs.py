@@ -221,14 +221,17 @@ def test_gateway_proofs_match_the_box_and_an_independent_verifier(backend, tmp_p
         edge = {"Authorization": f"Bearer {box.token}"}
         assert http.get("/v1/checkpoints", headers=edge).json()["origin"] == box.origin
         assert code("/v1/keys", {"origin": "mro-edge/OTHER"}, edge) == (403, "forbidden")
-        # an auditor's token pushes nothing
+        # an auditor's token pushes nothing; registering the name again replaces it
         r = http.post("/v1/entries", content=batch_body(box.entries[:1]), headers={"Content-Type": "application/json"})
         assert r.status_code == 401
+        renewed = register_auditor(db_url, "hq")
+        assert code("/v1/keys", q) == (401, "invalid_token")
+        assert http.get("/v1/keys", params=q, headers={"Authorization": f"Bearer {renewed}"}).status_code == 200
 
         metrics = httpx.get(gw.url + "/metrics").text
         served = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                   if line.startswith("mro_gateway_audit_answers_total{")}
-        assert served['kind="inclusion"'] >= 20 and served['kind="consistency"'] >= 10 and served['kind="keys"'] == 1
+        assert served['kind="inclusion"'] >= 20 and served['kind="consistency"'] >= 10 and served['kind="keys"'] == 2
         http.close()
 
 
@@ -305,6 +308,8 @@ def test_consistency_and_inclusion_from_the_gateway_and_from_the_box(pg_box, pg_
     assert r.returncode == 1 and "it is not this record" in r.stderr
     r = cli("audit", "prove", "7", "--size", "30", data=box.data)
     assert r.returncode == 0 and "the box's Merkle tree" in r.stdout, r.stderr
+    r = cli("audit", "consistency", *gw, "--first", "31", env=env, data=tmp_path / "no-box")
+    assert r.returncode == 2 and "no checkpoint of size 31" in r.stderr
     # no token: a usage error that says how to get one
     r = cli("audit", "consistency", *gw, data=tmp_path / "no-box")
     assert r.returncode == 2 and "register-auditor" in r.stderr
