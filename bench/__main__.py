@@ -45,7 +45,8 @@ def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = Non
                                    ("compliance", "bench.compliance", "run_compliance_bench"),
                                    ("intake", "bench.intake", "run_intake_bench"),
                                    ("tls", "bench.tls", "run_tls_bench"),
-                                   ("hopauth", "bench.hopauth", "run_hopauth_bench")):
+                                   ("hopauth", "bench.hopauth", "run_hopauth_bench"),
+                                   ("proofs", "bench.proofs", "run_proofs_bench")):
         if part not in parts:
             continue
         print(f"\n=== {part} ===", flush=True)
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls,hopauth",
                         help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance, "
                              "intake (stock device clients, issue 8), tls (TLS beside plain MQTT, issue 13), "
-                             "hopauth (hop seal cost, issue 13)")
+                             "hopauth (hop seal cost, issue 13), proofs (the gateway's audit proofs, issue 12)")
     parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,embedded"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,

@@ -8,20 +8,27 @@ older root to a newer one. The auditor verifies them with their own code
 consistency``), never trusting the roots the gateway puts beside a proof.
 
 Cost, bounded per request: a proof is read from the stored complete-subtree hashes
-(``merkle_nodes``, the same layout as the edge's tree), at most 2 * log2(size) primary-key
-lookups (about 60 for a billion entries); no entry is read, nothing is held beyond the proof.
+(``merkle_nodes``, the same layout as the edge's tree): at most 2 * log2(size) nodes (about 60
+for a billion entries), fetched in one query of primary-key lookups; no entry is read, nothing
+is held beyond the proof.
 A page of checkpoints is one indexed query of at most ``MAX_CHECKPOINT_PAGE`` rows.
 """
 
 from __future__ import annotations
 
 import base64
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from services.gateway.storage import Tx
 from services.gateway.tree import OriginTree
 from shared.ledger.keys import public_key_to_pem
+from shared.ledger.merkle import SIZE_KEY
+
+_T = TypeVar("_T")
+_KEY = struct.Struct(">cBQ")  # shared.ledger.merkle.node_key
 
 MAX_CHECKPOINT_PAGE = 1000
 DEFAULT_CHECKPOINT_PAGE = 100
@@ -42,7 +49,43 @@ def _error(status: int, code: str, message: str, **extra: Any) -> AuditAnswer:
 
 
 class _ReadOnlyTree(OriginTree):
-    """``OriginTree`` for readers: a write here would be a bug, so it raises."""
+    """``OriginTree`` for readers: a write here would be a bug, so it raises.
+
+    ``prefetched(work)`` reads every node ``work`` needs in one query: ``work`` runs once against
+    placeholder hashes to learn which nodes it touches (the nodes a proof reads depend on the
+    sizes only, never on hash values), they are fetched together, and ``work`` runs again on them.
+    Nodes stay cached for the request (a proof and the roots beside it share most of them).
+    """
+
+    _PLACEHOLDER = bytes(32)
+
+    def __init__(self, tx: Tx, origin: str) -> None:
+        super().__init__(tx, origin)
+        self._seen: dict[bytes, bytes | None] = {}
+        self._wanted: set[bytes] | None = None
+
+    def _get(self, key: bytes) -> bytes | None:
+        if key == SIZE_KEY:
+            return super()._get(key)
+        if self._wanted is not None:
+            self._wanted.add(key)
+            return self._PLACEHOLDER
+        if key not in self._seen:
+            self._seen[key] = super()._get(key)
+        return self._seen[key]
+
+    def prefetched(self, work: Callable[[], _T]) -> _T:
+        self._wanted = set()
+        try:
+            work()
+        finally:
+            wanted, self._wanted = self._wanted, None
+        missing = [_KEY.unpack(k)[1:] for k in wanted if k not in self._seen]
+        if missing:
+            found = self.tx.merkle_nodes(self.origin, missing)
+            for level, idx in missing:
+                self._seen[_KEY.pack(b"m", level, idx)] = found.get((level, idx))
+        return work()
 
     def _put(self, key: bytes, value: bytes) -> None:
         raise TypeError("the audit endpoints never write the tree")
@@ -72,14 +115,15 @@ def inclusion(tx: Tx, origin: str, index: int, size: int | None) -> AuditAnswer:
                                        "holds in its tree)", held=tree.size)
     if not 0 <= index < size:
         return _error(400, "bad_index", f"index {index} is outside a tree of size {size} (0..{size - 1})")
-    proof = tree.tree.inclusion_proof(index, size)
+    proof, leaf, root = tree.prefetched(lambda: (tree.tree.inclusion_proof(index, size), tree.tree.leaf(index),
+                                                 tree.tree.root(size)))
     return AuditAnswer(200, {
         "origin": origin,
         "index": index,
         "tree_size": size,
-        "leaf_hash": _b64(tree.tree.leaf(index)),
+        "leaf_hash": _b64(leaf),
         "entry_hash": tx.entry_hash_at(origin, index),
-        "root": _b64(tree.tree.root(size)),
+        "root": _b64(root),
         "proof": [_b64(p) for p in proof],
     })
 
@@ -100,13 +144,14 @@ def consistency(tx: Tx, origin: str, first: int, second: int | None) -> AuditAns
     if not 0 < first <= second:
         return _error(400, "bad_sizes", f"a consistency proof needs 0 < first <= second, got {first}, {second} "
                                         "(RFC 9162 section 2.1.4)")
-    proof = tree.tree.consistency_proof(first, second)
+    proof, first_root, second_root = tree.prefetched(lambda: (
+        tree.tree.consistency_proof(first, second), tree.tree.root(first), tree.tree.root(second)))
     return AuditAnswer(200, {
         "origin": origin,
         "first": first,
         "second": second,
-        "first_root": _b64(tree.tree.root(first)),
-        "second_root": _b64(tree.tree.root(second)),
+        "first_root": _b64(first_root),
+        "second_root": _b64(second_root),
         "proof": [_b64(p) for p in proof],
     })
 

@@ -48,6 +48,7 @@ from services.gateway.checkpoints import Cosigner, accept_checkpoint, checkpoint
 from services.gateway.ingest import batch_decoder, ingest_batch
 from services.gateway.proofs import AuditAnswer
 from services.gateway.storage import Storage, StorageError, check_url, open_storage
+from shared.ledger.merkle import MerkleCorruptError
 from shared.runtime.clock import utc_now
 from shared.runtime.logs import get_logger
 
@@ -429,6 +430,10 @@ class Gateway:
             return _error(400, exc.code, exc.message)
         except StorageError as exc:
             return self._unavailable(exc)
+        except MerkleCorruptError as exc:
+            self.log.error("merkle tree damaged", kind=kind, error=str(exc))
+            return _error(500, "tree_damaged", "the gateway's Merkle tree for this origin is damaged; "
+                                               "the operator must investigate (nothing is repaired silently)")
         if result.status == 200:
             self.served[kind] = self.served.get(kind, 0) + 1
         return _json(result.body, result.status)

@@ -371,6 +371,20 @@ class Tx(ABC):
                           (origin, level, idx))
         return bytes(rows[0][0]) if rows else None
 
+    def merkle_nodes(self, origin: str, keys: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The stored hashes of several nodes (level, idx) in one query (a proof's O(log n) of them)."""
+        out: dict[tuple[int, int], bytes] = {}
+        for start in range(0, len(keys), 100):
+            chunk = keys[start:start + 100]
+            where = " OR ".join(["(level = ? AND idx = ?)"] * len(chunk))
+            params: list[Any] = [origin]
+            for level, idx in chunk:
+                params += [level, idx]
+            for level, idx, h in self._rows(f"SELECT level, idx, hash FROM merkle_nodes WHERE origin = ? AND ({where})",
+                                            params):
+                out[(int(level), int(idx))] = bytes(h)
+        return out
+
     def insert_merkle_nodes(self, origin: str, nodes: list[tuple[int, int, bytes]]) -> None:
         self._conn.executemany(
             self._s.sql("INSERT INTO merkle_nodes (origin, level, idx, hash) VALUES (?, ?, ?, ?)"),

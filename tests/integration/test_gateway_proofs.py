@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from services.gateway.admin import register_auditor, register_edge
+from services.gateway.storage import open_storage
 from shared.ledger.checkpoint import parse_checkpoint, split_note
 from shared.ledger.entry import SignedEntry
 from shared.ledger.keys import LedgerKeyFiles, SigningKey
@@ -226,7 +227,18 @@ def test_gateway_proofs_match_the_box_and_an_independent_verifier(backend, tmp_p
         assert r.status_code == 401
         renewed = register_auditor(db_url, "hq")
         assert code("/v1/keys", q) == (401, "invalid_token")
-        assert http.get("/v1/keys", params=q, headers={"Authorization": f"Bearer {renewed}"}).status_code == 200
+        http.headers["Authorization"] = f"Bearer {renewed}"
+        assert http.get("/v1/keys", params=q).status_code == 200
+
+        # a damaged tree is reported, never papered over
+        storage = open_storage(db_url, pool_size=1)
+        try:
+            with storage.transaction() as tx:
+                tx._exec("DELETE FROM merkle_nodes WHERE origin = ? AND level = 0 AND idx = 5", (box.origin,))
+        finally:
+            storage.close()
+        assert code("/v1/proofs/inclusion", {**q, "index": 4, "size": 8}) == (500, "tree_damaged")
+        assert http.get("/v1/proofs/inclusion", params={**q, "index": 40, "size": 100}).status_code == 200
 
         metrics = httpx.get(gw.url + "/metrics").text
         served = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
