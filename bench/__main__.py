@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small runs (about a minute in all)")
-    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls,hopauth",
+    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls,hopauth,proofs",
                         help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance, "
                              "intake (stock device clients, issue 8), tls (TLS beside plain MQTT, issue 13), "
                              "hopauth (hop seal cost, issue 13), proofs (the gateway's audit proofs, issue 12)")
