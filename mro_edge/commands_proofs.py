@@ -102,13 +102,20 @@ def _box_keys(config: Config) -> dict[str, bytes]:
 
 
 def _origin_keys(config: Config, args, gw) -> tuple[dict[str, bytes], str]:
-    """The keys a checkpoint may be signed by, and where they came from (said in the report)."""
-    trusted = _trusted(args)
-    if trusted:
-        return trusted, "--trusted-key"
+    """The keys a checkpoint may be signed by, and where they came from (said in the report):
+    ``--trusted-key`` (e.g. a rotated-in key from an export's keys/), and the gateway's registry
+    with ``--gateway``, else the box's key files."""
+    keys = _trusted(args)
+    sources = ["--trusted-key"] if keys else []
     if gw is not None:
-        return gw.registered_keys(), "the gateway's key registry"
-    return _box_keys(config), "the box's key files"
+        keys |= gw.registered_keys()
+        sources.append("the gateway's key registry")
+    else:
+        box = _box_keys(config)
+        if box:
+            keys |= box
+            sources.append("the box's key files")
+    return keys, " and ".join(sources) or "nowhere (no key known)"
 
 
 def _cosigner(args, gw) -> tuple[tuple[str, bytes] | None, str | None]:
@@ -242,6 +249,10 @@ def cmd_audit_consistency(config: Config, args) -> int:
                         for n, w in zip(notes, ("the older checkpoint", "the newer checkpoint"), strict=True))
             if need_cosign is not None:
                 _note(report, args, caveat)
+            for checked in (old, new):
+                if gw is not None and checked.checkpoint.origin != gw.origin:
+                    raise ProofError(f"a checkpoint is of origin {checked.checkpoint.origin!r}, the gateway is "
+                                     f"asked about {gw.origin!r} (--origin)")
             a, b = old.checkpoint.size, new.checkpoint.size
             if a > b:
                 old, new, a, b = new, old, b, a
@@ -325,6 +336,9 @@ def cmd_audit_prove(config: Config, args) -> int:
             if need_cosign is not None:
                 _note(report, args, caveat)
             report.update(origin=cp.origin, tree_size=cp.size, root=_b64(cp.root))
+            if gw is not None and cp.origin != gw.origin:
+                raise ProofError(f"the checkpoint is of origin {cp.origin!r}, the gateway is asked about "
+                                 f"{gw.origin!r} (--origin)")
             if not 0 <= args.seq < cp.size:
                 raise ProofError(f"seq {args.seq} is not covered by the checkpoint of size {cp.size}")
             if args.entry:
