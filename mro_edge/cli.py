@@ -582,6 +582,17 @@ def cmd_gateway_register_auditor(config: Config, args) -> int:
     return 0
 
 
+def cmd_gateway_revoke_auditor(config: Config, args) -> int:
+    from services.gateway.admin import RegistrationError, revoke_auditor
+
+    try:
+        revoke_auditor(config.gateway_db_url, args.name)
+    except RegistrationError as exc:
+        raise UserError(f"cannot revoke: {exc}") from None
+    print(f"revoked the auditor token of {args.name}; its requests get 401", file=sys.stderr)
+    return 0
+
+
 def cmd_gateway_tokens(config: Config, args) -> int:
     """The valid tokens: origin, token id, creation time; never a token."""
     from services.gateway.admin import list_tokens
@@ -689,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "every origin); prints it")
     auditor.add_argument("name", help="who holds it, e.g. hq-quality")
     auditor.set_defaults(func=cmd_gateway_register_auditor)
+    unaudit = gsub.add_parser("revoke-auditor", help="end an auditor's token; its requests get 401")
+    unaudit.add_argument("name")
+    unaudit.set_defaults(func=cmd_gateway_revoke_auditor)
 
     resume = sub.add_parser("resume", help="retry a frozen service now (after fixing the fault)")
     resume.add_argument("name", choices=service_names(Kind.STAGE))
@@ -725,7 +739,7 @@ NO_DATA_DIR = {("audit", "verify"), ("audit", "consistency"), ("audit", "prove")
                ("registry", "sign")}
 # the commands that work on the gateway's database only (no data directory with MRO_GATEWAY_DB_URL)
 GATEWAY_ADMIN = {("gateway", "register-edge"), ("gateway", "tokens"), ("gateway", "revoke-token"),
-                 ("gateway", "register-auditor")}
+                 ("gateway", "register-auditor"), ("gateway", "revoke-auditor")}
 # the commands that talk to a running stack over MQTT
 NEEDS_BROKER = {("status", None), ("resume", None), ("simulate", None), ("registry", "push"),
                 ("dlq", "redrive")}

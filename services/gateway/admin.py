@@ -122,3 +122,18 @@ def register_auditor(db_url: str, name: str) -> str:
     finally:
         storage.close()
     return token
+
+
+def revoke_auditor(db_url: str, name: str) -> int:
+    """End the auditor token of ``name`` (its reads get 401 from then on); RegistrationError when
+    there is none, so a typo does not look like a revocation."""
+    _check_origin(name)
+    storage = open_storage(db_url, pool_size=1)
+    try:
+        with storage.transaction() as tx:
+            revoked = tx.revoke_auditor_tokens(name)
+    finally:
+        storage.close()
+    if not revoked:
+        raise RegistrationError(f"no auditor named {name!r} holds a token at this gateway")
+    return revoked

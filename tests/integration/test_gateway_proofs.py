@@ -229,6 +229,13 @@ def test_gateway_proofs_match_the_box_and_an_independent_verifier(backend, tmp_p
         assert code("/v1/keys", q) == (401, "invalid_token")
         http.headers["Authorization"] = f"Bearer {renewed}"
         assert http.get("/v1/keys", params=q).status_code == 200
+        from services.gateway.admin import RegistrationError, revoke_auditor
+
+        gone = register_auditor(db_url, "leaving")
+        assert revoke_auditor(db_url, "leaving") == 1
+        assert code("/v1/keys", q, {"Authorization": f"Bearer {gone}"}) == (401, "invalid_token")
+        with pytest.raises(RegistrationError, match="no auditor named"):
+            revoke_auditor(db_url, "leaving")
 
         # a damaged tree is reported, never papered over
         storage = open_storage(db_url, pool_size=1)
@@ -435,3 +442,17 @@ def test_export_says_when_the_gateway_could_not_be_asked(pg_box, tmp_path):
     assert "bundles no gateway checkpoints" in r.stderr
     r = cli("audit", "verify", str(tmp_path / "e"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["gateway_manifest"]["fetched"] is False
+
+
+def test_auditor_tokens_from_the_cli(pg_url, pg_gateway, pg_box, tmp_path):
+    env = {"MRO_GATEWAY_DB_URL": pg_url}
+    r = cli("gateway", "register-auditor", "cli-auditor", env=env, data=tmp_path / "none")
+    assert r.returncode == 0 and "read-only" in r.stderr, r.stderr
+    token = r.stdout.strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(pg_gateway.url + "/v1/keys", params={"origin": pg_box.origin}, headers=headers).status_code == 200
+    r = cli("gateway", "revoke-auditor", "cli-auditor", env=env, data=tmp_path / "none")
+    assert r.returncode == 0, r.stderr
+    assert httpx.get(pg_gateway.url + "/v1/keys", params={"origin": pg_box.origin}, headers=headers).status_code == 401
+    r = cli("gateway", "revoke-auditor", "cli-auditor", env=env, data=tmp_path / "none")
+    assert r.returncode == 2 and "no auditor named" in r.stderr
