@@ -208,9 +208,10 @@ def cmd_audit_export(config: Config, args) -> int:
         raise _user_error(str(exc)) from None
     print(f"exported {summary['entries']} entries of {summary['origin']} to {summary['out']}: tree size "
           f"{summary['tree_size']}, root {summary['root']}, checkpoint {summary['checkpoint']} by key "
-          f"{summary['kid']}; proofs for seqs {', '.join(map(str, summary['proofs'])) or '(none)'}")
-    print(f"verify: mro-edge audit verify {summary['out']}   (by hand: {summary['out']}/README.txt)",
-          file=sys.stderr)
+          f"{summary['kid']}; proofs for seqs {', '.join(map(str, summary['proofs'])) or '(none)'}; "
+          f"{summary['gateway_checkpoints']} gateway cosigned checkpoints")
+    print(f"verify: mro-edge audit verify {summary['out']} --trusted-key FIRST-KEY.pem | --gateway URL   "
+          f"(by hand: {summary['out']}/README.txt)", file=sys.stderr)
     return 0
 
 
