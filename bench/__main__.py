@@ -49,7 +49,8 @@ def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = Non
                                    ("devices", "bench.devices", "run_devices_bench"),
                                    ("backup", "bench.backup", "run_backup_bench"),
                                    ("ops", "bench.ops", "run_ops_bench"),
-                                   ("retention", "bench.retention", "run_retention_bench")):
+                                   ("retention", "bench.retention", "run_retention_bench"),
+                                   ("proofs", "bench.proofs", "run_proofs_bench")):
         if part not in parts:
             continue
         print(f"\n=== {part} ===", flush=True)
@@ -62,17 +63,21 @@ def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = Non
     return figures
 
 
+DEFAULT_PARTS = "pipeline,drain,ledger,compliance,intake,tls,hopauth,devices,backup,ops,retention,proofs"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small runs (about a minute in all)")
-    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls,hopauth,devices,backup,ops,retention",
+    parser.add_argument("--only", default=DEFAULT_PARTS,
                         help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance, "
                              "intake (stock device clients, issue 8), tls (TLS beside plain MQTT, issue 13), "
                              "hopauth (hop seal cost, issue 13), devices (device profile parse+map, issue 11), "
                              "backup (backup time per 100,000 ledger entries, issue 12), "
                              "ops (metrics scrape time and the dashboard's cost to the pipeline, issue 12), "
-                             "retention (bytes per record per store after pruning, issue 12)")
+                             "retention (bytes per record per store after pruning, issue 12), "
+                             "proofs (the gateway's audit proofs, issue 12)")
     parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,embedded"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,

@@ -568,6 +568,31 @@ def cmd_gateway(config: Config, args) -> int:
     return 0
 
 
+def cmd_gateway_register_auditor(config: Config, args) -> int:
+    from services.gateway.admin import RegistrationError, register_auditor
+
+    try:
+        token = register_auditor(config.gateway_db_url, args.name)
+    except RegistrationError as exc:
+        raise UserError(f"cannot register auditor {args.name}: {str(exc).replace('origin', 'name', 1)}") from None
+    print(token)
+    print(f"auditor {args.name} registered: this read-only token fetches proofs, cosigned checkpoints and "
+          "registered keys of any origin (README 'For auditors'). It is shown only now; an earlier token "
+          "of this name no longer works.", file=sys.stderr)
+    return 0
+
+
+def cmd_gateway_revoke_auditor(config: Config, args) -> int:
+    from services.gateway.admin import RegistrationError, revoke_auditor
+
+    try:
+        revoke_auditor(config.gateway_db_url, args.name)
+    except RegistrationError as exc:
+        raise UserError(f"cannot revoke: {exc}") from None
+    print(f"revoked the auditor token of {args.name}; its requests get 401", file=sys.stderr)
+    return 0
+
+
 def cmd_gateway_tokens(config: Config, args) -> int:
     """The valid tokens: origin, token id, creation time; never a token."""
     from services.gateway.admin import list_tokens
@@ -671,6 +696,14 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--id", help="only the token with this id (as `mro-edge gateway tokens` shows it)")
     revoke.set_defaults(func=cmd_gateway_revoke)
 
+    auditor = gsub.add_parser("register-auditor", help="a read-only auditor token (proofs, checkpoints, keys of "
+                                                       "every origin); prints it")
+    auditor.add_argument("name", help="who holds it, e.g. hq-quality")
+    auditor.set_defaults(func=cmd_gateway_register_auditor)
+    unaudit = gsub.add_parser("revoke-auditor", help="end an auditor's token; its requests get 401")
+    unaudit.add_argument("name")
+    unaudit.set_defaults(func=cmd_gateway_revoke_auditor)
+
     resume = sub.add_parser("resume", help="retry a frozen service now (after fixing the fault)")
     resume.add_argument("name", choices=service_names(Kind.STAGE))
     resume.set_defaults(func=cmd_resume)
@@ -706,9 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
 CREATES_STATE = {("run", None), ("service", None), ("devices", "init"), ("keys", "generate"),
                  ("certs", "init"), ("certs", "broker"), ("certs", "device"), ("keys", "hop-init"),
                  ("restore", None)}
-NO_DATA_DIR = {("audit", "verify"), ("schema", "check"), ("registry", "sign")}
+NO_DATA_DIR = {("audit", "verify"), ("audit", "consistency"), ("audit", "prove"), ("schema", "check"),
+               ("registry", "sign")}
 # the commands that work on the gateway's database only (no data directory with MRO_GATEWAY_DB_URL)
-GATEWAY_ADMIN = {("gateway", "register-edge"), ("gateway", "tokens"), ("gateway", "revoke-token")}
+GATEWAY_ADMIN = {("gateway", "register-edge"), ("gateway", "tokens"), ("gateway", "revoke-token"),
+                 ("gateway", "register-auditor"), ("gateway", "revoke-auditor")}
 # the commands that talk to a running stack over MQTT
 NEEDS_BROKER = {("status", None), ("resume", None), ("simulate", None), ("registry", "push"),
                 ("dlq", "redrive")}

@@ -8,6 +8,8 @@ audit export        entries, signatures, checkpoint, public keys and proofs for 
 audit verify        check such a directory; exit 0 only if everything verifies, else name the first bad seq
                     (--archive DIR: with the archives that hold the entries the box no longer has)
 ledger archive      move the oldest entries the gateway holds and cosigned to a verified archive
+audit consistency   an RFC 9162 consistency proof between two checkpoints (mro_edge.commands_proofs)
+audit prove         an RFC 9162 inclusion proof of one entry (mro_edge.commands_proofs)
 """
 
 from __future__ import annotations
@@ -194,8 +196,12 @@ def cmd_audit_export(config: Config, args) -> int:
         except (OSError, KeyFormatError) as exc:
             raise _user_error(f"--trusted-key: {exc}") from None
         trusted = {key_id(p): p for p in publics}
+    gateway = _gateway_bundle(config) if not args.no_gateway else {
+        "fetched": False, "reason": "not asked (--no-gateway)", "checkpoints": []}
+    if not gateway["fetched"]:
+        print(f"note: the export bundles no gateway checkpoints: {gateway['reason']}", file=sys.stderr)
     try:
-        summary = export_audit(config, args.out, args.seq or (), public_keys=trusted)
+        summary = export_audit(config, args.out, args.seq or (), public_keys=trusted, gateway=gateway)
     except AuditError as exc:
         print(f"audit export FAILED: {exc}", file=sys.stderr)
         print("nothing was exported; the store is not changed or repaired", file=sys.stderr)
@@ -208,10 +214,31 @@ def cmd_audit_export(config: Config, args) -> int:
               file=sys.stderr)
     print(f"exported {summary['entries']} entries of {summary['origin']} to {summary['out']}: tree size "
           f"{summary['tree_size']}, root {summary['root']}, checkpoint {summary['checkpoint']} by key "
-          f"{summary['kid']}; proofs for seqs {', '.join(map(str, summary['proofs'])) or '(none)'}")
-    print(f"verify: mro-edge audit verify {summary['out']}   (by hand: {summary['out']}/README.txt)",
-          file=sys.stderr)
+          f"{summary['kid']}; proofs for seqs {', '.join(map(str, summary['proofs'])) or '(none)'}; "
+          f"{summary['gateway_checkpoints']} gateway cosigned checkpoints")
+    print(f"verify: mro-edge audit verify {summary['out']} --trusted-key FIRST-KEY.pem | --gateway URL   "
+          f"(by hand: {summary['out']}/README.txt)", file=sys.stderr)
     return 0
+
+
+def _gateway_bundle(config: Config) -> dict[str, Any]:
+    """The gateway's newest cosigned checkpoints of this box and its cosigner key, for ``gateway.json``;
+    when the gateway cannot be asked, ``fetched`` is false and ``reason`` says why (the export goes on)."""
+    from services.uplink.client import GatewayError, edge_token
+    from shared.ledger.remote import GatewayAudit, GatewayAuditError
+    from shared.runtime.clock import utc_now
+    from shared.runtime.config import ConfigError
+
+    url = config.link.gateway_url
+    try:
+        with GatewayAudit(url, edge_token(config), None, ca_file=config.link.ca_file, timeout_s=10.0,
+                          allow_token_over_plain_http=config.link.allow_token_over_plain_http) as gw:
+            name, _public, vkey = gw.cosigner()
+            rows, more = gw.newest_checkpoints()
+    except (GatewayAuditError, GatewayError, ConfigError, OSError) as exc:
+        return {"fetched": False, "url": url, "reason": f"the gateway could not be asked: {exc}", "checkpoints": []}
+    return {"fetched": True, "url": url, "fetched_at": utc_now(), "cosigner": {"name": name, "vkey": vkey},
+            "older_left_out": more, "checkpoints": rows}
 
 
 def cmd_audit_verify(config: Config, args) -> int:
@@ -227,6 +254,9 @@ def cmd_audit_verify(config: Config, args) -> int:
         known = [Path(p).read_bytes() for p in args.known_checkpoint or ()]
     except (OSError, KeyFormatError) as exc:
         raise _user_error(str(exc)) from None
+    live: dict[str, Any] = _live_gateway(args) if args.gateway else {}
+    if args.gateway and trusted is None:
+        trusted = list(live["keys"].values())
     try:
         from shared.ledger.archive import MANIFEST, check_manifest
 
@@ -236,7 +266,11 @@ def cmd_audit_verify(config: Config, args) -> int:
             check_manifest(Path(archive))
         if (Path(args.dir) / MANIFEST).exists():
             check_manifest(Path(args.dir))
-        report = verify_audit(args.dir, trusted_keys=trusted, known_checkpoints=known, archives=args.archive or ())
+        report = verify_audit(args.dir, trusted_keys=trusted, known_checkpoints=known, archives=args.archive or (),
+                              trusted_label="the gateway's key registry" if args.gateway and not args.trusted_key
+                              else "--trusted-key",
+                              cosigner_key=_pinned_cosigner(args), gateway_checkpoints=live.get("checkpoints", ()),
+                              gateway_cosigner=live.get("cosigner"))
     except AuditError as exc:
         if args.json:
             print(json.dumps({"ok": False, "seq": exc.seq, "reason": exc.reason}))
@@ -252,7 +286,8 @@ def cmd_audit_verify(config: Config, args) -> int:
             f"OK: {report['entries']} entries of {report['origin']}, hash chain and every signature verified "
             f"(keys {', '.join(report['kids']) or '-'}), Merkle root {report['root']} matches the checkpoint "
             f"signed by {report['kid']}, {report['proofs']} inclusion proofs, "
-            f"{report['known_checkpoints']} known checkpoints consistent"
+            f"{report['known_checkpoints']} known checkpoints and {report['gateway_checkpoints']} gateway "
+            f"cosigned checkpoints consistent; anchored by {', '.join(report['anchored_by']) or 'nothing'}"
         )
         if report["archives"]:
             print(f"   including {report['archives']} archive(s): seq 0..{report['entries'] - 1} verified as one chain")
@@ -260,10 +295,46 @@ def cmd_audit_verify(config: Config, args) -> int:
             print(f"   seq 0..{report['first'] - 1} are NOT in this directory: they were archived to "
                   f"{report['archived_in']} (MANIFEST.sha256 {report['archive_manifest_sha256']}); seq "
                   f"{report['first']}.. verified from there on. Pass --archive DIR to verify them together")
-        if trusted is None:
-            print("the keys were taken from the export itself: confirm the kid of seq 0's key out of band, "
-                  "or pass --trusted-key", file=sys.stderr)
+    manifest = report.get("gateway_manifest")
+    if manifest is not None and not manifest["fetched"]:
+        print(f"note: the export bundles no gateway checkpoints: {manifest.get('reason')}", file=sys.stderr)
+    if "warning" in report:
+        bar = "!" * 78
+        print(f"{bar}\n{report['warning']}\n(the kid of seq 0's key: {report['kids'][0] if report['kids'] else '-'}; "
+              f"compare it with the operator's key registry)\n{bar}", file=sys.stderr)
     return 0
+
+
+def _pinned_cosigner(args) -> tuple[str, bytes] | None:
+    from shared.ledger.checkpoint import COSIGNATURE_TYPE, parse_vkey
+
+    if not args.cosigner_key:
+        return None
+    try:
+        return parse_vkey(args.cosigner_key.strip(), COSIGNATURE_TYPE)
+    except ValueError as exc:
+        raise _user_error(f"--cosigner-key: {exc} (give the vkey 'GET /v1/cosigner-key' shows)") from None
+
+
+def _live_gateway(args) -> dict[str, Any]:
+    """From ``--gateway``: the origin's registered keys, the gateway's cosigner (pinned or its own
+    word) and its newest cosigned checkpoints up to the export's size."""
+    from mro_edge.commands_proofs import TOKEN_ENV, export_origin_and_size, token_from
+    from shared.ledger.remote import GatewayAudit, GatewayAuditError
+
+    origin, size = export_origin_and_size(args.dir)
+    try:
+        with GatewayAudit(args.gateway, token_from(args), origin, ca_file=args.ca_file or "") as gw:
+            keys = gw.registered_keys()
+            name, public, _vkey = gw.cosigner()
+            rows, _more = gw.newest_checkpoints(to_size=size)
+    except GatewayAuditError as exc:
+        raise _user_error(f"--gateway: {exc} (token: --token-file or ${TOKEN_ENV})") from None
+    if not keys:
+        raise _user_error(f"--gateway: the gateway has no key registered for {origin!r}")
+    pinned = _pinned_cosigner(args)
+    return {"keys": keys, "cosigner": pinned or (name, public),
+            "checkpoints": [r["cosigned_checkpoint"] for r in rows]}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -294,6 +365,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="also write per-record files and an inclusion proof for these seqs")
     aexp.add_argument("--trusted-key", action="append", metavar="PEM",
                       help="the key(s) the first entry must be signed by (default: the box's own keys)")
+    aexp.add_argument("--no-gateway", action="store_true",
+                      help="do not ask the gateway for its cosigned checkpoints (gateway.json says so)")
     aexp.set_defaults(func=cmd_audit_export)
     aver = asub.add_parser("verify", help="exit 0 only if everything verifies; else print the first bad seq")
     aver.add_argument("dir")
@@ -305,8 +378,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aver.add_argument("--archive", action="append", metavar="DIR",
                       help="an archive of 'mro-edge ledger archive' holding earlier entries (repeat, oldest first): "
                            "verified first, and the directory must continue it")
+    aver.add_argument("--gateway", metavar="URL",
+                      help="anchor at the gateway: its key registry for the first entry's key, and its cosigned "
+                           "checkpoints must be prefixes of the export (token: --token-file or $MRO_AUDIT_TOKEN)")
+    aver.add_argument("--token-file", metavar="FILE", help="bearer token for --gateway (an auditor's token)")
+    aver.add_argument("--ca-file", metavar="PEM", help="CA of the gateway's TLS certificate")
+    aver.add_argument("--cosigner-key", metavar="VKEY",
+                      help="the gateway's cosigner vkey you hold: the export's bundled cosignatures must verify "
+                           "under it (and then anchor the export)")
     aver.add_argument("--json", action="store_true")
     aver.set_defaults(func=cmd_audit_verify)
+    from mro_edge.commands_proofs import register_audit
+
+    register_audit(asub)
 
 
 

@@ -106,3 +106,34 @@ def revoke_token(db_url: str, origin: str, token_id: str = "") -> int:
         raise RegistrationError(f"origin {origin!r} has no valid token {which}at this gateway "
                                 "(`mro-edge gateway tokens` lists them)")
     return revoked
+
+
+def register_auditor(db_url: str, name: str) -> str:
+    """A new read-only auditor token named ``name``: it reads every origin's proofs, cosigned
+    checkpoints and registered keys, and can push nothing. Registering a name again replaces its
+    token (the earlier one stops working). Print or hand over the token now; only its SHA-256 is kept."""
+    _check_origin(name)
+    token = secrets.token_urlsafe(32)
+    storage = open_storage(db_url, pool_size=1)
+    try:
+        with storage.transaction() as tx:
+            tx.revoke_auditor_tokens(name)
+            tx.add_auditor_token(name, token_sha256(token), utc_now())
+    finally:
+        storage.close()
+    return token
+
+
+def revoke_auditor(db_url: str, name: str) -> int:
+    """End the auditor token of ``name`` (its reads get 401 from then on); RegistrationError when
+    there is none, so a typo does not look like a revocation."""
+    _check_origin(name)
+    storage = open_storage(db_url, pool_size=1)
+    try:
+        with storage.transaction() as tx:
+            revoked = tx.revoke_auditor_tokens(name)
+    finally:
+        storage.close()
+    if not revoked:
+        raise RegistrationError(f"no auditor named {name!r} holds a token at this gateway")
+    return revoked

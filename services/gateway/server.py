@@ -43,9 +43,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from services.gateway import proofs
 from services.gateway.checkpoints import Cosigner, accept_checkpoint, checkpoint_decoder
 from services.gateway.ingest import batch_decoder, ingest_batch
+from services.gateway.proofs import AuditAnswer
 from services.gateway.storage import Storage, StorageError, check_url, open_storage
+from shared.ledger.merkle import MerkleCorruptError
 from shared.runtime.clock import utc_now
 from shared.runtime.logs import get_logger
 
@@ -205,6 +208,29 @@ class ConcurrencyLimit:
             self.active -= 1
 
 
+class _Forbidden(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _BadQuery(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _int_param(request: Request, name: str, default: int | None = None, *, minimum: int = 0) -> int | None:
+    """An optional non-negative integer query parameter; _BadQuery naming it when malformed."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 19 or int(raw) < minimum:
+        raise _BadQuery("bad_parameter", f"query parameter {name}={raw[:40]!r} must be an integer >= {minimum}")
+    return int(raw)
+
+
 class _Unauthorized(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -224,6 +250,7 @@ class Gateway:
         self.window = timedelta(days=settings.duplicate_window_days)
         self.storage: Storage | None = None
         self.cosigner: Cosigner | None = None
+        self.served: dict[str, int] = {}  # audit answers given, by kind (GET /metrics)
         self.log = get_logger(component="gateway")
 
     def open(self) -> None:
@@ -262,6 +289,33 @@ class Gateway:
         if origin is None:
             raise _Unauthorized("invalid_token", "the bearer token is not registered at this gateway")
         return origin
+
+    def _reader_origin(self, request: Request) -> str:
+        """The origin a read-only audit request may read: ``?origin=`` (default: the token's own).
+
+        An edge's token reads its own origin only (403 otherwise); an auditor's token
+        (``mro-edge gateway register-auditor``) reads any origin and pushes nothing.
+        """
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _Unauthorized("unauthenticated", "send 'Authorization: Bearer <token>' (an auditor's token from "
+                                "mro-edge gateway register-auditor, or the edge's own)")
+        wanted = request.query_params.get("origin")
+        digest = token_sha256(token.strip())
+        assert self.storage is not None
+        with self.storage.transaction(write=False) as tx:
+            own = tx.origin_for_token(digest)
+            auditor = None if own is not None else tx.auditor_for_token(digest)
+        if own is not None:
+            if wanted is not None and wanted != own:
+                raise _Forbidden(f"this edge token reads origin {own!r} only; an auditor's token reads any origin")
+            return own
+        if auditor is None:
+            raise _Unauthorized("invalid_token", "the bearer token is not registered at this gateway")
+        if not wanted:
+            raise _BadQuery("missing_origin", "an auditor's token must name the origin: ?origin=<origin>")
+        return wanted
 
     async def _authenticated(self, request: Request) -> str | Response:
         try:
@@ -355,6 +409,69 @@ class Gateway:
             getattr(self.log, result.log)("checkpoint refused", origin=origin, **result.body["error"])
         return _json(result.body, result.status)
 
+    # -- read-only audit routes (services.gateway.proofs)
+    async def _audit(self, request: Request, kind: str,
+                     answer: Callable[[Any, str, Request], AuditAnswer]) -> Response:
+        """Authenticate a reader, parse its query, answer from one read-only transaction."""
+
+        def read() -> AuditAnswer:
+            origin = self._reader_origin(request)
+            assert self.storage is not None
+            with self.storage.transaction(write=False) as tx:
+                return answer(tx, origin, request)
+
+        try:
+            result = await anyio.to_thread.run_sync(read)
+        except _Unauthorized as exc:
+            return _error(401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer realm="mro-gateway"'})
+        except _Forbidden as exc:
+            return _error(403, "forbidden", exc.message)
+        except _BadQuery as exc:
+            return _error(400, exc.code, exc.message)
+        except StorageError as exc:
+            return self._unavailable(exc)
+        except MerkleCorruptError as exc:
+            self.log.error("merkle tree damaged", kind=kind, error=str(exc))
+            return _error(500, "tree_damaged", "the gateway's Merkle tree for this origin is damaged; "
+                                               "the operator must investigate (nothing is repaired silently)")
+        if result.status == 200:
+            self.served[kind] = self.served.get(kind, 0) + 1
+        return _json(result.body, result.status)
+
+    async def inclusion_proof(self, request: Request) -> Response:
+        def answer(tx, origin: str, req: Request) -> AuditAnswer:
+            index = _int_param(req, "index")
+            if index is None:
+                raise _BadQuery("bad_parameter", "query parameter index=<leaf index (seq)> is required")
+            return proofs.inclusion(tx, origin, index, _int_param(req, "size", minimum=1))
+
+        return await self._audit(request, "inclusion", answer)
+
+    async def consistency_proof(self, request: Request) -> Response:
+        def answer(tx, origin: str, req: Request) -> AuditAnswer:
+            first = _int_param(req, "first", minimum=1)
+            if first is None:
+                raise _BadQuery("bad_parameter", "query parameter first=<older tree size> is required")
+            return proofs.consistency(tx, origin, first, _int_param(req, "second", minimum=1))
+
+        return await self._audit(request, "consistency", answer)
+
+    async def list_checkpoints(self, request: Request) -> Response:
+        def answer(tx, origin: str, req: Request) -> AuditAnswer:
+            from_size = _int_param(req, "from_size", 0)
+            limit = _int_param(req, "limit", proofs.DEFAULT_CHECKPOINT_PAGE, minimum=1)
+            order = req.query_params.get("order", "oldest")
+            if order not in ("oldest", "newest"):
+                raise _BadQuery("bad_parameter", "query parameter order must be 'oldest' (default) or 'newest'")
+            assert from_size is not None and limit is not None and self.cosigner is not None
+            return proofs.checkpoints(tx, origin, from_size, _int_param(req, "to_size"),
+                                      min(limit, proofs.MAX_CHECKPOINT_PAGE), order == "newest", self.cosigner.vkey)
+
+        return await self._audit(request, "checkpoints", answer)
+
+    async def list_keys(self, request: Request) -> Response:
+        return await self._audit(request, "keys", lambda tx, origin, _req: proofs.key_registry(tx, origin))
+
     async def metrics(self, _request: Request) -> Response:
         """Prometheus figures per origin, without a token like /health: a scraper has none, and
         they are numbers about chains, no record content (services.gateway.metrics)."""
@@ -364,7 +481,7 @@ class Gateway:
             assert self.storage is not None
             with self.storage.transaction(write=False) as tx:
                 figures = tx.origin_figures()
-            return exposition(figures, time.time())
+            return exposition(figures, time.time(), dict(self.served))
 
         try:
             body = await anyio.to_thread.run_sync(read)
@@ -383,6 +500,10 @@ def _routes(gateway: Gateway) -> list[Route]:
         Route("/v1/head", gateway.head, methods=["GET"]),
         Route("/v1/entries", gateway.post_entries, methods=["POST"]),
         Route("/v1/checkpoints", gateway.post_checkpoint, methods=["POST"]),
+        Route("/v1/checkpoints", gateway.list_checkpoints, methods=["GET"]),
+        Route("/v1/proofs/inclusion", gateway.inclusion_proof, methods=["GET"]),
+        Route("/v1/proofs/consistency", gateway.consistency_proof, methods=["GET"]),
+        Route("/v1/keys", gateway.list_keys, methods=["GET"]),
         Route("/v1/cosigner-key", gateway.cosigner_key, methods=["GET"]),
         Route("/metrics", gateway.metrics, methods=["GET"]),
     ]

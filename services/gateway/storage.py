@@ -120,6 +120,12 @@ _DDL = (
         PRIMARY KEY (origin, size))""",
     # Evidence: validly signed checkpoints that contradict the entries held (the edge signed
     # another history). Never cosigned.
+    # Read-only auditor credentials: an auditor token may read any origin's proofs, cosigned
+    # checkpoints and registered keys, and push nothing (``mro-edge gateway register-auditor``).
+    """CREATE TABLE IF NOT EXISTS auditor_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS checkpoint_forks (
         origin TEXT NOT NULL,
         size {bigint} NOT NULL,
@@ -207,6 +213,26 @@ class Tx(ABC):
     def origin_for_token(self, token_sha256: str) -> str | None:
         rows = self._rows("SELECT origin FROM edge_tokens WHERE token_sha256 = ?", (token_sha256,))
         return rows[0][0] if rows else None
+
+    def auditor_for_token(self, token_sha256: str) -> str | None:
+        """The name of the read-only auditor this token belongs to, if any."""
+        rows = self._rows("SELECT name FROM auditor_tokens WHERE token_sha256 = ?", (token_sha256,))
+        return rows[0][0] if rows else None
+
+    def add_auditor_token(self, name: str, token_sha256: str, now: str) -> None:
+        self._exec("INSERT INTO auditor_tokens (token_sha256, name, created_at) VALUES (?, ?, ?)",
+                   (token_sha256, name, now))
+
+    def revoke_auditor_tokens(self, name: str) -> int:
+        before = len(self._rows("SELECT 1 FROM auditor_tokens WHERE name = ?", (name,)))
+        self._exec("DELETE FROM auditor_tokens WHERE name = ?", (name,))
+        return before
+
+    def key_registry(self, origin: str) -> list[tuple[str, bytes, str]]:
+        """(kid, raw public key, registered_at) of the keys registered for ``origin``, oldest first."""
+        rows = self._rows("SELECT kid, public_key, registered_at FROM edge_keys WHERE origin = ? "
+                          "ORDER BY registered_at, kid", (origin,))
+        return [(kid, bytes(public), at) for kid, public, at in rows]
 
     def keys(self, origin: str) -> dict[str, bytes]:
         rows = self._rows("SELECT kid, public_key FROM edge_keys WHERE origin = ?", (origin,))
@@ -345,6 +371,20 @@ class Tx(ABC):
                           (origin, level, idx))
         return bytes(rows[0][0]) if rows else None
 
+    def merkle_nodes(self, origin: str, keys: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The stored hashes of several nodes (level, idx) in one query (a proof's O(log n) of them)."""
+        out: dict[tuple[int, int], bytes] = {}
+        for start in range(0, len(keys), 100):
+            chunk = keys[start:start + 100]
+            where = " OR ".join(["(level = ? AND idx = ?)"] * len(chunk))
+            params: list[Any] = [origin]
+            for level, idx in chunk:
+                params += [level, idx]
+            for level, idx, h in self._rows(f"SELECT level, idx, hash FROM merkle_nodes WHERE origin = ? AND ({where})",
+                                            params):
+                out[(int(level), int(idx))] = bytes(h)
+        return out
+
     def insert_merkle_nodes(self, origin: str, nodes: list[tuple[int, int, bytes]]) -> None:
         self._conn.executemany(
             self._s.sql("INSERT INTO merkle_nodes (origin, level, idx, hash) VALUES (?, ?, ?, ?)"),
@@ -366,6 +406,26 @@ class Tx(ABC):
             "ON CONFLICT (origin, size) DO UPDATE SET cosignature = excluded.cosignature, "
             "accepted_at = excluded.accepted_at",
             (origin, cp.size, cp.root, cp.note, cp.cosignature, now))
+
+    def cosigned_checkpoints(self, origin: str, from_size: int, limit: int, to_size: int | None = None,
+                             newest_first: bool = False) -> list[tuple[int, bytes, str, str]]:
+        """(size, root, note + cosignature line, accepted_at) of the accepted checkpoints of ``origin``
+        with ``from_size`` <= size <= ``to_size``, smallest (or newest) first, at most ``limit``:
+        one bounded page, read through the primary key."""
+        upper = to_size if to_size is not None else 2**62
+        order = "DESC" if newest_first else "ASC"
+        rows = self._rows("SELECT size, root, note, cosignature, accepted_at FROM checkpoints "
+                          f"WHERE origin = ? AND size >= ? AND size <= ? ORDER BY size {order} LIMIT ?",
+                          (origin, from_size, upper, limit))
+        return [(int(size), bytes(root), note + cosignature, at) for size, root, note, cosignature, at in rows]
+
+    def origin_known(self, origin: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM heads WHERE origin = ?", (origin,)))
+
+    def entry_hash_at(self, origin: str, seq: int) -> str | None:
+        """The chain hash of the entry stored at ``seq`` (what entries.jsonl calls ``hash``)."""
+        rows = self._rows("SELECT hash FROM entries WHERE origin = ? AND seq = ? LIMIT 1", (origin, seq))
+        return rows[0][0] if rows else None
 
     def insert_checkpoint_fork(self, origin: str, size: int, root: bytes, note: str, reason: str, now: str) -> None:
         self._exec(

@@ -24,6 +24,10 @@ An export that starts at ``first`` verifies on its own (the chain from ``first``
 compact range, the signed checkpoint over all ``first + len`` entries binds both), and together with
 the archives that hold seq 0..first-1 (``verify_audit(..., archives=[...])``, oldest first): then it
 must continue exactly where the last archive ends (seq, hash, compact range, keys).
+    gateway.json         the gateway's cosigned checkpoints of this ledger (up to the newest 1000 at or
+                         below the export's size) and its cosigner key, fetched when the export was
+                         made; when the gateway could not be asked, ``fetched`` is false and
+                         ``reason`` says why (see ``GATEWAY_MANIFEST``)
 
 Keys: the first entry's key is the anchor an auditor confirms out of band (``--trusted-key``);
 every later key is introduced by a ``key_rotation`` entry signed by the key before it
@@ -33,6 +37,10 @@ The checkpoint is the one the sign service signed over exactly these entries whe
 one (``checkpoints`` table); otherwise the export signs one with the ledger's current key. A
 stored checkpoint (or ``keys/checkpoint.latest``) covering more entries than the store holds
 means the store was rolled back: the export refuses and says so.
+
+Trust: without an anchor (``--trusted-key``, the gateway's key registry, or gateway cosignatures
+under a cosigner key the auditor pinned) ``verify_audit`` proves self-consistency only, since an
+export carries its own keys: its report says so (``anchored_by`` empty, ``warning``).
 
 Both directions stream: entries are read one at a time and the Merkle root is recomputed with
 an O(log n) compact frontier, so memory stays flat for millions of entries. ``verify_audit``
@@ -111,7 +119,14 @@ from shared.ledger.verify import (
 )
 from shared.runtime.config import Config
 
-__all__ = ["AuditError", "export_audit", "verify_audit"]
+__all__ = ["NOT_ANCHORED", "AuditError", "export_audit", "verify_audit"]
+
+NOT_ANCHORED = (
+    "NOT ANCHORED: only self-consistency was proved. The keys came from the export itself, so a complete "
+    "forgery re-signed under another key would pass as well. Anchor it: --trusted-key PEM (the box's ledger "
+    "key obtained out of band), or --gateway URL (the gateway's key registry and its cosigned checkpoints), "
+    "or --cosigner-key VKEY (the gateway's cosignatures bundled in the export, under a key you hold)."
+)
 
 ARCHIVED = "archived.json"
 
@@ -123,6 +138,7 @@ KEY_PEM = "ledger-key.pem"
 KEYS = "keys"
 PROOFS = "proofs"
 README = "README.txt"
+GATEWAY_MANIFEST = "gateway.json"
 _PROOF_NAME = re.compile(r"^(0|[1-9][0-9]*)\.json\Z")
 _HEX32 = re.compile(r"^[0-9a-f]{64}\Z")
 
@@ -244,6 +260,11 @@ def _readme(origin: str, kid: str, size: int, root: bytes, examples: list[dict[s
         "  proofs/<seq>.json  inclusion proof of entry <seq> under the checkpoint's root;",
         "  proofs/<seq>.entry the entry's exact bytes, proofs/<seq>.sig its raw 64-byte signature,",
         "  proofs/<seq>.pem   the public key that signed it.",
+        "  gateway.json       the central gateway's cosigned checkpoints of this ledger and its cosigner",
+        "                     key, when the export could ask it (else \"fetched\": false and why).",
+        "",
+        "Without an anchor, `mro-edge audit verify` proves self-consistency only (it says so): pass",
+        "--trusted-key (the first key, from the registry), --gateway URL, or --cosigner-key VKEY.",
         "",
         "Everything at once (hash chain, every signature, Merkle root, checkpoint and proofs):",
         "",
@@ -312,8 +333,14 @@ def export_audit(
     seqs: Iterable[int] = (),
     *,
     public_keys: Mapping[str, bytes] | None = None,
+    gateway: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write an audit export of the whole ledger to ``out_dir`` (must not exist, or be empty).
+
+    ``gateway``: what ``mro-edge audit export`` fetched from the gateway (``GATEWAY_MANIFEST``:
+    ``fetched``, ``reason``, ``cosigner``, ``checkpoints``); each bundled checkpoint is checked like
+    the box's own (none may cover more entries than the store holds, each must sign the store's
+    root at its size), so an export never bundles a gateway view that contradicts the box.
 
     The chain is verified while it is exported (a damaged store is reported with its seq and
     nothing is written); the Merkle root is recomputed from the entries, and when the sign
@@ -343,7 +370,7 @@ def export_audit(
         tmp.mkdir(mode=0o755)
         try:
             with store.snapshot() as view:
-                summary = _export(view, config, _Chain(available, trusted), private, tmp, wanted)
+                summary = _export(view, config, _Chain(available, trusted), private, tmp, wanted, gateway)
             if out.exists():
                 out.rmdir()
             os.rename(tmp, out)
@@ -376,14 +403,25 @@ def _history_claims(view: LedgerView, config: Config) -> tuple[bytes | None, lis
     return exact, claims
 
 
+def _gateway_claims(gateway: Mapping[str, Any] | None) -> list[HistoryClaim]:
+    """The sizes and roots the bundled gateway checkpoints vouch for (shape only; signatures are
+    checked by ``verify_audit``, which knows the keys current at each size)."""
+    claims = []
+    for i, row in enumerate((gateway or {}).get("checkpoints") or []):
+        cp = _read_checkpoint_text(str(row.get("cosigned_checkpoint", "")), f"the gateway's checkpoint {i}")
+        claims.append(HistoryClaim(f"the gateway's cosigned checkpoint of size {cp.size}", cp.size, cp.root))
+    return claims
+
+
 def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, SigningKey], tmp: Path,
-            wanted: list[int]) -> dict[str, Any]:
+            wanted: list[int], gateway: Mapping[str, Any] | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         count = view.size()
         base = view.archived()
         start = _start_of(base, chain)
         _check_wanted(wanted, count, base)
         stored_note, claims = _history_claims(view, config)
+        claims += _gateway_claims(gateway)
         _refuse_rollback(count, claims)
         claims = [claim for claim in claims if claim.size >= start.size]  # older ones: in the archive
         stored = view.tree()
@@ -417,6 +455,8 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
         (tmp / ARCHIVED).write_text(json.dumps(_archived_doc(base), indent=1) + "\n")
         readme += _archived_readme(base)
     (tmp / README).write_text(readme)
+    if gateway is not None:
+        (tmp / GATEWAY_MANIFEST).write_text(json.dumps(dict(gateway), indent=1) + "\n")
     return {
         "first": base.n if base is not None else 0,
         "archive": base.archive if base is not None else None,
@@ -429,6 +469,7 @@ def _export(view: LedgerView, config: Config, chain: _Chain, private: dict[str, 
         "proofs": [ex["seq"] for ex in examples],
         "merkle": "stored" if use_stored else "recomputed",
         "checkpoint": "stored" if stored_note is not None and note_text.encode() == stored_note else "signed",
+        "gateway_checkpoints": len((gateway or {}).get("checkpoints") or []) if gateway is not None else None,
     }
 
 
@@ -696,6 +737,10 @@ def verify_audit(
     known_checkpoints: Iterable[str | bytes] = (),
     extra_public_keys: Iterable[bytes] = (),
     archives: Iterable[str | Path] = (),
+    trusted_label: str = "--trusted-key",
+    cosigner_key: tuple[str, bytes] | None = None,
+    gateway_checkpoints: Iterable[str | bytes] = (),
+    gateway_cosigner: tuple[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Verify an export directory; returns a report dict, raises ``AuditError`` at the first problem.
 
@@ -715,9 +760,26 @@ def verify_audit(
     export's first one, oldest first: each is verified, and each next directory must continue it
     exactly (seq, hash, compact range, key schedule). Without them, an export that starts after
     seq 0 (``archived.json``) is verified from its start and the report says which seqs it lacks.
+
+    The gateway's cosigned checkpoints (bundled in ``GATEWAY_MANIFEST``, and ``gateway_checkpoints``
+    fetched live with the ``gateway_cosigner`` key) are checked the same way, and each must carry a
+    valid cosignature: by ``cosigner_key`` when the auditor pinned one (then they anchor the
+    export), else by the key the manifest names. ``trusted_label`` says where ``trusted_keys`` came
+    from. The report's ``anchored_by`` lists the anchors; empty, ``warning`` is ``NOT_ANCHORED``.
     """
     d = Path(path)
+    archives = list(archives)
     known = [(n, _read_checkpoint_text(n, f"known checkpoint {i}")) for i, n in enumerate(known_checkpoints)]
+    manifest, bundled, bundled_cosigner = _read_gateway_manifest(d, cosigner_key)
+    live = list(gateway_checkpoints) if gateway_cosigner is not None else []
+    witnessed = ([(n, bundled_cosigner, f"{GATEWAY_MANIFEST} checkpoint {i}") for i, n in enumerate(bundled)]
+                 + [(n, gateway_cosigner, f"the gateway's checkpoint {i}") for i, n in enumerate(live)])
+    if not archives:  # the gateway's checkpoints of entries archived away can only be checked with the archives
+        archived = _read_archived(d)
+        start = archived["first"] if archived else 0
+        witnessed = [w for w in witnessed if _read_checkpoint_text(w[0], w[2]).size >= start]
+    names = {len(known) + i: what for i, (_n, _key, what) in enumerate(witnessed)}
+    known += [(n, _read_checkpoint_text(n, what)) for n, _key, what in witnessed]
     extras = list(extra_public_keys)
     trusted = {key_id(k): k for k in trusted_keys} if trusted_keys is not None else None
     stream: _Stream | None = None
@@ -730,8 +792,20 @@ def verify_audit(
     if unchecked:
         raise AuditError(None, f"a known checkpoint covers {unchecked[0].size} entries, but this export starts at "
                                f"seq {first}: pass the archives that hold seq 0..{first - 1} (--archive DIR)")
-    _check_known(known, chain, stream.roots, count, chain.origin or report["origin"])
-    report["known_checkpoints"] = len(known)
+    _check_known(known, chain, stream.roots, count, chain.origin or report["origin"], names)
+    for note_, cosigner, what in witnessed:
+        _check_cosigned(note_, cosigner, what)
+    anchored_by = [label for label, anchored in (
+        (trusted_label, trusted is not None),
+        (f"{len(bundled)} gateway cosignatures under the pinned cosigner key", cosigner_key is not None and bundled),
+        ("the gateway's live cosigned checkpoints", bool(live)),
+    ) if anchored]
+    report["known_checkpoints"] = len(known) - len(witnessed)
+    report["gateway_checkpoints"] = len(witnessed)
+    report["gateway_manifest"] = manifest
+    report["anchored_by"] = anchored_by
+    if not anchored_by:
+        report["warning"] = NOT_ANCHORED
     report["archives"] = stream.dirs - 1
     return report
 
@@ -838,7 +912,7 @@ def _verify_dir(d: Path, trusted: dict[str, bytes] | None, extras: list[bytes],
     for s, doc in proofs.items():
         _check_proof(d, s, doc, captured.get(s), signed)
     archived = _read_archived(d)
-    report = {
+    report: dict[str, Any] = {
         "ok": True,
         "entries": count,
         "first": first,
@@ -853,6 +927,54 @@ def _verify_dir(d: Path, trusted: dict[str, bytes] | None, extras: list[bytes],
         "_first": first if stream.dirs == 1 else 0,
     }
     return report, stream
+
+
+def _read_gateway_manifest(d: Path, pinned: tuple[str, bytes] | None
+                           ) -> tuple[dict[str, Any] | None, list[str], tuple[str, bytes] | None]:
+    """(summary of ``GATEWAY_MANIFEST`` for the report, its cosigned notes, the key to check them with).
+
+    Absent (an export from before it existed, or ``--no-gateway``) is fine and said in the report."""
+    path = d / GATEWAY_MANIFEST
+    if not path.exists():
+        return None, [], pinned
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AuditError(None, f"{GATEWAY_MANIFEST} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("fetched"), bool):
+        raise AuditError(None, f"{GATEWAY_MANIFEST} must be an object with a boolean 'fetched'")
+    summary = {"fetched": doc["fetched"], "url": doc.get("url"), "reason": doc.get("reason")}
+    rows = doc.get("checkpoints") or []
+    if not doc["fetched"] or not rows:
+        return summary, [], pinned
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("cosigned_checkpoint"), str)
+                                             for r in rows):
+        raise AuditError(None, f"{GATEWAY_MANIFEST}: checkpoints must be objects with a cosigned_checkpoint string")
+    from shared.ledger.checkpoint import COSIGNATURE_TYPE, parse_vkey
+
+    try:
+        named = parse_vkey(str((doc.get("cosigner") or {}).get("vkey")), COSIGNATURE_TYPE)
+    except ValueError as exc:
+        raise AuditError(None, f"{GATEWAY_MANIFEST}: the cosigner's vkey is malformed: {exc}") from None
+    if pinned is not None and named != pinned:
+        raise AuditError(None, f"{GATEWAY_MANIFEST} names cosigner {named[0]!r} with another key than the pinned "
+                               f"--cosigner-key ({pinned[0]!r}): these are not that gateway's cosignatures")
+    summary["cosigner"] = named[0]
+    return summary, [r["cosigned_checkpoint"] for r in rows], pinned or named
+
+
+def _check_cosigned(note: str | bytes, cosigner: tuple[str, bytes] | None, what: str) -> None:
+    from shared.ledger.checkpoint import verified_cosignatures
+
+    if cosigner is None:
+        raise AuditError(None, f"{what}: no cosigner key to check its cosignature with")
+    name, public = cosigner
+    try:
+        stamps = verified_cosignatures(note, {name: public})
+    except (NoteError, CheckpointError) as exc:
+        raise AuditError(None, f"{what}: the cosignature of {name} does not verify: {exc}") from None
+    if name not in stamps:
+        raise AuditError(None, f"{what} carries no cosignature of {name}")
 
 
 def _open_with(note: bytes | str, origin: str, keys: Mapping[str, bytes], what: str) -> tuple[Checkpoint, str]:
@@ -901,14 +1023,17 @@ def _check_proof(d: Path, seq: int, doc: dict[str, Any], got: tuple[bytes, str, 
 
 
 def _check_known(known: list[tuple[str | bytes, Checkpoint]], chain: _Chain, roots: dict[int, bytes],
-                 count: int, origin: str) -> None:
-    """Each checkpoint the auditor already holds must be a prefix of the exported history."""
+                 count: int, origin: str, names: Mapping[int, str] | None = None) -> None:
+    """Each checkpoint the auditor already holds must be a prefix of the exported history.
+
+    ``names``: what to call the i-th one in a finding (default "known checkpoint i")."""
     matched = 0
     for i, (note, k) in sorted(enumerate(known), key=lambda item: item[1][1].size):
+        name = (names or {}).get(i, f"known checkpoint {i}")
         _open_with(note, k.origin, chain.signer_keys(k.size) if k.size <= count else chain.signer_keys(count),
-                   f"known checkpoint {i} (size {k.size})")
+                   f"{name} (size {k.size})")
         if k.origin != origin:
-            raise AuditError(None, f"known checkpoint {i} is for origin {k.origin!r}, the export for {origin!r}")
+            raise AuditError(None, f"{name} is for origin {k.origin!r}, the export for {origin!r}")
         if k.size > count:
             raise AuditError(count, f"the export holds {count} entries but a known checkpoint covers {k.size}: "
                                     "the ledger was rolled back (restored backup, snapshot) or truncated")
