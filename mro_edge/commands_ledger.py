@@ -6,6 +6,7 @@ keys rotate         stage a new key; the sign service appends the signed rotatio
 keys export-public  the current public key as PEM (what `mro-edge gateway register-edge` takes)
 audit export        entries, signatures, checkpoint, public keys and proofs for an auditor
 audit verify        check such a directory; exit 0 only if everything verifies, else name the first bad seq
+                    (exit 2: it verifies, with findings such as recorded_at going backwards)
 """
 
 from __future__ import annotations
@@ -240,10 +241,12 @@ def cmd_audit_verify(config: Config, args) -> int:
             f"signed by {report['kid']}, {report['proofs']} inclusion proofs, "
             f"{report['known_checkpoints']} known checkpoints consistent"
         )
+        for finding in report["findings"]:
+            print(f"FINDING: {finding['message']}")
         if trusted is None:
             print("the keys were taken from the export itself: confirm the kid of seq 0's key out of band, "
                   "or pass --trusted-key", file=sys.stderr)
-    return 0
+    return 2 if report["findings"] else 0  # verified, but the ledger's time is not in order
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -275,7 +278,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aexp.add_argument("--trusted-key", action="append", metavar="PEM",
                       help="the key(s) the first entry must be signed by (default: the box's own keys)")
     aexp.set_defaults(func=cmd_audit_export)
-    aver = asub.add_parser("verify", help="exit 0 only if everything verifies; else print the first bad seq")
+    aver = asub.add_parser("verify", help="exit 0 only if everything verifies; else print the first bad seq "
+                                                 "(2: verified, with findings, e.g. recorded_at going backwards)")
     aver.add_argument("dir")
     aver.add_argument("--trusted-key", action="append", metavar="PEM",
                       help="public key obtained out of band; the first entry must be signed by one of them")

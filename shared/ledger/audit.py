@@ -89,6 +89,7 @@ from shared.ledger.store import (
     open_ledger,
     read_latest_checkpoint,
 )
+from shared.ledger.timeline import TimeOrder
 from shared.ledger.verify import (
     ChainVerifier,
     HistoryClaim,
@@ -628,6 +629,9 @@ def verify_audit(
     the entry count equals the checkpoint's size; checkpoint.body/.sig and every proofs/<seq>.*
     file agree with the entries and checkpoint, and every inclusion proof verifies.
 
+    ``findings`` in the report: what verifies but an auditor must know, one dict per entry whose
+    ``recorded_at`` is earlier than the one before it (``shared.ledger.timeline.TimeOrder``).
+
     ``trusted_keys``: raw public keys obtained out of band; the first entry's key must be one.
     ``known_checkpoints``: signed checkpoint notes the auditor already holds (older exports, the
     gateway's cosigned receipts); each must be consistent with the exported history, which catches
@@ -651,8 +655,11 @@ def verify_audit(
     captured: dict[int, tuple[bytes, str, bytes, bytes]] = {}
     frontier = Frontier()
     chain = _Chain(available, trusted)
+    time_order, findings = TimeOrder(), []
     for _lineno, e in _iter_rows(d / ENTRIES):
-        chain.check(e)
+        parsed = chain.check(e)
+        if (backwards := time_order.see(e.seq, parsed.recorded_at)) is not None:
+            findings.append(backwards.as_dict())
         leaf = leaf_hash(e.entry)
         frontier.append(leaf)
         if frontier.size in targets:
@@ -694,6 +701,7 @@ def verify_audit(
         "kids": sorted(chain.kids),
         "proofs": len(proofs),
         "known_checkpoints": len(known),
+        "findings": findings,
     }
 
 

@@ -65,6 +65,12 @@ class Stage(ABC, Generic[In]):
     def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
         """Messages on `notice_topics`; processed in the same transaction as the batch."""
 
+    def wants_turn(self) -> bool:
+        """Asked at each status interval: True runs `begin` and `finish` in a transaction of
+        their own, without records (work that must not wait for the next record, e.g. a clock
+        step to record, held records to release)."""
+        return False
+
     def status_extra(self) -> dict[str, Any]:
         """Stage-specific fields for the retained status message."""
         return {}
