@@ -202,3 +202,72 @@ def test_audit_verify_reports_recorded_at_going_backwards_with_its_seqs(tmp_path
     assert done.stdout.startswith("OK: 5 entries")
     assert "FINDING: recorded_at goes backwards at seq 2: 2026-03-01T09:00:00.000Z is earlier than " \
            "2026-03-01T10:00:01.000Z of seq 1" in done.stdout
+
+
+# -- a time-window rejection is not final (ingest and validate, in memory) -------------------------
+
+def test_a_time_window_rejection_is_judged_again_on_a_resend_and_others_stay_final(tmp_path):
+    import random
+    from types import SimpleNamespace
+
+    from mro_edge.simulator.records import valid_record
+    from services.ingest.stage import Ingest
+    from services.validate.stage import Validate
+    from shared.runtime.config import load_config
+    from shared.runtime.delivery import apply_outcomes, run_batch
+    from shared.runtime.handler import DeviceMessage
+    from shared.runtime.hopauth import ensure_hop_keys
+    from shared.runtime.messages import Outcomes, ReceivedRecord, ValidatedRecord, json_encode
+    from shared.runtime.stage import StageRuntime
+    from shared.runtime.testing import STATION, MemoryTables, MemoryUnitOfWork
+    from shared.runtime.topics import Topics
+
+    topics = Topics(STATION)
+    ingest = Ingest()
+    ingest.open(SimpleNamespace(config=Config(station=STATION), topics=topics))
+    config = load_config(env={"MRO_DATA_DIR": str(tmp_path), "MRO_STATION": STATION,
+                              "MRO_MQTT_URL": "mqtt://127.0.0.1:9"})
+    ensure_hop_keys(tmp_path)
+    runtime = StageRuntime(Validate(), config)
+    validate = runtime.stage
+    validate.open(runtime)
+    at_ingest, at_validate = MemoryTables(), MemoryTables()
+
+    def publish(data: dict) -> DeviceMessage:
+        return DeviceMessage(topics.device_in("torque_wrench", "TQW-09"), json.dumps(data).encode(), utc_now())
+
+    def through(*records: dict) -> tuple[MemoryUnitOfWork, MemoryUnitOfWork]:
+        first = MemoryUnitOfWork(ingest, at_ingest)
+        run_batch(ingest, [publish(r) for r in records], first)
+        second = MemoryUnitOfWork(validate, at_validate)
+        run_batch(validate, first.forwarded_as(ReceivedRecord), second)
+        if second.outcomes:
+            apply_outcomes(MemoryUnitOfWork(ingest, at_ingest), json_encode(Outcomes(second.outcomes)))
+        return first, second
+
+    try:
+        rng = random.Random(8)
+        early = valid_record(rng, station=STATION, device_kind="torque_wrench", device_id="TQW-09",
+                             record_type="torque_event")
+        suspended = valid_record(rng, station=STATION, device_kind="torque_wrench", device_id="TQW-09",
+                                 record_type="torque_event")
+        suspended["technician"] = {"cert_no": "1198305", "cert_kind": "FAA-AP"}
+        suspended["occurred_at"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 3600))
+        with use_clock(Clock(offset_s=-600)) as box:
+            _, judged = through(early, suspended)
+            rules = sorted(e.rule for _, r in judged.receipts() for e in r.errors or ())
+            assert rules == ["occurred_in_future", "technician_suspended"]
+            at_ingest.outbox.clear()  # validate receipted them
+            box.step(+600)
+            resent = [{**early, "event_id": "5b7d3c1e-0a2f-4e5b-9c7a-1f2e3d4c5b6a"},
+                      {**suspended, "event_id": "6c8e4d2f-1b3a-4f6c-8d9b-2a3f4e5d6c7b"}]
+            entered, judged = through(*resent)
+        # the time-window rejection is judged again, as the next generation; the other is answered
+        [forwarded] = entered.forwarded_as(ReceivedRecord)
+        assert forwarded.record.event_id == resent[0]["event_id"]
+        assert [r.status for _, r in entered.receipts()] == ["received", "rejected"]
+        assert ("REJUDGED" in [s for _, s in entered.states()]) and at_ingest.fate(forwarded.key).redrive == 1
+        assert [v.key for v in judged.forwarded_as(ValidatedRecord)] == [forwarded.key]
+        assert at_validate.fate(forwarded.key).status == "validated"
+    finally:
+        runtime.store.close()
