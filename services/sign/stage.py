@@ -205,7 +205,9 @@ class Sign(Stage[ValidatedRecord]):
         return self._pending_step is not None
 
     def _record_step(self, uow: UnitOfWork) -> None:
-        step, self._pending_step = self._pending_step or self.steps.check(), None
+        """Append the step seen, if any; it stays pending until the batch finishes (`finish`), so a
+        batch that fails and is retried (or isolated record by record) still records it."""
+        step = self._pending_step = self._pending_step or self.steps.check()
         if step is None:
             return
         body = clock_step_body(step.body(), clock_sync().synchronised)
@@ -278,6 +280,7 @@ class Sign(Stage[ValidatedRecord]):
 
     def finish(self, uow: UnitOfWork) -> None:
         self._batch.tree.extend(self._batch.leaves)
+        self._pending_step = None
 
     def _append(self, idem: str, entry_type: str, body: dict, uow: UnitOfWork,
                 key: SigningKey | None = None) -> SignedEntry:

@@ -117,7 +117,10 @@ class SchemaControl:
         self.save(uow, held.hold(uow, self.state, item))
 
     def release(self, uow: UnitOfWork) -> int:
-        """Settle every held record under the version now in force; how many there were."""
+        """Settle every held record under the version now in force; how many there were. None
+        while the clock may not be trusted (`clock_untrusted`): they wait for it (`clock_release_due`)."""
+        if self.clock_untrusted:
+            return 0
         state, count = held.release(uow, self.state,
                                     lambda item, work: self.stage.judge(item, work, may_hold=False))
         self.save(uow, state)
