@@ -83,8 +83,7 @@ def run_batch(stage: Stage, inputs: list[Any], uow: UnitOfWork) -> None:
         for item in admit(stage, input_, uow) if isinstance(stage, IntakeStage) else (input_,):
             fate = uow.fate(item.key)
             if not isinstance(item, FateQuery) and fate is not None and rejudged(fate):
-                uow.note(item.event_id, item.key, "REJUDGED", redrive=fate.redrive + 1)
-                settle(uow, item, stage.judge(item, uow), redrive=fate.redrive + 1)
+                rejudge(uow, stage, item, fate)
             elif isinstance(item, FateQuery) or (intake and fate is not None):
                 uow.duplicates += not isinstance(item, FateQuery)
                 answer(uow, item, fate)
@@ -149,6 +148,26 @@ def rejudged(fate: Fate) -> bool:
     generation (like a redrive), so ingest keeps it over the old one; sign's dedupe still lets
     at most one entry into the ledger."""
     return fate.status == "rejected" and any(error.rule in TIME_WINDOW_RULES for error in fate.errors or ())
+
+
+def rejudge(uow: UnitOfWork, stage: Stage, item: Routed, fate: Fate) -> None:
+    """Judge a re-sent record whose rejection is not final (`rejudged`) again. Rejected again by
+    the same rules, it is answered like a re-send (receipt and outcome, nothing stored): its DLQ row
+    stays the one to redrive, and a device re-sending while the clock is still wrong fills no DLQ.
+    Any other verdict is settled as the next generation."""
+    generation = fate.redrive + 1
+    verdict = stage.judge(item, uow)
+    if isinstance(verdict, Rejected):
+        errors = msgspec.convert(verdict.report["errors"], list[FieldError])
+        rules = sorted({error.rule for error in errors})
+        if rules == sorted({error.rule for error in fate.errors or ()}):
+            uow.duplicates += 1
+            receipt(uow, item.device, DeviceReceipt("rejected", utc_now(), item.event_id, item.key, errors=errors))
+            outcome(uow, item.device, Outcome(item.key, "rejected", errors=errors, redrive=generation))
+            uow.note(item.event_id, item.key, "REJUDGED_UNCHANGED", rules=rules)
+            return
+    uow.note(item.event_id, item.key, "REJUDGED", redrive=generation)
+    settle(uow, item, verdict, redrive=generation)
 
 
 def answer(uow: UnitOfWork, query: Routed, fate: Fate | None) -> None:

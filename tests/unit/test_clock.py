@@ -258,6 +258,13 @@ def test_a_time_window_rejection_is_judged_again_on_a_resend_and_others_stay_fin
             rules = sorted(e.rule for _, r in judged.receipts() for e in r.errors or ())
             assert rules == ["occurred_in_future", "technician_suspended"]
             at_ingest.outbox.clear()  # validate receipted them
+            rows = len(at_validate.table("dlq"))
+            # re-sent while the clock is still wrong: judged again, answered, nothing more stored
+            entered, judged = through({**early, "event_id": "4a6c2b0d-9e1f-4d4a-8b6c-0e1f2a3b4c5d"})
+            assert [r.status for _, r in judged.receipts()] == ["rejected"]
+            assert len(at_validate.table("dlq")) == rows and judged.failed == 0
+            assert [s for _, s in judged.states()] == ["REJUDGED_UNCHANGED"]
+            at_ingest.outbox.clear()
             box.step(+600)
             resent = [{**early, "event_id": "5b7d3c1e-0a2f-4e5b-9c7a-1f2e3d4c5b6a"},
                       {**suspended, "event_id": "6c8e4d2f-1b3a-4f6c-8d9b-2a3f4e5d6c7b"}]
@@ -266,7 +273,7 @@ def test_a_time_window_rejection_is_judged_again_on_a_resend_and_others_stay_fin
         [forwarded] = entered.forwarded_as(ReceivedRecord)
         assert forwarded.record.event_id == resent[0]["event_id"]
         assert [r.status for _, r in entered.receipts()] == ["received", "rejected"]
-        assert ("REJUDGED" in [s for _, s in entered.states()]) and at_ingest.fate(forwarded.key).redrive == 1
+        assert ("REJUDGED" in [s for _, s in entered.states()]) and at_ingest.fate(forwarded.key).redrive == 2
         assert [v.key for v in judged.forwarded_as(ValidatedRecord)] == [forwarded.key]
         assert at_validate.fate(forwarded.key).status == "validated"
     finally:
