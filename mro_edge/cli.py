@@ -453,7 +453,22 @@ def cmd_status(config: Config, args) -> int:
             f"{name:<14}{st.get('state', '?'):<13}{st.get('queue_depth', ''):>7}{st.get('processed', ''):>11}"
             f"{st.get('failed', ''):>8}  {detail}"
         )
+    clock = next((rows[n]["clock"] for n in ("validate", "sign") if isinstance(rows.get(n, {}).get("clock"), dict)),
+                 None)
+    if clock is not None:
+        print(clock_line(clock))
     return 0
+
+
+def clock_line(clock: dict) -> str:
+    """The box's clock as validate (or sign) reports it: synchronised or not, and what the time rules do."""
+    synced, source = clock.get("synchronised"), clock.get("source", "?")
+    said = {True: "synchronised", False: "NOT synchronised", None: "synchronisation unknown"}.get(synced, "?")
+    line = f"clock: {said} ({source})"
+    if "require_sync" in clock and synced is not True:
+        line += (": records are held in validate until it is ([clock] require_sync)" if clock["require_sync"]
+                 else ": time rules judge against it as it is; get NTP working (README, 'Time on the box')")
+    return line
 
 
 def cmd_ledger(config: Config, args) -> int:

@@ -10,6 +10,7 @@ audit verify        check such a directory; exit 0 only if everything verifies, 
 ledger archive      move the oldest entries the gateway holds and cosigned to a verified archive
 audit consistency   an RFC 9162 consistency proof between two checkpoints (mro_edge.commands_proofs)
 audit prove         an RFC 9162 inclusion proof of one entry (mro_edge.commands_proofs)
+                    (exit 2: it verifies, with findings such as recorded_at going backwards)
 """
 
 from __future__ import annotations
@@ -279,7 +280,16 @@ def cmd_audit_verify(config: Config, args) -> int:
         else:
             print(f"FAILED: {exc.reason}")
         return 1
-    if args.json:
+    _print_verified(report, as_json=args.json)
+    if report["findings"]:
+        return 2  # verified, but the ledger's time is not in order
+    return 0
+
+
+def _print_verified(report: dict[str, Any], *, as_json: bool) -> None:
+    """What `audit verify` says of a directory that verified: the summary on stdout, archives and
+    findings beside it, and on stderr what the auditor must still do (anchor it, fetch checkpoints)."""
+    if as_json:
         print(json.dumps(report))
     else:
         print(
@@ -295,6 +305,8 @@ def cmd_audit_verify(config: Config, args) -> int:
             print(f"   seq 0..{report['first'] - 1} are NOT in this directory: they were archived to "
                   f"{report['archived_in']} (MANIFEST.sha256 {report['archive_manifest_sha256']}); seq "
                   f"{report['first']}.. verified from there on. Pass --archive DIR to verify them together")
+        for finding in report["findings"]:
+            print(f"FINDING: {finding['message']}")
     manifest = report.get("gateway_manifest")
     if manifest is not None and not manifest["fetched"]:
         print(f"note: the export bundles no gateway checkpoints: {manifest.get('reason')}", file=sys.stderr)
@@ -302,7 +314,6 @@ def cmd_audit_verify(config: Config, args) -> int:
         bar = "!" * 78
         print(f"{bar}\n{report['warning']}\n(the kid of seq 0's key: {report['kids'][0] if report['kids'] else '-'}; "
               f"compare it with the operator's key registry)\n{bar}", file=sys.stderr)
-    return 0
 
 
 def _pinned_cosigner(args) -> tuple[str, bytes] | None:
@@ -368,7 +379,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aexp.add_argument("--no-gateway", action="store_true",
                       help="do not ask the gateway for its cosigned checkpoints (gateway.json says so)")
     aexp.set_defaults(func=cmd_audit_export)
-    aver = asub.add_parser("verify", help="exit 0 only if everything verifies; else print the first bad seq")
+    aver = asub.add_parser("verify", help="exit 0 only if everything verifies; else print the first bad seq "
+                                                 "(2: verified, with findings, e.g. recorded_at going backwards)")
     aver.add_argument("dir")
     aver.add_argument("--trusted-key", action="append", metavar="PEM",
                       help="public key obtained out of band; the first entry must be signed by one of them")

@@ -18,7 +18,11 @@ Per row, in this order:
    seq == head + 1 whose prev is not the head's hash is a ``fork`` as well (the edge's chain
    left ours earlier; evidence kept); seq > head + 1 is a ``gap`` (409, ``expected_seq``);
    otherwise it is appended, and flagged as a business duplicate when an earlier entry of the
-   origin carries the same idempotency key and was recorded inside the window before it.
+   origin carries the same idempotency key and was recorded inside the window before it;
+5. an appended entry whose ``recorded_at`` is earlier than the entry before it is accepted and
+   flagged (``time_flags``, the answer's ``time_backwards``): its chain is valid and the edge
+   cannot rewrite it, so refusing it would only stop the origin's uplink for good; the flag is
+   what an auditor looks at (``shared.ledger.timeline``).
 
 Keys: a registered key may sign until a ``key_rotation`` entry it signed retires it; the new
 key the rotation names is accepted from its ``effective_seq`` on (``shared.ledger.entry.KeySchedule``),
@@ -43,6 +47,7 @@ import msgspec
 from services.gateway.storage import ForkEvidence, HeldEntry, NewEntry, Tx
 from services.gateway.tree import OriginTree
 from shared.ledger.entry import MAX_SEQ, Rotation, SignedEntry, entry_hash
+from shared.ledger.timeline import Backwards, TimeOrder
 from shared.ledger.verify import (
     BEHIND,
     FORK,
@@ -100,6 +105,7 @@ class BatchResult:
     accepted: int = 0
     replayed: int = 0
     duplicates: list[dict[str, int]] = field(default_factory=list)
+    time_backwards: list[Backwards] = field(default_factory=list)
     error: BatchError | None = None
     fork: ForkEvidence | None = None
 
@@ -115,6 +121,8 @@ class BatchResult:
             "replayed": self.replayed,
             "duplicates": self.duplicates,
         }
+        if self.time_backwards:
+            out["time_backwards"] = [b.as_dict() for b in self.time_backwards]
         if self.error is not None:
             out["error"] = self.error.as_dict()
         return out
@@ -207,6 +215,7 @@ def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, 
     history = tx.idem_history(origin, (r.idempotency_key for r in rows))
     new: list[NewEntry] = []
     rotations: list[Rotation] = []
+    time_order = TimeOrder(head_seq, tx.recorded_at(origin, head_seq)) if head_seq >= 0 else TimeOrder()
 
     def vet_rotation(rotation: Rotation) -> None:
         others = [o for o in tx.origins_of_kid(rotation.new_kid) if o != origin]
@@ -233,6 +242,8 @@ def ingest_batch(tx: Tx, origin: str, raw_rows: list[bytes], window: timedelta, 
         if checked.rotation is not None:
             rotations.append(checked.rotation)
         added = _new_entry(checked, history, window, result)
+        if (backwards := time_order.see(added.seq, added.recorded_at)) is not None:
+            result.time_backwards.append(backwards)
         new.append(added)
         held[added.seq] = HeldEntry(added.seq, added.hash, added.idem, added.kid, added.signature,
                                     added.duplicate_of)
@@ -281,5 +292,6 @@ def _store(tx: Tx, origin: str, result: BatchResult, new: list[NewEntry], rotati
         tree.flush()
         for rotation in rotations:
             tx.add_rotation(origin, rotation, now)
+        tx.insert_time_flags(origin, result.time_backwards, now)
     if result.fork is not None:
         tx.insert_fork(origin, result.fork, now)

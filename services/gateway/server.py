@@ -381,6 +381,10 @@ class Gateway:
                   reason=result.error.message, accepted=result.accepted, head_seq=result.head_seq)
         elif result.duplicates:
             self.log.info("business duplicates stored", origin=origin, count=len(result.duplicates))
+        if result.time_backwards:
+            first = result.time_backwards[0]
+            self.log.warning("recorded_at goes backwards", origin=origin, count=len(result.time_backwards),
+                             seq=first.seq, previous_seq=first.previous_seq, state_transition="TIME_BACKWARDS")
         return _json(result.as_dict(), result.status)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.ledger.entry import GENESIS_PREV, KeySchedule, Rotation
+from shared.ledger.timeline import Backwards
 
 SCHEMA_VERSION = "1"
 
@@ -134,6 +135,16 @@ _DDL = (
         reason TEXT NOT NULL,
         received_at TEXT NOT NULL,
         PRIMARY KEY (origin, size, root))""",
+    # Entries whose recorded_at is earlier than the entry before them (shared.ledger.timeline):
+    # accepted (the chain is valid and the edge cannot rewrite it), flagged for the auditors.
+    """CREATE TABLE IF NOT EXISTS time_flags (
+        origin TEXT NOT NULL,
+        seq {bigint} NOT NULL,
+        recorded_at TEXT NOT NULL,
+        previous_seq {bigint} NOT NULL,
+        previous TEXT NOT NULL,
+        flagged_at TEXT NOT NULL,
+        PRIMARY KEY (origin, seq))""",
 )
 
 _ENTRY_COLUMNS = "origin, seq, hash, idem, kid, recorded_at, entry, signature, duplicate_of, received_at"
@@ -436,6 +447,21 @@ class Tx(ABC):
         rows = self._rows("SELECT size, root, note, reason FROM checkpoint_forks WHERE origin = ? ORDER BY size",
                           (origin,))
         return [{"size": int(a), "root": bytes(b), "note": c, "reason": d} for a, b, c, d in rows]
+
+    def recorded_at(self, origin: str, seq: int) -> str | None:
+        rows = self._rows("SELECT recorded_at FROM entries WHERE origin = ? AND seq = ?", (origin, seq))
+        return str(rows[0][0]) if rows else None
+
+    def insert_time_flags(self, origin: str, flags: list[Backwards], now: str) -> None:
+        for f in flags:
+            self._exec("INSERT INTO time_flags (origin, seq, recorded_at, previous_seq, previous, flagged_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (origin, f.seq, f.recorded_at, f.previous_seq, f.previous, now))
+
+    def time_flags(self, origin: str) -> list[dict]:
+        rows = self._rows("SELECT seq, recorded_at, previous_seq, previous, flagged_at FROM time_flags "
+                          "WHERE origin = ? ORDER BY seq", (origin,))
+        return [{"seq": r[0], "recorded_at": r[1], "previous_seq": r[2], "previous": r[3], "flagged_at": r[4]}
+                for r in rows]
 
     # -- reading back (tests, audits, the bench)
     def entries(self, origin: str, from_seq: int = 0, limit: int = 10_000) -> list[dict]:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.mcc.state import LINK_STATES, BoxState
+from services.mcc.state import LINK_STATES, BoxState, _number
 
 SERVICE_STATES = ("up", "down", "frozen", "contested", "silent", "unknown")
 BREAKER_STATES = ("CLOSED", "OPEN", "HALF_OPEN")
@@ -99,6 +99,23 @@ class BoxCollector(Collector):
 
         yield from self._uplink(now)
         yield from self._link(now)
+        yield from self._clock()
+
+    def _clock(self) -> Iterator[Metric]:
+        """The box's clock as validate (else sign) reports it; nothing while neither has."""
+        for service in ("validate", "sign"):
+            clock = self.state.statuses.get(service, {}).get("clock")
+            if isinstance(clock, dict):
+                break
+        else:
+            return
+        if isinstance(clock.get("synchronised"), bool):
+            yield GaugeMetricFamily("mro_clock_synchronised", "1 when the kernel calls the box's clock "
+                                    "synchronised (NTP), 0 when not", value=1.0 if clock["synchronised"] else 0.0)
+        error = _number(clock.get("max_error_ms"))
+        if error is not None:
+            yield GaugeMetricFamily("mro_clock_max_error_seconds", "the kernel's bound on the clock's error",
+                                    value=error / 1000)
 
     def _stores(self, stages: list) -> Iterator[Metric]:
         """A stage's LMDB store against its budget, once stages report `store` {used_mb, map_mb,

@@ -58,7 +58,9 @@ from shared.ledger.store import (
     encode_entry,
     pending_archival,
 )
-from shared.runtime.clock import utc_now
+from shared.ledger.timeline import CLOCK_STEP, clock_step_body
+from shared.runtime.alarms import alarm_payload
+from shared.runtime.clock import Step, StepWatch, clock_sync, parse_utc, utc_now
 from shared.runtime.handler import Stage
 from shared.runtime.messages import (
     SERVICE_KIND,
@@ -124,6 +126,7 @@ class _Batch:
     prev: str
     key: SigningKey
     tree: MerkleTree
+    last_recorded_at: str = ""  # the head's: no entry is stamped earlier (shared.ledger.timeline)
     leaves: list[bytes] = field(default_factory=list)
 
 
@@ -151,6 +154,7 @@ class Sign(Stage[ValidatedRecord]):
         except SignRefused as exc:
             self.refuse(config, exc)
             raise
+        self._open_steps(config.clock.step_threshold_s)
         self.checkpointer = Checkpointer(self, runtime)
         if self.run_checkpointer:
             self.checkpointer.start()
@@ -181,6 +185,46 @@ class Sign(Stage[ValidatedRecord]):
         self.acked = check_acknowledged(config, count)
         self.log.info("ledger open", entries=count, kid=key.kid, checkpoint_size=self.checkpoint_size,
                       acked=self.acked, state_transition="LEDGER_OPEN")
+
+    # -- the clock
+    def _open_steps(self, threshold_s: float) -> None:
+        """Start watching for clock steps. A clock set back while sign was down shows only
+        against the ledger: a head stamped later than now is such a step (from the head's time)."""
+        self.steps = StepWatch(threshold_s)
+        self.steps.check()
+        self._pending_step: Step | None = None
+        with self.runtime.store.read() as txn:
+            cursor = txn.cursor(db=self.runtime.store.table(LEDGER_TABLE))
+            head = decode_entry(cursor.value()) if cursor.last() else None
+        if head is not None:
+            stamped = parse_utc(parse_entry(head.entry).recorded_at).timestamp()
+            wall = self.steps.clock.time()
+            if stamped - wall > threshold_s:
+                self._pending_step = Step(stamped, wall)
+
+    def wants_turn(self) -> bool:
+        """A step seen while no record arrives is recorded at once, not with the next record."""
+        if self._pending_step is None:
+            self._pending_step = self.steps.check()
+        return self._pending_step is not None
+
+    def _record_step(self, uow: UnitOfWork) -> None:
+        """Append the step seen, if any; it stays pending until the batch finishes (`finish`), so a
+        batch that fails and is retried (or isolated record by record) still records it."""
+        step = self._pending_step = self._pending_step or self.steps.check()
+        if step is None:
+            return
+        body = clock_step_body(step.body(), clock_sync().synchronised)
+        idem = sha256_hex(canonical_json({CLOCK_STEP: body, "origin": self.origin}))
+        seq = self._batch.seq
+        signed = self._append(idem, CLOCK_STEP, body, uow)
+        uow.forward(SignedRow(idem, None, seq, _row(signed)))
+        uow.note(None, idem, "CLOCK_STEP_APPENDED", seq=seq, **body)
+        held = "" if body["delta_ms"] > 0 else (f"; recorded_at stays at {self._batch.last_recorded_at} until "
+                                                 "the clock passes it")
+        detail = (f"the box's clock stepped {body['delta_ms'] / 1000:+.3f} s (from {body['from']} to "
+                  f"{body['to']}), recorded as ledger entry seq {seq}{held}")
+        uow.publish(uow.topics.alarm, alarm_payload(self.name, CLOCK_STEP, detail))
 
     # -- keys
     def signer(self, head: SignedEntry | None) -> SigningKey:
@@ -217,7 +261,7 @@ class Sign(Stage[ValidatedRecord]):
         if tree.size() != seq:
             raise LedgerDamagedError("ledger_damaged", f"the Merkle tree covers {tree.size()} entries but "
                                      f"the ledger holds {seq}: refusing to append")
-        self._batch = _Batch(seq, prev, key, tree)
+        self._batch = _Batch(seq, prev, key, tree, parse_entry(head.entry).recorded_at if head else "")
         pending = self.key_files.pending()
         if pending is not None and pending.kid != key.kid:
             if pending.kid in self._retired_kids():
@@ -230,6 +274,7 @@ class Sign(Stage[ValidatedRecord]):
         archival = pending_archival(uow.last)
         if archival is not None:
             self._append_archival(archival, uow)
+        self._record_step(uow)
 
     def judge(self, item: ValidatedRecord, uow: UnitOfWork) -> Verdict:
         record = item.record
@@ -242,13 +287,15 @@ class Sign(Stage[ValidatedRecord]):
 
     def finish(self, uow: UnitOfWork) -> None:
         self._batch.tree.extend(self._batch.leaves)
+        self._pending_step = None
 
     def _append(self, idem: str, entry_type: str, body: dict, uow: UnitOfWork,
                 key: SigningKey | None = None) -> SignedEntry:
         batch = self._batch
         signer = key or batch.key
+        recorded_at = batch.last_recorded_at = max(utc_now(), batch.last_recorded_at)  # never backwards
         entry = entry_bytes(origin=self.origin, seq=batch.seq, prev=batch.prev, idem=idem, kid=signer.kid,
-                            recorded_at=utc_now(), type=entry_type, body=body)
+                            recorded_at=recorded_at, type=entry_type, body=body)
         signed = sign_entry(signer, entry, batch.seq, idem)
         uow.put(LEDGER_TABLE, u64(batch.seq), encode_entry(signed), append=True)
         batch.leaves.append(leaf_hash(entry))
@@ -284,7 +331,7 @@ class Sign(Stage[ValidatedRecord]):
     def status_extra(self) -> dict:
         cp = getattr(self, "checkpointer", None)
         return {"checkpoint_size": cp.size if cp else None,
-                "rotation_pending": self.key_files.next_path.exists()}
+                "rotation_pending": self.key_files.next_path.exists(), "clock": clock_sync().as_dict()}
 
     def close(self) -> None:
         cp = getattr(self, "checkpointer", None)

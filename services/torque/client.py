@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -68,6 +68,7 @@ from services.torque.mids import (
     encode,
 )
 from services.torque.results import zone_of
+from shared.runtime import clock
 from shared.runtime.breaker import reconnecting
 from shared.runtime.logs import get_logger
 
@@ -249,7 +250,7 @@ class IntegratorClient:
             if header == TighteningResult.MID:
                 raw = frame.decode("ascii", "replace")
                 await self._enqueue(link, RejectedTelegram(device_id=self.config.device_id, raw=raw,
-                                                           received_at=datetime.now(UTC), error=str(exc)),
+                                                           received_at=clock.now(), error=str(exc)),
                                     raw[HEADER_LEN:])
             else:
                 self.log.warning("telegram not understood", mid=header, error=str(exc))
@@ -257,7 +258,7 @@ class IntegratorClient:
         body = message.body
         if isinstance(body, TighteningResult):
             received = ReceivedResult(device_id=self.config.device_id, revision=message.header.revision,
-                                      raw=message.raw, received_at=datetime.now(UTC), result=body)
+                                      raw=message.raw, received_at=clock.now(), result=body)
             await self._enqueue(link, received, message.raw[HEADER_LEN:])
         elif isinstance(body, KeepAlive):
             return

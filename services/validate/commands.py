@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from services.validate.contract import CommandError, ContractCommands
+from shared.runtime.clock import now as clock_now
 from shared.runtime.clock import parse_utc
 from shared.runtime.messages import json_encode
 from shared.runtime.work import UnitOfWork
@@ -97,7 +97,7 @@ def check_fresh(command: dict) -> None:
     sent_at = command.get("sent_at")
     try:
         sent = parse_utc(str(sent_at if sent_at is not None else ""))
-        age = abs((datetime.now(UTC) - sent).total_seconds())
+        age = abs((clock_now() - sent).total_seconds())
     except (ValueError, TypeError):
         raise CommandError(f"sent_at {str(sent_at)[:40]!r} is not an RFC 3339 UTC time") from None
     if age > COMMAND_TTL_S:

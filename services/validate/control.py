@@ -26,6 +26,7 @@ from shared.compliance import Compliance, RegistrySource
 from shared.compliance.settings import compliance_settings
 from shared.compliance.versions import BASE, ContractVersion, compile_version
 from shared.runtime.alarms import alarm_payload
+from shared.runtime.clock import clock_sync
 from shared.runtime.logs import get_logger
 from shared.runtime.messages import ReceivedRecord
 from shared.runtime.store import Store
@@ -52,8 +53,9 @@ class SchemaControl:
         self._registry_error: str | None = None
         self.registry_updates = RegistryUpdates(self.source, self.settings.authority_public_key, self.alarm)
         self.commands = SchemaCommands(self)
+        self.require_sync = config.clock.require_sync
         self.redrive = Redrive(config.station, lambda item, uow: stage.judge(item, uow, may_hold=False),
-                               lambda: self.breaker_open, self.log)
+                               lambda: self.breaker_open, self.log, lambda: self.clock_untrusted)
 
     @staticmethod
     def compile(definition: dict | None) -> ContractVersion:
@@ -62,6 +64,17 @@ class SchemaControl:
     @property
     def breaker_open(self) -> bool:
         return self.state.breaker_open
+
+    @property
+    def clock_untrusted(self) -> bool:
+        """`[clock] require_sync` is set and the kernel does not call the clock synchronised: the
+        time rules may not judge now (records are held until it is)."""
+        return self.require_sync and clock_sync().synchronised is not True
+
+    @property
+    def clock_release_due(self) -> bool:
+        """Records are held, and neither the breaker nor the clock holds them any longer."""
+        return self.state.held > 0 and not self.breaker_open and not self.clock_untrusted
 
     def refresh(self, uow: UnitOfWork) -> None:
         """Bring the registry and the schema state in line with the committed state (cheap)."""
@@ -104,7 +117,10 @@ class SchemaControl:
         self.save(uow, held.hold(uow, self.state, item))
 
     def release(self, uow: UnitOfWork) -> int:
-        """Settle every held record under the version now in force; how many there were."""
+        """Settle every held record under the version now in force; how many there were. None
+        while the clock may not be trusted (`clock_untrusted`): they wait for it (`clock_release_due`)."""
+        if self.clock_untrusted:
+            return 0
         state, count = held.release(uow, self.state,
                                     lambda item, work: self.stage.judge(item, work, may_hold=False))
         self.save(uow, state)
@@ -113,7 +129,8 @@ class SchemaControl:
     def status(self) -> dict[str, Any]:
         state = self.state
         out: dict[str, Any] = {"contract": self.active.version, "breaker": state.breaker, "held": state.held,
-                               "registry": self.compliance.registry.digest[:12]}
+                               "registry": self.compliance.registry.digest[:12],
+                               "clock": {**clock_sync().as_dict(), "require_sync": self.require_sync}}
         if state.staged:
             out["staged"] = state.staged.get("version")
         return out

@@ -14,7 +14,10 @@ DLQ in the same transaction. An accepted record goes to sign under its original 
 first-time record, and ingest learns the new fate from the outcome (`delivery.supersedes`). A
 still-invalid record is rejected again: a new DLQ row with the new report. A device re-send of a
 rejected record never reaches `judge` (its key has a fate), so it cannot race a redrive into the
-ledger. Each redrive that judged anything goes to the ledger as one `dlq_redrive` entry naming
+ledger. A record rejected by a time-window rule (`shared.contract.TIME_WINDOW_RULES`) is judged
+against the time of the redrive, not the time it was first received: that verdict was only as
+good as the box's clock then, and the clock is what the operator fixed. Each redrive that judged
+anything goes to the ledger as one `dlq_redrive` entry naming
 every record, the selection and the operator; a command id already carried out is answered with
 its first reply and nothing else (a QoS 1 duplicate, a retry).
 """
@@ -33,7 +36,7 @@ from services.validate.changes import CONTROL_DEVICE
 from services.validate.commands import check_fresh, read_command
 from services.validate.contract import CommandError
 from services.validate.registry import CONTROL_TABLE
-from shared.contract import idempotency_key
+from shared.contract import TIME_WINDOW_RULES, idempotency_key
 from shared.contract.scalars import stored_hook
 from shared.runtime import dlq
 from shared.runtime.clock import parse_utc, utc_now
@@ -135,6 +138,8 @@ def redrive_one(uow: UnitOfWork, candidate: Candidate, judge: Judge) -> RedriveI
     """Judge one row's record again if its key is still rejected at the row's generation; the row
     leaves the DLQ either way (a stale row's record was already judged again). None if skipped."""
     item, row = candidate.item, candidate.row
+    if TIME_WINDOW_RULES.intersection(row.rules):
+        item = msgspec.structs.replace(item, received_at=utc_now())  # judged against the clock now
     fate = uow.fate(item.key)
     if fate is None:
         return None  # this store does not know the record: leave the row for a person to read
@@ -165,10 +170,12 @@ def _item(candidate: Candidate, rules: list[str] | None) -> RedriveItem:
 class Redrive:
     """Carries out redrive commands for the validate stage (`station`, `judge` without holding)."""
 
-    def __init__(self, station: str, judge: Judge, breaker_open: Callable[[], bool], log):
+    def __init__(self, station: str, judge: Judge, breaker_open: Callable[[], bool], log,
+                 clock_untrusted: Callable[[], bool] = lambda: False):
         self.station = station
         self.judge = judge
         self.breaker_open = breaker_open
+        self.clock_untrusted = clock_untrusted
         self.log = log
 
     def handle(self, payload: bytes, uow: UnitOfWork) -> None:
@@ -197,6 +204,9 @@ class Redrive:
         if self.breaker_open():
             raise CommandError("the schema-drift breaker is open: settle the contract version first "
                                "(mro-edge schema status), then redrive")
+        if self.clock_untrusted():
+            raise CommandError("the box's clock is not synchronised and [clock] require_sync is set: "
+                               "get NTP working (mro-edge status shows the clock), then redrive")
         candidates, more = select(uow, selection)
         items = [done for c in candidates if (done := redrive_one(uow, c, self.judge)) is not None]
         accepted = sum(1 for i in items if i.result == "accepted")

@@ -9,7 +9,8 @@ calibrations, reviews) is judged on the UTC day of `occurred_at`.
 States logged per record: VALIDATED (contract rules passed) then COMPLIANCE_CHECKED (forwarded
 to sign), or REJECTED (DLQ + `rejected` receipt), or HELD while the schema-drift breaker is
 open (torque events and part receipts only; see `services.validate.held`; the control settles
-them when the breaker closes).
+them when the breaker closes), or HELD while `[clock] require_sync` is set and the box's clock is
+not synchronised (every record the time rules judge; released, oldest first, once it is).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class Validate(Stage[ReceivedRecord]):
 
     def begin(self, uow: UnitOfWork) -> None:
         self.control.refresh(uow)
+        if self.control.clock_release_due:
+            released = self.control.release(uow)
+            uow.note(None, None, "CLOCK_HOLD_RELEASED", released=released)
+
+    def wants_turn(self) -> bool:
+        control = getattr(self, "control", None)
+        return control is not None and control.clock_release_due
 
     def handle_notice(self, topic: str, payload: bytes, uow: UnitOfWork) -> None:
         self.control.refresh(uow)
@@ -57,6 +65,9 @@ class Validate(Stage[ReceivedRecord]):
             # ingest's own entry (its context was checked against the contract when it was
             # opened); sign accepts it only from ingest's session plane (`entry_source`)
             return Accepted(ValidatedRecord(item.key, record, item.device))
+        if may_hold and self.control.clock_untrusted:
+            self.control.hold(item, uow)
+            return Held("clock_unsynchronised")
         errors = check_rules(
             record,
             received_at=datetime.fromisoformat(item.received_at),

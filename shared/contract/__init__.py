@@ -72,7 +72,7 @@ e-signatures, contract versions mro.record/2 and later) have their own ids, list
 """
 
 from shared.contract.body import idempotency_key, normalize, record_from_body
-from shared.contract.checks import check_rules
+from shared.contract.checks import TIME_WINDOW_RULES, check_rules
 from shared.contract.decode import decode_record
 from shared.contract.errors import ContractError, FieldError
 from shared.contract.report import error_report
@@ -121,6 +121,7 @@ __all__ = [
     "Technician",
     "Tool",
     "TorqueEvent",
+    "TIME_WINDOW_RULES",
     "check_rules",
     "decode_record",
     "error_report",

@@ -13,6 +13,12 @@ from shared.contract.errors import FieldError
 from shared.contract.scalars import quantity_text, timestamp_text
 from shared.contract.types import Record, TorqueEvent
 
+# The rules that judge a record against the box's clock (its receive time). Their verdict is
+# only as good as that clock, so a rejection by one of them is never final: a re-send is
+# judged again, and a redrive judges it against the time of the redrive
+# (`shared.runtime.delivery.rejudged`, `services.validate.redrive`).
+TIME_WINDOW_RULES = frozenset({"occurred_in_future", "occurred_too_old"})
+
 
 def check_rules(record: Record, *, received_at: datetime, clock_skew_s: int = 300,
                 max_backdate_s: int = 30 * 86400) -> list[FieldError]:

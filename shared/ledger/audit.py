@@ -109,6 +109,7 @@ from shared.ledger.store import (
     open_ledger,
     read_latest_checkpoint,
 )
+from shared.ledger.timeline import TimeOrder
 from shared.ledger.verify import (
     ChainVerifier,
     HistoryClaim,
@@ -728,6 +729,8 @@ class _Stream:
         self.targets = targets
         self.roots: dict[int, bytes] = {0: EMPTY_ROOT} if 0 in targets else {}
         self.dirs = 0
+        self.time_order = TimeOrder()  # recorded_at across the directories, as one ledger
+        self.findings: list[dict[str, Any]] = []
 
 
 def verify_audit(
@@ -751,6 +754,9 @@ def verify_audit(
     signature must verify under the key the chain has current at that size (= ledger-key.pem);
     the entry count equals the checkpoint's size; checkpoint.body/.sig and every proofs/<seq>.*
     file agree with the entries and checkpoint, and every inclusion proof verifies.
+
+    ``findings`` in the report: what verifies but an auditor must know, one dict per entry whose
+    ``recorded_at`` is earlier than the one before it (``shared.ledger.timeline.TimeOrder``).
 
     ``trusted_keys``: raw public keys obtained out of band; the first entry's key must be one.
     ``known_checkpoints``: signed checkpoint notes the auditor already holds (older exports, the
@@ -879,8 +885,11 @@ def _verify_dir(d: Path, trusted: dict[str, bytes] | None, extras: list[bytes],
         stream.roots[cp.size] = stream.frontier.root()
     captured: dict[int, tuple[bytes, str, bytes, bytes]] = {}
     frontier, chain, roots = stream.frontier, stream.chain, stream.roots
+    time_order, findings = stream.time_order, stream.findings
     for _lineno, e in _iter_rows(d / ENTRIES):
-        chain.check(e)
+        parsed = chain.check(e)
+        if (backwards := time_order.see(e.seq, parsed.recorded_at)) is not None:
+            findings.append(backwards.as_dict())
         leaf = leaf_hash(e.entry)
         frontier.append(leaf)
         if frontier.size in stream.targets:
@@ -925,6 +934,7 @@ def _verify_dir(d: Path, trusted: dict[str, bytes] | None, extras: list[bytes],
         "archived_in": archived["archive"] if archived and stream.dirs == 1 else None,
         "archive_manifest_sha256": archived["manifest_sha256"] if archived and stream.dirs == 1 else None,
         "_first": first if stream.dirs == 1 else 0,
+        "findings": findings,
     }
     return report, stream
 

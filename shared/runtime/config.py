@@ -181,6 +181,19 @@ class MccConfig(msgspec.Struct, forbid_unknown_fields=True):
     session_hours: float = 12.0
 
 
+class ClockConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Time on the box (README, "Time on the box"; `shared.runtime.clock`)."""
+
+    # true: time-window rules (occurred_in_future, occurred_too_old) judge only against a clock
+    # the kernel says is synchronised; records arriving while it is not are held until it is.
+    # false (default): they judge against the clock as it is, and a time-window rejection stays
+    # open to a re-send or a redrive once the clock is right.
+    require_sync: bool = False
+    # the wall clock moving by more than this against elapsed time is a step: alarmed, and a
+    # `clock_step` ledger entry
+    step_threshold_s: float = 2.0
+
+
 class PlaceConfig(msgspec.Struct, forbid_unknown_fields=True):
     """A place on the hangar floor (a bay, a station) and the device ids that belong to it."""
 
@@ -204,6 +217,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     mcc: MccConfig = msgspec.field(default_factory=MccConfig)
+    clock: ClockConfig = msgspec.field(default_factory=ClockConfig)
     places: dict[str, PlaceConfig] = msgspec.field(default_factory=dict)
 
     @property
@@ -286,7 +300,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     sections = {"mqtt": MqttConfig, "broker": BrokerConfig, "limits": LimitsConfig, "stage": StageConfig,
                 "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
                 "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig,
-                "retention": RetentionConfig}
+                "retention": RetentionConfig, "clock": ClockConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value

@@ -19,6 +19,9 @@ Rejected   rejected, errors    -            `rejected`, errors      rejected
 Held       held                -            -                       -
 =========  ==================  ===========  ======================  ===============
 
+A `rejected` fate by a time-window rule is not final (`rejudged`): a re-send of the record is
+judged again, as the next generation, at ingest and at validate.
+
 Redrive (`services.validate.redrive`): a `rejected` fate is the one final fate that can change,
 exactly once per DLQ row: the redrive settles the new verdict with generation `Fate.redrive + 1`
 and the outcome carries it, so ingest (`supersedes`) keeps the newest verdict whatever order
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from shared.contract.checks import TIME_WINDOW_RULES
 from shared.contract.errors import FieldError
 from shared.runtime import dlq
 from shared.runtime.clock import utc_now
@@ -78,7 +82,9 @@ def run_batch(stage: Stage, inputs: list[Any], uow: UnitOfWork) -> None:
     for input_ in inputs:
         for item in admit(stage, input_, uow) if isinstance(stage, IntakeStage) else (input_,):
             fate = uow.fate(item.key)
-            if isinstance(item, FateQuery) or (intake and fate is not None):
+            if not isinstance(item, FateQuery) and fate is not None and rejudged(fate):
+                rejudge(uow, stage, item, fate)
+            elif isinstance(item, FateQuery) or (intake and fate is not None):
                 uow.duplicates += not isinstance(item, FateQuery)
                 answer(uow, item, fate)
             elif fate is None:
@@ -133,6 +139,35 @@ def settle(uow: UnitOfWork, item: Routed, verdict: Verdict, *, redrive: int = 0)
         case Held(reason=reason):
             uow.set_fate(key, Fate("held", redrive=redrive))
             uow.note(event_id, key, "HELD", reason=reason)
+
+
+def rejudged(fate: Fate) -> bool:
+    """Whether a record with this fate is judged again when it comes back: a rejection by a
+    time-window rule (`shared.contract.TIME_WINDOW_RULES`) was judged against the box's clock,
+    which may have been wrong, so it is not final. The new verdict is settled as the next
+    generation (like a redrive), so ingest keeps it over the old one; sign's dedupe still lets
+    at most one entry into the ledger."""
+    return fate.status == "rejected" and any(error.rule in TIME_WINDOW_RULES for error in fate.errors or ())
+
+
+def rejudge(uow: UnitOfWork, stage: Stage, item: Routed, fate: Fate) -> None:
+    """Judge a re-sent record whose rejection is not final (`rejudged`) again. Rejected again by
+    the same rules, it is answered like a re-send (receipt and outcome, nothing stored): its DLQ row
+    stays the one to redrive, and a device re-sending while the clock is still wrong fills no DLQ.
+    Any other verdict is settled as the next generation."""
+    generation = fate.redrive + 1
+    verdict = stage.judge(item, uow)
+    if isinstance(verdict, Rejected):
+        errors = msgspec.convert(verdict.report["errors"], list[FieldError])
+        rules = sorted({error.rule for error in errors})
+        if rules == sorted({error.rule for error in fate.errors or ()}):
+            uow.duplicates += 1
+            receipt(uow, item.device, DeviceReceipt("rejected", utc_now(), item.event_id, item.key, errors=errors))
+            outcome(uow, item.device, Outcome(item.key, "rejected", errors=errors, redrive=generation))
+            uow.note(item.event_id, item.key, "REJUDGED_UNCHANGED", rules=rules)
+            return
+    uow.note(item.event_id, item.key, "REJUDGED", redrive=generation)
+    settle(uow, item, verdict, redrive=generation)
 
 
 def answer(uow: UnitOfWork, query: Routed, fate: Fate | None) -> None:

@@ -75,6 +75,12 @@ class Stage(ABC, Generic[In]):
         """What the gateway holds, for the stage that `knows_gateway_holds` (None: not known yet)."""
         return None
 
+    def wants_turn(self) -> bool:
+        """Asked at each status interval: True runs `begin` and `finish` in a transaction of
+        their own, without records (work that must not wait for the next record, e.g. a clock
+        step to record, held records to release)."""
+        return False
+
     def status_extra(self) -> dict[str, Any]:
         """Stage-specific fields for the retained status message."""
         return {}

@@ -33,6 +33,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from services.broker.credentials import topic_matches
+from shared.runtime import clock
 from shared.runtime.config import Config, MqttConfig
 from shared.runtime.logs import get_logger
 from shared.runtime.tls import TlsProblem, client_context, explain
@@ -90,7 +91,7 @@ class Inbound:
     qos: int
     mid: int
     generation: int
-    received_at: float = field(default_factory=time.time)
+    received_at: float = field(default_factory=lambda: clock.current().time())  # the box's clock seam
     retain: bool = False  # sent because it was retained (on subscribe), not published just now
 
 

@@ -169,6 +169,7 @@ class StageRuntime:
                 if self.stage.knows_gateway_holds:
                     self._tell_holds()
                 if self.status.due(self.config.stage.status_interval_s):
+                    self._turn()
                     self.publish_status()
         finally:
             self.stage.close()
@@ -196,6 +197,22 @@ class StageRuntime:
             except Exception:
                 break
         return messages
+
+    def _turn(self) -> None:
+        """A transaction without records when the stage wants one (`Stage.wants_turn`)."""
+        if self.freeze.frozen or not self.stage.wants_turn():
+            return
+        try:
+            with self.transaction() as uow:
+                delivery.run_batch(self.stage, [], uow)
+        except Exception as exc:  # a failing store or stage: the next record's batch meets it too
+            self.log.warning("turn without records failed; tried again later", error=str(exc)[:200])
+            return
+        for topic, payload, qos, retain in uow.messages():
+            self.publish_sealed(topic, payload, qos, retain)
+        for t in uow.transitions:
+            self.log.info("record", correlation_id=t.correlation_id, idempotency_key=t.key,
+                          state_transition=t.state, **t.extra)
 
     def decode(self, messages: list[Inbound]) -> Batch:
         """Sort and decode a batch; a pipeline message whose hop seal fails is kept only as a
