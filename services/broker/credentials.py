@@ -242,10 +242,14 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "uplink": (("pipeline/uplink", "pipeline/receipt/uplink", "pipeline/control/uplink", "status/connectivity"),
                ("pipeline/receipt/sign", "dlq/uplink", "status/uplink", "alarm")),
     "heartbeat": (("status/uplink", "status/connectivity"), ("status/connectivity", "status/heartbeat", "alarm")),
+    # the Open Protocol bridge: publishes for the torque controllers (a kind no device may be
+    # registered as) and reads the receipts that say their results are durable
+    "torque": (("receipt/+",), ("in/torque_controller/+", "status/torque")),
     # `mro-edge run`'s monitor: every status and alarm; its own status and that of a hung child
     "supervisor": (("status/+", "alarm"),
                    ("status/supervisor", "status/broker", "status/gateway", "status/ingest", "status/validate",
-                    "status/sign", "status/uplink", "status/heartbeat", "status/simulator", "alarm")),
+                    "status/sign", "status/uplink", "status/heartbeat", "status/torque", "status/simulator",
+                    "alarm")),
     # the operator's commands (status, resume, schema, registry push, the banner's watch lines,
     # the anonymous-broker probe of `mro-edge run`)
     "operator": (("status/+", "alarm", "dlq/+", "receipt/+", "in/+/+", "pipeline/schema/reply/+",

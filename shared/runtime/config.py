@@ -168,6 +168,26 @@ class MccConfig(msgspec.Struct, forbid_unknown_fields=True):
     session_hours: float = 12.0
 
 
+class ControllerSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """One Open Protocol torque controller the bridge connects to (`[torque.controllers.<id>]`)."""
+
+    host: str
+    zone: str  # IANA zone of the controller's clock: its timestamps carry none
+    port: int = 4545
+    result_revision: int | None = None  # highest MID 0061 revision to ask for (None: 7, stepping down)
+    calibration_interval_days: int = 365  # a tool's own last calibration (MID 0041) is good this long
+    tool_poll_s: float = 3600.0  # how often MID 0040 asks for the tool's data again
+
+
+class TorqueConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The Open Protocol bridge (`services.torque.bridge`)."""
+
+    # how long a result may wait for ingest's receipt before the link is dropped unacknowledged
+    receipt_timeout_s: float = 10.0
+    keepalive_s: float = 10.0
+    controllers: dict[str, ControllerSettings] = msgspec.field(default_factory=dict)
+
+
 class PlaceConfig(msgspec.Struct, forbid_unknown_fields=True):
     """A place on the hangar floor (a bay, a station) and the device ids that belong to it."""
 
@@ -191,6 +211,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     mcc: MccConfig = msgspec.field(default_factory=MccConfig)
     places: dict[str, PlaceConfig] = msgspec.field(default_factory=dict)
+    torque: TorqueConfig = msgspec.field(default_factory=TorqueConfig)
 
     @property
     def data_path(self) -> Path:
@@ -271,7 +292,8 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     """Overlay MRO_<KEY> / MRO_<SECTION>_<KEY>; values are strings converted by msgspec (strict=False)."""
     sections = {"mqtt": MqttConfig, "broker": BrokerConfig, "limits": LimitsConfig, "stage": StageConfig,
                 "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
-                "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig}
+                "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig,
+                "torque": TorqueConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value
