@@ -181,7 +181,8 @@ def test_device_reads_only_its_own_receipts(broker: BrokerProc, clients: Callabl
 
 # Every topic the box uses, each read by at least one service user (so the Sink sees it if the
 # broker lets it through).
-PROBED = [T.device_in("tablet", "any"), T.receipt("any"), T.stage_input("validate"), T.stage_input("sign"),
+PROBED = [T.device_in("tablet", "any"), T.device_in("torque_controller", "any"), T.receipt("any"),
+          T.stage_input("validate"), T.stage_input("sign"),
           T.stage_input("uplink"), T.stage_receipt("ingest"), T.stage_receipt("validate"),
           T.stage_receipt("sign"), T.stage_receipt("uplink"), T.outcomes, T.control("ingest"),
           T.control("sign"), T.schema, T.registry, T.schema_reply("c1"), T.registry_reply("c1"),
@@ -200,6 +201,7 @@ ONLY = {
     T.schema_reply("c1"): {"validate"},
     T.status("connectivity"): {"heartbeat"},
     T.device_in("tablet", "any"): set(),
+    T.device_in("torque_controller", "any"): {"torque"},  # the Open Protocol bridge alone
 }
 
 
