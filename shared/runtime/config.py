@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -301,6 +302,13 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
         for key in struct.__struct_fields__:
             if (value := env.get(f"MRO_{section.upper()}_{key.upper()}")) is not None:
                 raw.setdefault(section, {})[key] = value
+    if (controllers := env.get("MRO_TORQUE_CONTROLLERS")) is not None:
+        # a table, not a scalar: JSON {"<id>": {"host": ..., "zone": ...}} (what `run --simulate` sets)
+        try:
+            raw.setdefault("torque", {})["controllers"] = json.loads(controllers)
+        except ValueError:
+            raise ConfigError('MRO_TORQUE_CONTROLLERS must be JSON like {"TQC-01": {"host": "10.0.0.5", '
+                              '"zone": "Europe/Berlin"}}') from None
 
 
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
