@@ -45,12 +45,15 @@ def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = Non
                                    ("compliance", "bench.compliance", "run_compliance_bench"),
                                    ("intake", "bench.intake", "run_intake_bench"),
                                    ("tls", "bench.tls", "run_tls_bench"),
-                                   ("hopauth", "bench.hopauth", "run_hopauth_bench")):
+                                   ("hopauth", "bench.hopauth", "run_hopauth_bench"),
+                                   ("torque", "bench.torque", "run_torque_bench")):
         if part not in parts:
             continue
         print(f"\n=== {part} ===", flush=True)
         try:
             extra = (intake or {}) if part in ("intake", "tls") else {}
+            if part == "torque" and intake and intake.get("brokers"):
+                extra = {"brokers": intake["brokers"]}
             figures[part] = getattr(import_module(module), function)(quick=quick, **extra)
         except Exception as exc:  # one part failing must not hide the others' figures
             say(f"[{part}] bench failed: {type(exc).__name__}: {exc}")
@@ -62,10 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small runs (about a minute in all)")
-    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls,hopauth",
+    parser.add_argument("--only", default="pipeline,drain,ledger,compliance,intake,tls,hopauth,torque",
                         help="comma-separated parts: pipeline (issue 2), drain (uplink), ledger, compliance, "
                              "intake (stock device clients, issue 8), tls (TLS beside plain MQTT, issue 13), "
-                             "hopauth (hop seal cost, issue 13)")
+                             "hopauth (hop seal cost, issue 13), "
+                             "torque (Open Protocol controller -> ledger, issue 11)")
     parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,embedded"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,

@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import random
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -73,6 +74,7 @@ class _Connection:
         self.subscribed_revision: int | None = None
         self.no_ack = False
         self.acked = asyncio.Event()
+        self.acked_at = 0.0
 
     async def send(self, body: Body, revision: int = 1) -> None:
         self.writer.write(encode(body, revision))
@@ -104,6 +106,9 @@ class SimulatedController:
         self.keepalives = 0
         self.acks_received = 0
         self.connections = 0
+        # perf_counter() when each tightening happened and when its 0062 came (bench.torque)
+        self.tightened_at: dict[int, float] = {}
+        self.acknowledged_at: dict[int, float] = {}
         self._new_result = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -168,6 +173,7 @@ class SimulatedController:
             compensated_angle="0000000", final_angle_decimal="0018200")
         self.results.append(result)
         self.unacknowledged.append(result)
+        self.tightened_at[tightening_id] = time.perf_counter()
         self._save()
         self._new_result.set()
         return tightening_id
@@ -257,6 +263,7 @@ class SimulatedController:
                 conn.subscribed_revision, conn.no_ack = revision, message.header.no_ack
         elif isinstance(body, ResultAck):
             self.acks_received += 1
+            conn.acked_at = time.perf_counter()
             conn.acked.set()
         elif isinstance(body, ToolDataRequest):
             if revision > self.max_tool_revision:
@@ -295,6 +302,7 @@ class SimulatedController:
                 return
             self.unacknowledged.pop(0)
             self.acknowledged.append(tightening_id)
+            self.acknowledged_at.setdefault(tightening_id, conn.acked_at)
             self._save()
 
 

@@ -74,10 +74,6 @@ def site_config(tmp_path: Path, port: int) -> Path:
     """The shipped edge.toml with the simulator configured as controller TQC-01."""
     path = tmp_path / "edge.toml"
     path.write_text(DEFAULT_CONFIG.read_text() + f"""
-[torque]
-receipt_timeout_s = 2.0
-keepalive_s = 1.0
-
 [torque.controllers.{CONTROLLER}]
 host = "127.0.0.1"
 port = {port}
@@ -101,7 +97,8 @@ def torque_entries(pipeline: Pipeline) -> list[dict]:
 def hangar(broker, tmp_path):
     """A controller (not yet started) and the pipeline with the bridge configured for it."""
     controller = Controller(tmp_path, count=40, every_s=0.1)
-    pipeline = Pipeline(broker, tmp_path / "data", MRO_CONFIG=str(site_config(tmp_path, controller.port)))
+    pipeline = Pipeline(broker, tmp_path / "data", MRO_CONFIG=str(site_config(tmp_path, controller.port)),
+                        MRO_TORQUE_RECEIPT_TIMEOUT_S="2", MRO_TORQUE_KEEPALIVE_S="1")
     yield controller, pipeline
     pipeline.stop()
     controller.stop()
