@@ -153,8 +153,10 @@ def torque_read(controller_id: str, sent: ResultTelegram, received_at: str) -> R
         return [FieldError("$.telegram", "op_result", str(exc)[:200], f"tightening {result.tightening_id}")]
     serial = fields.tool_serial_number or (sent.tool.serial_number if sent.tool else None)
     tool = sent.tool if sent.tool is not None and sent.tool.serial_number == serial else None
+    revision_text = sent.telegram[8:11].strip(" ")  # blank or 000 means revision 1
     source = TorqueSource(telegram=sent.telegram, telegram_sha256=telegram_sha256(sent.telegram),
-                          revision=int(sent.telegram[8:11]), tightening_id=result.tightening_id,
+                          revision=max(1, int(revision_text)) if revision_text.isdigit() else 1,
+                          tightening_id=result.tightening_id,
                           identifier=fields.identifier.strip(), zone=sent.zone, tool=tool)
     return RawRead(read_id=torque_read_id(controller_id, sent.telegram), device_kind="torque_controller",
                    device_id=controller_id, received_at=received_at,

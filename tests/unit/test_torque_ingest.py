@@ -158,3 +158,14 @@ def test_a_tool_past_its_own_calibration_interval_is_refused_by_the_contract(ing
     [made] = publish(ingest, tables, payload(tightening(), tool=overdue)).forwarded_as(ReceivedRecord)
     errors = check_rules(made.record, received_at=NOW)
     assert [(e.path, e.rule) for e in errors] == [("$.tool.calibration_due", "calibration_overdue")]
+
+
+@pytest.mark.parametrize("revision", [1, 2, 5])
+def test_every_result_revision_makes_a_record_and_a_blank_revision_reads_as_1(ingest, revision):
+    tables = MemoryTables()
+    open_session(tables)
+    telegram = encode(tightening(), revision)[:-1]
+    if revision == 1:
+        telegram = telegram[:8] + b"   " + telegram[11:]  # some controllers leave the revision blank
+    [made] = publish(ingest, tables, payload(telegram)).forwarded_as(ReceivedRecord)
+    assert f"MID 0061 revision {revision}," in str(made.record.notes) and str(made.record.torque_nm) == "24.5"
