@@ -97,6 +97,8 @@ def run_one(kind: str, root: Path, *, quick: bool, rate: float, say) -> dict:
         result["raw"] = raw_throughput(broker, raw_n, RAW_TOPIC)
         result["raw_latency"] = raw_latency(broker, rate, latency_s, RAW_TOPIC)
         controller = ControllerThread()
+        broker.credentials.set_bridged("torque", [CONTROLLER])
+        broker.reload()
         stub = UplinkStub(broker, "HGR1")
         pipeline = Pipeline(broker, data_dir, MRO_CONFIG=str(_site(data_dir, controller.sim.port)), **SETTINGS)
         pipeline.start()

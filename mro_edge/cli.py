@@ -207,6 +207,17 @@ def _children_env(config: Config) -> dict[str, str]:
 SIMULATED_CONTROLLER = "TQC-01"  # listed at place BAY1 in the shipped edge.toml
 
 
+def _bridge_controllers(store, controller_ids: list[str]) -> bool:
+    """The bridge's broker user may publish for exactly these controllers (and read their
+    receipts); True when the ACL changed."""
+    from services.broker.credentials import CredentialsError
+
+    try:
+        return bool(store.set_bridged("torque", controller_ids))
+    except CredentialsError as exc:
+        raise UserError(f"[torque.controllers] in the configuration: {exc}") from None
+
+
 def _simulated_controller(config: Config, env: dict[str, str]) -> tuple[str, list[str]]:
     """`run --simulate`: an Open Protocol controller simulator on a free loopback port, and the
     bridge configured for it (MRO_TORQUE_CONTROLLERS), unless the configuration names controllers."""
@@ -260,7 +271,10 @@ def cmd_run(config: Config, args) -> int:
                    backups=config.supervisor.log_backups)
     configure_logging("run", config.station, stream=sink.stream())
     if not args.no_broker:
-        BrokerCredentials(config.data_path / "broker", config.station).ensure_service_users()
+        credentials = BrokerCredentials(config.data_path / "broker", config.station)
+        credentials.ensure_service_users()
+        simulated = [SIMULATED_CONTROLLER] if args.simulate and not config.torque.controllers else []
+        _bridge_controllers(credentials, [*config.torque.controllers, *simulated])
     provision_hop_keys(config)  # before any stage starts: a stage without its keys refuses
     login = service_credentials(config, "operator")
     warnings: list = []
@@ -329,8 +343,12 @@ def cmd_devices_init(config: Config, args) -> int:
 
     store = _credentials(config)
     users = store.ensure_service_users()
+    if _bridge_controllers(store, list(config.torque.controllers)):
+        print("torque controllers in the ACL changed: a running Mosquitto needs SIGHUP "
+              "(docker compose kill -s SIGHUP mosquitto)", file=sys.stderr)
     print(f"service users ready: {', '.join(users.values())} (each password in its own file under "
           f"{store.secrets_dir}, never printed); {len(store.devices())} devices; "
+          f"{len(config.torque.controllers)} torque controllers; "
           f"password file {store.passwd_path}, ACL {store.acl_path}")
     print(provision_hop_keys(config))
     return 0

@@ -76,7 +76,9 @@ class ReceiptWaiter:
             self.link.publish(topic, payload, qos=1)
             return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
-            raise NotDurable(f"no receipt for event {event_id} within {timeout_s:g} s (is ingest running?)") from None
+            raise NotDurable(f"no receipt for event {event_id} within {timeout_s:g} s: is ingest running, and is "
+                             "the device in the broker's ACL (`mro-edge devices init` after a configuration "
+                             "change)?") from None
         finally:
             if self._waiting.get(event_id) is future:
                 del self._waiting[event_id]

@@ -97,6 +97,8 @@ def torque_entries(pipeline: Pipeline) -> list[dict]:
 def hangar(broker, tmp_path):
     """A controller (not yet started) and the pipeline with the bridge configured for it."""
     controller = Controller(tmp_path, count=40, every_s=0.1)
+    broker.credentials.set_bridged("torque", [CONTROLLER])  # what `mro-edge run` / `devices init` do
+    broker.reload()
     pipeline = Pipeline(broker, tmp_path / "data", MRO_CONFIG=str(site_config(tmp_path, controller.port)),
                         MRO_TORQUE_RECEIPT_TIMEOUT_S="2", MRO_TORQUE_KEEPALIVE_S="1")
     yield controller, pipeline
