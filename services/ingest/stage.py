@@ -138,11 +138,8 @@ class Ingest(IntakeStage):
         """Each read of a raw publish: a record within the open session at the device's place,
         or an unassigned read kept in this transaction. Nothing a reader sent is dropped but a
         tag read repeating one within the read window."""
-        if len(message.payload) > self.limits.max_message_bytes:
-            error = FieldError("$", "max_size", f"at most {self.limits.max_message_bytes} bytes",
-                               f"{len(message.payload)} bytes")
-            return Rejected(error_report(stage=self.name, errors=[error], received_at=message.received_at,
-                                         raw=message.payload, max_raw=self.limits.max_raw_in_report))
+        if (refused := self._oversize(message)) is not None:
+            return refused
         reads = reads_of(kind, device_id, message.payload, message.received_at)
         if isinstance(reads, Malformed):
             return Rejected(error_report(stage=self.name, errors=reads.errors, received_at=message.received_at,
@@ -168,6 +165,7 @@ class Ingest(IntakeStage):
         return records
 
     def _oversize(self, message: DeviceMessage) -> Rejected | None:
+        """A raw publish larger than `[limits] max_message_bytes` is refused unparsed."""
         if len(message.payload) <= self.limits.max_message_bytes:
             return None
         error = FieldError("$", "max_size", f"at most {self.limits.max_message_bytes} bytes",
