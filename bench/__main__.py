@@ -50,12 +50,15 @@ def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = Non
                                    ("backup", "bench.backup", "run_backup_bench"),
                                    ("ops", "bench.ops", "run_ops_bench"),
                                    ("retention", "bench.retention", "run_retention_bench"),
-                                   ("proofs", "bench.proofs", "run_proofs_bench")):
+                                   ("proofs", "bench.proofs", "run_proofs_bench"),
+                                   ("torque", "bench.torque", "run_torque_bench")):
         if part not in parts:
             continue
         print(f"\n=== {part} ===", flush=True)
         try:
             extra = (intake or {}) if part in ("intake", "tls") else {}
+            if part == "torque" and intake and intake.get("brokers"):
+                extra = {"brokers": intake["brokers"]}
             figures[part] = getattr(import_module(module), function)(quick=quick, **extra)
         except Exception as exc:  # one part failing must not hide the others' figures
             say(f"[{part}] bench failed: {type(exc).__name__}: {exc}")
@@ -63,7 +66,7 @@ def run_other_parts(parts: set[str], quick: bool, say, intake: dict | None = Non
     return figures
 
 
-DEFAULT_PARTS = "pipeline,drain,ledger,compliance,intake,tls,hopauth,devices,backup,ops,retention,proofs"
+DEFAULT_PARTS = "pipeline,drain,ledger,compliance,intake,tls,hopauth,devices,backup,ops,retention,proofs,torque"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "backup (backup time per 100,000 ledger entries, issue 12), "
                              "ops (metrics scrape time and the dashboard's cost to the pipeline, issue 12), "
                              "retention (bytes per record per store after pruning, issue 12), "
-                             "proofs (the gateway's audit proofs, issue 12)")
+                             "proofs (the gateway's audit proofs, issue 12), "
+                             "torque (Open Protocol controller -> ledger, issue 11)")
     parser.add_argument("--brokers", default=os.environ.get("BENCH_BROKERS", "mosquitto,embedded"))
     for kind in FULL:
         parser.add_argument(f"--n-{kind}", type=int, default=None,

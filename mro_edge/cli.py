@@ -204,6 +204,47 @@ def _children_env(config: Config) -> dict[str, str]:
     return env
 
 
+SIMULATED_CONTROLLER = "TQC-01"  # listed at place BAY1 in the shipped edge.toml
+
+
+def _bridge_controllers(store, controller_ids: list[str]) -> bool:
+    """The bridge's broker user may publish for exactly these controllers (and read their
+    receipts); True when the ACL changed."""
+    from services.broker.credentials import CredentialsError
+
+    try:
+        return bool(store.set_bridged("torque", controller_ids))
+    except CredentialsError as exc:
+        raise UserError(f"[torque.controllers] in the configuration: {exc}") from None
+
+
+def _simulated_controller(config: Config, env: dict[str, str]) -> tuple[str, list[str]]:
+    """`run --simulate`: an Open Protocol controller simulator on a free loopback port, and the
+    bridge configured for it (MRO_TORQUE_CONTROLLERS), unless the configuration names controllers."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if not config.torque.controllers:
+        env["MRO_TORQUE_CONTROLLERS"] = json.dumps(
+            {SIMULATED_CONTROLLER: {"host": "127.0.0.1", "port": port, "zone": "UTC"}})
+    return ("torque-sim", ["simulate-controller", "--port", str(port), "--every", "10"])
+
+
+def cmd_simulate_controller(config: Config, args) -> int:
+    from mro_edge import lifeline
+    from mro_edge.simulator import openprotocol
+    from shared.runtime.logs import configure_logging, get_logger
+
+    configure_logging("torque-sim", config.station)
+    lifeline.start(get_logger(component="lifeline"))
+    (config.data_path / "simulator").mkdir(parents=True, exist_ok=True, mode=0o700)
+    openprotocol.main(["--port", str(args.port), "--every", str(args.every), "--zone", args.zone,
+                       "--state", str(config.data_path / "simulator" / "torque-controller.json")])
+    return 0
+
+
 def _ready_message(supervisor, not_up: list, log_file: Path | None) -> str:
     if not_up:
         return (f"mro-edge is running, but not yet up: {', '.join(f'{c.name} ({c.state})' for c in not_up)}"
@@ -230,7 +271,10 @@ def cmd_run(config: Config, args) -> int:
                    backups=config.supervisor.log_backups)
     configure_logging("run", config.station, stream=sink.stream())
     if not args.no_broker:
-        BrokerCredentials(config.data_path / "broker", config.station).ensure_service_users()
+        credentials = BrokerCredentials(config.data_path / "broker", config.station)
+        credentials.ensure_service_users()
+        simulated = [SIMULATED_CONTROLLER] if args.simulate and not config.torque.controllers else []
+        _bridge_controllers(credentials, [*config.torque.controllers, *simulated])
     provision_hop_keys(config)  # before any stage starts: a stage without its keys refuses
     login = service_credentials(config, "operator")
     warnings: list = []
@@ -239,8 +283,12 @@ def cmd_run(config: Config, args) -> int:
     if not args.no_gateway:
         _register_with_own_gateway(config)
     simulator = ("simulator", ["simulate", "--rate", str(args.rate), "--duration", "0"])
+    children_env = _children_env(config)
+    extra = [simulator]
+    if args.simulate:
+        extra.append(_simulated_controller(config, children_env))
     supervisor = Supervisor(config, with_broker=not args.no_broker, with_gateway=not args.no_gateway,
-                            extra=[simulator] if args.simulate else [], env=_children_env(config),
+                            extra=extra if args.simulate else [], env=children_env,
                             console=console, sink=sink, warnings=warnings)
     run_file = write_run_file(config, embedded_broker=not args.no_broker, local_gateway=not args.no_gateway,
                               log_file=str(log_file) if log_file else None)
@@ -295,8 +343,12 @@ def cmd_devices_init(config: Config, args) -> int:
 
     store = _credentials(config)
     users = store.ensure_service_users()
+    if _bridge_controllers(store, list(config.torque.controllers)):
+        print("torque controllers in the ACL changed: a running Mosquitto needs SIGHUP "
+              "(docker compose kill -s SIGHUP mosquitto)", file=sys.stderr)
     print(f"service users ready: {', '.join(users.values())} (each password in its own file under "
           f"{store.secrets_dir}, never printed); {len(store.devices())} devices; "
+          f"{len(config.torque.controllers)} torque controllers; "
           f"password file {store.passwd_path}, ACL {store.acl_path}")
     print(provision_hop_keys(config))
     return 0
@@ -688,6 +740,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int)
     simulate.add_argument("--grace", type=float, default=60.0, help="seconds to wait for final receipts")
     simulate.set_defaults(func=cmd_simulate)
+    controller = sub.add_parser("simulate-controller",
+                                help="a simulated Open Protocol torque controller (what `run --simulate` starts)")
+    controller.add_argument("--port", type=int, default=4545)
+    controller.add_argument("--every", type=float, default=10.0, help="seconds between tightenings")
+    controller.add_argument("--zone", default="UTC", help="IANA zone of the controller's clock")
+    controller.set_defaults(func=cmd_simulate_controller)
 
     status = sub.add_parser("status", help="per service: up/down/frozen, queue depth, counts")
     status.add_argument("--service")

@@ -23,6 +23,7 @@ class Kind(StrEnum):
     GATEWAY = "gateway"  # the reference central gateway, off the box
     STAGE = "stage"  # a pipeline stage: a `shared.runtime.stage.Stage` run by `run_stage`
     MONITOR = "monitor"  # watches and publishes status, records nothing
+    BRIDGE = "bridge"  # speaks a device's own protocol and publishes for it on its `in` topic
     VIEW = "view"  # only subscribes and shows (the MCC page and /metrics): publishes nothing
 
 
@@ -39,7 +40,7 @@ class Service:
     @property
     def publishes_status(self) -> bool:
         """Its own retained `status/<name>` says when it is up."""
-        return self.kind in (Kind.STAGE, Kind.MONITOR)
+        return self.kind in (Kind.STAGE, Kind.MONITOR, Kind.BRIDGE)
 
     def run(self, config: Config) -> None:
         """Run the service in this process until it is told to stop."""
@@ -69,6 +70,7 @@ SERVICES: tuple[Service, ...] = (
         on_box=True,
         mqtt_clients=("heartbeat",),
     ),
+    Service("torque", Kind.BRIDGE, "services.torque.bridge:run_bridge", on_box=True, mqtt_clients=("torque",)),
     Service("mcc", Kind.VIEW, "services.mcc.service:run_mcc", on_box=True, mqtt_clients=("mcc",)),
 )
 BY_NAME = {service.name: service for service in SERVICES}

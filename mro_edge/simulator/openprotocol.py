@@ -16,7 +16,11 @@ needs, with the behaviour a real controller shows where it matters for data safe
 
 Counters (`sent`, `acknowledged`, `acks_received`, `keepalives`, `connections`) let tests see what happened.
 Standalone: `python -m mro_edge.simulator.openprotocol --port 4545 --zone Europe/Berlin
---every 5` serves one controller that tightens every 5 seconds until interrupted.
+--every 5` serves one controller that tightens every 5 seconds until interrupted (`--count N`:
+N tightenings, then it keeps serving). `--state FILE` is the controller's result memory: every
+result and every 0062 is written there before the simulator goes on, so a controller killed
+(kill -9) and started again sends what was not acknowledged, as a real one does after a power
+cycle (one acknowledged just before the kill may come again: the box answers it as a duplicate).
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import random
+import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
 
 from services.torque.codec import DecodeError, FrameSplitter, FramingError
 from services.torque.mids import (
@@ -64,6 +74,7 @@ class _Connection:
         self.subscribed_revision: int | None = None
         self.no_ack = False
         self.acked = asyncio.Event()
+        self.acked_at = 0.0
 
     async def send(self, body: Body, revision: int = 1) -> None:
         self.writer.write(encode(body, revision))
@@ -75,7 +86,8 @@ class SimulatedController:
                  name: str = "SIM-PF6000", tool_serial: str = "B0742134",
                  last_calibration: datetime | None = None, max_comm_revision: int = 4,
                  max_result_revision: int = 7, max_tool_revision: int = 5,
-                 ack_timeout_s: float = 10.0, retries: int = 3, link_timeout_s: float = 15.0) -> None:
+                 ack_timeout_s: float = 10.0, retries: int = 3, link_timeout_s: float = 15.0,
+                 state: Path | None = None) -> None:
         self.host, self.port = host, port
         self.zone = ZoneInfo(zone)
         self.name = name
@@ -94,9 +106,30 @@ class SimulatedController:
         self.keepalives = 0
         self.acks_received = 0
         self.connections = 0
+        # perf_counter() when each tightening happened and when its 0062 came (bench.torque)
+        self.tightened_at: dict[int, float] = {}
+        self.acknowledged_at: dict[int, float] = {}
         self._new_result = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self.state = state
+        if state is not None and state.exists():
+            self._load(state)
+
+    def _load(self, path: Path) -> None:
+        saved = json.loads(path.read_text())
+        self.results = msgspec.convert(saved["results"], list[TighteningResult])
+        self.acknowledged = list(saved["acknowledged"])
+        done = set(self.acknowledged)
+        self.unacknowledged = [r for r in self.results if r.tightening_id not in done]
+
+    def _save(self) -> None:
+        """The controller's memory: results and which were acknowledged (atomic replace)."""
+        if self.state is None:
+            return
+        temp = self.state.with_suffix(".tmp")
+        temp.write_bytes(msgspec.json.encode({"results": self.results, "acknowledged": self.acknowledged}))
+        os.replace(temp, self.state)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
@@ -140,6 +173,8 @@ class SimulatedController:
             compensated_angle="0000000", final_angle_decimal="0018200")
         self.results.append(result)
         self.unacknowledged.append(result)
+        self.tightened_at[tightening_id] = time.perf_counter()
+        self._save()
         self._new_result.set()
         return tightening_id
 
@@ -228,6 +263,7 @@ class SimulatedController:
                 conn.subscribed_revision, conn.no_ack = revision, message.header.no_ack
         elif isinstance(body, ResultAck):
             self.acks_received += 1
+            conn.acked_at = time.perf_counter()
             conn.acked.set()
         elif isinstance(body, ToolDataRequest):
             if revision > self.max_tool_revision:
@@ -266,18 +302,23 @@ class SimulatedController:
                 return
             self.unacknowledged.pop(0)
             self.acknowledged.append(tightening_id)
+            self.acknowledged_at.setdefault(tightening_id, conn.acked_at)
+            self._save()
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    sim = SimulatedController(host=args.host, port=args.port, zone=args.zone,
-                              max_result_revision=args.max_result_revision)
+    sim = SimulatedController(host=args.host, port=args.port, zone=args.zone, tool_serial=args.tool_serial,
+                              max_result_revision=args.max_result_revision,
+                              last_calibration=datetime.now(UTC) - timedelta(days=args.calibrated_days_ago),
+                              ack_timeout_s=args.ack_timeout, state=Path(args.state) if args.state else None)
     await sim.start()
     print(f"Open Protocol controller simulator on {args.host}:{sim.port} (zone {args.zone})", flush=True)
     rng = random.Random(args.seed)
     try:
-        while True:
+        while args.count is None or len(sim.results) < args.count:
             await asyncio.sleep(args.every)
-            sim.tighten(torque_nm=Decimal(rng.randint(2150, 2750)) / 100)
+            sim.tighten(torque_nm=Decimal(rng.randint(2250, 2650)) / 100, identifier=args.identifier)
+        await asyncio.Event().wait()  # done tightening: keep serving until interrupted
     finally:
         await sim.stop()
 
@@ -290,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=float, default=5.0, help="seconds between tightenings")
     parser.add_argument("--max-result-revision", type=int, default=7, choices=range(1, 8))
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--count", type=int, default=None, help="stop tightening after this many results")
+    parser.add_argument("--state", default="", help="file holding the controller's results across restarts")
+    parser.add_argument("--identifier", default="", help="the VIN / identifier field (e.g. a work order)")
+    parser.add_argument("--tool-serial", default="B0742134")
+    parser.add_argument("--calibrated-days-ago", type=int, default=30, help="the tool's own last calibration")
+    parser.add_argument("--ack-timeout", type=float, default=10.0, help="seconds to wait for MID 0062")
     args = parser.parse_args(argv)
     try:
         ZoneInfo(args.zone)

@@ -50,7 +50,7 @@ import os
 import re
 import secrets
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +141,7 @@ class Acl:
     users: dict[str | None, list[AclRule]] = field(default_factory=dict)
     patterns: list[AclRule] = field(default_factory=list)
     devices: dict[str, str] = field(default_factory=dict)
+    bridged: dict[str, list[str]] = field(default_factory=dict)  # bridging service -> device ids
 
     @classmethod
     def parse(cls, text: str, source: str = "acl") -> Acl:
@@ -168,6 +169,9 @@ class Acl:
             match = device_line.match(rule.topic)
             if user is not None and rule.access == WRITE and match and match.group(2) == user:
                 acl.devices[user] = match.group(1)
+            elif (user is not None and rule.access == WRITE and match
+                  and BRIDGING.get(user.removeprefix(RESERVED_PREFIX)) == match.group(1)):
+                acl.bridged.setdefault(user.removeprefix(RESERVED_PREFIX), []).append(match.group(2))
         return acl
 
     def allows(self, username: str | None, client_id: str | None, topic: str, access: int) -> bool:
@@ -243,10 +247,15 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "uplink": (("pipeline/uplink", "pipeline/receipt/uplink", "pipeline/control/uplink", "status/connectivity"),
                ("pipeline/receipt/sign", "pipeline/retention", "dlq/uplink", "status/uplink", "alarm")),
     "heartbeat": (("status/uplink", "status/connectivity"), ("status/connectivity", "status/heartbeat", "alarm")),
+    # the Open Protocol bridge: publishes for the torque controllers (a kind no device may be
+    # registered as) and reads the receipts that say their results are durable, each only for
+    # the controllers it is configured for (BRIDGING, `set_bridged`)
+    "torque": ((), ("status/torque",)),
     # `mro-edge run`'s monitor: every status and alarm; its own status and that of a hung child
     "supervisor": (("status/+", "alarm"),
                    ("status/supervisor", "status/broker", "status/gateway", "status/ingest", "status/validate",
-                    "status/sign", "status/uplink", "status/heartbeat", "status/simulator", "alarm")),
+                    "status/sign", "status/uplink", "status/heartbeat", "status/torque", "status/simulator",
+                    "alarm")),
     # the operator's commands (status, resume, schema, registry push, the banner's watch lines,
     # the anonymous-broker probe of `mro-edge run`)
     "operator": (("status/+", "alarm", "dlq/+", "receipt/+", "in/+/+", "pipeline/schema/reply/+",
@@ -260,6 +269,10 @@ SERVICE_ACL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "health": ((), ()),
 }
 SERVICE_NAMES = tuple(SERVICE_ACL)
+# Services that publish for devices which do not speak MQTT, and the kind they publish as. Their
+# ACL names each configured device id (`BrokerCredentials.set_bridged`), never a wildcard:
+#   topic write mro/<station>/in/<kind>/<id>     topic read mro/<station>/receipt/<id>
+BRIDGING = {"torque": "torque_controller"}
 # client ids (as mro-<station>-<client>-<tag>) and the service that owns each: the registry's
 # `mqtt_clients`, and the supervisor's monitor
 CLIENT_OWNERS = {client: service.name for service in SERVICES for client in service.mqtt_clients}
@@ -399,6 +412,21 @@ class BrokerCredentials:
             self._write_clientids()
             self._write_passwd(users)
         return {service: service_user(service) for service in SERVICE_NAMES}
+
+    def set_bridged(self, service: str, device_ids: Iterable[str]) -> bool:
+        """The device ids a bridging service (BRIDGING) publishes for: exactly these get its ACL
+        lines; True when the ACL changed (Mosquitto then needs SIGHUP)."""
+        if service not in BRIDGING:
+            raise CredentialsError(f"{service!r} publishes for no devices: one of {', '.join(BRIDGING)}")
+        wanted = sorted(set(device_ids))
+        for device_id in wanted:
+            self._check_device_id(device_id)
+        with self._locked():
+            acl = self._load_acl()
+            if sorted(acl.bridged.get(service, [])) == wanted:
+                return False
+            self._write_acl(acl.devices, {**acl.bridged, service: wanted})
+        return True
 
     def service_login(self, service: str) -> tuple[str, str]:
         """(user, password) of one service, making every service user first if need be."""
@@ -553,7 +581,9 @@ class BrokerCredentials:
     def _write_passwd(self, users: dict[str, str]) -> None:
         self._write_atomic(self.passwd_path, "".join(f"{u}:{h}\n" for u, h in users.items()))
 
-    def _write_acl(self, devices: dict[str, str]) -> None:
+    def _write_acl(self, devices: dict[str, str], bridged: dict[str, list[str]] | None = None) -> None:
+        """`bridged`: the device ids of each bridging service (None: those the ACL names now)."""
+        bridged = self._load_acl().bridged if bridged is None else bridged
         root = f"mro/{self.station}"
         lines = [
             "# Generated by mro-edge (services/broker/credentials.py); changes are overwritten.",
@@ -566,6 +596,10 @@ class BrokerCredentials:
             lines += ["", f"user {service_user(service)}"]
             lines += [f"topic read {root}/{topic}" for topic in reads]
             lines += [f"topic write {root}/{topic}" for topic in writes]
+            for device_id in sorted(bridged.get(service, [])) if service in BRIDGING else ():
+                _check_id("device id", device_id)
+                lines += [f"topic write {root}/in/{BRIDGING[service]}/{device_id}",
+                          f"topic read {root}/receipt/{device_id}"]
         for device_id in sorted(devices):
             _check_id("device id", device_id)
             _check_id("device kind", devices[device_id])

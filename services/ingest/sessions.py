@@ -38,7 +38,10 @@ SESSIONS = "sessions"  # place -> WorkSessionOpened (JSON)
 UNASSIGNED = "unassigned"  # read_id -> UnassignedRead (JSON)
 SESSION_PARTS = "session_parts"  # session_id|cage|pn|serial -> b""
 COMMANDS = "session_commands"  # command id -> the reply it got (a re-sent command is answered again)
-TABLES = (SESSIONS, UNASSIGNED, SESSION_PARTS, COMMANDS)
+# torque read id (controller, tightening id) -> the idempotency key of the record it made, or b""
+# (kept unassigned or refused): a result the controller sends again is answered, never recorded twice
+TORQUE_RESULTS = "torque_results"
+TABLES = (SESSIONS, UNASSIGNED, SESSION_PARTS, COMMANDS, TORQUE_RESULTS)
 CHANGES = ("open", "close", "reads_assign")  # commands that change state: carried out once per id
 SESSION_DEVICE = DeviceRef(SERVICE_KIND, "ingest")
 SESSION_SCHEMA = "mro.work_session/1"
@@ -46,7 +49,8 @@ SESSIONS_NAMESPACE = uuid.UUID("0c5e2f7a-4b1d-5e93-8a6c-3f2d1e0b7c45")
 DEVICE_ROLE = {"rfid_zebra": "readers", "rfid_impinj": "readers", "partmark_scanner": "scanners",
                "torque_controller": "controllers"}
 
-Reason = Literal["no_place", "no_session", "framing_lost", "incomplete_mark", "not_a_part_tag"]
+Reason = Literal["no_place", "no_session", "framing_lost", "incomplete_mark", "not_a_part_tag",
+                 "tool_calibration_unknown", "work_order_mismatch"]
 
 
 class UnassignedRead(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -89,6 +93,34 @@ def route(place: str | None, sessions: Mapping[str, WorkSessionOpened], read: Ra
         return "no_place"
     session = sessions.get(place)
     return session if session is not None else "no_session"
+
+
+def route_torque(place: str | None, sessions: Mapping[str, WorkSessionOpened],
+                 read: RawRead, identifier: str) -> WorkSessionOpened | Reason:
+    """The session a tightening goes to (pure). The controller's identifier field (where shops
+    scan the work order) takes part: a result naming the work order of an open session goes to
+    that session (the one at its place first); one naming another work order than the session at
+    its place is kept (`work_order_mismatch`), never recorded against the wrong work order; an
+    empty identifier leaves the place to decide, like any read."""
+    if read.problem is not None:
+        return read.problem
+    if identifier:
+        here = sessions.get(place) if place is not None else None
+        if here is not None:
+            return here if here.work_order_id == identifier else "work_order_mismatch"
+        named = [s for s in sessions.values() if s.work_order_id == identifier]
+        if len(named) == 1:
+            return named[0]
+    return route(place, sessions, read)
+
+
+def torque_seen(uow: UnitOfWork, read_id: str) -> bytes | None:
+    """What became of a tightening already handled: its record's key, b"" if none, None if new."""
+    return uow.get(TORQUE_RESULTS, read_id.encode())
+
+
+def remember_torque(uow: UnitOfWork, read_id: str, key: str = "") -> None:
+    uow.put(TORQUE_RESULTS, read_id.encode(), key.encode())
 
 
 # --- the tables ------------------------------------------------------------------------------

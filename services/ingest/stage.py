@@ -12,6 +12,12 @@ vendor's format instead: its reads are parsed (`services.ingest.reads`), repeate
 within `[limits] read_window_s` count once, and each read becomes a contract record within the
 open work session at the device's place, or is kept as an unassigned read in the same
 transaction (`services.ingest.sessions`, which also handles the session commands).
+
+Torque controllers reach ingest through the Open Protocol bridge (`services.torque.bridge`), one
+`mro.op_result/1` per tightening on `in/torque_controller/<id>`. Each is answered with a device
+receipt whatever becomes of it (`received` when made a record or kept unassigned, `rejected`
+with its DLQ report, `duplicate` for a tightening already handled): the bridge acknowledges
+the result to the controller (MID 0062) only on that receipt, sent after this commit.
 """
 
 from __future__ import annotations
@@ -28,7 +34,17 @@ from services.devices.malformed import Malformed
 from services.devices.rfid import TagRead
 from services.ingest import sessions as book
 from services.ingest.ratelimit import RateLimiter
-from services.ingest.reads import CONTRACT_KIND, RawRead, reads_of, record_body
+from services.ingest.reads import (
+    CONTRACT_KIND,
+    RawRead,
+    TorqueSource,
+    reads_of,
+    record_json,
+    torque_read,
+    torque_read_id,
+)
+from services.torque.telegram import KIND as TORQUE_KIND
+from services.torque.telegram import decode_telegram, result_event_id
 from shared.contract import ContractError, FieldError, decode_record, error_report, idempotency_key, normalize
 from shared.contract.decode import peek_event_id
 from shared.contract.types import UUID_PATTERN
@@ -37,7 +53,7 @@ from shared.runtime.alarms import alarm_payload
 from shared.runtime.clock import utc_now
 from shared.runtime.handler import DeviceMessage, IntakeStage
 from shared.runtime.logs import get_logger
-from shared.runtime.messages import DeviceReceipt, DeviceRef, ReceivedRecord, json_encode
+from shared.runtime.messages import DeviceReceipt, DeviceRef, FateQuery, ReceivedRecord, json_encode
 from shared.runtime.topics import RAW_DEVICE_KINDS, Topics
 from shared.runtime.verdicts import Accepted, Rejected, Verdict
 from shared.runtime.work import UnitOfWork
@@ -77,6 +93,8 @@ class Ingest(IntakeStage):
             return self._rate_limited(message)
         if device_kind in RAW_DEVICE_KINDS:
             return self._raw(message, device_kind, device_id, uow)
+        if device_kind == TORQUE_KIND:
+            return self._torque(message, device_id, uow)
         if device_kind == "tablet" and (command := self._session_command(message.payload)) is not None:
             self._tablet(message, command, device_id, uow)
             return []
@@ -120,11 +138,8 @@ class Ingest(IntakeStage):
         """Each read of a raw publish: a record within the open session at the device's place,
         or an unassigned read kept in this transaction. Nothing a reader sent is dropped but a
         tag read repeating one within the read window."""
-        if len(message.payload) > self.limits.max_message_bytes:
-            error = FieldError("$", "max_size", f"at most {self.limits.max_message_bytes} bytes",
-                               f"{len(message.payload)} bytes")
-            return Rejected(error_report(stage=self.name, errors=[error], received_at=message.received_at,
-                                         raw=message.payload, max_raw=self.limits.max_raw_in_report))
+        if (refused := self._oversize(message)) is not None:
+            return refused
         reads = reads_of(kind, device_id, message.payload, message.received_at)
         if isinstance(reads, Malformed):
             return Rejected(error_report(stage=self.name, errors=reads.errors, received_at=message.received_at,
@@ -149,12 +164,73 @@ class Ingest(IntakeStage):
                 uow.note(None, None, "READ_REPEATED", read_id=read.read_id, session_id=target.session_id)
         return records
 
+    def _oversize(self, message: DeviceMessage) -> Rejected | None:
+        """A raw publish larger than `[limits] max_message_bytes` is refused unparsed."""
+        if len(message.payload) <= self.limits.max_message_bytes:
+            return None
+        error = FieldError("$", "max_size", f"at most {self.limits.max_message_bytes} bytes",
+                           f"{len(message.payload)} bytes")
+        return Rejected(error_report(stage=self.name, errors=[error], received_at=message.received_at,
+                                     raw=message.payload, max_raw=self.limits.max_raw_in_report))
+
+    # --- torque controllers (through the Open Protocol bridge) ----------------------------------
+
+    def _torque(self, message: DeviceMessage, controller_id: str,
+                uow: UnitOfWork) -> list[ReceivedRecord] | Rejected:
+        """One tightening result: a torque_event within the session its place and identifier
+        name, or an unassigned read, or a DLQ report; once per (controller, tightening id)."""
+        if (refused := self._oversize(message)) is not None:
+            return refused
+        try:
+            sent = decode_telegram(message.payload)
+        except msgspec.MsgspecError as exc:
+            error = FieldError("$", "op_result", "an mro.op_result/1 object from the torque bridge", str(exc)[:80])
+            return Rejected(error_report(stage=self.name, errors=[error], received_at=message.received_at,
+                                         raw=message.payload, max_raw=self.limits.max_raw_in_report))
+        event_id = result_event_id(controller_id, sent.telegram)
+        read_id = torque_read_id(controller_id, sent.telegram)
+        if (seen := book.torque_seen(uow, read_id)) is not None:
+            self._torque_again(uow, controller_id, event_id, seen.decode())
+            return []
+        read = torque_read(controller_id, sent, message.received_at)
+        if isinstance(read, list):
+            book.remember_torque(uow, read_id)  # its report is kept in the DLQ, in this transaction
+            return Rejected(error_report(stage=self.name, errors=read, received_at=message.received_at,
+                                         event_id=event_id, raw=message.payload,
+                                         max_raw=self.limits.max_raw_in_report))
+        identifier = read.source.identifier if isinstance(read.source, TorqueSource) else ""
+        place = book.place_of(self.places, TORQUE_KIND, controller_id)
+        target = book.route_torque(place, book.open_sessions(uow), read, identifier)
+        if isinstance(target, str):
+            # refused when the unassigned store is full: no receipt names it, so it is not acknowledged
+            if self._keep(uow, book.UnassignedRead(read=read, reason=target, place=place)):
+                book.remember_torque(uow, read_id)
+                delivery.receipt(uow, DeviceRef(TORQUE_KIND, controller_id),
+                                 DeviceReceipt("received", utc_now(), event_id))
+            return []
+        book.first_in_session(uow, target, read)
+        made = self._made(target, read, message.received_at, uow)
+        book.remember_torque(uow, read_id, made.key if made is not None else "")
+        return [made] if made is not None else []
+
+    def _torque_again(self, uow: UnitOfWork, controller_id: str, event_id: str, key: str) -> None:
+        """A tightening already handled (the controller sent it again after a reconnect): its
+        record's fate, or `duplicate` when it made none (kept unassigned or refused)."""
+        uow.duplicates += 1
+        fate = uow.fate(key) if key else None
+        if fate is not None:
+            delivery.answer(uow, FateQuery(key, event_id, DeviceRef(CONTRACT_KIND[TORQUE_KIND], controller_id)),
+                            fate)
+            return
+        delivery.receipt(uow, DeviceRef(TORQUE_KIND, controller_id), DeviceReceipt("duplicate", utc_now(), event_id))
+        uow.note(event_id, None, "DUPLICATE", device_id=controller_id)
+
     def _made(self, session: Any, read: RawRead, received_at: str, uow: UnitOfWork) -> ReceivedRecord | None:
         """The contract record of a part read within `session`, decoded as a device's would be;
         one the contract refuses goes to the DLQ like any device's (None)."""
         kind = CONTRACT_KIND[read.device_kind]
         try:
-            record = decode_record(json_encode(record_body(session, read)), station=self.station,
+            record = decode_record(record_json(session, read), station=self.station,
                                    device_kind=kind, device_id=read.device_id,
                                    max_bytes=self.limits.max_message_bytes, max_depth=self.limits.max_depth)
         except ContractError as exc:
@@ -165,8 +241,9 @@ class Ingest(IntakeStage):
         key = idempotency_key(normalize(record))
         return ReceivedRecord(key, record, received_at, DeviceRef(kind, read.device_id))
 
-    def _keep(self, uow: UnitOfWork, kept: book.UnassignedRead) -> None:
-        """Keep an unassigned read; a full store refuses it to the DLQ (rule unassigned_full)."""
+    def _keep(self, uow: UnitOfWork, kept: book.UnassignedRead) -> bool:
+        """Keep an unassigned read (True, also when it was kept before); a full store refuses it
+        to the DLQ (rule unassigned_full, False)."""
         count = self._count(uow)
         if count >= self.limits.max_unassigned_reads and uow.get(book.UNASSIGNED, kept.read.read_id.encode()) is None:
             error = FieldError("$", "unassigned_full",
@@ -175,11 +252,12 @@ class Ingest(IntakeStage):
                                f"read {kept.read.read_id} of {kept.read.device_id}")
             delivery.reject(uow, error_report(stage=self.name, errors=[error], received_at=kept.read.received_at),
                             DeviceRef(kept.read.device_kind, kept.read.device_id))
-            return
+            return False
         if book.keep_unassigned(uow, kept):
             self._unassigned = count + 1
             uow.note(None, None, "UNASSIGNED", read_id=kept.read.read_id, reason=kept.reason,
                      device_id=kept.read.device_id)
+        return True
 
     def _count(self, uow: UnitOfWork) -> int:
         if self._unassigned is None:

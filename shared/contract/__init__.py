@@ -59,7 +59,10 @@ last five. The ingest stage adds one rule of its own before decoding: `rate_limi
 and `unassigned_full` (path `$`), a raw hangar device's read that no work session took while
 `[limits] max_unassigned_reads` unassigned reads are already kept; and `work_session`, a
 tablet's work session command (`"schema": "mro.work_session/1"`, not a record) that cannot be
-carried out (its `expected` says why and what to do).
+carried out (its `expected` says why and what to do); and, for a torque controller's result
+from the Open Protocol bridge (`in/torque_controller/<id>`), `op_telegram` (path
+`$.telegram`: not a MID 0061 telegram ingest can read) and `op_result` (`$.telegram`: a result
+that cannot be mapped as it stands, e.g. a unit other than N·m; `$`: not an mro.op_result/1).
 
 Raw hangar devices (topic kinds `rfid_zebra`, `rfid_impinj`, `partmark_scanner`; an additive
 change to the topics, not to mro.record/1) publish their vendors' formats; a read within a work

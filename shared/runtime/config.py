@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -192,6 +193,24 @@ class ClockConfig(msgspec.Struct, forbid_unknown_fields=True):
     # the wall clock moving by more than this against elapsed time is a step: alarmed, and a
     # `clock_step` ledger entry
     step_threshold_s: float = 2.0
+class ControllerSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """One Open Protocol torque controller the bridge connects to (`[torque.controllers.<id>]`)."""
+
+    host: str
+    zone: str  # IANA zone of the controller's clock: its timestamps carry none
+    port: int = 4545
+    result_revision: int | None = None  # highest MID 0061 revision to ask for (None: 7, stepping down)
+    calibration_interval_days: int = 365  # a tool's own last calibration (MID 0041) is good this long
+    tool_poll_s: float = 3600.0  # how often MID 0040 asks for the tool's data again
+
+
+class TorqueConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The Open Protocol bridge (`services.torque.bridge`)."""
+
+    # how long a result may wait for ingest's receipt before the link is dropped unacknowledged
+    receipt_timeout_s: float = 10.0
+    keepalive_s: float = 10.0
+    controllers: dict[str, ControllerSettings] = msgspec.field(default_factory=dict)
 
 
 class PlaceConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -219,6 +238,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     mcc: MccConfig = msgspec.field(default_factory=MccConfig)
     clock: ClockConfig = msgspec.field(default_factory=ClockConfig)
     places: dict[str, PlaceConfig] = msgspec.field(default_factory=dict)
+    torque: TorqueConfig = msgspec.field(default_factory=TorqueConfig)
 
     @property
     def data_path(self) -> Path:
@@ -300,7 +320,8 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     sections = {"mqtt": MqttConfig, "broker": BrokerConfig, "limits": LimitsConfig, "stage": StageConfig,
                 "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
                 "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig,
-                "retention": RetentionConfig, "clock": ClockConfig}
+                "retention": RetentionConfig, "clock": ClockConfig,
+                "torque": TorqueConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value
@@ -308,6 +329,13 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
         for key in struct.__struct_fields__:
             if (value := env.get(f"MRO_{section.upper()}_{key.upper()}")) is not None:
                 raw.setdefault(section, {})[key] = value
+    if (controllers := env.get("MRO_TORQUE_CONTROLLERS")) is not None:
+        # a table, not a scalar: JSON {"<id>": {"host": ..., "zone": ...}} (what `run --simulate` sets)
+        try:
+            raw.setdefault("torque", {})["controllers"] = json.loads(controllers)
+        except ValueError:
+            raise ConfigError('MRO_TORQUE_CONTROLLERS must be JSON like {"TQC-01": {"host": "10.0.0.5", '
+                              '"zone": "Europe/Berlin"}}') from None
 
 
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:

@@ -10,6 +10,10 @@ DEVICE_KINDS = ("rfid_reader", "barcode_scanner", "torque_wrench", "tablet")
 # ingest parses them and makes a record only within an open work session at the device's place.
 RAW_DEVICE_KINDS = ("rfid_zebra", "rfid_impinj", "partmark_scanner")
 ALL_DEVICE_KINDS = DEVICE_KINDS + RAW_DEVICE_KINDS  # what a device may be registered as
+# Devices that do not speak MQTT: a service of the box publishes for them (torque controllers:
+# the Open Protocol bridge, `services.torque.bridge`). Never registered as a device.
+BRIDGED_DEVICE_KINDS = ("torque_controller",)
+INTAKE_KINDS = ALL_DEVICE_KINDS + BRIDGED_DEVICE_KINDS  # what an `in` topic may name
 # Device ids of contract v1 (also `shared.contract.types.DeviceId`); `\Z`, not `$`, which would
 # also match before a trailing newline.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"
@@ -46,7 +50,7 @@ class Topics:
         parts = topic.split("/")
         if len(parts) != 5 or parts[0] != "mro" or parts[1] != self.station or parts[2] != "in":
             return None
-        if parts[3] not in ALL_DEVICE_KINDS or _DEVICE_ID.search(parts[4]) is None:
+        if parts[3] not in INTAKE_KINDS or _DEVICE_ID.search(parts[4]) is None:
             return None
         return parts[3], parts[4]
 

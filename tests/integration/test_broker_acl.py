@@ -181,7 +181,8 @@ def test_device_reads_only_its_own_receipts(broker: BrokerProc, clients: Callabl
 
 # Every topic the box uses, each read by at least one service user (so the Sink sees it if the
 # broker lets it through).
-PROBED = [T.device_in("tablet", "any"), T.receipt("any"), T.stage_input("validate"), T.stage_input("sign"),
+PROBED = [T.device_in("tablet", "any"), T.device_in("torque_controller", "any"), T.receipt("any"),
+          T.stage_input("validate"), T.stage_input("sign"),
           T.stage_input("uplink"), T.stage_receipt("ingest"), T.stage_receipt("validate"),
           T.stage_receipt("sign"), T.stage_receipt("uplink"), T.outcomes, T.control("ingest"),
           T.control("sign"), T.schema, T.registry, T.schema_reply("c1"), T.registry_reply("c1"),
@@ -200,6 +201,7 @@ ONLY = {
     T.schema_reply("c1"): {"validate"},
     T.status("connectivity"): {"heartbeat"},
     T.device_in("tablet", "any"): set(),
+    T.device_in("torque_controller", "any"): set(),  # the bridge: only its configured controllers
 }
 
 
@@ -236,6 +238,29 @@ def test_each_service_user_publishes_exactly_its_own_topics(broker: BrokerProc,
     assert (T.stage_input("sign"), b"from validate") in got
     for name in ("ingest", "uplink", "heartbeat", "sign", "supervisor", "operator", "health", "device"):
         assert (T.stage_input("sign"), f"from {name}".encode()) not in got, name
+
+
+def test_the_bridge_publishes_and_reads_receipts_for_its_configured_controllers_only(
+        broker: BrokerProc, clients: Callable[..., Client]) -> None:
+    assert broker.credentials.set_bridged("torque", ["TQC-01"])
+    assert not broker.credentials.set_bridged("torque", ["TQC-01"])  # unchanged: no rewrite, no SIGHUP
+    broker.reload()
+    try:
+        sink = services(broker, clients)
+        bridge = publisher(broker, clients, "torque")
+        assert not bridge.subscribe(T.receipt("+")).is_failure
+        for controller in ("TQC-01", "TQC-02"):
+            bridge.publish(T.device_in("torque_controller", controller), b"from torque")
+            publisher(broker, clients, "ingest").publish(T.receipt(controller), b"receipt")
+        sink.wait_for(T.device_in("torque_controller", "TQC-01"), b"from torque")
+        bridge.wait_for(T.receipt("TQC-01"), b"receipt")
+        time.sleep(QUIET_S)
+        assert (T.device_in("torque_controller", "TQC-02"), b"from torque") not in sink.seen()
+        assert (T.receipt("TQC-02"), b"receipt") not in bridge.seen()
+        assert broker.credentials.devices().get("TQC-01") is None  # a controller is no device login
+    finally:
+        broker.credentials.set_bridged("torque", [])
+        broker.reload()
 
 
 def test_retained_status_reaches_late_subscribers(broker: BrokerProc, clients: Callable[..., Client]) -> None:

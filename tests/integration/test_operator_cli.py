@@ -164,7 +164,7 @@ def test_run_with_its_embedded_broker_and_simulator_prints_no_password(tmp_path)
             assert secret not in text, name
         for child, environ in environments.items():
             assert secret not in "\n".join(environ.values()), (name, child)
-    for name in ("ingest", "validate", "sign", "uplink", "heartbeat"):
+    for name in ("ingest", "validate", "sign", "uplink", "heartbeat", "torque"):
         assert environments[name]["MRO_MQTT_USERNAME"] == f"mro-{name}", name
         assert environments[name]["MRO_MQTT_PASSWORD_FILE"] == str(data_dir / "secrets" / name / "password")
     assert "MRO_MQTT_PASSWORD_FILE" not in environments["broker"]
