@@ -509,7 +509,7 @@ def cmd_dlq_summary(config: Config, args) -> int:
     from shared.runtime import dlq
     from shared.runtime.store import Store, StoreError
 
-    budget = config.stage.dlq_budget_kb * 1024
+    budget = config.dlq_budget_bytes()
     stages: list[dict[str, Any]] = []
     for stage in service_names(Kind.STAGE):
         path = config.stage_dir(stage)
