@@ -24,7 +24,7 @@ from services.broker.core import Broker, Limits
 from services.broker.credentials import BrokerCredentials
 from services.broker.spool import Spool
 from shared.runtime.alarms import alarm_payload
-from shared.runtime.budget import Guard
+from shared.runtime.budget import Guard, reload_storage
 from shared.runtime.clock import utc_now
 from shared.runtime.config import Config, ConfigError, load_config, split_listen
 from shared.runtime.diskfull import STORAGE_FULL
@@ -88,7 +88,7 @@ class BrokerServer:
         self.topics = Topics(config.station)
         credentials = BrokerCredentials(config.data_path / "broker", config.station)
         credentials.ensure_service_users()
-        self.storage = Guard(config.data_path, config.storage)
+        self.storage = Guard(config.data_path, config.storage, reload=reload_storage)
         spool = Spool(spool_path(config), config.stage.map_size_mb, config.store_cap_mb("spool"), spool_cap,
                       refusal=self.storage.check)
         self.broker = Broker(credentials, spool, self.topics, limits)

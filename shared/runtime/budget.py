@@ -196,14 +196,27 @@ class Thresholds:
         return "storage_threshold", f"the data directory uses {figures}, back below {before} % of its budget"
 
 
+def reload_storage() -> StorageConfig | None:
+    """`[storage]` as edge.toml and the environment say now (None: unreadable), so that a budget
+    raised while intake is refused takes effect without a restart."""
+    from shared.runtime.config import ConfigError, load_config
+
+    try:
+        return load_config().storage
+    except (ConfigError, OSError):
+        return None
+
+
 @dataclass
 class Guard:
     """Measures the data directory every `storage.check_interval_s` and says whether device input
-    is refused; `disk_full()` after a real ENOSPC measures again at the next check."""
+    is refused; `disk_full()` after a real ENOSPC measures again at the next check. While it
+    refuses, each measurement first reads `[storage]` again (`reload`)."""
 
     data_dir: Path
     storage: StorageConfig
     clock: Callable[[], float] = time.monotonic
+    reload: Callable[[], StorageConfig | None] | None = None
     usage: Usage | None = None
     reason: str | None = None
     _checked_at: float = field(default=float("-inf"))
@@ -212,6 +225,8 @@ class Guard:
         """The refusal reason now (None: room), measuring first if the last measurement is due."""
         if self.clock() - self._checked_at >= self.storage.check_interval_s:
             self._checked_at = self.clock()
+            if self.reason is not None and self.reload is not None:
+                self.storage = self.reload() or self.storage
             self.usage = measure(self.data_dir, self.storage)
             self.reason = refusal(self.usage, self.storage, refusing=self.reason is not None)
         return self.reason

@@ -239,6 +239,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
         share_mb = self.storage.class_budget(store_class(store)) >> 20
         return max(1, min(self.stage.map_max(store), share_mb))
 
+    def log_file_max_bytes(self) -> int:
+        """Size at which `logs/mro-edge.log` rotates: `[supervisor] log_max_mb`, never more than
+        keeps the current file and its `log_backups` old ones within the logs class's share."""
+        share = self.storage.class_budget("logs") // (self.supervisor.log_backups + 1)
+        return max(1 << 16, min(int(self.supervisor.log_max_mb * (1 << 20)), share))
+
     def dlq_budget_bytes(self, stages: int = 3) -> int:
         """Bytes one stage's DLQ keeps: `[stage] dlq_budget_kb`, never more than its part of the
         DLQ class's share (split between the `stages` pipeline stages that keep one)."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from shared.contract.decode import peek_event_id
 from shared.contract.errors import FieldError
-from shared.runtime.budget import Guard, Thresholds, Usage
+from shared.runtime.budget import Guard, Thresholds, Usage, reload_storage
 from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.messages import DeviceReceipt, json_encode
@@ -49,7 +49,7 @@ class IntakeGate:
                  on_change: Callable[[], None], log) -> None:
         self.config = config
         self.topics = topics
-        self.guard = Guard(config.data_path, config.storage)
+        self.guard = Guard(config.data_path, config.storage, reload=reload_storage)
         self.thresholds = Thresholds(config.storage)
         self._alarm = alarm
         self._on_change = on_change

@@ -128,6 +128,19 @@ def test_the_guard_measures_when_due_and_refuses_at_once_after_enospc(tmp_path) 
     assert guard.check() is None  # measured again: there is room
 
 
+def test_a_budget_raised_while_refusing_is_read_again_without_a_restart(tmp_path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "blob").write_bytes(os.urandom(2 * MIB))
+    now, raised = [0.0], [None]
+    guard = Guard(tmp_path, StorageConfig(budget_bytes=MIB, reserve_mb=0), lambda: now[0], reload=lambda: raised[0])
+    assert "budget" in (guard.check() or "")
+    now[0] = 10.0
+    assert "budget" in (guard.check() or "")  # an unreadable configuration keeps the budget it had
+    raised[0] = StorageConfig(budget_bytes=100 * MIB, reserve_mb=0)
+    now[0] = 20.0
+    assert guard.check() is None and guard.storage.budget_bytes == 100 * MIB
+
+
 def test_store_caps_and_the_dlq_budget_fit_within_their_class_share() -> None:
     config = load_config(env={"MRO_STORAGE_BUDGET_BYTES": str(1024 * MIB)})
     assert config.storage.budget_bytes == 1024 * MIB
