@@ -101,6 +101,10 @@ def _why(state: str, status: dict[str, Any]) -> str:
         return f"running (pid {status.get('pid')})"
     if state == "down":
         return "stopped, or lost the broker (its last will said so)"
+    storage = status.get("storage")
+    if state == "frozen" and isinstance(storage, dict) and storage.get("refusing"):
+        return (f"device input refused for want of storage: {_text(storage.get('refusing'))}; it resumes by "
+                "itself once there is room (README, 'Storage budget and a full disk')")
     if state == "frozen":
         return "its store keeps failing: intake is held; fix the fault, then `mro-edge resume`"
     if state == "contested":

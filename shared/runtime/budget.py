@@ -132,15 +132,15 @@ def refusal(usage: Usage, storage: StorageConfig, *, refusing: bool = False) -> 
     keep = 1.0 - RESUME_MARGIN if refusing else 1.0
     reserve = storage.reserve_mb * MIB / keep
     if usage.fs_free < reserve or usage.fs_free == 0:
-        return (f"the filesystem of the data directory has {usage.fs_free // MIB} MiB free, below "
+        return (f"the filesystem of the data directory has {usage.fs_free / MIB:.1f} MiB free, below "
                 f"[storage] reserve_mb ({storage.reserve_mb} MiB)")
     if usage.total >= usage.budget * keep:
-        return (f"the data directory uses {usage.total // MIB} MiB of its budget of {usage.budget // MIB} MiB "
+        return (f"the data directory uses {usage.total / MIB:.1f} MiB of its budget of {usage.budget / MIB:.1f} MiB "
                 "([storage] budget_bytes)")
     intake, share = usage.by_class.get("intake", 0), usage.class_budgets.get("intake", 0)
     if intake >= share * keep:
-        return (f"records waiting for the ledger (intake) use {intake // MIB} MiB of their share of "
-                f"{share // MIB} MiB ([storage] intake_share)")
+        return (f"records waiting for the ledger (intake) use {intake / MIB:.1f} MiB of their share of "
+                f"{share / MIB:.1f} MiB ([storage] intake_share)")
     return None
 
 
@@ -186,7 +186,7 @@ class Thresholds:
         if now == self.current:
             return None
         before, self.current = self.current, now
-        figures = f"{usage.total // MIB} MiB of {usage.budget // MIB} MiB ({usage.percent:.0f} %)"
+        figures = f"{usage.total / MIB:.1f} MiB of {usage.budget / MIB:.1f} MiB ({usage.percent:.0f} %)"
         if now > before:
             return ("storage_threshold",
                     f"the data directory uses {figures}, over {now} % of its budget; at 100 % new device "

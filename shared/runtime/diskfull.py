@@ -5,7 +5,7 @@ after a real ENOSPC) whether device input is refused. While it is, the stage's s
 `frozen` with the reason, one `storage_full` alarm is raised (and `storage_resumed` when room
 returns, by itself: nothing to run), and each device publish is handled by the broker's kind:
 
-- behind the embedded broker (its intake spool lives in this data directory), a publish that
+- behind the embedded broker (its intake spool in this data directory is open), a publish that
   reaches ingest was PUBACKed after a synced commit of the spool: it is **held** (not
   acknowledged, so it stays in the spool) until room returns; the broker itself stops sending
   PUBACKs for new publishes (services/broker/spool.py), which is the device's refusal;
@@ -31,6 +31,7 @@ from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.messages import DeviceReceipt, json_encode
 from shared.runtime.mqtt import Inbound
+from shared.runtime.store import store_in_use
 from shared.runtime.topics import Topics
 
 STORAGE_FULL = "storage_full"
@@ -60,8 +61,10 @@ class IntakeGate:
 
     @property
     def holds(self) -> bool:
-        """Behind the embedded broker (its spool is in this data directory): hold, never refuse."""
-        return (Path(self.config.data_path) / "spool" / "data.mdb").exists()
+        """Behind the embedded broker (its intake spool, in this data directory, is open in a live
+        process): hold, never refuse. A spool left over from an earlier embedded broker, with
+        Mosquitto running now, does not count."""
+        return store_in_use(Path(self.config.data_path) / "spool")
 
     def turn(self) -> str | None:
         """Measure if due; alarm on a threshold crossing and on entering or leaving refusal."""

@@ -17,6 +17,8 @@ past its own mapping and adopts the new size (`set_mapsize(0)`) before it reads 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import struct
 import threading
 import time
@@ -239,6 +241,27 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64: type, whence, start, len, pid
+
+
+def store_in_use(path: Path) -> bool:
+    """Whether a live process has the LMDB environment at `path` open: every such process holds
+    a shared fcntl lock on byte 0 of its `lock.mdb` (mdb_env_excl_lock). Asked with F_GETLK,
+    nothing is opened but the lock file, no table is read. Only for an environment this
+    process does not have open itself (closing the descriptor would drop its own locks)."""
+    try:
+        fd = os.open(Path(path) / "lock.mdb", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        found = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+        return _FLOCK.unpack(found)[0] != fcntl.F_UNLCK
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def table_counts(path: Path) -> dict[str, int]:

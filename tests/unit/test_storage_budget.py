@@ -25,6 +25,7 @@ from shared.runtime.budget import (
     refusal,
 )
 from shared.runtime.config import ConfigError, StorageConfig, load_config
+from shared.runtime.store import store_in_use
 
 STORAGE = StorageConfig(budget_bytes=100 * MIB, reserve_mb=10)
 
@@ -141,6 +142,25 @@ def test_a_budget_raised_while_refusing_is_read_again_without_a_restart(tmp_path
     assert guard.check() is None and guard.storage.budget_bytes == 100 * MIB
 
 
+def test_a_store_open_in_another_live_process_is_told_apart_from_a_left_over_one(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "spool").mkdir()
+    lmdb.open(str(tmp_path / "spool")).close()
+    assert not store_in_use(tmp_path / "spool") and not store_in_use(tmp_path / "absent")
+    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys, time; env = lmdb.open(sys.argv[1]); "
+                               "print('open', flush=True); time.sleep(30)", str(tmp_path / "spool")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert store_in_use(tmp_path / "spool")
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert not store_in_use(tmp_path / "spool")
+
+
 def test_store_caps_and_the_dlq_budget_fit_within_their_class_share() -> None:
     config = load_config(env={"MRO_STORAGE_BUDGET_BYTES": str(1024 * MIB)})
     assert config.storage.budget_bytes == 1024 * MIB
@@ -169,6 +189,8 @@ def test_the_mcc_shows_use_against_the_budget_with_a_forecast() -> None:
     assert 'mro_storage_bytes{class="ledger"} 3.145728e+07' in text
     assert "mro_storage_fills_in_seconds 420.0" in text and "mro_storage_refusing 0.0" in text
     assert BoxState("HGR1", ("ingest",)).storage(0.0) == {}
+    box.on_status("ingest", {"state": "frozen", "storage": {"refusing": "the data directory uses 100 MiB"}}, 1140.0)
+    assert box.service_view("ingest", 1140.0).why.startswith("device input refused for want of storage: the data")
 
 
 class _NoLock:
