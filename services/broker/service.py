@@ -91,6 +91,7 @@ class BrokerServer:
         self.storage = Guard(config.data_path, config.storage, reload=reload_storage)
         spool = Spool(spool_path(config), config.stage.map_size_mb, config.store_cap_mb("spool"), spool_cap,
                       refusal=self.storage.check)
+        self.storage.open_stores = {"spool": spool.store}
         self.broker = Broker(credentials, spool, self.topics, limits)
         self.broker.storage_guard = self.storage
         self.refusing: str | None = None

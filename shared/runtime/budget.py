@@ -2,9 +2,11 @@
 
 Bytes are measured from the files themselves: the blocks (`st_blocks`) of every file under
 `$MRO_DATA_DIR`, classed by the top directory it sits in, named after the stores the runtime
-knows (`STORE_CLASS`). No table of another process is opened, so any service (ingest, the
-embedded broker, `mro-edge` commands, retention or archive work) may ask `bytes_by_class`.
-LMDB files are sparse: their blocks are what the disk holds, not the map's address space.
+knows (`STORE_CLASS`), less the pages an LMDB store may reuse inside its file (LMDB never
+shrinks a file: a spool drained after an outage keeps its size, and counting that as used would
+refuse intake for good). Only page counts are read, never a table's content, so any service
+(ingest, the embedded broker, `mro-edge` commands, retention or archive work) may ask
+`bytes_by_class`. LMDB files are sparse: their blocks are what the disk holds, not the map.
 
 Classes: `ledger` (sign's ledger and the uplink's progress), `intake` (the broker's spool and
 the stores of records on their way to the ledger: ingest, validate), `logs`, and `other`
@@ -25,7 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import lmdb
 
 from shared.runtime.config import STORAGE_CLASSES, StorageConfig
+from shared.runtime.store import Store, reusable_bytes
 
 MIB = 1 << 20
 STORE_CLASS = {"sign": "ledger", "uplink": "ledger", "spool": "intake", "ingest": "intake", "validate": "intake"}
@@ -64,8 +67,11 @@ def _blocks(path: str) -> int:
         return 0
 
 
-def bytes_by_class(data_dir: Path) -> dict[str, int]:
-    """Bytes on disk per class (`MEASURED`) under `data_dir`, from the files' allocated blocks."""
+def bytes_by_class(data_dir: Path, open_stores: Mapping[str, Store] | None = None) -> dict[str, int]:
+    """Bytes used per class (`MEASURED`) under `data_dir`: the files' allocated blocks, less what
+    the LMDB stores may reuse inside their files (`store.reusable_bytes`: LMDB never shrinks a
+    file, so a drained store would otherwise count as full for good). `open_stores`: the stores
+    this process has open, by directory name (an environment is never opened twice in one process)."""
     found = dict.fromkeys(MEASURED, 0)
     root = Path(data_dir)
     if not root.is_dir():
@@ -75,6 +81,10 @@ def bytes_by_class(data_dir: Path) -> dict[str, int]:
         if entry.is_dir(follow_symlinks=False):
             for folder, _dirs, files in os.walk(entry.path):
                 found[storage_class] += sum(_blocks(os.path.join(folder, name)) for name in files)
+            if entry.name in STORE_CLASS and os.path.exists(os.path.join(entry.path, "data.mdb")):
+                file_bytes = _blocks(os.path.join(entry.path, "data.mdb"))
+                reusable = reusable_bytes(Path(entry.path), (open_stores or {}).get(entry.name)) or 0
+                found[storage_class] -= min(reusable, file_bytes)
         else:
             found[OTHER] += _blocks(entry.path)
     return found
@@ -113,10 +123,11 @@ class Usage:
                                    "budget_bytes": self.class_budgets.get(name)} for name in MEASURED}}
 
 
-def measure(data_dir: Path, storage: StorageConfig, now: Callable[[], float] = time.time) -> Usage:
+def measure(data_dir: Path, storage: StorageConfig, now: Callable[[], float] = time.time,
+            open_stores: Mapping[str, Store] | None = None) -> Usage:
     """Bytes per class under `data_dir` and the filesystem's free space (what an unprivileged
     writer may still take)."""
-    by_class = bytes_by_class(data_dir)
+    by_class = bytes_by_class(data_dir, open_stores)
     try:
         fs = os.statvfs(data_dir)
         free, size = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
@@ -217,6 +228,7 @@ class Guard:
     storage: StorageConfig
     clock: Callable[[], float] = time.monotonic
     reload: Callable[[], StorageConfig | None] | None = None
+    open_stores: Mapping[str, Store] = field(default_factory=dict)  # this process's own (`bytes_by_class`)
     usage: Usage | None = None
     reason: str | None = None
     _checked_at: float = field(default=float("-inf"))
@@ -227,7 +239,7 @@ class Guard:
             self._checked_at = self.clock()
             if self.reason is not None and self.reload is not None:
                 self.storage = self.reload() or self.storage
-            self.usage = measure(self.data_dir, self.storage)
+            self.usage = measure(self.data_dir, self.storage, open_stores=self.open_stores)
             self.reason = refusal(self.usage, self.storage, refusing=self.reason is not None)
         return self.reason
 

@@ -20,7 +20,7 @@ crossing (`budget.Thresholds`). Pipeline messages (receipts, notices) are never 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.messages import DeviceReceipt, json_encode
 from shared.runtime.mqtt import Inbound
-from shared.runtime.store import store_in_use
+from shared.runtime.store import Store, store_in_use
 from shared.runtime.topics import Topics
 
 STORAGE_FULL = "storage_full"
@@ -47,10 +47,11 @@ def refused_receipt(payload: bytes, config: Config) -> bytes:
 
 class IntakeGate:
     def __init__(self, config: Config, topics: Topics, alarm: Callable[[str, str], None],
-                 on_change: Callable[[], None], log) -> None:
+                 on_change: Callable[[], None], log, own: Mapping[str, Store] | None = None) -> None:
+        """`own`: the stores this process has open, by directory name (ingest's)."""
         self.config = config
         self.topics = topics
-        self.guard = Guard(config.data_path, config.storage, reload=reload_storage)
+        self.guard = Guard(config.data_path, config.storage, reload=reload_storage, open_stores=dict(own or {}))
         self.thresholds = Thresholds(config.storage)
         self._alarm = alarm
         self._on_change = on_change

@@ -25,7 +25,7 @@ from shared.runtime.budget import (
     refusal,
 )
 from shared.runtime.config import ConfigError, StorageConfig, load_config
-from shared.runtime.store import store_in_use
+from shared.runtime.store import Store, store_in_use, u64
 
 STORAGE = StorageConfig(budget_bytes=100 * MIB, reserve_mb=10)
 
@@ -49,6 +49,25 @@ def test_files_are_classed_by_the_store_directory_they_sit_in_and_count_their_al
     assert found["ledger"] // MIB == 4 and found["intake"] // MIB == 4 and found["logs"] // MIB == 1
     assert MIB <= found["other"] < MIB + 64 * 1024
     assert bytes_by_class(tmp_path / "absent") == {"ledger": 0, "intake": 0, "logs": 0, "other": 0}
+
+
+def test_a_drained_store_counts_only_the_pages_it_holds_data_in_not_its_high_water_file(tmp_path) -> None:
+    """LMDB never shrinks its file: a spool drained after an outage must not count as full for good."""
+    store = Store(tmp_path / "spool", ("intake",), map_size_mb=64)
+    with store.write() as txn:
+        for i in range(3000):
+            txn.put(u64(i), os.urandom(1000), db=store.table("intake"))
+    full = bytes_by_class(tmp_path, {"spool": store})["intake"]
+    with store.write() as txn:
+        for i in range(2900):
+            txn.delete(u64(i), db=store.table("intake"))
+    with store.write() as txn:  # LMDB reuses what a commit freed only after a later one
+        txn.put(u64(5000), b"x", db=store.table("intake"))
+    drained = bytes_by_class(tmp_path, {"spool": store})["intake"]
+    assert (tmp_path / "spool" / "data.mdb").stat().st_blocks * 512 >= full  # the file did not shrink
+    assert full > 3 * MIB and drained < full // 5, (full, drained)
+    store.close()
+    assert bytes_by_class(tmp_path)["intake"] == drained  # read from the file side, as another process does
 
 
 def test_a_measurement_names_the_classes_over_their_share_and_the_filesystem_free_space(tmp_path) -> None:
