@@ -119,8 +119,8 @@ class BoxCollector(Collector):
         storage = self.state.storage(now)
         if not storage:
             return
-        used = GaugeMetricFamily("mro_storage_bytes", "bytes on disk in the data directory per storage class",
-                                 labels=["class"])
+        used = GaugeMetricFamily("mro_storage_bytes", "bytes in use in the data directory per storage class "
+                                 "(dlq: the stages' DLQ tables, also inside ledger and intake)", labels=["class"])
         budget = GaugeMetricFamily("mro_storage_class_budget_bytes", "bytes a storage class may use (its share "
                                    "of the budget)", labels=["class"])
         for name, figures in storage["classes"].items():

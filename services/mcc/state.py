@@ -204,9 +204,19 @@ class BoxState:
             "refusing": _text(storage.get("refusing")),
             "classes": {name: {"used_bytes": _number(c.get("used_bytes")),
                                "budget_bytes": _number(c.get("budget_bytes"))}
-                        for name in STORAGE_CLASSES if isinstance(c := classes.get(name), dict)},
+                        for name in STORAGE_CLASSES if isinstance(c := classes.get(name), dict)}
+            | self._dlq_class(storage),
             "fills_in_s": forecast_s(recent, int(budget)),
         }
+
+    def _dlq_class(self, storage: dict[str, Any]) -> dict[str, Any]:
+        """The DLQ class: the stages' DLQ tables (inside their stores, counted there too), as each
+        stage reports them; absent until ingest reports the class's budget."""
+        budget = _number(storage.get("dlq_budget_bytes"))
+        if budget is None:
+            return {}
+        used = [n for name in self.statuses if (n := self.number(name, "dlq_bytes")) is not None]
+        return {"dlq": {"used_bytes": sum(used) if used else None, "budget_bytes": budget}}
 
     def on_connectivity(self, status: dict[str, Any], at: float) -> None:
         state = status.get("state")

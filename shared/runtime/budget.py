@@ -120,7 +120,9 @@ class Usage:
         return {"used_bytes": self.total, "budget_bytes": self.budget, "filesystem_free_bytes": self.fs_free,
                 "filesystem_bytes": self.fs_size,
                 "classes": {name: {"used_bytes": self.by_class.get(name, 0),
-                                   "budget_bytes": self.class_budgets.get(name)} for name in MEASURED}}
+                                   "budget_bytes": self.class_budgets.get(name)} for name in MEASURED},
+                # inside the stage stores: each stage reports its DLQ's bytes itself (`dlq_bytes`)
+                "dlq_budget_bytes": self.class_budgets.get("dlq")}
 
 
 def measure(data_dir: Path, storage: StorageConfig, now: Callable[[], float] = time.time,

@@ -208,6 +208,10 @@ def test_the_mcc_shows_use_against_the_budget_with_a_forecast() -> None:
     assert 'mro_storage_bytes{class="ledger"} 3.145728e+07' in text
     assert "mro_storage_fills_in_seconds 420.0" in text and "mro_storage_refusing 0.0" in text
     assert BoxState("HGR1", ("ingest",)).storage(0.0) == {}
+    box.on_status("validate", {"state": "up", "dlq_bytes": 4096}, 1130.0)
+    box.on_status("ingest", {"state": "up", "dlq_bytes": 1024, "storage": {
+        "at": 1130.0, "used_bytes": 31 * MIB, "budget_bytes": 100 * MIB, "dlq_budget_bytes": 5 * MIB}}, 1130.0)
+    assert box.storage(1130.0)["classes"]["dlq"] == {"used_bytes": 5120.0, "budget_bytes": 5.0 * MIB}
     box.on_status("ingest", {"state": "frozen", "storage": {"refusing": "the data directory uses 100 MiB"}}, 1140.0)
     assert box.service_view("ingest", 1140.0).why.startswith("device input refused for want of storage: the data")
 
