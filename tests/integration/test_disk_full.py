@@ -257,3 +257,47 @@ def test_a_full_budget_and_a_full_disk_refuse_device_input_loudly_lose_nothing_a
         assert broker.running
     finally:
         box.stop()
+
+
+def test_records_waiting_for_ingest_when_the_budget_is_reached(stack) -> None:
+    """Ingest is down while devices publish, the budget is reached, ingest starts: behind the
+    embedded broker what was PUBACKed sits in its spool and ingest holds it until there is room
+    (then records every one); behind Mosquitto ingest answers each with rule storage_full."""
+    pipeline, broker = stack, stack.broker
+    embedded = broker.kind == "embedded"
+    devices = register_devices(broker, FLEET)
+    rng = random.Random(9)
+    box = Box(pipeline)
+    try:
+        pipeline.kill("ingest")
+        waiting: dict[str, set[str]] = {}
+        for device in devices:
+            burst = paho_burst(broker.port, device, make_records(rng, device, PER_BURST), timeout_s=30)
+            waiting[device.device_id] = burst.acked
+        acked = set().union(*waiting.values())
+        assert len(acked) == len(devices) * PER_BURST
+        data = pipeline.data_dir
+        filler = data / "filler"
+        filler.write_bytes(b"\1" * (BUDGET_MB * MIB - sum(bytes_by_class(data).values()) + MIB))
+        mark = box.alarm_count()
+        pipeline.start("ingest", wait=False)
+        wait_until(lambda: box.state("ingest") == "frozen" and "budget" in box.refusing("ingest"), 30, 0.1,
+                   "ingest to start frozen for want of storage")
+        if embedded:
+            time.sleep(3)  # ingest is fed from the spool meanwhile, and holds what it gets
+            assert not acked & set(ledger_event_ids(pipeline)), "recorded beyond the budget"
+            assert not box.storage_full_receipts(acked), "a PUBACKed record was refused"
+            filler.unlink()
+            outcome = settle(pipeline, acked, acked, stall_s=20, cap_s=120)
+            assert_exactly_once(outcome, what="held in the spool")
+        else:
+            wait_until(lambda: box.storage_full_receipts(acked) == acked, 30, 0.2,
+                       "a storage_full receipt for every record Mosquitto PUBACKed while ingest was down")
+            filler.unlink()
+            wait_until(lambda: box.state("ingest") == "up", 30, 0.2, "ingest to resume")
+            time.sleep(2)
+            assert not acked & set(ledger_event_ids(pipeline)), "a record refused with storage_full was recorded"
+        assert "storage_full" in box.alarm_kinds("ingest", mark)
+        assert all(pipeline.alive(name) for name in STAGES)
+    finally:
+        box.stop()
