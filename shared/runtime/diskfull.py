@@ -30,9 +30,7 @@ from shared.runtime.budget import Guard, Thresholds, Usage, reload_storage
 from shared.runtime.clock import utc_now
 from shared.runtime.config import Config
 from shared.runtime.messages import DeviceReceipt, json_encode
-from shared.runtime.mqtt import Inbound
 from shared.runtime.store import Store, store_in_use
-from shared.runtime.topics import Topics
 
 STORAGE_FULL = "storage_full"
 
@@ -46,11 +44,10 @@ def refused_receipt(payload: bytes, config: Config) -> bytes:
 
 
 class IntakeGate:
-    def __init__(self, config: Config, topics: Topics, alarm: Callable[[str, str], None],
+    def __init__(self, config: Config, alarm: Callable[[str, str], None],
                  on_change: Callable[[], None], log, own: Mapping[str, Store] | None = None) -> None:
         """`own`: the stores this process has open, by directory name (ingest's)."""
         self.config = config
-        self.topics = topics
         self.guard = Guard(config.data_path, config.storage, reload=reload_storage, open_stores=dict(own or {}))
         self.thresholds = Thresholds(config.storage)
         self._alarm = alarm
@@ -96,9 +93,6 @@ class IntakeGate:
     def disk_full(self, exc: BaseException) -> None:
         self.guard.disk_full(exc)
         self.turn()
-
-    def is_device_input(self, message: Inbound) -> bool:
-        return self.topics.parse_device_in(message.topic) is not None
 
     def status(self) -> dict[str, Any]:
         usage = self.guard.usage

@@ -117,7 +117,7 @@ class StageRuntime:
         )
         self.freeze = Freeze(self.log, self._alarm, self.publish_status)
         # the disk-full policy: only the intake stage refuses device input (`shared.runtime.diskfull`)
-        self.gate = (IntakeGate(config, self.topics, self._alarm, self.publish_status, self.log,
+        self.gate = (IntakeGate(config, self._alarm, self.publish_status, self.log,
                                 own={stage.name: self.store}) if self.intake else None)
         self._retry: list[Inbound] = []
         # batch_max counts records; a pipeline message carries up to outbox_batch of them
