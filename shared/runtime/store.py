@@ -270,6 +270,7 @@ def reusable_bytes(path: Path, store: Store | None = None) -> int | None:
     except lmdb.Error:
         return None
     try:
+        env.reader_check()  # a reader killed mid-read (this one too, by kill -9) pins no pages for good
         with env.begin() as txn:
             return _unused(env, txn)
     except lmdb.Error:
