@@ -267,8 +267,7 @@ def cmd_run(config: Config, args) -> int:
 
     console = Console()
     log_file = None if args.log_stderr else config.data_path / "logs" / "mro-edge.log"
-    sink = LogSink(log_file, console, max_bytes=int(config.supervisor.log_max_mb * (1 << 20)),
-                   backups=config.supervisor.log_backups)
+    sink = LogSink(log_file, console, max_bytes=config.log_file_max_bytes(), backups=config.supervisor.log_backups)
     configure_logging("run", config.station, stream=sink.stream())
     if not args.no_broker:
         credentials = BrokerCredentials(config.data_path / "broker", config.station)
@@ -509,6 +508,12 @@ def cmd_status(config: Config, args) -> int:
                  None)
     if clock is not None:
         print(clock_line(clock))
+    storage = rows.get("ingest", {}).get("storage")
+    if isinstance(storage, dict) and storage.get("budget_bytes"):
+        used, budget = storage.get("used_bytes", 0), storage["budget_bytes"]
+        print(f"storage: {used / (1 << 20):.0f} MiB of {budget / (1 << 20):.0f} MiB "
+              f"({100 * used / budget:.0f} % of [storage] budget_bytes)"
+              + (f"; device input REFUSED: {storage['refusing']}" if storage.get("refusing") else ""))
     return 0
 
 
@@ -576,7 +581,7 @@ def cmd_dlq_summary(config: Config, args) -> int:
     from shared.runtime import dlq
     from shared.runtime.store import Store, StoreError
 
-    budget = config.stage.dlq_budget_kb * 1024
+    budget = config.dlq_budget_bytes()
     stages: list[dict[str, Any]] = []
     for stage in service_names(Kind.STAGE):
         path = config.stage_dir(stage)

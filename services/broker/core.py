@@ -40,6 +40,7 @@ from services.broker.credentials import (
     valid_filter,
 )
 from services.broker.spool import Spool, SpoolEntry, SpoolFull
+from shared.runtime.budget import Guard, is_disk_full
 from shared.runtime.logs import get_logger
 from shared.runtime.topics import Topics
 
@@ -219,6 +220,7 @@ class Broker:
         self.dropped = 0
         self.counters = Counters()
         self.commit_wanted = asyncio.Event()
+        self.storage_guard: Guard | None = None  # the storage budget, set by the server
         self.room_for_intake = asyncio.Event()
         self.room_for_intake.set()
         self._acl: dict[tuple[str, str, str, int], bool] = {}
@@ -481,6 +483,8 @@ class Broker:
             try:
                 self.spool.commit(entries, deletes)
             except (lmdb.Error, SpoolFull) as exc:
+                if self.storage_guard is not None and is_disk_full(exc):
+                    self.storage_guard.disk_full(exc)  # refused until a measurement finds room
                 self.pending.extendleft(reversed(batch))
                 if deletes and self._delete_only(deletes):
                     deletes = []  # what ingest already holds is gone: room for the next try

@@ -23,8 +23,11 @@ from services.broker.connection import Connection
 from services.broker.core import Broker, Limits
 from services.broker.credentials import BrokerCredentials
 from services.broker.spool import Spool
+from shared.runtime.alarms import alarm_payload
+from shared.runtime.budget import Guard, reload_storage
 from shared.runtime.clock import utc_now
 from shared.runtime.config import Config, ConfigError, load_config, split_listen
+from shared.runtime.diskfull import STORAGE_FULL
 from shared.runtime.logs import configure_logging, get_logger
 from shared.runtime.messages import json_encode
 from shared.runtime.stage import REFUSED_EXIT
@@ -52,7 +55,7 @@ class PortInUseError(RuntimeError):
 def spool_cap() -> int | None:
     """The spool's cap as the configuration says now (edge.toml and the environment, as at start)."""
     try:
-        return load_config().stage.map_max("spool")
+        return load_config().store_cap_mb("spool")
     except (ConfigError, OSError):
         return None
 
@@ -85,8 +88,13 @@ class BrokerServer:
         self.topics = Topics(config.station)
         credentials = BrokerCredentials(config.data_path / "broker", config.station)
         credentials.ensure_service_users()
-        spool = Spool(spool_path(config), config.stage.map_size_mb, config.stage.map_max("spool"), spool_cap)
+        self.storage = Guard(config.data_path, config.storage, reload=reload_storage)
+        spool = Spool(spool_path(config), config.stage.map_size_mb, config.store_cap_mb("spool"), spool_cap,
+                      refusal=self.storage.check)
+        self.storage.open_stores = {"spool": spool.store}
         self.broker = Broker(credentials, spool, self.topics, limits)
+        self.broker.storage_guard = self.storage
+        self.refusing: str | None = None
         self.connections: set[Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task] = []
@@ -136,9 +144,33 @@ class BrokerServer:
             self.broker.refresh_credentials()
             self.broker.expire_sessions()
             self.broker.flush_deletes_soon()
+            if self._storage_changed():
+                next_status = now
             if now >= next_status:
                 next_status = now + interval
-                self.publish_status("up")
+                self.publish_status("frozen" if self.refusing else "up")
+
+    def _storage_changed(self) -> bool:
+        """Measure the storage budget if due; one alarm on entering refusal, one on leaving it."""
+        reason = self.storage.check()
+        if (reason is None) == (self.refusing is None):
+            self.refusing = reason
+            return False
+        self.refusing = reason
+        if reason is not None:
+            log.error("storage full: device publishes are not acknowledged", reason=reason,
+                      state_transition="STORAGE_FULL")
+            self.alarm(STORAGE_FULL, f"{reason}. The broker sends no PUBACK for new device publishes "
+                       "(devices keep and re-send them); what it acknowledged stays in its spool. It resumes "
+                       "by itself once there is room (README, 'Storage budget and a full disk')")
+        else:
+            log.info("storage has room again: device publishes accepted", state_transition="STORAGE_RESUMED")
+            self.alarm("storage_resumed", "there is room in the storage budget again: device publishes are "
+                       "acknowledged")
+        return True
+
+    def alarm(self, kind: str, detail: str) -> None:
+        self.broker.publish_internal(p.Publish(self.topics.alarm, alarm_payload("broker", kind, detail), 1, False))
 
     def _close_silent_connections(self, now: float) -> None:
         """No CONNECT within the connect timeout, or nothing heard for 1.5 keep-alive periods."""
@@ -154,7 +186,7 @@ class BrokerServer:
 
     def publish_status(self, state: str) -> None:
         status = {"service": "broker", "state": state, "pid": os.getpid(), "at": utc_now(),
-                  **self.broker.status()}
+                  **self.broker.status(), "storage": {"refusing": self.refusing or ""}}
         self.broker.publish_internal(p.Publish(self.topics.status("broker"), json_encode(status), 1, True))
 
     async def stop(self) -> None:

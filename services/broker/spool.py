@@ -23,6 +23,11 @@ The map grows at run time (`shared.runtime.store`): an append that would leave l
 HEADROOM of the map free grows the map first, and only at its cap (`stage.spool_map_max_mb`) is
 the spool full; a write that hits the map's end anyway (it grew meanwhile, or freed pages are
 not reusable yet) is tried once more after the small release commit, as above.
+
+Beyond the map, the data directory's storage budget (`[storage]`, `shared.runtime.budget`)
+refuses appends: at the budget, at the intake class's share, or with the filesystem nearly
+full, `commit` raises SpoolFull before writing, so the broker sends no PUBACK and the device
+keeps its record; deletes still commit, and appends resume once a measurement finds room.
 """
 
 from __future__ import annotations
@@ -69,8 +74,12 @@ class Spool:
     """Append in groups, read in order, delete what the consumer acknowledged."""
 
     def __init__(self, path: Path, map_size_mb: int, map_max_mb: int | None = None,
-                 cap_source: Callable[[], int | None] | None = None) -> None:
-        """`cap_source`: reads the cap (MiB) again when the spool is full at it (None: unreadable)."""
+                 cap_source: Callable[[], int | None] | None = None,
+                 refusal: Callable[[], str | None] | None = None) -> None:
+        """`cap_source`: reads the cap (MiB) again when the spool is full at it (None: unreadable).
+        `refusal`: why no new entry may be appended now (the storage budget, `shared.runtime.budget`),
+        or None; deletes are always accepted, they are what frees room."""
+        self._refusal = refusal
         self.store = Store(path, (TABLE, META), map_size_mb=map_size_mb, map_max_mb=map_max_mb)
         self._cap_source = cap_source
         self._table = self.store.table(TABLE)
@@ -92,6 +101,8 @@ class Spool:
     def commit(self, entries: list[SpoolEntry], deletes: list[int]) -> list[int]:
         """One synced transaction: append `entries` (returns their seqs) and drop `deletes`.
         Raises SpoolFull near the map's end, or lmdb.Error (a full disk), with nothing changed."""
+        if entries and self._refusal is not None and (reason := self._refusal()) is not None:
+            raise SpoolFull(f"intake refused: {reason}")
         if entries and not self._room():
             raise SpoolFull(f"intake spool at {self.store.path} is full (stage.spool_map_max_mb)")
         try:

@@ -81,6 +81,7 @@ class BoxCollector(Collector):
 
         yield from self._stores(stages)
         yield from self._retention(stages)
+        yield from self._storage(now)
         unassigned = box.number("ingest", "unassigned_reads")
         if unassigned is not None:
             yield GaugeMetricFamily("mro_ingest_unassigned_reads", "raw device reads no work session took yet "
@@ -152,6 +153,35 @@ class BoxCollector(Collector):
                 below.add_metric([view.name], float(value))
         yield pruned
         yield below
+
+    def _storage(self, now: float) -> Iterator[Metric]:
+        """The data directory against its budget, per class, as ingest measured it (`shared.runtime.budget`)."""
+        storage = self.state.storage(now)
+        if not storage:
+            return
+        used = GaugeMetricFamily("mro_storage_bytes", "bytes in use in the data directory per storage class "
+                                 "(dlq: the stages' DLQ tables, also inside ledger and intake)", labels=["class"])
+        budget = GaugeMetricFamily("mro_storage_class_budget_bytes", "bytes a storage class may use (its share "
+                                   "of the budget)", labels=["class"])
+        for name, figures in storage["classes"].items():
+            if figures["used_bytes"] is not None:
+                used.add_metric([name], figures["used_bytes"])
+            if figures["budget_bytes"] is not None:
+                budget.add_metric([name], figures["budget_bytes"])
+        yield used
+        yield budget
+        yield GaugeMetricFamily("mro_storage_used_bytes", "bytes on disk in the whole data directory",
+                                value=storage["used_bytes"])
+        yield GaugeMetricFamily("mro_storage_budget_bytes", "the data directory's storage budget "
+                                "([storage] budget_bytes)", value=storage["budget_bytes"])
+        if storage["filesystem_free_bytes"] is not None:
+            yield GaugeMetricFamily("mro_storage_filesystem_free_bytes", "free bytes on the data directory's "
+                                    "filesystem", value=storage["filesystem_free_bytes"])
+        yield GaugeMetricFamily("mro_storage_refusing", "1 while new device input is refused for want of "
+                                "storage", value=1.0 if storage["refusing"] else 0.0)
+        if storage["fills_in_s"] is not None:
+            yield GaugeMetricFamily("mro_storage_fills_in_seconds", "when the budget is reached at the last "
+                                    "hour's growth rate (absent: not filling)", value=storage["fills_in_s"])
 
     def _uplink(self, now: float) -> Iterator[Metric]:
         box = self.state

@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from shared.runtime.budget import forecast_s
+
 LINK_HISTORY = 200  # link state changes kept
 RATE_MINUTES = 180  # per-minute record counts kept (three hours)
 DLQ_KEPT = 100  # newest DLQ reports kept
@@ -26,6 +28,9 @@ STALE_AFTER_S = 30.0  # a service whose status is older than this (while not dow
 TEXT_MAX = 200  # longest string kept from any message
 ERRORS_KEPT = 5  # (rule, path) pairs kept per DLQ report
 LINK_STATES = ("CONNECTED", "DEGRADED", "ISOLATED", "RECONCILING")
+STORAGE_SAMPLES = 360  # (time, bytes used) measurements kept for the fill forecast
+STORAGE_WINDOW_S = 3600.0  # the forecast follows the growth rate of the last hour
+STORAGE_CLASSES = ("ledger", "intake", "logs", "other")
 
 
 def _text(value: Any, limit: int = TEXT_MAX) -> str:
@@ -88,6 +93,7 @@ class Snapshot(msgspec.Struct):
     dlq_total: int
     alarms: list[AlarmView]
     devices: list[tuple[str, float]]
+    storage: dict[str, Any]
 
 
 def _why(state: str, status: dict[str, Any]) -> str:
@@ -95,6 +101,10 @@ def _why(state: str, status: dict[str, Any]) -> str:
         return f"running (pid {status.get('pid')})"
     if state == "down":
         return "stopped, or lost the broker (its last will said so)"
+    storage = status.get("storage")
+    if state == "frozen" and isinstance(storage, dict) and storage.get("refusing"):
+        return (f"device input refused for want of storage: {_text(storage.get('refusing'))}; it resumes by "
+                "itself once there is room (README, 'Storage budget and a full disk')")
     if state == "frozen":
         return "its store keeps failing: intake is held; fix the fault, then `mro-edge resume`"
     if state == "contested":
@@ -144,6 +154,7 @@ class BoxState:
         self.alarm_counts: dict[str, int] = {}
         self.devices: dict[str, float] = {}
         self._acked: deque[tuple[float, int]] = deque(maxlen=256)
+        self._storage_used: deque[tuple[float, int]] = deque(maxlen=STORAGE_SAMPLES)
 
     # inputs
     def on_status(self, service: str, status: dict[str, Any], at: float) -> None:
@@ -160,8 +171,52 @@ class BoxState:
                 if self._intake_total is not None and total >= self._intake_total:
                     self.rate.add(at, total - self._intake_total)
                 self._intake_total = total
+        if service == "ingest":
+            self._storage_sample(status)
         if service == "uplink" and isinstance(status.get("acked_seq"), int):
             self._acked.append((at, status["acked_seq"]))
+
+    def _storage_sample(self, status: dict[str, Any]) -> None:
+        """One measurement of the data directory (ingest measures it, `shared.runtime.budget`)."""
+        storage = status.get("storage")
+        if not isinstance(storage, dict):
+            return
+        at, used = _number(storage.get("at")), storage.get("used_bytes")
+        if at is None or not isinstance(used, int) or isinstance(used, bool):
+            return
+        if not self._storage_used or at > self._storage_used[-1][0]:
+            self._storage_used.append((at, used))
+
+    def storage(self, now: float) -> dict[str, Any]:
+        """Disk use against the budget, per class, and when it fills at the last hour's growth rate
+        (`fills_in_s` None: not filling); {} until ingest reports a measurement."""
+        storage = self.statuses.get("ingest", {}).get("storage")
+        if not isinstance(storage, dict) or _number(storage.get("budget_bytes")) is None:
+            return {}
+        budget = _number(storage.get("budget_bytes")) or 0.0
+        used = _number(storage.get("used_bytes")) or 0.0
+        raw = storage.get("classes")
+        classes = raw if isinstance(raw, dict) else {}
+        recent = [(t, b) for t, b in self._storage_used if now - t <= STORAGE_WINDOW_S]
+        return {
+            "used_bytes": used, "budget_bytes": budget, "percent": 100.0 * used / budget if budget else None,
+            "filesystem_free_bytes": _number(storage.get("filesystem_free_bytes")),
+            "refusing": _text(storage.get("refusing")),
+            "classes": {name: {"used_bytes": _number(c.get("used_bytes")),
+                               "budget_bytes": _number(c.get("budget_bytes"))}
+                        for name in STORAGE_CLASSES if isinstance(c := classes.get(name), dict)}
+            | self._dlq_class(storage),
+            "fills_in_s": forecast_s(recent, int(budget)),
+        }
+
+    def _dlq_class(self, storage: dict[str, Any]) -> dict[str, Any]:
+        """The DLQ class: the stages' DLQ tables (inside their stores, counted there too), as each
+        stage reports them; absent until ingest reports the class's budget."""
+        budget = _number(storage.get("dlq_budget_bytes"))
+        if budget is None:
+            return {}
+        used = [n for name in self.statuses if (n := self.number(name, "dlq_bytes")) is not None]
+        return {"dlq": {"used_bytes": sum(used) if used else None, "budget_bytes": budget}}
 
     def on_connectivity(self, status: dict[str, Any], at: float) -> None:
         state = status.get("state")
@@ -251,7 +306,7 @@ class BoxState:
             link_history=list(self.link_history), uplink=self.uplink(now),
             rate_per_minute=self.rate.series(now), dlq=list(reversed(self.dlq)),
             dlq_total=sum(self.dlq_counts.values()), alarms=list(reversed(self.alarms)),
-            devices=sorted(self.devices.items(), key=lambda d: -d[1]),
+            devices=sorted(self.devices.items(), key=lambda d: -d[1]), storage=self.storage(now),
         )
 
     def link_seconds(self, now: float) -> float | None:

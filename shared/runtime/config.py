@@ -96,6 +96,37 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
         return {"sign": self.ledger_map_max_mb, "spool": self.spool_map_max_mb}.get(store, self.map_max_mb)
 
 
+GIB = 1 << 30
+STORAGE_CLASSES = ("ledger", "intake", "dlq", "logs")
+
+
+class StorageConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One byte budget for the data directory, split by class (`shared.runtime.budget`)."""
+
+    # 24 GiB: a 32 GB card keeps room for the OS, a backup copy in progress and the filesystem's own
+    budget_bytes: int = 24 * GIB
+    # shares of the budget per class; what is left (keys, broker files, the local gateway) is unshared
+    ledger_share: float = 0.55
+    intake_share: float = 0.25
+    dlq_share: float = 0.05
+    logs_share: float = 0.05
+    # alarms when the data directory's use crosses these percentages of the budget (once per crossing)
+    warn_percent: float = 80.0
+    alarm_percent: float = 90.0
+    # free filesystem space below which new device input is refused as if the budget were reached
+    reserve_mb: int = 256
+    # how often the data directory is measured
+    check_interval_s: float = 5.0
+
+    def share(self, storage_class: str) -> float:
+        return {"ledger": self.ledger_share, "intake": self.intake_share, "dlq": self.dlq_share,
+                "logs": self.logs_share}[storage_class]
+
+    def class_budget(self, storage_class: str) -> int:
+        """Bytes the class may take."""
+        return int(self.budget_bytes * self.share(storage_class))
+
+
 class LinkConfig(msgspec.Struct, forbid_unknown_fields=True):
     # empty: the local reference gateway at `gateway.listen` (resolved by load_config)
     gateway_url: str = ""
@@ -237,6 +268,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     mcc: MccConfig = msgspec.field(default_factory=MccConfig)
     clock: ClockConfig = msgspec.field(default_factory=ClockConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     places: dict[str, PlaceConfig] = msgspec.field(default_factory=dict)
     torque: TorqueConfig = msgspec.field(default_factory=TorqueConfig)
 
@@ -246,6 +278,25 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 
     def stage_dir(self, stage: str) -> Path:
         return self.data_path / stage
+
+    def store_cap_mb(self, store: str) -> int:
+        """The cap (MiB) a store's map may grow to: its `[stage] *map_max_mb` key, never more than
+        its class's share of the storage budget (`shared.runtime.budget.STORE_CLASS`)."""
+        from shared.runtime.budget import store_class
+
+        share_mb = self.storage.class_budget(store_class(store)) >> 20
+        return max(1, min(self.stage.map_max(store), share_mb))
+
+    def log_file_max_bytes(self) -> int:
+        """Size at which `logs/mro-edge.log` rotates: `[supervisor] log_max_mb`, never more than
+        keeps the current file and its `log_backups` old ones within the logs class's share."""
+        share = self.storage.class_budget("logs") // (self.supervisor.log_backups + 1)
+        return max(1 << 16, min(int(self.supervisor.log_max_mb * (1 << 20)), share))
+
+    def dlq_budget_bytes(self, stages: int = 3) -> int:
+        """Bytes one stage's DLQ keeps: `[stage] dlq_budget_kb`, never more than its part of the
+        DLQ class's share (split between the `stages` pipeline stages that keep one)."""
+        return min(self.stage.dlq_budget_kb * 1024, self.storage.class_budget("dlq") // stages)
 
     @property
     def gateway_db_url(self) -> str:
@@ -321,7 +372,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
                 "link": LinkConfig, "uplink": UplinkConfig, "gateway": GatewayConfig, "compliance": ComplianceConfig,
                 "ledger": LedgerConfig, "supervisor": SupervisorConfig, "mcc": MccConfig,
                 "retention": RetentionConfig, "clock": ClockConfig,
-                "torque": TorqueConfig}
+                "torque": TorqueConfig, "storage": StorageConfig}
     for key in ("station", "data_dir"):
         if (value := env.get(f"MRO_{key.upper()}")) is not None:
             raw[key] = value
@@ -357,6 +408,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"MRO_STATION (station) {config.station!r} is not a station id: 1-32 of A-Z a-z 0-9 _ -, "
                           "starting with a letter or digit (it is part of every MQTT topic)")
     _check_tls(config)
+    check_storage(config.storage)
     if (config.mqtt.password or config.mqtt.password_file) and not config.mqtt.username:
         which = ("MRO_MQTT_PASSWORD (mqtt.password)" if config.mqtt.password
                  else "MRO_MQTT_PASSWORD_FILE (mqtt.password_file)")
@@ -367,6 +419,17 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     check_link(config.link)
     check_gateway_tls(config.gateway)
     return config
+
+
+def check_storage(storage: StorageConfig) -> None:
+    """A budget that cannot be kept is refused at load."""
+    shares = [storage.share(name) for name in STORAGE_CLASSES]
+    if storage.budget_bytes <= 0 or any(share < 0 for share in shares) or sum(shares) > 1.0 + 1e-9:
+        raise ConfigError(f"[storage] budget_bytes {storage.budget_bytes} must be positive and the shares "
+                          f"(ledger, intake, dlq, logs: {shares}) at least 0 and at most 1 together")
+    if not 0 < storage.warn_percent <= storage.alarm_percent < 100:
+        raise ConfigError(f"[storage] warn_percent {storage.warn_percent} and alarm_percent "
+                          f"{storage.alarm_percent} must satisfy 0 < warn <= alarm < 100")
 
 
 def local_gateway_url(listen: str, *, tls: bool = False) -> str:

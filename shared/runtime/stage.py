@@ -29,8 +29,10 @@ import msgspec
 
 from shared.runtime import delivery, dlq, retention, watchdog
 from shared.runtime.alarms import alarm_payload
+from shared.runtime.budget import is_disk_full
 from shared.runtime.clock import utc_from_epoch, utc_now
 from shared.runtime.config import Config, ConfigError, load_config
+from shared.runtime.diskfull import IntakeGate, refused_receipt
 from shared.runtime.freeze import Freeze
 from shared.runtime.handler import DeviceMessage, Stage
 from shared.runtime.hopauth import HopAuth, HopAuthError, HopKeyError, hop_auth_report
@@ -102,12 +104,11 @@ class StageRuntime:
         except HopKeyError as exc:
             raise StageRefused("hop_key", str(exc)) from None
         self.store = Store(config.stage_dir(stage.name), RUNTIME_TABLES + stage.tables,
-                           map_size_mb=config.stage.map_size_mb, map_max_mb=config.stage.map_max(stage.name))
+                           map_size_mb=config.stage.map_size_mb, map_max_mb=config.store_cap_mb(stage.name))
         self.pruner = Pruner(self.store, config.stage_dir(stage.name), config.retention, self.log,
                              stage.gateway_holds if stage.knows_gateway_holds else lambda: self.heard_holds)
         self._told_holds: retention.GatewayHolds | None = None
-        self.status = StatusReport(stage.name, self.store, self._queue_depth,
-                                   lambda: {**stage.status_extra(), "retention": self.pruner.status()},
+        self.status = StatusReport(stage.name, self.store, self._queue_depth, self._status_extra,
                                    lambda: (self.link.contested, self.link.session_resets),
                                    lambda: self.outbox.oldest_unreceipted_s() if self.outbox else None)
         login = service_credentials(config, stage.name)
@@ -122,6 +123,9 @@ class StageRuntime:
             if stage.downstream else None
         )
         self.freeze = Freeze(self.log, self._alarm, self.publish_status)
+        # the disk-full policy: only the intake stage refuses device input (`shared.runtime.diskfull`)
+        self.gate = (IntakeGate(config, self._alarm, self.publish_status, self.log,
+                                own={stage.name: self.store}) if self.intake else None)
         self._retry: list[Inbound] = []
         # batch_max counts records; a pipeline message carries up to outbox_batch of them
         per_message = 1 if self.intake else config.stage.outbox_batch
@@ -134,7 +138,11 @@ class StageRuntime:
     # status and alarms
     @property
     def state(self) -> str:
-        return "frozen" if self.freeze.frozen else "up"
+        return "frozen" if self.freeze.frozen or (self.gate and self.gate.refusing) else "up"
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {**self.stage.status_extra(), "retention": self.pruner.status(),
+                **(self.gate.status() if self.gate else {})}
 
     def _queue_depth(self) -> int:
         return (self.outbox.pending() if self.outbox else 0) + self.link.inbox.qsize()
@@ -160,6 +168,8 @@ class StageRuntime:
         try:
             while not stop.is_set():
                 watchdog.beat()  # the supervisor's hang detection (shared/runtime/watchdog.py)
+                if self.gate:
+                    self.gate.turn()
                 messages = self._collect()
                 if messages:
                     self._process(messages)
@@ -274,7 +284,35 @@ class StageRuntime:
                        state_transition="HOP_AUTH_FAILED")
         batch.forged.append(hop_auth_report(self.stage.name, message.topic, received, utc_now()))
 
+    def _refuse_device_input(self, messages: list[Inbound]) -> list[Inbound]:
+        """While storage is full: hold the batch (embedded broker: what reached us is in its spool)
+        or answer each device publish with a `rejected` receipt, rule storage_full, and ack it
+        (Mosquitto); the messages left to process. `shared.runtime.diskfull` says why."""
+        assert self.gate is not None
+        if self.gate.holds:
+            self._retry = messages
+            self._settle_receipts_while_stalled()
+            self.freeze.wait()
+            return []
+        kept: list[Inbound] = []
+        for message in messages:
+            if message.topic == self.receipt_topic or message.topic in self.notice_topics:
+                kept.append(message)
+                continue
+            device = self.topics.parse_device_in(message.topic)
+            if device is not None:
+                self.link.publish(self.topics.receipt(device[1]), refused_receipt(message.payload, self.config))
+            self.link.ack(message)
+            self.gate.refused += 1
+            self.status.figures.records["in"] += 1
+            self.status.figures.records["rejected"] += 1
+        return kept
+
     def _process(self, messages: list[Inbound]) -> None:
+        if self.gate and self.gate.turn():
+            messages = self._refuse_device_input(messages)
+            if not messages:
+                return
         batch = self.decode(messages)
         started = time.monotonic()
         try:
@@ -285,6 +323,8 @@ class StageRuntime:
             self._retry = messages  # rolled back whole: the next turn commits it into the bigger map
             return
         except (lmdb.Error, StageFault) as exc:
+            if self.gate and is_disk_full(exc):
+                self.gate.disk_full(exc)  # the retry is refused or held, never lost
             self._stall(messages, exc)
             return
         self.status.figures.batch(received=len(batch.inputs), passed=sum(u.passed for u in uows),
@@ -313,7 +353,7 @@ class StageRuntime:
         """One synced write transaction as a unit of work; its counters commit with it."""
         with self.store.write() as txn:
             uow = LmdbUnitOfWork(self.stage, self.topics, self.store, txn, self.outbox,
-                                 dlq_budget=self.config.stage.dlq_budget_kb * 1024)
+                                 dlq_budget=self.config.dlq_budget_bytes())
             yield uow
             meta = self.store.table("meta")
             add_counts(lambda k: txn.get(k, db=meta), lambda k, v: txn.put(k, v, db=meta), uow.processed,
@@ -389,7 +429,7 @@ class StageRuntime:
         """A store full at its cap reads the cap again (edge.toml and the environment, as at start),
         so raising it and `mro-edge resume STAGE` lets the stage go on without a restart."""
         try:
-            cap = load_config().stage.map_max(self.stage.name) * MIB
+            cap = load_config().store_cap_mb(self.stage.name) * MIB
         except (ConfigError, OSError) as exc:
             self.log.warning("cannot read the configuration again", error=str(exc)[:200])
             return

@@ -17,6 +17,8 @@ past its own mapping and adopts the new size (`set_mapsize(0)`) before it reads 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import struct
 import threading
 import time
@@ -239,6 +241,69 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _table_pages(env: lmdb.Environment, txn: lmdb.Transaction) -> int:
+    """Pages holding data: the main table's and every named table's (each read by its stat only)."""
+    stat = env.stat()
+    pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+    for name, _ in txn.cursor():
+        try:
+            found = txn.stat(env.open_db(bytes(name), txn=txn, create=False))
+        except lmdb.Error:
+            continue  # a key of the main table that is not a table
+        pages += found["branch_pages"] + found["leaf_pages"] + found["overflow_pages"]
+    return pages
+
+
+def reusable_bytes(path: Path, store: Store | None = None) -> int | None:
+    """Bytes of the environment's file that LMDB may reuse: pages up to the last one written that
+    hold no table's data (freed by deletes; LMDB never shrinks its file). Read beside the running
+    writer through a reader slot (`store`: this process's own open Store of `path`, since an
+    environment must not be opened twice in one process); only page counts are read, never a
+    table's content. None if it cannot be read now."""
+    try:
+        if store is not None:
+            with store.read() as txn:
+                return _unused(store.env, txn)
+        env = lmdb.open(str(path), readonly=True, max_dbs=64, create=False)
+    except lmdb.Error:
+        return None
+    try:
+        env.reader_check()  # a reader killed mid-read (this one too, by kill -9) pins no pages for good
+        with env.begin() as txn:
+            return _unused(env, txn)
+    except lmdb.Error:
+        return None
+    finally:
+        env.close()
+
+
+def _unused(env: lmdb.Environment, txn: lmdb.Transaction) -> int:
+    psize = int(env.stat()["psize"])
+    written = int(env.info()["last_pgno"]) + 1
+    return max(0, written - 2 - _table_pages(env, txn)) * psize  # 2: the meta pages
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64: type, whence, start, len, pid
+
+
+def store_in_use(path: Path) -> bool:
+    """Whether a live process has the LMDB environment at `path` open: every such process holds
+    a shared fcntl lock on byte 0 of its `lock.mdb` (mdb_env_excl_lock). Asked with F_GETLK,
+    nothing is opened but the lock file, no table is read. Only for an environment this
+    process does not have open itself (closing the descriptor would drop its own locks)."""
+    try:
+        fd = os.open(Path(path) / "lock.mdb", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        found = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+        return _FLOCK.unpack(found)[0] != fcntl.F_UNLCK
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def table_counts(path: Path) -> dict[str, int]:

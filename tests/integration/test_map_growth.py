@@ -39,7 +39,10 @@ def test_every_stage_grows_from_a_1_mib_map_and_the_uplink_keeps_reading_the_gro
             assert (edge.data_dir / stage / "data.mdb").stat().st_size > 1 << 20, f"{stage}'s map grew"
             wait_until(lambda s=stage: edge.status_of(s)[-1].get("store", {}).get("map_mb", 0) > 1, 30, 0.2,
                        f"{stage}'s status to show its grown map")
-        assert edge.status_of("sign")[-1]["store"]["max_mb"] == 65536
+        # the ledger's cap is its class's share of the storage budget (below ledger_map_max_mb)
+        config = edge.config
+        assert edge.status_of("sign")[-1]["store"]["max_mb"] == config.storage.class_budget("ledger") >> 20
+        assert config.store_cap_mb("sign") < config.stage.ledger_map_max_mb
         assert edge.status_of("validate")[-1]["store"]["max_mb"] == 4096
         wait_until(lambda: edge.gateway_count() == COUNT, 120, 0.5, "the uplink to push the whole ledger")
         edge.assert_gateway_has_ledger(COUNT)

@@ -239,10 +239,17 @@ def test_headless_chromium_shows_what_the_box_does(tmp_path) -> None:
         assert driver.execute_script("return document.querySelectorAll('#rate-chart rect').length") >= 1
         # every stage reports its store's use against its cap (shared/runtime/status.py `store`)
         for stage in ("ingest", "validate", "sign"):
-            cap = box.pipeline.config.stage.map_max(stage)
+            cap = box.pipeline.config.store_cap_mb(stage)
             assert f"{cap} MB" in wait_until(lambda s=stage: text(f'#stores tr[data-store="{s}"]'), 30, 0.3,
                                              f"{stage}'s store in the disk section")
         assert driver.execute_script("return document.getElementById('disk').hidden") is False
+        # ingest measures the data directory against the storage budget (shared/runtime/budget.py)
+        classes = wait_until(lambda: text("#storage-classes"), 30, 0.3, "the storage budget section")
+        assert all(name in classes for name in ("ledger", "intake", "logs")), classes
+        assert text("#storage-budget") == "24.0 GiB"
+        assert "MiB" in text("#storage-used") and text("#storage-refusing") == ""
+        forecast = text("#storage-forecast")
+        assert forecast == "not filling" or forecast.startswith("fills in about"), forecast
         # ingest says how many raw reads wait for a work session: none here
         assert wait_until(lambda: text("#unassigned-count"), 30, 0.3, "the unassigned reads") == "0"
 

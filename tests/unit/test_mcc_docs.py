@@ -28,9 +28,13 @@ METRIC = re.compile(r"\b(mro_[a-z_]+)\b")
 
 def exposed() -> set[str]:
     state = BoxState("HGR1", ("ingest", "uplink"))
+    storage = {"used_bytes": 5 << 30, "budget_bytes": 24 << 30, "filesystem_free_bytes": 20 << 30, "refusing": "",
+               "classes": {"ledger": {"used_bytes": 3 << 30, "budget_bytes": 13 << 30}}}
+    state.on_status("ingest", {"state": "up", "storage": {**storage, "at": T0 - 5}}, T0 - 5)
+    storage["used_bytes"] += 1 << 20  # growing: the fill forecast is exposed too
     state.on_status("ingest", {"state": "up", "queue_depth": 1, "outbox_oldest_s": 0.5, "dlq_rows": 0,
                                "dlq_bytes": 0, "store": {"used_mb": 10.5, "map_mb": 64, "max_mb": 512},
-                               **StageFigures().payload()}, T0)
+                               "storage": {**storage, "at": T0}, **StageFigures().payload()}, T0)
     for at, acked in ((T0, 1), (T0 + 5, 9)):
         state.on_status("uplink", {"state": "up", "backlog": 3, "acked_seq": acked, "cosigned_size": 2,
                                    "breaker": "CLOSED", "oldest_unsent_at": "2027-01-15T07:00:00.000Z"}, at)
