@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.devices.epc import encode_adi_var
-from services.devices.partmark import parse_partmark
+from services.devices.profiles.partmark_15434.parser import parse_partmark
 from services.ingest import sessions as book
 from services.ingest.reads import RawRead, event_id_of, reads_of, record_body
 from services.ingest.stage import Ingest
