@@ -65,7 +65,7 @@ def simulate(rng: random.Random) -> bytes:
     """A realistic publish of the bridge: a tightening now, its tool calibrated a month ago."""
     zone = rng.choice(("UTC", "Europe/Berlin", "America/Chicago"))
     now = datetime.now(UTC)
-    result = tightening_result(rng.randint(1, 10**6), zone=ZoneInfo(zone), at=now,
+    result = tightening_result(rng.randint(1, 99999), zone=ZoneInfo(zone), at=now,
                                torque_nm=Decimal(rng.randint(2250, 2650)) / 100, identifier="")
     calibrated = (now - timedelta(days=30)).date()
     tool = ToolCalibration(serial_number="B0742134", last_calibration=calibrated,
