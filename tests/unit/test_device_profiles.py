@@ -202,3 +202,29 @@ def test_open_protocol_results_round_trip_to_a_torque_read(tightening_id, torque
     assert read.raw_sha256 == hashlib.sha256(telegram.encode()).hexdigest()
     assert read.occurred_at == at.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert read.source.tightening_id == tightening_id  # type: ignore[union-attr]
+
+
+# --- mro-edge devices add --profile ---------------------------------------------------------------
+
+
+def test_devices_add_takes_a_profile_and_says_which_exist(tmp_path, monkeypatch, capsys) -> None:
+    from mro_edge.cli import main
+
+    monkeypatch.setenv("MRO_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MRO_STATION", STATION)
+    monkeypatch.setenv("MRO_MQTT_URL", "mqtt://127.0.0.1:1")
+    with pytest.raises(SystemExit):
+        main(["devices", "add", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{p.name} ({p.device_kind}:" in help_text for p in PROFILES.values() if p.registered)
+    assert main(["devices", "add", "ZB-9", "--profile", "zebra_iot_connector", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["publishes_to"] == f"mro/{STATION}/in/rfid_zebra/ZB-9"
+    assert main(["devices", "add", "SC-9", "--kind", "partmark_scanner", "--json"]) == 0  # --kind still works
+    assert json.loads(capsys.readouterr().out)["publishes_to"].endswith("/in/partmark_scanner/SC-9")
+    assert main(["devices", "add", "X-1", "--profile", "zebra"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown profile 'zebra'" in err and all(name in err for name in PROFILES)
+    assert main(["devices", "add", "TQ-9", "--profile", "open_protocol"]) == 2
+    assert "[torque.controllers.<id>]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["devices", "add", "X-2", "--profile", "impinj_r700", "--kind", "rfid_impinj"])
