@@ -47,7 +47,7 @@ import msgspec
 
 from mro_edge.simulator.openprotocol import SimulatedController
 from services.devices.epc import decode_adi_var, encode_adi_var
-from services.devices.partmark import envelope
+from services.devices.profiles.partmark_15434.parser import envelope
 from services.ingest import sessions as book
 from services.ingest.reads import CONTRACT_KIND, RawRead, reads_of, record_body
 from services.torque.codec import FrameSplitter

@@ -21,7 +21,7 @@ from typing import Any
 
 from services.registry import BY_NAME, Kind, service_names
 from shared.runtime.config import Config, ConfigError, load_config
-from shared.runtime.topics import ALL_DEVICE_KINDS, Topics
+from shared.runtime.topics import ALL_DEVICE_KINDS, DEVICE_KINDS, Topics
 
 REFUSED_EXIT = 3  # shared.runtime.stage.REFUSED_EXIT: a person has to act; `mro-edge run` does not restart it
 # Modules that add their own subcommands: each has `register(subparsers)`; handlers take (config, args).
@@ -385,9 +385,33 @@ def cmd_devices_remove(config: Config, args) -> int:
     return 0
 
 
+def _kind_of_profile(name: str) -> str:
+    """The topic kind a device of profile `name` publishes on, or what to do instead."""
+    from services.devices.profiles.registry import PROFILES, profile_names
+
+    profile = PROFILES.get(name)
+    if profile is None:
+        raise UserError(f"unknown profile {name[:40]!r}; the profiles are: {profile_names()} "
+                        "(mro-edge devices add --help); a device speaking the contract takes --kind "
+                        f"{', '.join(DEVICE_KINDS)}")
+    if not profile.registered:
+        raise UserError(f"profile {name} is for {profile.device_kind}s, which the box's own bridge publishes for: "
+                        "they get no broker login; configure them under [torque.controllers.<id>] in edge.toml "
+                        "and run mro-edge devices init")
+    return profile.device_kind
+
+
+def _profiles_help() -> str:
+    from services.devices.profiles.registry import PROFILES
+
+    return "; ".join(f"{p.name} ({p.device_kind}: {p.what})" for p in PROFILES.values() if p.registered)
+
+
 def cmd_devices_add(config: Config, args) -> int:
     from services.broker.credentials import reload_mosquitto
 
+    if args.profile is not None:
+        args.kind = _kind_of_profile(args.profile)
     if args.kind not in ALL_DEVICE_KINDS:
         raise UserError(f"--kind must be one of {', '.join(ALL_DEVICE_KINDS)}")
     try:
@@ -724,7 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_devices_init)
     add = dsub.add_parser("add", help="create (or rotate) a device's credentials")
     add.add_argument("id")
-    add.add_argument("--kind", required=True, choices=ALL_DEVICE_KINDS)
+    what = add.add_mutually_exclusive_group(required=True)
+    what.add_argument("--profile", metavar="NAME",
+                      help=f"a hangar device speaking its vendor's format, by device profile: {_profiles_help()}")
+    what.add_argument("--kind", choices=ALL_DEVICE_KINDS,
+                      help="a device speaking the device contract (rfid_reader, barcode_scanner, torque_wrench, "
+                           "tablet); a raw kind is the same as its --profile")
     add.add_argument("--json", action="store_true")
     add.add_argument("--mosquitto-pub", action="store_true",
                      help="print a ready mosquitto_pub command for this device (append -m 'RECORD')")

@@ -1,5 +1,5 @@
-"""`mro-edge session open|close|list` and `mro-edge reads list|assign`: work sessions at places
-on the hangar floor, and the raw reads no session took.
+"""`mro-edge session open|close|list` and `mro-edge reads list|assign|raw`: work sessions at places
+on the hangar floor, the raw reads no session took, and the bytes a device sent for a record.
 
 Ingest owns the sessions and the unassigned reads (`services.ingest.sessions`): these commands
 never open its store, they send a command on `mro/<station>/pipeline/sessions` with the
@@ -8,8 +8,12 @@ service credentials and wait for ingest's reply, as `mro-edge schema` does with 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import sys
+from pathlib import Path
 
 from mro_edge.commands_schema import ANSWER_TIMEOUT_S, _ask, _user_error
 
@@ -48,6 +52,11 @@ def register(subparsers) -> None:
     assign.add_argument("read_id")
     assign.add_argument("--place", help="the place whose open session takes it (default: the read's own)")
     _common(assign)
+    raw = rsub.add_parser("raw", help="the bytes a device sent, by the SHA-256 a ledger entry's notes name "
+                                      "(`raw sha256 <hex>`, or a torque record's `telegram SHA-256 <hex>`)")
+    raw.add_argument("sha256", help="64 hexadecimal digits")
+    raw.add_argument("--out", required=True, help="file to write the bytes to (`-`: standard output)")
+    _common(raw)
 
 
 def _common(parser) -> None:
@@ -61,6 +70,8 @@ def command_of(args) -> dict:
     if args.command_group == "reads":
         if args.action == "list":
             return {"command": "reads_list"}
+        if args.action == "raw":
+            return {"command": "reads_raw", "sha256": args.sha256.lower()}
         command = {"command": "reads_assign", "read_id": args.read_id}
         if args.place:
             command["place"] = args.place
@@ -88,13 +99,35 @@ def cmd_sessions(config, args) -> int:
     command = command_of(args)
     if command["command"] == "open" and command["part_action"] == "remove" and "removal_reason" not in command:
         raise _user_error("--action remove needs --removal-reason (SCHEDULED, UNSCHEDULED, ROBBERY, MODIFICATION)")
+    if command["command"] == "reads_raw" and not re.fullmatch(r"[0-9a-f]{64}", command["sha256"]):
+        raise _user_error("SHA256 must be 64 hexadecimal digits, as a ledger entry's notes name it "
+                          "(e.g. 'raw sha256 <hex> (zebra_iot_connector event)')")
     reply = _ask(config, command, lambda topics: topics.sessions, Topics.sessions_reply, args.timeout,
                  service="ingest", check="mro-edge session list")
+    if command["command"] == "reads_raw" and reply.get("ok"):
+        return _write_raw(reply, command["sha256"], args.out, args.json)
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
         _print(command["command"], reply)
     return 0 if reply.get("ok") else 1
+
+
+def _write_raw(reply: dict, digest: str, out: str, as_json: bool) -> int:
+    """Write the payload ingest sent back, after checking it hashes to what was asked for."""
+    payload = base64.b64decode(reply.get("base64", ""))
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise _user_error(f"ingest answered {len(payload)} bytes whose SHA-256 is not {digest}: nothing written; "
+                          "report this (the raw_payloads table may be damaged)")
+    if out == "-":
+        sys.stdout.buffer.write(payload)
+        sys.stdout.flush()
+    else:
+        Path(out).write_bytes(payload)
+    summary = {"ok": True, "sha256": digest, "bytes": len(payload), "out": out}
+    print(json.dumps(summary) if as_json else f"wrote {len(payload)} bytes to {out}: sha256 {digest} "
+          "(check with sha256sum)", file=sys.stderr if out == "-" else sys.stdout)
+    return 0
 
 
 def _print(command: str, reply: dict) -> None:

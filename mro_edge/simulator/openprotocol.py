@@ -40,6 +40,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from services.devices.profiles.open_protocol.simulator import local_stamp, tightening_result
 from services.torque.codec import DecodeError, FrameSplitter, FramingError
 from services.torque.mids import (
     ERR_CLIENT_ALREADY_CONNECTED,
@@ -61,10 +62,6 @@ from services.torque.mids import (
     decode,
     encode,
 )
-
-
-def _local_stamp(zone: ZoneInfo, at: datetime | None = None) -> str:
-    return (at or datetime.now(UTC)).astimezone(zone).strftime("%Y-%m-%d:%H:%M:%S")
 
 
 class _Connection:
@@ -150,27 +147,10 @@ class SimulatedController:
                 ok: bool | None = None, at: datetime | None = None) -> int:
         """A new tightening on the controller; returns its tightening id."""
         tightening_id = len(self.results) + 1
-        within = torque_min_nm <= torque_nm <= torque_max_nm
-        status = within if ok is None else ok
-        stamp = _local_stamp(self.zone, at)
-        result = TighteningResult(
-            cell_id=1, channel_id=1, controller_name=self.name, identifier=identifier, job_id=1,
-            parameter_set_id=3, batch_size=4, batch_counter=(tightening_id - 1) % 4 + 1,
-            tightening_status=int(status), torque_status=1 if within else (0 if torque_nm < torque_min_nm else 2),
-            angle_status=1, torque_min=int(torque_min_nm * 100), torque_max=int(torque_max_nm * 100),
-            torque_target=int((torque_min_nm + torque_max_nm) * 50), torque=int(torque_nm * 100),
-            angle_min=90, angle_max=360, angle_target=180, angle=angle_deg, timestamp=stamp,
-            parameter_set_changed="2026-01-10:07:30:00", batch_status=0, tightening_id=tightening_id,
-            strategy=1, strategy_options=0, rundown_angle_status=1, current_monitoring_status=1,
-            selftap_status=1, prevail_torque_monitoring_status=1, prevail_torque_compensate_status=1,
-            tightening_error_status=0, rundown_angle_min=0, rundown_angle_max=999, rundown_angle=540,
-            current_monitoring_min=0, current_monitoring_max=999, current_monitoring_value=250,
-            selftap_min=0, selftap_max=0, selftap_torque=0, prevail_torque_monitoring_min=0,
-            prevail_torque_monitoring_max=0, prevail_torque=0, job_sequence_number=tightening_id,
-            sync_tightening_id=0, tool_serial_number=self.tool_serial, parameter_set_name="WHEEL NUT M14",
-            torque_unit=1, result_type=1, identifier_part2="", identifier_part3="", identifier_part4="",
-            customer_error_code="", prevail_torque_compensate_value=0, tightening_error_status2=0,
-            compensated_angle="0000000", final_angle_decimal="0018200")
+        result = tightening_result(tightening_id, zone=self.zone, controller_name=self.name,
+                                   tool_serial=self.tool_serial, torque_nm=torque_nm, torque_min_nm=torque_min_nm,
+                                   torque_max_nm=torque_max_nm, angle_deg=angle_deg, identifier=identifier,
+                                   ok=ok, at=at)
         self.results.append(result)
         self.unacknowledged.append(result)
         self.tightened_at[tightening_id] = time.perf_counter()
@@ -186,7 +166,7 @@ class SimulatedController:
 
     def tool_data(self) -> ToolData:
         return ToolData(tool_serial_number=self.tool_serial, tightenings=len(self.results),
-                        last_calibration=_local_stamp(self.zone, self.last_calibration),
+                        last_calibration=local_stamp(self.zone, self.last_calibration),
                         controller_serial_number="C1234567", calibration_value=2450,
                         last_service="2025-12-01:09:00:00", tightenings_since_service=len(self.results),
                         tool_type=1, motor_size=3, open_end_data="000",

@@ -1,25 +1,15 @@
-"""Tag events of fixed RFID readers, parsed into `TagRead`s.
+"""What fixed RFID readers report, whatever their vendor: `TagRead`s, and the parsing both
+reader profiles share.
 
-Two vendor formats, each published by the reader on a raw MQTT topic of its own:
-
-* **Zebra IoT Connector** (FX7500, FX9600, ATR7000; `parse_zebra`): one event object or an array
-  of them, `{"data": {"idHex", "antenna"?, "peakRssi"?, "reads"?, "format"?, "TID"?, "USER"?,
-  "eventNum"?, "userDefined"?, ...}, "timestamp", "type"}`. `timestamp` carries the reader's
-  offset, e.g. `2024-09-05T01:07:01.785-0600`; `type` is the operating mode (SIMPLE, CUSTOM,
-  INVENTORY, ...). `format` says what `idHex` holds: only `epc` is accepted. `peakRssi` is dBm.
-* **Impinj IoT device interface** (R700; `parse_impinj`): one event or an array of them (the
-  webhook posts arrays, the MQTT and stream outputs one event each), `{"timestamp",
-  "hostname"?, "eventType"?, "tagInventoryEvent": {"epc" (base64) or "epcHex", "tid"/"tidHex"?,
-  "antennaPort"?, "peakRssiCdbm"?, ...}}`. Other events (inventory status, GPI, keepalives) are
-  counted as `skipped`, not refused. `peakRssiCdbm` is centi-dBm.
+The vendor formats themselves are device profiles (`services.devices.profiles`):
+`zebra_iot_connector` (Zebra IoT Connector, FX7500/FX9600/ATR7000) and `impinj_r700` (Impinj IoT
+device interface). Both give one event object or an array of them (`events_of`), are read field
+by field with a `Collector` that gathers every problem as a `FieldError`, and turn an ADI-var EPC
+into `part` (`services.devices.epc`, `with_part`); any other EPC is kept raw with
+`epc_scheme: "other"` (not an aviation part tag).
 
 Fields the vendors add across firmware versions are ignored, so an upgrade does not break
 intake; the fields used are type-checked and a batch with any bad event is refused whole.
-The USER memory bank, when the reader reports it (Zebra `USER`), is kept as raw hex: its
-ATA Spec 2000 Chapter 9-5 record layout is not public, so it is not decoded. Impinj's
-memory-bank read results are not taken: no published example of their event shape was found.
-An ADI-var EPC is decoded into `part` (`services.devices.epc`); any other EPC is kept raw with
-`epc_scheme: "other"` (not an aviation part tag).
 """
 
 from __future__ import annotations
@@ -82,8 +72,8 @@ _TIMESTAMP = re.compile(
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 
 
-class _Collector:
-    """Collects FieldErrors while the fields of one payload are read."""
+class Collector:
+    """Collects FieldErrors while the fields of one payload are read (by every reader profile)."""
 
     def __init__(self) -> None:
         self.errors: list[FieldError] = []
@@ -176,7 +166,7 @@ def parse_reader_time(text: str) -> datetime | None:
         return None
 
 
-def _events(payload: bytes, source: str) -> tuple[list[tuple[str, Any]], Malformed | None]:
+def events_of(payload: bytes, source: str) -> tuple[list[tuple[str, Any]], Malformed | None]:
     """The payload's events with their JSON paths: one object or an array of them."""
     if len(payload) > MAX_PAYLOAD:
         return [], Malformed(source, [field_error("$", "payload.size", f"at most {MAX_PAYLOAD} bytes",
@@ -196,7 +186,7 @@ def _events(payload: bytes, source: str) -> tuple[list[tuple[str, Any]], Malform
     return [], Malformed(source, [field_error("$", "type", "a JSON object or array of objects", document)])
 
 
-def _rssi(value: Any, path: str, collect: _Collector, scale: int) -> Decimal | None:
+def rssi_of(value: Any, path: str, collect: Collector, scale: int) -> Decimal | None:
     """dBm from Zebra's `peakRssi` (a number of dBm, scale 1) or Impinj's `peakRssiCdbm` (an
     integer of centi-dBm, scale 100)."""
     if type(value) is int or (type(value) is Decimal and scale == 1):
@@ -209,7 +199,7 @@ def _rssi(value: Any, path: str, collect: _Collector, scale: int) -> Decimal | N
     return None
 
 
-def _with_part(read: TagRead) -> TagRead:
+def with_part(read: TagRead) -> TagRead:
     """`read` with its EPC decoded when it is an ADI-var aviation part tag."""
     if not is_adi_var(read.epc_hex):
         return read
@@ -217,101 +207,3 @@ def _with_part(read: TagRead) -> TagRead:
     if isinstance(decoded, AviationPart):
         return msgspec.structs.replace(read, epc_scheme="adi-var", part=decoded)
     return msgspec.structs.replace(read, epc_scheme="adi-var", part_errors=decoded)
-
-
-def _zebra_read(path: str, event: Any, collect: _Collector) -> TagRead | None:
-    obj = collect.object(event, path)
-    if obj is None:
-        return None
-    before = len(collect.errors)
-    read_at = collect.timestamp(obj, "timestamp", path)
-    collect.text(obj, "type", path)
-    data = collect.object(obj.get("data"), f"{path}.data") if "data" in obj else None
-    if "data" not in obj:
-        collect.fail(f"{path}.data", "required", "object", missing=True)
-    if data is None:
-        return None
-    dpath = f"{path}.data"
-    epc = collect.hex_field(data, "idHex", dpath, MAX_EPC_HEX, required=True)
-    kind = collect.text(data, "format", dpath)
-    if kind is not None and kind.lower() != "epc":
-        collect.fail(f"{dpath}.format", "zebra.format", '"epc" (idHex holds the EPC)', kind)
-    antenna = collect.integer(data, "antenna", dpath, 1, 255)
-    rssi = _rssi(data["peakRssi"], f"{dpath}.peakRssi", collect, 1) if "peakRssi" in data else None
-    reads = collect.integer(data, "reads", dpath, 0, 2**31 - 1)
-    tid = collect.hex_field(data, "TID", dpath, MAX_BANK_HEX)
-    user = collect.hex_field(data, "USER", dpath, MAX_BANK_HEX)
-    if len(collect.errors) > before or epc is None or read_at is None:
-        return None
-    return _with_part(TagRead(reader_kind="zebra_iotc", reader_id=None, epc_hex=epc, antenna=antenna,
-                              rssi_dbm=rssi, read_at=read_at, tid_hex=tid, user_hex=user, reads=reads))
-
-
-def parse_zebra(payload: bytes) -> TagReads | Malformed:
-    """A Zebra IoT Connector data event (or array of them) as tag reads, or every problem in it."""
-    events, refused = _events(payload, "zebra")
-    if refused is not None:
-        return refused
-    collect = _Collector()
-    reads = [read for path, event in events if (read := _zebra_read(path, event, collect)) is not None]
-    if collect.errors:
-        return Malformed("zebra", collect.errors)
-    return TagReads(reads=reads)
-
-
-def _bank(obj: dict, key: str, path: str, collect: _Collector, limit: int, *, required: bool = False) -> str | None:
-    """A memory bank given as `<key>Hex` and/or base64 `<key>`; both, when given, must agree."""
-    as_hex = collect.hex_field(obj, f"{key}Hex", path, limit)
-    as_b64 = collect.base64_field(obj, key, path, limit)
-    if as_hex is not None and as_b64 is not None and as_hex != as_b64:
-        collect.fail(f"{path}.{key}", "impinj.mismatch", f"the same bytes as {key}Hex", obj[key])
-    if required and f"{key}Hex" not in obj and key not in obj:
-        collect.fail(f"{path}.{key}Hex", "required", f"{key}Hex (hex) or {key} (base64)", missing=True)
-    return as_hex or as_b64
-
-
-def _impinj_read(path: str, event: Any, collect: _Collector) -> TagRead | None | bool:
-    """The event's tag read; False when it is some other kind of event (not a read)."""
-    obj = collect.object(event, path)
-    if obj is None:
-        return None
-    kind = collect.text(obj, "eventType", path)
-    if "tagInventoryEvent" not in obj:
-        if kind == "tagInventory":
-            collect.fail(f"{path}.tagInventoryEvent", "required", "object", missing=True)
-            return None
-        return False
-    before = len(collect.errors)
-    read_at = collect.timestamp(obj, "timestamp", path)
-    host = collect.text(obj, "hostname", path)
-    tpath = f"{path}.tagInventoryEvent"
-    tag = collect.object(obj["tagInventoryEvent"], tpath)
-    if tag is None:
-        return None
-    epc = _bank(tag, "epc", tpath, collect, MAX_EPC_HEX, required=True)
-    tid = _bank(tag, "tid", tpath, collect, MAX_BANK_HEX)
-    antenna = collect.integer(tag, "antennaPort", tpath, 1, 255)
-    rssi = _rssi(tag["peakRssiCdbm"], f"{tpath}.peakRssiCdbm", collect, 100) if "peakRssiCdbm" in tag else None
-    if len(collect.errors) > before or epc is None or read_at is None:
-        return None
-    return _with_part(TagRead(reader_kind="impinj_iot", reader_id=host, epc_hex=epc, antenna=antenna,
-                              rssi_dbm=rssi, read_at=read_at, tid_hex=tid))
-
-
-def parse_impinj(payload: bytes) -> TagReads | Malformed:
-    """An Impinj IoT device interface event (or array of them) as tag reads, or every problem in it."""
-    events, refused = _events(payload, "impinj")
-    if refused is not None:
-        return refused
-    collect = _Collector()
-    reads: list[TagRead] = []
-    skipped = 0
-    for path, event in events:
-        read = _impinj_read(path, event, collect)
-        if read is False:
-            skipped += 1
-        elif isinstance(read, TagRead):
-            reads.append(read)
-    if collect.errors:
-        return Malformed("impinj", collect.errors)
-    return TagReads(reads=reads, skipped=skipped)

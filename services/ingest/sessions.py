@@ -14,12 +14,17 @@ cannot (its fields would be guessed). One record per part per session: the `sess
 table remembers which parts a session has recorded, so a tag that stays in the field (or a
 publish delivered twice) records once.
 
+The bytes of every raw payload whose reads were recorded or kept are kept too (`keep_raw`, the
+`raw_payloads` table, keyed by their SHA-256, which the record's `notes` name), in the same
+transaction, so they are in ingest's store and its storage budget like everything it holds.
+
 Opening and closing are ledger entries (`work_session_opened` / `work_session_closed`,
 `shared.runtime.messages`), sent downstream as ingest's own (`SESSION_DEVICE`).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import uuid
 from collections.abc import Mapping
@@ -27,6 +32,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from services.devices.profiles.registry import DEVICE_ROLE
 from services.ingest.reads import RawRead
 from shared.contract.types import Aircraft, AtaCode, Condition, RemovalReason, Technician, WorkOrderId
 from shared.ledger.canonical import canonical_json
@@ -41,13 +47,15 @@ COMMANDS = "session_commands"  # command id -> the reply it got (a re-sent comma
 # torque read id (controller, tightening id) -> the idempotency key of the record it made, or b""
 # (kept unassigned or refused): a result the controller sends again is answered, never recorded twice
 TORQUE_RESULTS = "torque_results"
-TABLES = (SESSIONS, UNASSIGNED, SESSION_PARTS, COMMANDS, TORQUE_RESULTS)
+# SHA-256 (hex) of a raw payload -> its bytes, as the device sent them: kept for every payload
+# whose reads became records or were kept unassigned, so an auditor can fetch what a ledger
+# entry's `notes` name (`mro-edge reads raw`); one row per distinct payload
+RAW_PAYLOADS = "raw_payloads"
+TABLES = (SESSIONS, UNASSIGNED, SESSION_PARTS, COMMANDS, TORQUE_RESULTS, RAW_PAYLOADS)
 CHANGES = ("open", "close", "reads_assign")  # commands that change state: carried out once per id
 SESSION_DEVICE = DeviceRef(SERVICE_KIND, "ingest")
 SESSION_SCHEMA = "mro.work_session/1"
 SESSIONS_NAMESPACE = uuid.UUID("0c5e2f7a-4b1d-5e93-8a6c-3f2d1e0b7c45")
-DEVICE_ROLE = {"rfid_zebra": "readers", "rfid_impinj": "readers", "partmark_scanner": "scanners",
-               "torque_controller": "controllers"}
 
 Reason = Literal["no_place", "no_session", "framing_lost", "incomplete_mark", "not_a_part_tag",
                  "tool_calibration_unknown", "work_order_mismatch"]
@@ -179,6 +187,26 @@ def answered(uow: UnitOfWork, command_id: str) -> dict[str, Any] | None:
 
 def remember(uow: UnitOfWork, command_id: str, reply: dict[str, Any]) -> None:
     uow.put(COMMANDS, command_id.encode(), _encode(reply))
+
+
+def keep_raw(uow: UnitOfWork, payload: bytes) -> str:
+    """Keep a device's payload under its SHA-256 (once: the same bytes again store nothing)."""
+    digest = hashlib.sha256(payload).hexdigest()
+    if uow.get(RAW_PAYLOADS, digest.encode()) is None:
+        uow.put(RAW_PAYLOADS, digest.encode(), payload)
+    return digest
+
+
+def raw_reply(uow: UnitOfWork, digest: Any) -> dict[str, Any]:
+    """The answer to `mro-edge reads raw SHA256`: the payload's bytes (base64), or why not."""
+    text = str(digest).lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise SessionError("sha256 must be 64 hexadecimal digits, as a ledger entry's notes name it")
+    payload = uow.get(RAW_PAYLOADS, text.encode())
+    if payload is None:
+        raise SessionError(f"no raw payload with sha256 {text}: ingest keeps the payloads whose reads became "
+                           "records or were kept unassigned on this box")
+    return {"ok": True, "sha256": text, "bytes": len(payload), "base64": base64.b64encode(payload).decode()}
 
 
 # --- opening and closing ---------------------------------------------------------------------

@@ -40,6 +40,7 @@ from services.ingest.reads import (
     TorqueSource,
     reads_of,
     record_json,
+    telegram_bytes,
     torque_read,
     torque_read_id,
 )
@@ -147,6 +148,7 @@ class Ingest(IntakeStage):
         place = book.place_of(self.places, kind, device_id)
         sessions = book.open_sessions(uow)
         records: list[ReceivedRecord] = []
+        kept = False  # a read of this payload was recorded or kept: its bytes are kept too
         now = time.monotonic()
         for read in reads:
             # the read's id as token: a batch retried after a failed commit sees its reads again
@@ -155,13 +157,16 @@ class Ingest(IntakeStage):
                 continue
             target = book.route(place, sessions, read)
             if isinstance(target, str):
-                self._keep(uow, book.UnassignedRead(read=read, reason=target, place=place))
+                kept = self._keep(uow, book.UnassignedRead(read=read, reason=target, place=place)) or kept
             elif book.first_in_session(uow, target, read):
                 made = self._made(target, read, message.received_at, uow)
                 if made is not None:
                     records.append(made)
+                    kept = True
             else:
                 uow.note(None, None, "READ_REPEATED", read_id=read.read_id, session_id=target.session_id)
+        if kept:
+            book.keep_raw(uow, message.payload)
         return records
 
     def _oversize(self, message: DeviceMessage) -> Rejected | None:
@@ -205,12 +210,15 @@ class Ingest(IntakeStage):
             # refused when the unassigned store is full: no receipt names it, so it is not acknowledged
             if self._keep(uow, book.UnassignedRead(read=read, reason=target, place=place)):
                 book.remember_torque(uow, read_id)
+                book.keep_raw(uow, telegram_bytes(sent.telegram))
                 delivery.receipt(uow, DeviceRef(TORQUE_KIND, controller_id),
                                  DeviceReceipt("received", utc_now(), event_id))
             return []
         book.first_in_session(uow, target, read)
         made = self._made(target, read, message.received_at, uow)
         book.remember_torque(uow, read_id, made.key if made is not None else "")
+        if made is not None:
+            book.keep_raw(uow, telegram_bytes(sent.telegram))
         return [made] if made is not None else []
 
     def _torque_again(self, uow: UnitOfWork, controller_id: str, event_id: str, key: str) -> None:
@@ -347,7 +355,9 @@ class Ingest(IntakeStage):
             return {"ok": True, "total": len(kept), "reads": [_shown(k) for k in kept[:1000]]}
         if action == "reads_assign":
             return self._assign(uow, str(command.get("read_id", "")), command.get("place"))
-        raise book.SessionError("command must be open, close, list, reads_list or reads_assign")
+        if action == "reads_raw":
+            return book.raw_reply(uow, command.get("sha256", ""))
+        raise book.SessionError("command must be open, close, list, reads_list, reads_assign or reads_raw")
 
     def _assign(self, uow: UnitOfWork, read_id: str, place: Any) -> dict[str, Any]:
         kept = book.take_unassigned(uow, read_id)
@@ -412,4 +422,4 @@ def _shown(kept: book.UnassignedRead) -> dict[str, Any]:
     return {"read_id": read.read_id, "device_kind": read.device_kind, "device_id": read.device_id,
             "place": kept.place, "reason": kept.reason, "received_at": read.received_at,
             "occurred_at": read.occurred_at, "cage": read.cage, "part_number": read.part_number,
-            "serial": read.serial, "assignable": kept.assignable}
+            "serial": read.serial, "assignable": kept.assignable, "raw_sha256": read.raw_sha256}

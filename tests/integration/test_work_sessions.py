@@ -8,7 +8,9 @@ Places come from the shipped config/edge.toml (BAY1: reader ZEBRA-01, scanner SC
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -18,7 +20,9 @@ import pytest
 
 from mro_edge.cli import read_statuses
 from services.devices.epc import encode_adi_var
+from services.devices.profiles.zebra_iot_connector import simulator as zebra_reader
 from shared.ledger.entry import parse_entry
+from shared.runtime.mqtt import mqtt_connack
 from tests.pipeline import ROOT, wait_until
 from tests.stockclients import StockDevice, mosquitto_pub_binary, register_devices
 
@@ -133,3 +137,36 @@ def test_a_tablet_opens_the_session_and_a_puback_survives_kill_9_of_ingest(pipel
     pipeline.restart("ingest")
     [record] = wait_until(lambda: part_records(pipeline, "KILL99"), 90, 0.5, "the read in the ledger")
     assert record["work_order_id"] == "WO-7781"
+
+
+def test_a_records_notes_name_the_sha256_of_what_the_reader_sent_and_reads_raw_returns_those_bytes(
+        pipeline, tmp_path):
+    """Registered by profile; one Zebra array publish of two tags (built by the profile's
+    simulator) within a session: both ledger entries name the payload's SHA-256, and `mro-edge
+    reads raw` gets back bytes that `sha256sum` agrees with."""
+    added = cli(pipeline, "devices", "add", "ZEBRA-01", "--profile", "zebra_iot_connector", "--json")
+    assert added.returncode == 0, added.stderr
+    login = json.loads(added.stdout)
+    assert login["publishes_to"].endswith("/in/rfid_zebra/ZEBRA-01")
+    pipeline.broker.reload()
+    wait_until(lambda: mqtt_connack(pipeline.broker.port, login["username"], login["password"]) == 0, 10, 0.05,
+               "the broker to accept the reader's login")
+    reader = StockDevice("rfid_zebra", "ZEBRA-01", (login["username"], login["password"]), login["publishes_to"])
+    assert cli(pipeline, *OPEN).returncode == 0
+    now = datetime.now(UTC)
+    payload = zebra_reader.payload([zebra_reader.part_event("35962", "PQ7VZ4", serial, now, reads=3)
+                                    for serial in ("RAWA01", "RAWB02")])
+    publish(pipeline, reader, payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    for serial in ("RAWA01", "RAWB02"):
+        [record] = wait_until(lambda s=serial: part_records(pipeline, s), 90, 0.5, f"part {serial} in the ledger")
+        assert record["notes"] == f"raw sha256 {digest} (zebra_iot_connector event)"
+    out = tmp_path / "raw.bin"
+    fetched = cli(pipeline, "reads", "raw", digest, "--out", str(out))
+    assert fetched.returncode == 0, fetched.stderr
+    assert out.read_bytes() == payload
+    summed = subprocess.run([shutil.which("sha256sum") or "sha256sum", str(out)], capture_output=True, text=True,
+                            timeout=30)
+    assert summed.stdout.split()[0] == digest
+    missing = cli(pipeline, "reads", "raw", "0" * 64, "--out", str(tmp_path / "none.bin"))
+    assert missing.returncode == 1 and "no raw payload" in missing.stderr and not (tmp_path / "none.bin").exists()

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.devices.malformed import Malformed
-from services.devices.partmark import EOT, FIELD_OF, GS, RS, PartMark, envelope, parse_partmark
+from services.devices.profiles.partmark_15434.parser import EOT, FIELD_OF, GS, RS, PartMark, envelope, parse_partmark
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "devices" / "partmarks.json").read_text())["vectors"]
 NAMED = ("cage", "part_number", "original_part_number", "serial", "uii")

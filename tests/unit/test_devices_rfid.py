@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from services.devices.dedupe import ReadWindow
 from services.devices.epc import encode_adi_var
 from services.devices.malformed import MAX_PAYLOAD, Malformed
-from services.devices.rfid import TagRead, TagReads, parse_impinj, parse_reader_time, parse_zebra
+from services.devices.profiles.impinj_r700.parser import parse_impinj
+from services.devices.profiles.zebra_iot_connector.parser import parse_zebra
+from services.devices.rfid import TagRead, TagReads, parse_reader_time
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "devices"
 ZEBRA = json.loads((VECTORS / "zebra_iotc.json").read_text())["vectors"]

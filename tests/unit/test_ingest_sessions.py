@@ -3,6 +3,8 @@ handling of raw reads and session commands on the in-memory unit of work."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from types import SimpleNamespace
 
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.devices.epc import encode_adi_var
-from services.devices.partmark import parse_partmark
+from services.devices.profiles.partmark_15434.parser import parse_partmark
 from services.ingest import sessions as book
 from services.ingest.reads import RawRead, event_id_of, reads_of, record_body
 from services.ingest.stage import Ingest
@@ -338,3 +340,50 @@ def test_a_batch_retried_after_a_failed_commit_keeps_every_read():
         made = [len(publish(ingest, tables, kind, device, payload).forwarded) for kind, device, payload in payloads]
         assert made == [0, 1]
         assert command(ingest, tables, {"command": "reads_list", "id": "l"})[0]["total"] == 1
+
+
+# --- raw payloads: kept under their SHA-256, named in the record, returned to auditors -----------
+
+def test_a_recorded_reads_payload_is_kept_under_the_sha256_its_record_names(ingest):
+    tables = MemoryTables()
+    command(ingest, tables, open_command())
+    payload = zebra(encode_adi_var(0, "35962", "PQ7VZ4", "RAW001"))
+    uow = publish(ingest, tables, "rfid_zebra", "ZB-1", payload)
+    [made] = uow.forwarded_as(ReceivedRecord)
+    digest = hashlib.sha256(payload).hexdigest()
+    assert made.record.notes == f"raw sha256 {digest} (zebra_iot_connector event)"
+    assert tables.table(book.RAW_PAYLOADS) == {digest.encode(): payload}
+    reply, _ = command(ingest, tables, {"command": "reads_raw", "id": "r1", "sha256": digest.upper()})
+    assert reply["ok"] and base64.b64decode(reply["base64"]) == payload and reply["bytes"] == len(payload)
+    publish(ingest, tables, "rfid_zebra", "ZB-1", payload)  # delivered again: stored once
+    assert len(tables.table(book.RAW_PAYLOADS)) == 1
+
+
+def test_an_unassigned_reads_payload_is_kept_and_its_record_names_it_once_assigned(ingest):
+    tables = MemoryTables()
+    payload = mark(serial="RAW0002")
+    publish(ingest, tables, "partmark_scanner", "SC-1", payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    reply, _ = command(ingest, tables, {"command": "reads_list", "id": "l1"})
+    [read] = reply["reads"]
+    assert read["raw_sha256"] == digest and digest.encode() in tables.table(book.RAW_PAYLOADS)
+    command(ingest, tables, open_command())
+    _, uow = command(ingest, tables, {"command": "reads_assign", "id": "a1", "read_id": read["read_id"]})
+    [made] = [r for r in uow.forwarded_as(ReceivedRecord) if isinstance(r.record, PartReceipt)]
+    assert made.record.notes == f"raw sha256 {digest} (partmark_15434 scan)"
+
+
+def test_a_payload_whose_reads_made_nothing_new_is_not_kept_and_unknown_hashes_are_refused(ingest):
+    tables = MemoryTables()
+    command(ingest, tables, open_command())
+    epc = encode_adi_var(0, "35962", "PQ7VZ4", "RAW003")
+    publish(ingest, tables, "rfid_zebra", "ZB-1", zebra(epc))
+    repeated = zebra(epc, at="2026-12-06T04:00:09.000-0000")  # the same tag again in the session
+    publish(ingest, tables, "rfid_zebra", "ZB-1", repeated)
+    assert hashlib.sha256(repeated).hexdigest().encode() not in tables.table(book.RAW_PAYLOADS)
+    publish(ingest, tables, "rfid_zebra", "ZB-1", b'[{"data": {"idHex": 5}}]')  # refused: its DLQ report
+    assert len(tables.table(book.RAW_PAYLOADS)) == 1
+    reply, _ = command(ingest, tables, {"command": "reads_raw", "id": "r2", "sha256": "0" * 64})
+    assert not reply["ok"] and "no raw payload" in reply["message"]
+    reply, _ = command(ingest, tables, {"command": "reads_raw", "id": "r3", "sha256": "not-a-hash"})
+    assert not reply["ok"] and "64 hexadecimal digits" in reply["message"]

@@ -169,3 +169,13 @@ def test_every_result_revision_makes_a_record_and_a_blank_revision_reads_as_1(in
         telegram = telegram[:8] + b"   " + telegram[11:]  # some controllers leave the revision blank
     [made] = publish(ingest, tables, payload(telegram)).forwarded_as(ReceivedRecord)
     assert f"MID 0061 revision {revision}," in str(made.record.notes) and str(made.record.torque_nm) == "24.5"
+
+
+def test_a_recorded_results_telegram_is_kept_under_the_sha256_its_notes_name(ingest):
+    tables = MemoryTables()
+    open_session(tables)
+    telegram = encode(tightening(), 7)[:-1]
+    [made] = publish(ingest, tables, payload(tightening())).forwarded_as(ReceivedRecord)
+    digest = hashlib.sha256(telegram).hexdigest()
+    assert f"telegram SHA-256 {digest}" in str(made.record.notes)
+    assert tables.table(book.RAW_PAYLOADS) == {digest.encode(): telegram}

@@ -1,0 +1,1 @@
+"""Torque controllers speaking Open Protocol, through the bridge: topic kind `torque_controller`."""

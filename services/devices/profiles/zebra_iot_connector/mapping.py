@@ -1,0 +1,27 @@
+"""A Zebra IoT Connector publish as reads, and the part record a read makes within a session."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.devices.malformed import Malformed
+from services.devices.profiles.base import RawRead, part_body, payload_sha256, raw_note, tag_read
+from services.devices.profiles.zebra_iot_connector.parser import parse_zebra
+from shared.runtime.messages import WorkSessionOpened
+
+NAME = "zebra_iot_connector"
+DEVICE_KIND = "rfid_zebra"
+CONTRACT_KIND = "rfid_reader"
+
+
+def reads(device_id: str, payload: bytes, received_at: str) -> list[RawRead] | Malformed:
+    """Every tag read of the event (or array of events); each names the whole payload's hash."""
+    parsed = parse_zebra(payload)
+    if isinstance(parsed, Malformed):
+        return parsed
+    digest = payload_sha256(payload)
+    return [tag_read(DEVICE_KIND, device_id, read, received_at, digest) for read in parsed.reads]
+
+
+def record(session: WorkSessionOpened, read: RawRead) -> dict[str, Any]:
+    return part_body(session, read, CONTRACT_KIND, raw_note(read, NAME, "event"))
