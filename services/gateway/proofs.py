@@ -100,19 +100,29 @@ def _unknown(origin: str) -> AuditAnswer:
     return _error(404, "unknown_origin", f"origin {origin!r} is not registered at this gateway")
 
 
-def inclusion(tx: Tx, origin: str, index: int, size: int | None) -> AuditAnswer:
-    """PATH(index, D[0:size]); ``size`` defaults to the newest cosigned checkpoint's."""
+def _held_tree(tx: Tx, origin: str, size: int | None, name: str) -> tuple[_ReadOnlyTree, int] | AuditAnswer:
+    """The origin's tree and the tree size a proof is asked against (``size``, by default the newest
+    cosigned checkpoint's), or the answer that says why there is none."""
     if not tx.origin_known(origin):
         return _unknown(origin)
     if size is None:
         size = _latest_cosigned(tx, origin)
         if size is None:
             return _error(404, "no_checkpoint", f"the gateway has cosigned no checkpoint of {origin!r} yet; "
-                                                "pass size= explicitly")
+                                                f"pass {name}= explicitly")
     tree = _ReadOnlyTree(tx, origin)
     if not 0 < size <= tree.size:
         return _error(409, "not_held", f"tree size {size} is outside 1..{tree.size} (the entries the gateway "
                                        "holds in its tree)", held=tree.size)
+    return tree, size
+
+
+def inclusion(tx: Tx, origin: str, index: int, size: int | None) -> AuditAnswer:
+    """PATH(index, D[0:size]); ``size`` defaults to the newest cosigned checkpoint's."""
+    held = _held_tree(tx, origin, size, "size")
+    if isinstance(held, AuditAnswer):
+        return held
+    tree, size = held
     if not 0 <= index < size:
         return _error(400, "bad_index", f"index {index} is outside a tree of size {size} (0..{size - 1})")
     proof, leaf, root = tree.prefetched(lambda: (tree.tree.inclusion_proof(index, size), tree.tree.leaf(index),
@@ -130,17 +140,10 @@ def inclusion(tx: Tx, origin: str, index: int, size: int | None) -> AuditAnswer:
 
 def consistency(tx: Tx, origin: str, first: int, second: int | None) -> AuditAnswer:
     """PROOF(first, D[0:second]); ``second`` defaults to the newest cosigned checkpoint's size."""
-    if not tx.origin_known(origin):
-        return _unknown(origin)
-    if second is None:
-        second = _latest_cosigned(tx, origin)
-        if second is None:
-            return _error(404, "no_checkpoint", f"the gateway has cosigned no checkpoint of {origin!r} yet; "
-                                                "pass second= explicitly")
-    tree = _ReadOnlyTree(tx, origin)
-    if not 0 < second <= tree.size:
-        return _error(409, "not_held", f"tree size {second} is outside 1..{tree.size} (the entries the gateway "
-                                       "holds in its tree)", held=tree.size)
+    held = _held_tree(tx, origin, second, "second")
+    if isinstance(held, AuditAnswer):
+        return held
+    tree, second = held
     if not 0 < first <= second:
         return _error(400, "bad_sizes", f"a consistency proof needs 0 < first <= second, got {first}, {second} "
                                         "(RFC 9162 section 2.1.4)")
