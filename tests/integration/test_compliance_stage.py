@@ -404,6 +404,8 @@ def test_stale_commands_are_refused(stage):
 
 
 def test_status_is_published(stage):
-    assert stage.runtime.stage.status_extra() == {"contract": "mro.record/1", "breaker": "closed", "held": 0,
-                                                  "registry": stage.runtime.stage.control.compliance.registry
-                                                  .digest[:12]}
+    extra = stage.runtime.stage.status_extra()
+    clock = extra.pop("clock")
+    assert extra == {"contract": "mro.record/1", "breaker": "closed", "held": 0,
+                     "registry": stage.runtime.stage.control.compliance.registry.digest[:12]}
+    assert isinstance(clock["synchronised"], bool) and clock["source"]
