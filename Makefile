@@ -21,11 +21,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/mro-edge run --simulate
 
+# Test processes `make test` runs at once (pytest-xdist). Most tests wait on brokers, services
+# and gateways they started, so 3 workers keep 2 cores busy; TEST_WORKERS=0 runs in one process.
+# loadgroup: tests sharing a module-scoped fixture stay on one worker (tests/conftest.py).
+TEST_WORKERS ?= 3
+
 ## test: the whole suite against real brokers (embedded and Mosquitto); slow soak tests bounded
 test: $(STAMP)
 	scripts/ensure-tools
 	scripts/ensure-postgres
-	$(BIN)/pytest -q -m "not slow" --durations=15
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 ## test-all: also the long soak and crash tests
 test-all: $(STAMP)
