@@ -23,14 +23,14 @@ run: $(STAMP)
 
 # Test processes `make test` runs at once (pytest-xdist). Most tests wait on brokers, services
 # and gateways they started, so 3 workers keep 2 cores busy; TEST_WORKERS=0 runs in one process.
-# loadgroup: tests sharing a module-scoped fixture stay on one worker (tests/conftest.py).
+# loadfile: the tests of one file run on one worker, in file order (one module-scoped stack each).
 TEST_WORKERS ?= 3
 
 ## test: the whole suite against real brokers (embedded and Mosquitto); slow soak tests bounded
 test: $(STAMP)
 	scripts/ensure-tools
 	scripts/ensure-postgres
-	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## test-all: also the long soak and crash tests
 test-all: $(STAMP)
