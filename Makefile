@@ -21,11 +21,21 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/mro-edge run --simulate
 
+# Test processes `make test` runs at once (pytest-xdist). Most tests wait on brokers, services
+# and gateways they started, so 3 workers keep 2 cores busy; TEST_WORKERS=0 runs in one process.
+# loadfile: the tests of one file run on one worker, in file order (one module-scoped stack each).
+TEST_WORKERS ?= 3
+# Run alone afterwards, in one process: their 10,000-record sends outrun the devices' resend
+# timeout when other tests share the cores, and the resends then pile up past the test's bound.
+TEST_ALONE := tests/integration/test_reconcile.py
+
 ## test: the whole suite against real brokers (embedded and Mosquitto); slow soak tests bounded
 test: $(STAMP)
 	scripts/ensure-tools
 	scripts/ensure-postgres
-	$(BIN)/pytest -q -m "not slow" --durations=15
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 \
+	  $(foreach path,$(TEST_ALONE),--ignore=$(path))
+	$(BIN)/pytest -q -m "not slow" --durations=5 $(TEST_ALONE)
 
 ## test-all: also the long soak and crash tests
 test-all: $(STAMP)

@@ -149,7 +149,9 @@ def test_the_page_needs_a_login_and_shows_the_real_box(box: Box) -> None:
         def metrics_match() -> bool:
             status = read_statuses(box.pipeline.config, 0.5)
             figures = box.metrics()
-            if status["sign"]["records"]["out"] < 5:  # its status after the last batch is not out yet
+            # the stages publish their statuses every second: wait for the ones after the last
+            # batch and after the rejection, or both sides could still agree on an earlier count
+            if status["sign"]["records"]["out"] < 5 or status["ingest"]["records"]["rejected"] < 1:
                 return False
             return all(figures.get((f"mro_stage_records_{field}_total", (("stage", stage),)))
                        == status[stage]["records"][field]

@@ -73,11 +73,13 @@ def test_an_exception_in_a_callback_ends_the_process_loudly(broker, case, callba
     child = subprocess.Popen([sys.executable, "-c", CHILD, case, TOPIC], env=env, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        started = time.monotonic()
         if case != "hook":
             assert child.stdout.readline().strip() == "READY"
-            _publish(broker, TOPIC, b'{"poison": true}')
-        started = time.monotonic()
-        code = child.wait(timeout=20)
+            started = time.monotonic()
+            code = _poison_until_exit(child, broker)
+        else:
+            code = child.wait(timeout=20)
         out, err = child.communicate(timeout=5)
     finally:
         if child.poll() is None:
@@ -94,6 +96,20 @@ def test_an_exception_in_a_callback_ends_the_process_loudly(broker, case, callba
     assert record["callback"] == callback and record["error"] == error and record["exit_code"] == FATAL_EXIT
     assert any(":broken_" in frame for frame in record["where"]), record["where"]
     assert "poison" not in err, "the payload never reaches the log"
+
+
+def _poison_until_exit(child: subprocess.Popen, broker) -> int:
+    """Publish the poison until the child exits (at most 20 s). READY comes once the child is
+    connected, but its SUBSCRIBE may still be on its way to the broker: a poison published before
+    the subscription holds reaches nobody, so it is sent again every 2 s."""
+    deadline = time.monotonic() + 20
+    while True:
+        _publish(broker, TOPIC, b'{"poison": true}')
+        try:
+            return child.wait(timeout=min(2, max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def _publish(broker, topic: str, payload: bytes) -> None:
