@@ -9,7 +9,8 @@ on either broker (a PUBACK from Mosquitto is only memory; README "Devices that c
 returns the first receipt that names the message's event id with a fate ingest has committed
 (`received`, `duplicate`, `recorded`, or `rejected` with its DLQ report); it raises
 `NotDurable` when none came in time (the broker or ingest is down, or the receipt was lost).
-A `rejected` receipt for a message refused unread (`rate_limited`) is not one: nothing was kept.
+A `rejected` receipt for a message refused unread (`rate_limited`, or `storage_full` when the
+storage budget is reached behind Mosquitto) is not one: nothing was kept.
 The receipt is published after the commit; it is the only proof this process gets.
 """
 
@@ -25,7 +26,8 @@ from shared.runtime.mqtt import MqttLink
 from shared.runtime.topics import Topics
 
 DURABLE = frozenset({"received", "duplicate", "recorded", "rejected"})
-NOT_KEPT_RULES = frozenset({"rate_limited"})  # refused unread: a rejection that kept nothing
+# refused unread: a rejection that kept nothing (shared.runtime.diskfull.STORAGE_FULL, ingest's rate limit)
+NOT_KEPT_RULES = frozenset({"rate_limited", "storage_full"})
 _decode_receipt = msgspec.json.Decoder(DeviceReceipt).decode
 
 

@@ -36,6 +36,7 @@ def test_a_controller_setting_that_cannot_work_is_refused_at_load(value):
     (DeviceReceipt("recorded", "t", "e", seq=3), True),
     (DeviceReceipt("rejected", "t", "e", errors=[FieldError("$.telegram", "op_result", "N·m", "x")]), True),
     (DeviceReceipt("rejected", "t", None, errors=[FieldError("$", "rate_limited", "later", "x")]), False),
+    (DeviceReceipt("rejected", "t", "e", errors=[FieldError("$", "storage_full", "room", "x")]), False),
     (DeviceReceipt("refused", "t", "e"), False),
 ])
 def test_only_a_committed_fate_allows_the_acknowledge(receipt, durable):
