@@ -198,6 +198,11 @@ def _box_tree_proof(config: Config, kind: str, a: int, b: int) -> list[bytes]:
             try:
                 return tree.consistency_proof(a, b) if kind == "consistency" else tree.inclusion_proof(a, b)
             except MerkleCorruptError as exc:
+                base = view.archived()
+                if base is not None:  # a proof that needs nodes the archival deleted, not damage
+                    raise _user_error(f"this proof needs Merkle nodes of seq 0..{base.n - 1}, which were archived to "
+                                      f"{base.archive} (mro-edge ledger archive): ask the gateway (--gateway URL) "
+                                      "or verify with the archive (mro-edge audit verify --archive)") from None
                 raise _user_error(f"the box's Merkle tree is damaged: {exc}") from None
             except ValueError as exc:
                 raise _user_error(f"{exc} (the box's tree)") from None

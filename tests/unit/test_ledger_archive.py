@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -249,3 +250,15 @@ def test_an_archive_that_does_not_verify_is_not_kept_and_nothing_is_deleted(box,
     assert not out.exists() and not list(tmp_path.glob(".archive.partial-*"))
     with open_ledger(box) as reader:
         assert reader.archived() is None and next(reader.entries()).seq == 0
+
+
+def test_a_box_proof_that_needs_archived_nodes_names_the_archive(box, tmp_path):
+    gateway_holds(box, acked=45, cosigned=40)
+    archive_ledger(box, tmp_path / "archive-1", operator="alice")
+    env = {"PATH": "/usr/bin:/bin", "MRO_DATA_DIR": box.data_dir}
+    old = subprocess.run([sys.executable, "-m", "mro_edge", "audit", "consistency", "--first", "20", "--second", "60"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert old.returncode != 0 and "archived to" in old.stderr and "damaged" not in old.stderr, old.stderr
+    kept = subprocess.run([sys.executable, "-m", "mro_edge", "audit", "consistency", "--first", "40", "--second", "60"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert kept.returncode == 0 and kept.stdout.startswith("OK"), kept.stderr
