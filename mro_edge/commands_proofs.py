@@ -210,6 +210,13 @@ def _box_tree_proof(config: Config, kind: str, a: int, b: int) -> list[bytes]:
         store.close()
 
 
+def _verified(args, report: dict[str, Any], summary: str) -> int:
+    """The answer of a proof that verified: the report as JSON, or `OK: ` and the summary."""
+    report["ok"] = True
+    print(json.dumps(report) if args.json else f"OK: {summary}")
+    return 0
+
+
 def _fail(args, reason: str, report: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps({**report, "ok": False, "reason": reason}))
@@ -280,15 +287,11 @@ def cmd_audit_consistency(config: Config, args) -> int:
         return _fail(args, str(exc), report)
     except StoreError as exc:
         raise _user_error(f"cannot read the box's ledger ({exc}); on another machine use --gateway URL") from None
-    report["ok"] = True
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"OK: the checkpoint of size {report['first']} is a prefix of the checkpoint of size "
-              f"{report['second']} ({report['origin']}): both signed by a key from {report['keys_from']}"
-              f"{', cosigned by the gateway' if need_cosign else ''}; consistency proof of {len(proof)} hashes "
-              f"({report.get('proof_from', 'equal sizes: none needed')}) verified per RFC 9162 2.1.4.2")
-    return 0
+    return _verified(args, report, f"the checkpoint of size {report['first']} is a prefix of the checkpoint of "
+                     f"size {report['second']} ({report['origin']}): both signed by a key from {report['keys_from']}"
+                     f"{', cosigned by the gateway' if need_cosign else ''}; consistency proof of {len(proof)} "
+                     f"hashes ({report.get('proof_from', 'equal sizes: none needed')}) verified per RFC 9162 "
+                     "2.1.4.2")
 
 
 def _size_of(note: bytes) -> int:
@@ -369,15 +372,11 @@ def cmd_audit_prove(config: Config, args) -> int:
         return _fail(args, str(exc), report)
     except StoreError as exc:
         raise _user_error(f"cannot read the box's ledger ({exc}); on another machine use --gateway URL") from None
-    report["ok"] = True
-    if args.json:
-        print(json.dumps(report))
-    else:
-        what = f"the record in {args.entry}" if args.entry else f"the leaf hash {served_leaf.hex()}"
-        print(f"OK: seq {args.seq} ({what}) is in the checkpoint of size {cp.size} ({cp.origin}), signed by a key "
-              f"from {keys_from}{', cosigned by the gateway' if need_cosign else ''}; inclusion proof of "
-              f"{len(proof)} hashes ({report['proof_from']}) verified per RFC 9162 2.1.3.2")
-    return 0
+    what = f"the record in {args.entry}" if args.entry else f"the leaf hash {served_leaf.hex()}"
+    return _verified(args, report, f"seq {args.seq} ({what}) is in the checkpoint of size {cp.size} ({cp.origin}), "
+                     f"signed by a key from {keys_from}{', cosigned by the gateway' if need_cosign else ''}; "
+                     f"inclusion proof of {len(proof)} hashes ({report['proof_from']}) verified per RFC 9162 "
+                     "2.1.3.2")
 
 
 def _box_leaf(config: Config, seq: int) -> bytes:

@@ -21,7 +21,7 @@ import msgspec
 from services.devices.malformed import Malformed
 from services.devices.profiles.open_protocol.parser import TorqueSource
 from services.devices.profiles.partmark_15434.parser import PartMark
-from services.devices.rfid import TagRead
+from services.devices.rfid import TagRead, TagReads
 from services.torque.telegram import result_event_id
 from shared.contract import SCHEMA
 from shared.runtime.messages import WorkSessionOpened
@@ -147,6 +147,16 @@ def tag_read(device_kind: str, device_id: str, read: TagRead, received_at: str, 
     if read.part is None:
         return RawRead(**common, problem="not_a_part_tag")
     return RawRead(**common, cage=read.part.cage, part_number=read.part.part_number, serial=read.part.serial)
+
+
+def tag_reads(device_kind: str, device_id: str, parsed: TagReads | Malformed, payload: bytes,
+              received_at: str) -> list[RawRead] | Malformed:
+    """Every tag read of one reader publish (event or array of events), each naming the whole
+    payload's hash; a malformed publish as it is (either reader profile)."""
+    if isinstance(parsed, Malformed):
+        return parsed
+    digest = payload_sha256(payload)
+    return [tag_read(device_kind, device_id, read, received_at, digest) for read in parsed.reads]
 
 
 _CAGE_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.devices.malformed import Malformed
-from services.devices.profiles.base import RawRead, part_body, payload_sha256, raw_note, tag_read
+from services.devices.profiles.base import RawRead, part_body, raw_note, tag_reads
 from services.devices.profiles.impinj_r700.parser import parse_impinj
 from shared.runtime.messages import WorkSessionOpened
 
@@ -17,11 +17,7 @@ CONTRACT_KIND = "rfid_reader"
 
 def reads(device_id: str, payload: bytes, received_at: str) -> list[RawRead] | Malformed:
     """Every tag read of the event (or webhook array); each names the whole payload's hash."""
-    parsed = parse_impinj(payload)
-    if isinstance(parsed, Malformed):
-        return parsed
-    digest = payload_sha256(payload)
-    return [tag_read(DEVICE_KIND, device_id, read, received_at, digest) for read in parsed.reads]
+    return tag_reads(DEVICE_KIND, device_id, parse_impinj(payload), payload, received_at)
 
 
 def record(session: WorkSessionOpened, read: RawRead) -> dict[str, Any]:
